@@ -1,0 +1,130 @@
+"""A complete demo PKI for a network of KMEs, written with cryptography.
+
+Layout under the output folder (see docs/certificates.md):
+  ca_servers.crt                root that signs every KME server certificate
+  kmeN/kme_server.{crt,key}     KME N's server certificate (SAN localhost, 127.0.0.1, ::1)
+  kmeN/ca_saes.{crt,key}        the CA of KME N's SAEs (its SAE listener trusts only it)
+  kmeN/ca_kmes.{crt,key}        the CA of the KMEs that call KME N
+  kmeN/saeM.{crt,key}           SAE M's client certificate, from kmeN/ca_saes
+  kmeN/kmeN-to-kmeP.pfx         KME N's client certificate towards KME P, from kmeP/ca_kmes
+"""
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate and its private key."""
+
+    certificate: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+
+def _serial() -> int:
+    # 63 random bits, top bit set: a positive 8-byte serial, short enough to
+    # read in a configuration file.
+    return int.from_bytes(os.urandom(8), "big") >> 1 | 1 << 62
+
+
+def serial_bytes(certificate: x509.Certificate) -> list[int]:
+    """The serial number as the configuration writes it: big-endian bytes in decimal."""
+    serial = certificate.serial_number
+    return list(serial.to_bytes((serial.bit_length() + 7) // 8 or 1, "big"))
+
+
+def _issue(subject: str, issuer: Issued | None, days: int, *, ca: bool = False, server: bool = False,
+           client: bool = False, hosts: tuple[str, ...] = ()) -> Issued:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.certificate.subject if issuer else name)
+        .public_key(key.public_key())
+        .serial_number(_serial())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                          key_encipherment=False, data_encipherment=False, key_agreement=False,
+                          encipher_only=False, decipher_only=False), critical=True)
+    else:
+        builder = builder.add_extension(
+            x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, content_commitment=False,
+                          key_encipherment=False, data_encipherment=False, key_agreement=True,
+                          encipher_only=False, decipher_only=False), critical=True)
+        usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    if issuer:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False)
+    if hosts:
+        names = []
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    certificate = builder.sign(issuer.key if issuer else key, hashes.SHA256())
+    return Issued(certificate, key)
+
+
+def _write_pem(issued: Issued, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".crt").write_bytes(issued.certificate.public_bytes(serialization.Encoding.PEM))
+    key_path = stem.with_suffix(".key")
+    key_path.write_bytes(issued.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_path.chmod(0o600)
+
+
+def generate_pki(out: Path, saes_by_kme: dict[int, list[int]], password: str, days: int = 825,
+                 hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")) -> dict[str, list[int]]:
+    """Write the demo PKI for the given KMEs and their SAEs; returns each client certificate's serial bytes.
+
+    Every pair of KMEs gets client certificates both ways.
+    """
+    out = Path(out)
+    root = _issue("KME demo server root CA", None, days, ca=True)
+    _write_pem(root, out / "ca_servers")
+    sae_cas, kme_cas, serials = {}, {}, {}
+    for kme_id in saes_by_kme:
+        folder = out / f"kme{kme_id}"
+        _write_pem(_issue(f"KME {kme_id} server", root, days, server=True, hosts=hosts), folder / "kme_server")
+        sae_cas[kme_id] = _issue(f"KME {kme_id} SAE CA", None, days, ca=True)
+        kme_cas[kme_id] = _issue(f"KME {kme_id} KME CA", None, days, ca=True)
+        _write_pem(sae_cas[kme_id], folder / "ca_saes")
+        _write_pem(kme_cas[kme_id], folder / "ca_kmes")
+    for kme_id, sae_ids in saes_by_kme.items():
+        folder = out / f"kme{kme_id}"
+        for sae_id in sae_ids:
+            sae = _issue(f"SAE {sae_id}", sae_cas[kme_id], days, client=True)
+            _write_pem(sae, folder / f"sae{sae_id}")
+            serials[f"sae{sae_id}"] = serial_bytes(sae.certificate)
+        for peer_id in saes_by_kme:
+            if peer_id == kme_id:
+                continue
+            client = _issue(f"KME {kme_id} to KME {peer_id}", kme_cas[peer_id], days, client=True)
+            pfx = pkcs12.serialize_key_and_certificates(
+                f"kme{kme_id}-to-kme{peer_id}".encode(), client.key, client.certificate, None,
+                serialization.BestAvailableEncryption(password.encode()))
+            path = folder / f"kme{kme_id}-to-kme{peer_id}.pfx"
+            path.write_bytes(pfx)
+            path.chmod(0o600)
+            serials[f"kme{kme_id}-to-kme{peer_id}"] = serial_bytes(client.certificate)
+    return serials

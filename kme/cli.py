@@ -1,0 +1,88 @@
+"""Flask CLI commands: ingest-keys (one shot or --watch) and gen-certs."""
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+from flask import current_app
+
+from kme import certs
+from kme.db import ensure_schema
+from kme.ingest import ingest_directories
+from kme.watch import watch
+
+
+def _config():
+    config = current_app.extensions.get("kme")
+    if config is None:
+        raise click.ClickException("KME_CONFIG: not set (it names the configuration file)")
+    return config
+
+
+def _print_summary(summary) -> None:
+    for warning in summary.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(summary.line())
+
+
+@click.command("ingest-keys")
+@click.option("--watch", "keep_watching", is_flag=True,
+              help="Keep running: ingest every key file as soon as it is complete.")
+def ingest_keys_command(keep_watching: bool) -> None:
+    """Ingest the .cor key files of every configured key directory."""
+    config = _config()
+    if config.in_memory:
+        raise click.ClickException(
+            "this_kme.sqlite_db_path: ':memory:' lives in one process; the KME server ingests keys itself then")
+    for link_id, directory in config.key_directories().items():
+        if not directory.is_dir():
+            raise click.ClickException(f"key directory of link {link_id} does not exist: {directory}")
+    ensure_schema()
+    if not keep_watching:
+        _print_summary(ingest_directories(config, show_progress=sys.stdout.isatty()))
+        return
+    stop = threading.Event()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda *_: stop.set())
+
+    def ready(summary):
+        _print_summary(summary)
+        click.echo(f"watching {len(config.key_directories())} key directories", nl=True)
+        sys.stdout.flush()
+
+    summary = watch(config, stop, on_ready=ready)
+    click.echo(f"stopped; {summary.line()}")
+
+
+def _parse_sae(value: str) -> tuple[int, int]:
+    sae, _, kme = value.partition("@")
+    if not (sae.isdigit() and kme.isdigit()):
+        raise click.BadParameter(f"{value!r} is not of the form SAE_ID@KME_ID")
+    return int(sae), int(kme)
+
+
+@click.command("gen-certs")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("certs"), show_default=True,
+              help="Folder to write the PKI into.")
+@click.option("--sae", "saes", multiple=True, default=("1@1", "2@1", "3@2"), show_default=True,
+              help="An SAE and its KME, as SAE_ID@KME_ID; repeat for each SAE.")
+@click.option("--kme", "kmes", multiple=True, type=int,
+              help="A KME without SAEs of its own (KMEs of --sae are included anyway).")
+@click.option("--password", default="password", show_default=True, help="Password of the KME client .pfx files.")
+@click.option("--days", default=825, show_default=True, help="Validity of every certificate.")
+def gen_certs_command(out: Path, saes: tuple[str, ...], kmes: tuple[int, ...], password: str, days: int) -> None:
+    """Write a demo PKI: CAs, KME server certificates, SAE and KME client certificates."""
+    saes_by_kme: dict[int, list[int]] = {kme: [] for kme in kmes}
+    for sae, kme in map(_parse_sae, saes):
+        saes_by_kme.setdefault(kme, []).append(sae)
+    serials = certs.generate_pki(out, saes_by_kme, password, days)
+    click.echo(f"PKI written to {out}/. Client certificate serials, as the configuration writes them:")
+    for name, serial in serials.items():
+        click.echo(f'  {name}: "https_client_certificate_serial": {serial}')
+
+
+def init_app(app) -> None:
+    """Register the CLI commands."""
+    app.cli.add_command(ingest_keys_command)
+    app.cli.add_command(gen_certs_command)

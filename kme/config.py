@@ -1,0 +1,280 @@
+"""The KME configuration: loaded from KME_CONFIG, validated field by field, frozen.
+
+Every mistake raises ConfigError with one line naming the field, e.g.
+``other_kmes[0].inter_kme_bind_address: missing``. The rest of the code only
+sees the dataclasses below, never raw JSON. This module does not import Flask,
+so the gunicorn configuration files can use it.
+"""
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import json5
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import pkcs12
+from marshmallow import ValidationError
+
+from kme.config_schema import ConfigSchema, first_error
+
+KEY_BITS = 256
+IN_MEMORY_URI = "sqlite:///:memory:"
+
+
+class ConfigError(Exception):
+    """A configuration mistake; str() is the one-line message for the operator."""
+
+
+@dataclass(frozen=True)
+class HttpsInterface:
+    """An HTTPS listener with mandatory client certificates."""
+
+    host: str
+    port: int
+    ca_client_cert_path: Path
+    server_cert_path: Path
+    server_key_path: Path
+
+    @property
+    def listen_address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the KME promises in Get status; sizes are in bits."""
+
+    key_size: int = 256
+    min_key_size: int = 64
+    max_key_size: int = 8192
+    max_key_per_request: int = 128
+    max_key_count: int = 100_000_000
+    max_SAE_ID_count: int = 0
+
+
+@dataclass(frozen=True)
+class ThisKme:
+    id: int
+    nickname: str
+    database_uri: str
+    key_directory_to_watch: Path
+    saes_https_interface: HttpsInterface
+    kmes_https_interface: HttpsInterface | None
+    debugging_http_interface: str | None
+    delete_key_file_after_read: bool
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class OtherKme:
+    id: int
+    key_directory_to_watch: Path
+    inter_kme_bind_address: str
+    ignore_system_proxy_settings: bool
+    https_client_authentication_certificate: Path
+    https_client_authentication_certificate_password: str
+    server_ca_cert_path: Path | None
+    https_client_certificate_serial: int | None
+
+
+@dataclass(frozen=True)
+class Sae:
+    id: int
+    kme_id: int
+    certificate_serial: int | None
+
+
+@dataclass(frozen=True)
+class KmeConfig:
+    """The whole validated configuration, with lookups the request path needs."""
+
+    this_kme: ThisKme
+    other_kmes: tuple[OtherKme, ...]
+    saes: tuple[Sae, ...]
+    source: Path | None = field(default=None, compare=False)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.this_kme.database_uri == IN_MEMORY_URI
+
+    @property
+    def display_name(self) -> str:
+        return self.this_kme.nickname
+
+    @cached_property
+    def saes_by_id(self) -> dict[int, Sae]:
+        return {sae.id: sae for sae in self.saes}
+
+    @cached_property
+    def local_saes_by_serial(self) -> dict[int, Sae]:
+        return {sae.certificate_serial: sae for sae in self.saes if sae.certificate_serial is not None}
+
+    def key_directories(self) -> dict[int, Path]:
+        """Key directory of each link, keyed by the peer KME ID (our own ID: the local zone)."""
+        dirs = {self.this_kme.id: self.this_kme.key_directory_to_watch}
+        dirs.update({peer.id: peer.key_directory_to_watch for peer in self.other_kmes})
+        return dirs
+
+
+def load_config(path: str | os.PathLike | None = None) -> KmeConfig:
+    """Read and validate the configuration file named by ``path`` or KME_CONFIG."""
+    if path is None:
+        path = os.environ.get("KME_CONFIG")
+        if not path:
+            raise ConfigError("KME_CONFIG: not set (it names the configuration file)")
+    path = Path(path).resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    try:
+        raw = json5.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON or JSON5 ({exc})") from None
+    return parse_config(raw, base_dir=path.parent, source=path)
+
+
+def parse_config(raw, base_dir: Path, source: Path | None = None) -> KmeConfig:
+    """Validate an already parsed configuration document; relative paths resolve against base_dir."""
+    try:
+        data = ConfigSchema().load(raw)
+    except ValidationError as exc:
+        where, message = first_error(exc.messages)
+        raise ConfigError(f"{where}: {message}") from None
+    this_kme = _this_kme(data["this_kme"], base_dir)
+    other_kmes = tuple(_other_kme(i, item, base_dir) for i, item in enumerate(data["other_kmes"]))
+    saes = tuple(_sae(i, item, this_kme.id) for i, item in enumerate(data["saes"]))
+    _check_ids(this_kme, other_kmes, saes)
+    return KmeConfig(this_kme=this_kme, other_kmes=other_kmes, saes=saes, source=source)
+
+
+def _file(base_dir: Path, value: str, where: str) -> Path:
+    path = (base_dir / value).resolve()
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        reason = "not found" if isinstance(exc, FileNotFoundError) else f"cannot read ({exc.strerror})"
+        raise ConfigError(f"{where}: {reason}: {path}") from None
+    return path
+
+
+def _certificate(base_dir: Path, value: str, where: str) -> Path:
+    path = _file(base_dir, value, where)
+    try:
+        x509.load_pem_x509_certificates(path.read_bytes())
+    except ValueError:
+        raise ConfigError(f"{where}: not a PEM certificate: {path}") from None
+    return path
+
+
+def _https_interface(data: dict, base_dir: Path, where: str) -> HttpsInterface:
+    host, port = data["listen_address"].rsplit(":", 1)
+    return HttpsInterface(
+        host=host.strip("[]"),
+        port=int(port),
+        ca_client_cert_path=_certificate(base_dir, data["ca_client_cert_path"], f"{where}.ca_client_cert_path"),
+        server_cert_path=_certificate(base_dir, data["server_cert_path"], f"{where}.server_cert_path"),
+        server_key_path=_file(base_dir, data["server_key_path"], f"{where}.server_key_path"),
+    )
+
+
+def _database_uri(data: dict, base_dir: Path) -> str:
+    if "sqlite_db_path" in data and "db_uri" in data:
+        raise ConfigError("this_kme.db_uri: give either sqlite_db_path or db_uri, not both")
+    if "db_uri" in data:
+        uri = data["db_uri"]
+        if uri == ":memory:":
+            return IN_MEMORY_URI
+        if not uri.startswith("sqlite:///"):
+            raise ConfigError("this_kme.db_uri: only sqlite:///path or :memory: is supported")
+        path = uri[len("sqlite:///"):]
+    elif "sqlite_db_path" in data:
+        path = data["sqlite_db_path"]
+    else:
+        raise ConfigError("this_kme.sqlite_db_path: missing")
+    if path == ":memory:":
+        return IN_MEMORY_URI
+    return "sqlite:///" + str((base_dir / path).resolve())
+
+
+def _limits(data: dict) -> Limits:
+    limits = Limits(**data)
+    if not limits.min_key_size <= limits.key_size <= limits.max_key_size:
+        raise ConfigError("this_kme.limits.key_size: must lie between min_key_size and max_key_size")
+    for name in ("key_size", "min_key_size", "max_key_size"):
+        if getattr(limits, name) % 8:
+            raise ConfigError(f"this_kme.limits.{name}: must be a multiple of 8")
+    return limits
+
+
+def _this_kme(data: dict, base_dir: Path) -> ThisKme:
+    kmes = data.get("kmes_https_interface")
+    return ThisKme(
+        id=data["id"],
+        nickname=data.get("nickname") or f"KME {data['id']}",
+        database_uri=_database_uri(data, base_dir),
+        key_directory_to_watch=(base_dir / data["key_directory_to_watch"]).resolve(),
+        saes_https_interface=_https_interface(data["saes_https_interface"], base_dir, "this_kme.saes_https_interface"),
+        kmes_https_interface=kmes and _https_interface(kmes, base_dir, "this_kme.kmes_https_interface"),
+        debugging_http_interface=data.get("debugging_http_interface"),
+        delete_key_file_after_read=data.get("delete_key_file_after_read", False),
+        limits=_limits(data.get("limits", {})),
+    )
+
+
+def _other_kme(index: int, data: dict, base_dir: Path) -> OtherKme:
+    where = f"other_kmes[{index}]"
+    pfx = _file(base_dir, data["https_client_authentication_certificate"], f"{where}.https_client_authentication_certificate")
+    password = data["https_client_authentication_certificate_password"]
+    try:
+        pkcs12.load_key_and_certificates(pfx.read_bytes(), password.encode())
+    except ValueError:
+        raise ConfigError(
+            f"{where}.https_client_authentication_certificate: not a PKCS#12 file that this password opens: {pfx}"
+        ) from None
+    ca = data.get("server_ca_cert_path")
+    serial = data.get("https_client_certificate_serial")
+    return OtherKme(
+        id=data["id"],
+        key_directory_to_watch=(base_dir / data["key_directory_to_watch"]).resolve(),
+        inter_kme_bind_address=data["inter_kme_bind_address"],
+        ignore_system_proxy_settings=data.get("ignore_system_proxy_settings", False),
+        https_client_authentication_certificate=pfx,
+        https_client_authentication_certificate_password=password,
+        server_ca_cert_path=ca and _certificate(base_dir, ca, f"{where}.server_ca_cert_path"),
+        https_client_certificate_serial=serial and int.from_bytes(bytes(serial), "big"),
+    )
+
+
+def _sae(index: int, data: dict, this_kme_id: int) -> Sae:
+    serial = data.get("https_client_certificate_serial")
+    if data["kme_id"] == this_kme_id and serial is None:
+        raise ConfigError(f"saes[{index}].https_client_certificate_serial: missing (required for the SAEs of this KME)")
+    return Sae(id=data["id"], kme_id=data["kme_id"], certificate_serial=serial and int.from_bytes(bytes(serial), "big"))
+
+
+def _check_ids(this_kme: ThisKme, other_kmes: tuple[OtherKme, ...], saes: tuple[Sae, ...]) -> None:
+    kme_ids = {this_kme.id}
+    for index, peer in enumerate(other_kmes):
+        if peer.id in kme_ids:
+            raise ConfigError(f"other_kmes[{index}].id: duplicate KME ID {peer.id}")
+        kme_ids.add(peer.id)
+    sae_ids, serials = set(), set()
+    for index, sae in enumerate(saes):
+        if sae.id in sae_ids:
+            raise ConfigError(f"saes[{index}].id: duplicate SAE ID {sae.id}")
+        sae_ids.add(sae.id)
+        if sae.kme_id not in kme_ids:
+            raise ConfigError(f"saes[{index}].kme_id: unknown KME {sae.kme_id} (neither this_kme nor other_kmes)")
+        if sae.certificate_serial is not None:
+            if sae.kme_id != this_kme.id:
+                raise ConfigError(
+                    f"saes[{index}].https_client_certificate_serial: only for SAEs of this KME (kme_id {this_kme.id})"
+                )
+            if sae.certificate_serial in serials:
+                raise ConfigError(f"saes[{index}].https_client_certificate_serial: duplicate serial")
+            serials.add(sae.certificate_serial)
+    directories = [this_kme.key_directory_to_watch] + [peer.key_directory_to_watch for peer in other_kmes]
+    if len(set(directories)) != len(directories):
+        raise ConfigError("other_kmes: two links share one key_directory_to_watch")

@@ -1,0 +1,141 @@
+"""Marshmallow schemas for the KME configuration file (see docs/configuration.md).
+
+They only check shape and types and turn the JSON into plain dicts; cross-field
+rules and file checks live in kme.config, which builds the frozen dataclasses.
+"""
+import re
+
+from marshmallow import Schema, ValidationError, fields, validate
+
+MAX_ID = 2**63 - 1
+_ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
+
+
+def first_error(messages, prefix=""):
+    """Walk marshmallow's nested error dict to the first leaf: (dotted path, message)."""
+    if isinstance(messages, dict):
+        key = sorted(messages, key=lambda k: (isinstance(k, str), str(k)))[0]
+        if key == "_schema":
+            return first_error(messages[key], prefix)
+        part = f"[{key}]" if isinstance(key, int) else (f".{key}" if prefix else str(key))
+        return first_error(messages[key], prefix + part)
+    if isinstance(messages, list):
+        return first_error(messages[0], prefix)
+    return prefix or "configuration", str(messages)
+
+
+class _PlainMessages:
+    """Short lower-case messages, so a config error reads as one line."""
+
+    default_error_messages = {
+        "required": "missing",
+        "null": "may not be null",
+        "validator_failed": "invalid value",
+    }
+
+
+class Str(_PlainMessages, fields.String):
+    default_error_messages = {"invalid": "not a string"}
+
+
+class Bool(_PlainMessages, fields.Boolean):
+    """A JSON boolean only: "yes" or 1 are mistakes in a security setting."""
+
+    default_error_messages = {"invalid": "not a boolean (true or false)"}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+class Int(_PlainMessages, fields.Integer):
+    """A JSON integer only: booleans, floats and numeric strings are refused."""
+
+    default_error_messages = {"invalid": "not an integer"}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.make_error("invalid")
+        return value
+
+
+class List(_PlainMessages, fields.List):
+    default_error_messages = {"invalid": "not a list"}
+
+
+class Nested(_PlainMessages, fields.Nested):
+    default_error_messages = {"type": "not an object"}
+
+
+def _id_field(**kwargs):
+    return Int(validate=validate.Range(0, MAX_ID, error="not a 64-bit ID (0 to 2^63-1)"), **kwargs)
+
+
+def _address(value):
+    match = _ADDRESS.match(value)
+    if not match or not 0 < int(match["port"]) < 65536:
+        raise ValidationError("not an address of the form host:port")
+
+
+def _serial_bytes(value):
+    if not value:
+        raise ValidationError("empty serial number")
+
+
+class StrictSchema(Schema):
+    """Unknown keys are errors: a misspelt optional field must not pass silently."""
+
+    error_messages = {"unknown": "unknown field", "type": "not an object"}
+
+
+class HttpsInterfaceSchema(StrictSchema):
+    listen_address = Str(required=True, validate=_address)
+    ca_client_cert_path = Str(required=True)
+    server_cert_path = Str(required=True)
+    server_key_path = Str(required=True)
+
+
+class LimitsSchema(StrictSchema):
+    key_size = Int(validate=validate.Range(8, 2**20))
+    min_key_size = Int(validate=validate.Range(8, 2**20))
+    max_key_size = Int(validate=validate.Range(8, 2**20))
+    max_key_per_request = Int(validate=validate.Range(1, 10_000))
+    max_key_count = Int(validate=validate.Range(1, MAX_ID))
+    max_SAE_ID_count = Int(validate=validate.Range(0, 0, error="multicast is not supported yet: use 0"))
+
+
+class ThisKmeSchema(StrictSchema):
+    id = _id_field(required=True)
+    nickname = Str(validate=validate.Length(1, 64))
+    sqlite_db_path = Str(validate=validate.Length(min=1))
+    db_uri = Str(validate=validate.Length(min=1))
+    key_directory_to_watch = Str(required=True)
+    saes_https_interface = Nested(HttpsInterfaceSchema, required=True)
+    debugging_http_interface = Str(validate=_address)
+    kmes_https_interface = Nested(HttpsInterfaceSchema)
+    delete_key_file_after_read = Bool()
+    limits = Nested(LimitsSchema)
+
+
+class OtherKmeSchema(StrictSchema):
+    id = _id_field(required=True)
+    key_directory_to_watch = Str(required=True)
+    inter_kme_bind_address = Str(required=True, validate=_address)
+    ignore_system_proxy_settings = Bool()
+    https_client_authentication_certificate = Str(required=True)
+    https_client_authentication_certificate_password = Str(required=True)
+    server_ca_cert_path = Str()
+    https_client_certificate_serial = List(Int(validate=validate.Range(0, 255)), validate=_serial_bytes)
+
+
+class SaeSchema(StrictSchema):
+    id = _id_field(required=True)
+    kme_id = _id_field(required=True)
+    https_client_certificate_serial = List(Int(validate=validate.Range(0, 255)), validate=_serial_bytes)
+
+
+class ConfigSchema(StrictSchema):
+    this_kme = Nested(ThisKmeSchema, required=True)
+    other_kmes = List(Nested(OtherKmeSchema), load_default=list)
+    saes = List(Nested(SaeSchema), required=True)

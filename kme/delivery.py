@@ -1,0 +1,90 @@
+"""The three ETSI GS QKD 014 methods as plain functions of explicit arguments.
+
+No Flask request here: views, the CLI and tests call these directly. Errors
+are KmeError with the standard's messages.
+"""
+from kme import entropy, keystore
+from kme.config import KmeConfig, Sae
+from kme.errors import EXTENSION_MANDATORY_UNSUPPORTED, SIZE_NOT_MULTIPLE_OF_8, bad_request
+from kme.keystore import DeliveredKeyMaterial
+
+
+def parse_sae_id(config: KmeConfig, text: str) -> Sae:
+    """The SAE named in a URL; 400 if it is not a registered SAE."""
+    sae = config.saes_by_id.get(int(text)) if text.isdigit() and text.isascii() else None
+    if sae is None:
+        raise bad_request(f"SAE {text} is not known to this KME")
+    return sae
+
+
+def _slave_link(config: KmeConfig, master: Sae, slave_id: str) -> tuple[Sae, int]:
+    slave = parse_sae_id(config, slave_id)
+    if slave.id == master.id:
+        raise bad_request("master and slave SAE shall differ")
+    return slave, slave.kme_id
+
+
+def get_status(config: KmeConfig, master: Sae, slave_id: str) -> dict:
+    """Status (6.1) of the link between ``master`` and the slave SAE."""
+    slave, link_id = _slave_link(config, master, slave_id)
+    limits = config.this_kme.limits
+    available = keystore.link_counts(link_id).available
+    return {
+        "source_KME_ID": config.this_kme.id,
+        "target_KME_ID": slave.kme_id,
+        "master_SAE_ID": master.id,
+        "slave_SAE_ID": slave.id,
+        "key_size": limits.key_size,
+        "stored_key_count": available // keystore.pool_keys_per_key(limits.key_size),
+        "max_key_count": limits.max_key_count,
+        "max_key_per_request": limits.max_key_per_request,
+        "max_key_size": limits.max_key_size,
+        "min_key_size": limits.min_key_size,
+        "max_SAE_ID_count": limits.max_SAE_ID_count,
+    }
+
+
+def _check_key_request(config: KmeConfig, request: dict) -> tuple[int, int]:
+    limits = config.this_kme.limits
+    unsupported = [name for extension in request.get("extension_mandatory", []) for name in extension]
+    if unsupported:
+        raise bad_request(EXTENSION_MANDATORY_UNSUPPORTED,
+                          [{"extension_mandatory_unsupported": f"{name} is not supported"} for name in unsupported])
+    additional = request.get("additional_slave_SAE_IDs", [])
+    if len(additional) > limits.max_SAE_ID_count:
+        raise bad_request(f"additional_slave_SAE_IDs: at most {limits.max_SAE_ID_count} "
+                          f"(max_SAE_ID_count of this KME)")
+    number = request.get("number", 1)
+    if not 1 <= number <= limits.max_key_per_request:
+        raise bad_request(f"number shall be between 1 and {limits.max_key_per_request}")
+    size = request.get("size", limits.key_size)
+    if size % 8:
+        raise bad_request(SIZE_NOT_MULTIPLE_OF_8)
+    if not limits.min_key_size <= size <= limits.max_key_size:
+        raise bad_request(f"size shall be between {limits.min_key_size} and {limits.max_key_size}")
+    return number, size
+
+
+def get_key(config: KmeConfig, master: Sae, slave_id: str, request: dict) -> list[DeliveredKeyMaterial]:
+    """Get key (5.3): new keys for ``master`` to share with the slave SAE, taken from the pool."""
+    slave, link_id = _slave_link(config, master, slave_id)
+    number, size = _check_key_request(config, request)
+    if link_id != config.this_kme.id:
+        raise bad_request(f"SAE {slave.id} belongs to KME {link_id}: "
+                          "key activation at another KME is not available in this version")
+    return keystore.deliver_local(link_id, master.id, slave.id, number, size)
+
+
+def get_key_with_key_ids(config: KmeConfig, slave: Sae, master_id: str, key_ids: list[str]) -> list[DeliveredKeyMaterial]:
+    """Get key with key IDs (5.4): the keys a master SAE obtained for ``slave``, erased once handed out."""
+    master = parse_sae_id(config, master_id)
+    if len(set(key_ids)) != len(key_ids):
+        raise bad_request("key_IDs: the same key ID is requested twice")
+    if len(key_ids) > config.this_kme.limits.max_key_per_request:
+        raise bad_request(f"key_IDs: at most {config.this_kme.limits.max_key_per_request} per request")
+    return keystore.fetch_delivered(master.id, slave.id, key_ids)
+
+
+def total_entropy() -> float:
+    """Shannon entropy, in bits per byte, of all key material the KME holds."""
+    return entropy.shannon(keystore.total_byte_counts())

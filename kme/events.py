@@ -1,0 +1,29 @@
+"""The KME's event log: short lines for operators, never key material."""
+from datetime import datetime, timezone
+
+from sqlalchemy import delete, select
+
+from kme.models import Event
+
+# Older events are pruned on write; the debugging page shows the newest.
+KEPT_EVENTS = 10_000
+
+
+def utc_now() -> str:
+    """The current time as the event log writes it: ISO 8601, microseconds, Z."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def record(session, message: str) -> None:
+    """Add an event in the caller's transaction (so it commits or rolls back with the change)."""
+    event = Event(created_at=utc_now(), message=message)
+    session.add(event)
+    session.flush()
+    if event.id > KEPT_EVENTS and event.id % 100 == 0:
+        session.execute(delete(Event).where(Event.id <= event.id - KEPT_EVENTS))
+
+
+def recent(session, limit: int = 100) -> list[Event]:
+    """The newest ``limit`` events, oldest first."""
+    rows = session.scalars(select(Event).order_by(Event.id.desc()).limit(limit)).all()
+    return rows[::-1]

@@ -1,0 +1,79 @@
+"""Gunicorn settings for the KME's HTTPS interfaces, built from KME_CONFIG.
+
+deploy/sae.py and deploy/kme.py are one-line gunicorn config files over this
+module. It never imports the Flask app: workers create it after fork, so no
+database connection is shared across processes.
+"""
+import os
+import ssl
+import sys
+import tempfile
+
+from kme.config import ConfigError, HttpsInterface, load_config
+
+# A client that opens a connection and stalls mid-handshake (or mid-request)
+# must not hold a worker thread for longer than this.
+SOCKET_TIMEOUT_SECONDS = 10
+
+
+class _BoundedHandshakeContext(ssl.SSLContext):
+    """Server context that bounds the handshake: gunicorn wraps blocking sockets without a timeout."""
+
+    def wrap_socket(self, sock, *args, **kwargs):
+        sock.settimeout(SOCKET_TIMEOUT_SECONDS)
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+def server_context(interface: HttpsInterface) -> ssl.SSLContext:
+    """TLS 1.2 or higher, our server certificate, client certificates required from one CA."""
+    context = _BoundedHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(interface.server_cert_path), str(interface.server_key_path))
+    context.load_verify_locations(cafile=str(interface.ca_client_cert_path))
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _environment_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        number = int(value) if value else default
+    except ValueError:
+        number = 0
+    if number < 1:
+        sys.exit(f"kme: {name}: not a positive integer: {value!r}")
+    return number
+
+
+def settings(interface_name: str) -> dict:
+    """The gunicorn settings for ``saes_https_interface`` or ``kmes_https_interface``."""
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        sys.exit(f"kme: {exc}")
+    if config.in_memory:
+        sys.exit("kme: this_kme.sqlite_db_path: ':memory:' cannot be shared by gunicorn workers; use a file")
+    interface = getattr(config.this_kme, interface_name)
+    if interface is None:
+        sys.exit(f"kme: this_kme.{interface_name}: missing")
+    short = interface_name.split("_")[0]
+    return {
+        "bind": [interface.listen_address if ":" not in interface.host else f"[{interface.host}]:{interface.port}"],
+        "worker_class": "kme.gunicorn_worker.PeerCertificateWorker",
+        "workers": _environment_int("KME_WORKERS", 2),
+        "threads": _environment_int("KME_THREADS", 8),
+        "keepalive": 5,
+        "timeout": 60,
+        "graceful_timeout": 10,
+        "certfile": str(interface.server_cert_path),
+        "keyfile": str(interface.server_key_path),
+        "ca_certs": str(interface.ca_client_cert_path),
+        "cert_reqs": ssl.CERT_REQUIRED,
+        "ssl_context": lambda _conf, _default: server_context(interface),
+        "preload_app": False,
+        "proc_name": f"kme{config.this_kme.id}-{short}",
+        # Two gunicorn masters on one host would otherwise share one control socket.
+        "control_socket": os.path.join(
+            tempfile.gettempdir(), f"kme{config.this_kme.id}-{short}-{interface.port}.ctl"
+        ),
+    }

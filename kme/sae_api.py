@@ -1,0 +1,117 @@
+"""The SAE interface (ETSI GS QKD 014 clause 5), as thin views over kme.delivery.
+
+Each view: identity from the environ, schema load, one domain call, schema dump.
+"""
+from flask import Blueprint, current_app, jsonify, request
+
+from kme import delivery
+from kme.config import Sae
+from kme.errors import bad_request, unauthorized
+from kme.identity import client_serial
+from kme.schemas import KeyContainerSchema, KeyIdsSchema, KeyRequestSchema, StatusSchema, load, parse_key_id
+from marshmallow import ValidationError
+
+bp = Blueprint("sae_api", __name__, url_prefix="/api/v1")
+
+_KEY_QUERY = ("number", "size")
+
+
+def _config():
+    return current_app.extensions["kme"]
+
+
+def calling_sae() -> Sae:
+    """The SAE whose verified client certificate made this request; 401 otherwise."""
+    serial = client_serial(request.environ)
+    if serial is None:
+        raise unauthorized("a verified client certificate is required")
+    sae = _config().local_saes_by_serial.get(serial)
+    if sae is None:
+        raise unauthorized("the client certificate is not registered for an SAE of this KME")
+    return sae
+
+
+def _single_query_values(allowed: tuple[str, ...]) -> dict[str, str]:
+    unknown = sorted(set(request.args) - set(allowed))
+    if unknown:
+        raise bad_request(f"{unknown[0]}: unknown query parameter (use POST for anything but {', '.join(allowed)})")
+    values = {}
+    for name in allowed:
+        given = request.args.getlist(name)
+        if len(given) > 1:
+            raise bad_request(f"{name}: given more than once")
+        if given:
+            values[name] = given[0]
+    return values
+
+
+def _json_body(empty_default):
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        if empty_default is None:
+            raise bad_request("the request body is empty: a JSON object is required")
+        return empty_default
+    data = request.get_json(force=True, silent=True)
+    if data is None:
+        raise bad_request("the request body is not valid JSON")
+    return data
+
+
+def _key_request() -> dict:
+    if request.method == "POST":
+        return load(KeyRequestSchema(), _json_body(empty_default={}))
+    values = _single_query_values(_KEY_QUERY)
+    query = {}
+    for name, text in values.items():
+        if not (text.isascii() and text.lstrip("-").isdigit()):
+            raise bad_request(f"{name}: not an integer")
+        query[name] = int(text)
+    return query
+
+
+def _key_ids() -> list[str]:
+    if request.method == "POST":
+        return [item["key_ID"] for item in load(KeyIdsSchema(), _json_body(empty_default=None))["key_IDs"]]
+    key_id = _single_query_values(("key_ID",)).get("key_ID")
+    if key_id is None:
+        raise bad_request("key_ID: missing")
+    try:
+        return [parse_key_id(key_id)]
+    except ValidationError:
+        raise bad_request("key_ID: not a UUID") from None
+
+
+@bp.get("/keys/<slave_sae_id>/status")
+def get_status(slave_sae_id: str):
+    """Get status (5.2)."""
+    master = calling_sae()
+    return StatusSchema().dump(delivery.get_status(_config(), master, slave_sae_id))
+
+
+@bp.route("/keys/<slave_sae_id>/enc_keys", methods=["GET", "POST"])
+def get_key(slave_sae_id: str):
+    """Get key (5.3)."""
+    master = calling_sae()
+    keys = delivery.get_key(_config(), master, slave_sae_id, _key_request())
+    return KeyContainerSchema().dump({"keys": keys})
+
+
+@bp.route("/keys/<master_sae_id>/dec_keys", methods=["GET", "POST"])
+def get_key_with_key_ids(master_sae_id: str):
+    """Get key with key IDs (5.4)."""
+    slave = calling_sae()
+    keys = delivery.get_key_with_key_ids(_config(), slave, master_sae_id, _key_ids())
+    return KeyContainerSchema().dump({"keys": keys})
+
+
+@bp.get("/sae/info/me")
+def sae_info_me():
+    """The calling SAE's ID, as this KME knows it."""
+    return jsonify(SAE_ID=calling_sae().id)
+
+
+@bp.get("/keys/entropy/total")
+def total_entropy():
+    """Shannon entropy (bits per byte) of all key material this KME holds."""
+    calling_sae()
+    return jsonify(total_entropy=delivery.total_entropy())

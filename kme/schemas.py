@@ -1,0 +1,105 @@
+"""Marshmallow schemas of the ETSI GS QKD 014 data formats (clause 6).
+
+Loading turns a request into plain values or raises KmeError 400 with a
+one-line message naming the field; range checks that depend on the KME's
+limits are the domain's (kme.delivery).
+"""
+import base64
+import uuid
+
+from marshmallow import Schema, ValidationError, fields, validate
+
+from kme.config_schema import Int, List, Nested, StrictSchema, first_error
+from kme.errors import bad_request
+
+
+class _Object(fields.Dict):
+    """A JSON object (extension parameters)."""
+
+    default_error_messages = {"invalid": "not an object"}
+
+
+class _SaeId(fields.Field):
+    """An SAE ID as the standard writes it (a string), or as a JSON integer."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str) and value.isdigit() and value.isascii():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        raise ValidationError("not an SAE ID")
+
+
+class _KeyId(fields.Field):
+    """A key ID: a UUID string, returned in canonical lower-case form."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        return parse_key_id(value)
+
+
+def parse_key_id(value) -> str:
+    """Canonical form of a key ID, or ValidationError."""
+    if not isinstance(value, str) or len(value) != 36:
+        raise ValidationError("not a UUID")
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValidationError("not a UUID") from None
+
+
+class KeyRequestSchema(StrictSchema):
+    """Key request (6.2); every field is optional."""
+
+    number = Int()
+    size = Int()
+    additional_slave_SAE_IDs = List(_SaeId())
+    extension_mandatory = List(_Object())
+    extension_optional = List(_Object())
+
+
+class KeyIdSchema(StrictSchema):
+    key_ID = _KeyId(required=True)
+    key_ID_extension = _Object()
+
+
+class KeyIdsSchema(StrictSchema):
+    """Key IDs (6.4)."""
+
+    key_IDs = List(Nested(KeyIdSchema), required=True, validate=validate.Length(min=1, error="empty list"))
+    key_IDs_extension = _Object()
+
+
+class KeySchema(Schema):
+    key_ID = fields.String(attribute="key_id")
+    key = fields.Function(lambda key: base64.b64encode(key.material).decode("ascii"))
+
+
+class KeyContainerSchema(Schema):
+    """Key container (6.3)."""
+
+    keys = fields.List(fields.Nested(KeySchema))
+
+
+class StatusSchema(Schema):
+    """Status (6.1); IDs are strings as the standard defines them."""
+
+    source_KME_ID = fields.String()
+    target_KME_ID = fields.String()
+    master_SAE_ID = fields.String()
+    slave_SAE_ID = fields.String()
+    key_size = fields.Integer()
+    stored_key_count = fields.Integer()
+    max_key_count = fields.Integer()
+    max_key_per_request = fields.Integer()
+    max_key_size = fields.Integer()
+    min_key_size = fields.Integer()
+    max_SAE_ID_count = fields.Integer()
+
+
+def load(schema: Schema, data) -> dict:
+    """Validate ``data``; a mistake becomes a 400 naming the first bad field."""
+    try:
+        return schema.load(data)
+    except ValidationError as exc:
+        where, message = first_error(exc.messages)
+        raise bad_request(f"{where}: {message}") from None

@@ -1,0 +1,64 @@
+"""Everything specific to SQLite, in one place so that PostgreSQL can take its place.
+
+Pragmas on every connection, BEGIN IMMEDIATE for write transactions (so two
+processes never both read and then both write), the single-statement claim,
+and WAL checkpoints.
+"""
+from sqlalchemy import event, text
+
+WRITE_OPTION = "kme_write"
+
+_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA busy_timeout=10000",
+    "PRAGMA synchronous=FULL",
+    # Consumed key bytes are overwritten in the database file, not just unlinked.
+    "PRAGMA secure_delete=ON",
+    "PRAGMA foreign_keys=ON",
+)
+
+# One statement: the rows leave the pool in the same step that selects them,
+# so no other process or thread can select them too. The index on
+# (link_id, id) makes the inner SELECT a range scan of n rows.
+_CLAIM = text(
+    "DELETE FROM pool_keys WHERE id IN "
+    "(SELECT id FROM pool_keys WHERE link_id = :link_id ORDER BY id LIMIT :count) "
+    "RETURNING id, file_id, position, material"
+)
+
+
+def install(engine) -> None:
+    """Set the pragmas on each new connection and take over BEGIN from pysqlite."""
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection, _record):
+        # pysqlite's own transaction handling would issue a plain deferred
+        # BEGIN lazily; we issue BEGIN ourselves in on_begin.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in _PRAGMAS:
+            cursor.execute(pragma)
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(connection):
+        immediate = connection.get_execution_options().get(WRITE_OPTION)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def claim_pool_keys(connection, link_id: int, count: int) -> list:
+    """Remove up to ``count`` keys of the link's pool, lowest ids first; returns them in id order."""
+    rows = connection.execute(_CLAIM, {"link_id": link_id, "count": count}).all()
+    return sorted(rows, key=lambda row: row.id)
+
+
+def checkpoint(engine) -> None:
+    """Copy the WAL into the database and truncate it, so erased key bytes leave the -wal file.
+
+    Runs outside any transaction (a transaction's snapshot would pin the WAL).
+    """
+    raw = engine.raw_connection()
+    try:
+        raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    finally:
+        raw.close()

@@ -1,0 +1,198 @@
+"""Helpers for tests that run the real thing: configs, gunicorn and CLI processes, HTTPS clients."""
+import json
+import os
+import signal
+import socket
+import sqlite3
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "password"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Pki:
+    """The test session's certificates (kme.certs layout) and client serials."""
+
+    folder: Path
+    serials: dict[str, list[int]]
+
+    def client(self, kme_id: int, sae_id: int) -> tuple[str, str]:
+        stem = self.folder / f"kme{kme_id}" / f"sae{sae_id}"
+        return str(stem.with_suffix(".crt")), str(stem.with_suffix(".key"))
+
+    @property
+    def server_ca(self) -> str:
+        return str(self.folder / "ca_servers.crt")
+
+
+def write_config(folder: Path, pki: Pki, kme_id: int = 1, local_saes=(1, 2), remote_saes=(), other_kmes=(),
+                 **this_kme_extra) -> Path:
+    """Write a KME configuration into ``folder`` (key directory, database and ports inside it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    certs = pki.folder / f"kme{kme_id}"
+    keys = folder / "keys"
+    keys.mkdir(exist_ok=True)
+    this_kme = {
+        "id": kme_id,
+        "nickname": f"Test{kme_id}",
+        "sqlite_db_path": "kme.db",
+        "key_directory_to_watch": "keys",
+        "saes_https_interface": {
+            "listen_address": f"127.0.0.1:{free_port()}",
+            "ca_client_cert_path": str(certs / "ca_saes.crt"),
+            "server_cert_path": str(certs / "kme_server.crt"),
+            "server_key_path": str(certs / "kme_server.key"),
+        },
+    }
+    this_kme.update(this_kme_extra)
+    config = {
+        "this_kme": this_kme,
+        "other_kmes": list(other_kmes),
+        "saes": [{"id": sae, "kme_id": kme_id, "https_client_certificate_serial": pki.serials[f"sae{sae}"]}
+                 for sae in local_saes] + [{"id": sae, "kme_id": kme} for sae, kme in remote_saes],
+    }
+    path = folder / "config.json"
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def sae_port(config_path: Path) -> int:
+    return int(load_json(config_path)["this_kme"]["saes_https_interface"]["listen_address"].rsplit(":", 1)[1])
+
+
+def write_keys(path: Path, count: int) -> bytes:
+    """Write ``count`` random 32-byte keys to ``path`` in one go; returns the bytes."""
+    data = os.urandom(32 * count)
+    path.write_bytes(data)
+    return data
+
+
+class Process:
+    """A process the test started; stopped by its own pid only."""
+
+    def __init__(self, args: list[str], config: Path, log: Path, extra_env: dict | None = None):
+        env = dict(os.environ, KME_CONFIG=str(config), PYTHONUNBUFFERED="1", **(extra_env or {}))
+        self.log_path = log
+        self.log = open(log, "ab")
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_output(self, text: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"process exited ({self.proc.returncode}):\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not seen in:\n{self.output()}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        self.log.close()
+
+
+def start_sae_interface(config: Path, log: Path, workers: int = 2, threads: int = 4) -> Process:
+    """Start the real SAE interface under gunicorn and wait until it accepts connections."""
+    process = Process([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"], config, log,
+                      {"KME_WORKERS": str(workers), "KME_THREADS": str(threads)})
+    process.wait_for_output(f"Booting worker with pid")
+    wait_for_port(sae_port(config), process)
+    return process
+
+
+def start_ingest_worker(config: Path, log: Path) -> Process:
+    """Start `flask ingest-keys --watch` and wait until it watches."""
+    process = Process([sys.executable, "-m", "flask", "ingest-keys", "--watch"], config, log)
+    process.wait_for_output("watching")
+    return process
+
+
+def wait_for_port(port: int, process: Process, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if process.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"port {port} not open:\n{process.output()}")
+            time.sleep(0.05)
+
+
+def sae_session(pki: Pki, kme_id: int, sae_id: int) -> requests.Session:
+    session = requests.Session()
+    session.cert = pki.client(kme_id, sae_id)
+    session.verify = pki.server_ca
+    session.trust_env = False
+    return session
+
+
+def tls_client_context(pki: Pki, cert: tuple[str, str] | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=pki.server_ca)
+    if cert:
+        context.load_cert_chain(*cert)
+    return context
+
+
+def run_cli(args: list[str], config: Path | None, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("KME_CONFIG", None)
+    if config is not None:
+        env["KME_CONFIG"] = str(config)
+    return subprocess.run([sys.executable, "-m", "flask", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+class Ledger:
+    """Read-only view of a KME database file, for accounting checks."""
+
+    def __init__(self, db_path: Path):
+        self.db_path = db_path
+
+    def _query(self, sql: str, *args):
+        with sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True) as conn:
+            return conn.execute(sql, args).fetchall()
+
+    def link(self, link_id: int) -> dict:
+        (row,) = self._query("SELECT ingested, available, delivered, discarded FROM links WHERE peer_kme_id = ?",
+                             link_id)
+        return dict(zip(("ingested", "available", "delivered", "discarded"), row))
+
+    def pool_size(self, link_id: int) -> int:
+        return self._query("SELECT COUNT(*) FROM pool_keys WHERE link_id = ?", link_id)[0][0]
+
+    def waiting(self) -> int:
+        return self._query("SELECT COUNT(*) FROM delivered_keys")[0][0]
+
+    def assert_exact(self, link_id: int) -> dict:
+        counts = self.link(link_id)
+        assert counts["ingested"] == counts["available"] + counts["delivered"] + counts["discarded"], counts
+        assert counts["available"] == self.pool_size(link_id), counts
+        return counts

@@ -1,0 +1,22 @@
+"""WSGI entry points: ``sae_app`` for gunicorn, ``app`` for the flask CLI.
+
+Each app is built on first access, so importing this module for one of them
+never loads the configuration for another.
+"""
+import sys
+
+from kme import create_app
+from kme.config import ConfigError
+
+_INTERFACES = {"sae_app": "sae", "app": "cli"}
+
+
+def __getattr__(name: str):
+    if name not in _INTERFACES:
+        raise AttributeError(name)
+    try:
+        app = create_app(interface=_INTERFACES[name])
+    except ConfigError as exc:
+        sys.exit(f"kme: {exc}")
+    globals()[name] = app
+    return app
