@@ -68,6 +68,9 @@ class Nested(_PlainMessages, fields.Nested):
     default_error_messages = {"type": "not an object"}
 
 
+_BYTE = validate.Range(0, 255, error="not a byte (0 to 255)")
+
+
 def _id_field(**kwargs):
     return Int(validate=validate.Range(0, MAX_ID, error="not a 64-bit ID (0 to 2^63-1)"), **kwargs)
 
@@ -126,13 +129,13 @@ class OtherKmeSchema(StrictSchema):
     https_client_authentication_certificate = Str(required=True)
     https_client_authentication_certificate_password = Str(required=True)
     server_ca_cert_path = Str()
-    https_client_certificate_serial = List(Int(validate=validate.Range(0, 255)), validate=_serial_bytes)
+    https_client_certificate_serial = List(Int(validate=_BYTE), validate=_serial_bytes)
 
 
 class SaeSchema(StrictSchema):
     id = _id_field(required=True)
     kme_id = _id_field(required=True)
-    https_client_certificate_serial = List(Int(validate=validate.Range(0, 255)), validate=_serial_bytes)
+    https_client_certificate_serial = List(Int(validate=_BYTE), validate=_serial_bytes)
 
 
 class ConfigSchema(StrictSchema):

@@ -3,7 +3,8 @@
 A file counts as complete when its writer closes it or when it is moved into
 the directory; creation and modification events are ignored, so a file being
 written is never ingested early. Events are handled one at a time by the
-calling thread, the only database writer of this process.
+calling thread, the only database writer of this process. Linux only: the
+close-after-write event comes from inotify.
 """
 import logging
 import queue
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEventHandler
-from watchdog.observers import Observer
+from watchdog.observers.inotify import InotifyObserver
 
 from kme import sqlite
 from kme.config import KmeConfig
@@ -45,7 +46,9 @@ class _CompleteFiles(FileSystemEventHandler):
 def watch(config: KmeConfig, stop: threading.Event, on_ready=None) -> IngestSummary:
     """Ingest what is present, then every file that becomes complete, until ``stop`` is set."""
     paths: queue.Queue = queue.Queue()
-    observer = Observer()
+    # Full events: a file moved in from an unwatched folder arrives as a move,
+    # not as a creation (which would look like a file still being written).
+    observer = InotifyObserver(generate_full_events=True)
     handler = _CompleteFiles(paths)
     for directory in config.key_directories().values():
         # Watch first, scan second: a file completed during the scan is then

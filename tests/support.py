@@ -85,6 +85,18 @@ def write_keys(path: Path, count: int) -> bytes:
     return data
 
 
+def wait_until(predicate, timeout: float = 10, interval: float = 0.02):
+    """Poll ``predicate`` until it returns a true value (returned), or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
 class Process:
     """A process the test started; stopped by its own pid only."""
 

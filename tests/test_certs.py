@@ -1,0 +1,37 @@
+"""flask gen-certs: a complete demo PKI whose pieces fit together."""
+import re
+import ssl
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import pkcs12
+
+from tests.support import run_cli
+
+
+def test_gen_certs_writes_a_pki_that_verifies(tmp_path):
+    result = run_cli(["gen-certs", "--out", str(tmp_path), "--sae", "1@1", "--sae", "3@2", "--password", "pw"], None)
+    assert result.returncode == 0, result.stderr
+    serials = dict(re.findall(r"(\S+): \"https_client_certificate_serial\": (\[[\d, ]+\])", result.stdout))
+    assert set(serials) == {"sae1", "sae3", "kme1-to-kme2", "kme2-to-kme1"}
+
+    sae1 = x509.load_pem_x509_certificate((tmp_path / "kme1" / "sae1.crt").read_bytes())
+    assert list(sae1.serial_number.to_bytes(8, "big")) == eval(serials["sae1"])
+    sae1.verify_directly_issued_by(x509.load_pem_x509_certificate((tmp_path / "kme1" / "ca_saes.crt").read_bytes()))
+
+    server = x509.load_pem_x509_certificate((tmp_path / "kme2" / "kme_server.crt").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in names.get_values_for_type(x509.DNSName)
+    assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} >= {"127.0.0.1", "::1"}
+    server.verify_directly_issued_by(x509.load_pem_x509_certificate((tmp_path / "ca_servers.crt").read_bytes()))
+
+    _, client, _ = pkcs12.load_key_and_certificates((tmp_path / "kme1" / "kme1-to-kme2.pfx").read_bytes(), b"pw")
+    client.verify_directly_issued_by(x509.load_pem_x509_certificate((tmp_path / "kme2" / "ca_kmes.crt").read_bytes()))
+    assert (tmp_path / "kme1" / "sae1.key").stat().st_mode & 0o077 == 0
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp_path / "kme1" / "ca_saes.crt"))
+    context.load_cert_chain(str(tmp_path / "kme1" / "kme_server.crt"), str(tmp_path / "kme1" / "kme_server.key"))
+
+
+def test_gen_certs_rejects_a_malformed_sae(tmp_path):
+    result = run_cli(["gen-certs", "--out", str(tmp_path), "--sae", "one"], None)
+    assert result.returncode != 0 and "SAE_ID@KME_ID" in result.stderr

@@ -1,0 +1,150 @@
+"""Configuration: each class of mistake stops start-up with one line naming the field."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kme.config import ConfigError, KEY_BITS, load_config
+from tests.support import ROOT, run_cli, write_config
+
+
+@pytest.fixture
+def config_file(tmp_path, pki):
+    path = write_config(tmp_path, pki, other_kmes=[{
+        "id": 2,
+        "key_directory_to_watch": "keys2",
+        "inter_kme_bind_address": "127.0.0.1:14001",
+        "https_client_authentication_certificate": str(pki.folder / "kme1" / "kme1-to-kme2.pfx"),
+        "https_client_authentication_certificate_password": "password",
+    }], remote_saes=[(3, 2)])
+    return path
+
+
+def edit(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def error_of(path) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_valid_config_loads_with_defaults(config_file):
+    config = load_config(config_file)
+    assert config.this_kme.nickname == "Test1"
+    assert config.this_kme.limits.key_size == KEY_BITS
+    assert config.this_kme.database_uri == f"sqlite:///{config_file.parent / 'kme.db'}"
+    assert config.key_directories() == {1: config_file.parent / "keys", 2: config_file.parent / "keys2"}
+    assert config.other_kmes[0].ignore_system_proxy_settings is False
+
+
+def test_json5_with_comments_trailing_commas_and_hex(config_file):
+    data = json.loads(config_file.read_text())
+    serial = data["saes"][0]["https_client_certificate_serial"]
+    data["saes"][0]["https_client_certificate_serial"] = "HEX"
+    text = json.dumps(data).replace('"HEX"', "[" + ", ".join(hex(b) for b in serial) + ",]")
+    config_file.write_text("// KME under test\n" + text)
+    config = load_config(config_file)
+    assert config.saes_by_id[1].certificate_serial == int.from_bytes(bytes(serial), "big")
+
+
+def test_relative_paths_resolve_against_the_config_folder(config_file, tmp_path, monkeypatch):
+    monkeypatch.chdir("/")
+    assert load_config(config_file).this_kme.key_directory_to_watch == tmp_path / "keys"
+
+
+MISTAKES = [
+    ("missing field", lambda d: d["other_kmes"][0].pop("inter_kme_bind_address"),
+     "other_kmes[0].inter_kme_bind_address: missing"),
+    ("missing section", lambda d: d.pop("saes"), "saes: missing"),
+    ("wrong type", lambda d: d["this_kme"].update(id="one"), "this_kme.id: not an integer"),
+    ("boolean as ID", lambda d: d["saes"][0].update(id=True), "saes[0].id: not an integer"),
+    ("ID beyond 64 bits", lambda d: d["this_kme"].update(id=2**64), "this_kme.id: not a 64-bit ID"),
+    ("bad address", lambda d: d["this_kme"]["saes_https_interface"].update(listen_address="localhost"),
+     "this_kme.saes_https_interface.listen_address: not an address"),
+    ("unknown SAE kme_id", lambda d: d["saes"].append({"id": 7, "kme_id": 5}), "saes[3].kme_id: unknown KME 5"),
+    ("duplicate SAE ID", lambda d: d["saes"].append({"id": 3, "kme_id": 2}), "saes[3].id: duplicate SAE ID 3"),
+    ("duplicate KME ID", lambda d: d["other_kmes"][0].update(id=1), "other_kmes[0].id: duplicate KME ID 1"),
+    ("unreadable certificate", lambda d: d["this_kme"]["saes_https_interface"].update(server_cert_path="none.crt"),
+     "this_kme.saes_https_interface.server_cert_path: not found"),
+    ("not a certificate", lambda d: d["this_kme"]["saes_https_interface"].update(ca_client_cert_path="config.json"),
+     "this_kme.saes_https_interface.ca_client_cert_path: not a PEM certificate"),
+    ("wrong pfx password", lambda d: d["other_kmes"][0].update(https_client_authentication_certificate_password="x"),
+     "other_kmes[0].https_client_authentication_certificate: not a PKCS#12 file that this password opens"),
+    ("unknown top-level key", lambda d: d.update(extra=1), "extra: unknown field"),
+    ("unknown nested key", lambda d: d["this_kme"].update(nick="x"), "this_kme.nick: unknown field"),
+    ("local SAE without serial", lambda d: d["saes"][0].pop("https_client_certificate_serial"),
+     "saes[0].https_client_certificate_serial: missing"),
+    ("serial of a remote SAE", lambda d: d["saes"][2].update(https_client_certificate_serial=[1]),
+     "saes[2].https_client_certificate_serial: only for SAEs of this KME"),
+    ("serial byte out of range", lambda d: d["saes"][0].update(https_client_certificate_serial=[300]),
+     "saes[0].https_client_certificate_serial[0]: not a byte"),
+    ("key size outside min/max", lambda d: d["this_kme"].update(limits={"key_size": 64, "min_key_size": 128}),
+     "this_kme.limits.key_size: must lie between min_key_size and max_key_size"),
+    ("key size not a multiple of 8", lambda d: d["this_kme"].update(limits={"max_key_size": 1001}),
+     "this_kme.limits.max_key_size: must be a multiple of 8"),
+    ("both database fields", lambda d: d["this_kme"].update(db_uri="sqlite:///x.db"), "this_kme.db_uri: give either"),
+    ("no database", lambda d: d["this_kme"].pop("sqlite_db_path"), "this_kme.sqlite_db_path: missing"),
+    ("boolean as string", lambda d: d["this_kme"].update(delete_key_file_after_read="yes"),
+     "this_kme.delete_key_file_after_read: not a boolean"),
+    ("shared key directory", lambda d: d["other_kmes"][0].update(key_directory_to_watch="keys"),
+     "other_kmes: two links share one key_directory_to_watch"),
+]
+
+
+@pytest.mark.parametrize("case, change, expected", MISTAKES, ids=[m[0] for m in MISTAKES])
+def test_each_mistake_names_its_field(config_file, case, change, expected):
+    assert error_of(edit(config_file, change)).startswith(expected)
+
+
+def test_invalid_json_is_one_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{"this_kme": {')
+    assert "not valid JSON or JSON5" in error_of(path)
+
+
+def test_missing_file_is_one_line(tmp_path):
+    assert "cannot read" in error_of(tmp_path / "absent.json")
+
+
+def test_db_uri_alias_and_memory(config_file):
+    edit(config_file, lambda d: (d["this_kme"].pop("sqlite_db_path"), d["this_kme"].update(db_uri=":memory:")))
+    assert load_config(config_file).in_memory
+
+
+def test_kme_config_unset(monkeypatch):
+    monkeypatch.delenv("KME_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match="KME_CONFIG: not set"):
+        load_config()
+
+
+def test_cli_prints_one_line_and_fails(config_file):
+    edit(config_file, lambda d: d["other_kmes"][0].pop("inter_kme_bind_address"))
+    result = run_cli(["ingest-keys"], config_file)
+    assert result.returncode != 0
+    assert result.stderr.strip() == "kme: other_kmes[0].inter_kme_bind_address: missing"
+
+
+def test_gunicorn_prints_one_line_and_fails(config_file):
+    edit(config_file, lambda d: d.update(extra=1))
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"], cwd=ROOT,
+                            env={"KME_CONFIG": str(config_file), "PATH": "/usr/bin:/bin"}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0
+    assert "kme: extra: unknown field" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_gunicorn_refuses_an_in_memory_database(config_file):
+    edit(config_file, lambda d: d["this_kme"].update(sqlite_db_path=":memory:"))
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"], cwd=ROOT,
+                            env={"KME_CONFIG": str(config_file), "PATH": "/usr/bin:/bin"}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and ":memory:" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,115 @@
+"""The real SAE interface: gunicorn with several workers, mutual TLS, session certificates."""
+import base64
+import socket
+import ssl
+import uuid
+
+import pytest
+import requests
+
+from kme.errors import KEYS_NOT_FOUND
+from tests.support import Ledger, run_cli, sae_port, sae_session, start_sae_interface, tls_client_context, \
+    write_config, write_keys
+
+
+@pytest.fixture(scope="module")
+def kme(tmp_path_factory, pki):
+    folder = tmp_path_factory.mktemp("gunicorn")
+    config = write_config(folder, pki)
+    write_keys(folder / "keys" / "k1.cor", 500)
+    assert run_cli(["ingest-keys"], config).returncode == 0
+    server = start_sae_interface(config, folder / "gunicorn.log", workers=2)
+    yield config
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def url(kme):
+    return f"https://127.0.0.1:{sae_port(kme)}/api/v1"
+
+
+def status(session, url) -> int:
+    return session.get(f"{url}/keys/2/status", timeout=10).json()["stored_key_count"]
+
+
+def test_get_key_get_and_post_forms_and_both_post_conditions(pki, kme, url):
+    master, slave = sae_session(pki, 1, 1), sae_session(pki, 1, 2)
+    before = status(master, url)
+    plain = master.get(f"{url}/keys/2/enc_keys", timeout=10).json()["keys"]
+    with_query = master.get(f"{url}/keys/2/enc_keys?number=2&size=1024", timeout=10).json()["keys"]
+    posted = master.post(f"{url}/keys/2/enc_keys", json={"number": 3, "size": 128}, timeout=10).json()["keys"]
+    assert [len(base64.b64decode(k["key"])) for k in plain + with_query + posted] == [32, 128, 128, 16, 16, 16]
+    # Pool keys taken: 1 + 2*4 + 3*1; stored_key_count counts 256-bit keys.
+    assert status(master, url) == before - 12
+
+    by_post = slave.post(f"{url}/keys/1/dec_keys", json={"key_IDs": [{"key_ID": k["key_ID"]} for k in
+                                                                       plain + with_query]}, timeout=10)
+    assert by_post.json()["keys"] == plain + with_query
+    for key in posted:
+        response = slave.get(f"{url}/keys/1/dec_keys", params={"key_ID": key["key_ID"]}, timeout=10)
+        assert response.json()["keys"] == [key]
+    again = slave.get(f"{url}/keys/1/dec_keys", params={"key_ID": posted[0]["key_ID"]}, timeout=10)
+    assert again.status_code == 400 and again.json() == {"message": KEYS_NOT_FOUND}
+    ledger = Ledger(kme.parent / "kme.db")
+    assert ledger.waiting() == 0
+    ledger.assert_exact(1)
+
+
+def test_error_answers_are_etsi_json_over_tls(pki, url):
+    master = sae_session(pki, 1, 1)
+    for response in (master.get(f"{url}/keys/2/enc_keys?size=7", timeout=10),
+                     master.delete(f"{url}/keys/2/enc_keys", timeout=10),
+                     master.get(f"{url}/nowhere", timeout=10),
+                     master.post(f"{url}/keys/2/enc_keys", data=b"[" * 100_000, timeout=10)):
+        assert response.status_code in (400, 404, 405, 413)
+        assert response.headers["Content-Type"] == "application/json"
+        assert set(response.json()) <= {"message", "details"}
+
+
+def test_no_client_certificate_is_refused_in_the_handshake(pki, kme):
+    context = tls_client_context(pki, None)
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        with socket.create_connection(("127.0.0.1", sae_port(kme)), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                # TLS 1.3 reports the refusal on the first read.
+                tls.sendall(b"GET /api/v1/sae/info/me HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                assert tls.recv(100) == b""
+                raise ssl.SSLError("connection closed without an answer")
+
+
+def test_certificate_from_another_ca_is_refused(pki, url):
+    # SAE 3 is a client of KME 2: its certificate comes from KME 2's SAE CA.
+    stranger = sae_session(pki, 2, 3)
+    with pytest.raises(requests.exceptions.RequestException):
+        stranger.get(f"{url}/sae/info/me", timeout=10)
+
+
+def test_valid_certificate_with_unregistered_serial_is_401_json(pki, url):
+    unknown = sae_session(pki, 1, 9)
+    response = unknown.get(f"{url}/keys/2/enc_keys", timeout=10)
+    assert response.status_code == 401
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.json()["message"]
+
+
+def test_forged_identity_headers_are_ignored(pki, url):
+    unknown = sae_session(pki, 1, 9)
+    serial = format(int.from_bytes(bytes(pki.serials["sae1"]), "big"), "X")
+    response = unknown.get(f"{url}/sae/info/me", timeout=10,
+                           headers={"SSL-CLIENT-M-SERIAL": serial, "SSL_CLIENT_VERIFY": "SUCCESS"})
+    assert response.status_code == 401
+
+
+def test_dec_keys_by_an_sae_that_is_not_the_slave_is_401(pki, url):
+    master = sae_session(pki, 1, 1)
+    key = master.get(f"{url}/keys/2/enc_keys", timeout=10).json()["keys"][0]
+    response = master.get(f"{url}/keys/1/dec_keys", params={"key_ID": key["key_ID"]}, timeout=10)
+    assert response.status_code == 401 and response.json()["message"]
+    assert sae_session(pki, 1, 2).get(f"{url}/keys/1/dec_keys", params={"key_ID": key["key_ID"]},
+                                      timeout=10).json()["keys"] == [key]
+
+
+def test_unknown_key_id_is_400_over_tls(pki, url):
+    response = sae_session(pki, 1, 2).get(f"{url}/keys/1/dec_keys", params={"key_ID": str(uuid.uuid4())},
+                                          timeout=10)
+    assert response.status_code == 400 and response.json() == {"message": KEYS_NOT_FOUND}
