@@ -10,12 +10,12 @@ MAX_REQUEST_BYTES = 64 * 1024
 
 
 def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> Flask:
-    """Build the WSGI app of one interface: "sae", or "cli" for the flask commands.
+    """Build the WSGI app of one interface: "sae", "kme" (inter-KME), or "cli" for the flask commands.
 
     Cheap and without side effects (gunicorn calls it in every worker): the
     database is first touched by the first request or command.
     """
-    from kme import cli, db, errors, sae_api
+    from kme import cli, db, errors, kme_api, sae_api
     from kme.ingest import ingest_directories
 
     app = Flask(__name__)
@@ -31,6 +31,8 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
     errors.init_app(app)
     if interface == "sae":
         app.register_blueprint(sae_api.bp)
+    elif interface == "kme":
+        app.register_blueprint(kme_api.bp)
 
     @app.before_request
     def prepare_database():

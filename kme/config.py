@@ -19,6 +19,10 @@ from kme.config_schema import ConfigSchema, first_error
 
 KEY_BITS = 256
 IN_MEMORY_URI = "sqlite:///:memory:"
+DEFAULT_KEY_EXPIRY_SECONDS = 3600.0
+DEFAULT_HOUSEKEEPING_SECONDS = 5.0
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 3.0
+DEFAULT_READ_TIMEOUT_SECONDS = 10.0
 
 
 class ConfigError(Exception):
@@ -49,7 +53,7 @@ class Limits:
     max_key_size: int = 8192
     max_key_per_request: int = 128
     max_key_count: int = 100_000_000
-    max_SAE_ID_count: int = 0
+    max_SAE_ID_count: int = 4
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,8 @@ class ThisKme:
     kmes_https_interface: HttpsInterface | None
     debugging_http_interface: str | None
     delete_key_file_after_read: bool
+    key_expiry_seconds: float
+    housekeeping_interval_seconds: float
     limits: Limits
 
 
@@ -75,6 +81,8 @@ class OtherKme:
     https_client_authentication_certificate_password: str
     server_ca_cert_path: Path | None
     https_client_certificate_serial: int | None
+    connect_timeout_seconds: float
+    read_timeout_seconds: float
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,23 @@ class KmeConfig:
     @cached_property
     def local_saes_by_serial(self) -> dict[int, Sae]:
         return {sae.certificate_serial: sae for sae in self.saes if sae.certificate_serial is not None}
+
+    @cached_property
+    def other_kmes_by_id(self) -> dict[int, OtherKme]:
+        return {peer.id: peer for peer in self.other_kmes}
+
+    def peer_by_serial(self, serial: int) -> OtherKme | None:
+        """The other KME that calls with a client certificate of this serial.
+
+        With a single other KME and no serial configured for it, every
+        certificate of the KME CA is that KME (gunicorn_conf warns at start).
+        """
+        for peer in self.other_kmes:
+            if peer.https_client_certificate_serial == serial:
+                return peer
+        if len(self.other_kmes) == 1 and self.other_kmes[0].https_client_certificate_serial is None:
+            return self.other_kmes[0]
+        return None
 
     def key_directories(self) -> dict[int, Path]:
         """Key directory of each link, keyed by the peer KME ID (our own ID: the local zone)."""
@@ -219,6 +244,8 @@ def _this_kme(data: dict, base_dir: Path) -> ThisKme:
         kmes_https_interface=kmes and _https_interface(kmes, base_dir, "this_kme.kmes_https_interface"),
         debugging_http_interface=data.get("debugging_http_interface"),
         delete_key_file_after_read=data.get("delete_key_file_after_read", False),
+        key_expiry_seconds=data.get("key_expiry_seconds", DEFAULT_KEY_EXPIRY_SECONDS),
+        housekeeping_interval_seconds=data.get("housekeeping_interval_seconds", DEFAULT_HOUSEKEEPING_SECONDS),
         limits=_limits(data.get("limits", {})),
     )
 
@@ -244,6 +271,8 @@ def _other_kme(index: int, data: dict, base_dir: Path) -> OtherKme:
         https_client_authentication_certificate_password=password,
         server_ca_cert_path=ca and _certificate(base_dir, ca, f"{where}.server_ca_cert_path"),
         https_client_certificate_serial=serial and int.from_bytes(bytes(serial), "big"),
+        connect_timeout_seconds=data.get("connect_timeout_seconds", DEFAULT_CONNECT_TIMEOUT_SECONDS),
+        read_timeout_seconds=data.get("read_timeout_seconds", DEFAULT_READ_TIMEOUT_SECONDS),
     )
 
 
@@ -256,10 +285,18 @@ def _sae(index: int, data: dict, this_kme_id: int) -> Sae:
 
 def _check_ids(this_kme: ThisKme, other_kmes: tuple[OtherKme, ...], saes: tuple[Sae, ...]) -> None:
     kme_ids = {this_kme.id}
+    peer_serials = set()
     for index, peer in enumerate(other_kmes):
         if peer.id in kme_ids:
             raise ConfigError(f"other_kmes[{index}].id: duplicate KME ID {peer.id}")
         kme_ids.add(peer.id)
+        serial = peer.https_client_certificate_serial
+        if serial is None and len(other_kmes) > 1:
+            raise ConfigError(f"other_kmes[{index}].https_client_certificate_serial: missing "
+                              "(required when there is more than one other KME)")
+        if serial is not None and serial in peer_serials:
+            raise ConfigError(f"other_kmes[{index}].https_client_certificate_serial: duplicate serial")
+        peer_serials.add(serial)
     sae_ids, serials = set(), set()
     for index, sae in enumerate(saes):
         if sae.id in sae_ids:

@@ -24,7 +24,7 @@ def first_error(messages, prefix=""):
     return prefix or "configuration", str(messages)
 
 
-class _PlainMessages:
+class PlainMessages:
     """Short lower-case messages, so a config error reads as one line."""
 
     default_error_messages = {
@@ -34,11 +34,11 @@ class _PlainMessages:
     }
 
 
-class Str(_PlainMessages, fields.String):
+class Str(PlainMessages, fields.String):
     default_error_messages = {"invalid": "not a string"}
 
 
-class Bool(_PlainMessages, fields.Boolean):
+class Bool(PlainMessages, fields.Boolean):
     """A JSON boolean only: "yes" or 1 are mistakes in a security setting."""
 
     default_error_messages = {"invalid": "not a boolean (true or false)"}
@@ -49,7 +49,18 @@ class Bool(_PlainMessages, fields.Boolean):
         return value
 
 
-class Int(_PlainMessages, fields.Integer):
+class Seconds(PlainMessages, fields.Float):
+    """A positive number of seconds (integer or decimal)."""
+
+    default_error_messages = {"invalid": "not a number of seconds"}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400 * 365:
+            raise self.make_error("invalid")
+        return float(value)
+
+
+class Int(PlainMessages, fields.Integer):
     """A JSON integer only: booleans, floats and numeric strings are refused."""
 
     default_error_messages = {"invalid": "not an integer"}
@@ -60,11 +71,11 @@ class Int(_PlainMessages, fields.Integer):
         return value
 
 
-class List(_PlainMessages, fields.List):
+class List(PlainMessages, fields.List):
     default_error_messages = {"invalid": "not a list"}
 
 
-class Nested(_PlainMessages, fields.Nested):
+class Nested(PlainMessages, fields.Nested):
     default_error_messages = {"type": "not an object"}
 
 
@@ -105,7 +116,7 @@ class LimitsSchema(StrictSchema):
     max_key_size = Int(validate=validate.Range(8, 2**20))
     max_key_per_request = Int(validate=validate.Range(1, 10_000))
     max_key_count = Int(validate=validate.Range(1, MAX_ID))
-    max_SAE_ID_count = Int(validate=validate.Range(0, 0, error="multicast is not supported yet: use 0"))
+    max_SAE_ID_count = Int(validate=validate.Range(0, 64))
 
 
 class ThisKmeSchema(StrictSchema):
@@ -118,6 +129,8 @@ class ThisKmeSchema(StrictSchema):
     debugging_http_interface = Str(validate=_address)
     kmes_https_interface = Nested(HttpsInterfaceSchema)
     delete_key_file_after_read = Bool()
+    key_expiry_seconds = Seconds()
+    housekeeping_interval_seconds = Seconds()
     limits = Nested(LimitsSchema)
 
 
@@ -130,6 +143,8 @@ class OtherKmeSchema(StrictSchema):
     https_client_authentication_certificate_password = Str(required=True)
     server_ca_cert_path = Str()
     https_client_certificate_serial = List(Int(validate=_BYTE), validate=_serial_bytes)
+    connect_timeout_seconds = Seconds()
+    read_timeout_seconds = Seconds()
 
 
 class SaeSchema(StrictSchema):

@@ -52,7 +52,7 @@ def ensure_schema() -> bool:
 
     Runs under the write lock, so processes starting together do not race.
     """
-    from kme import keystore
+    from kme.keystore import intake
 
     engine = db.engine
     if engine in _schema_ready:
@@ -60,6 +60,6 @@ def ensure_schema() -> bool:
     with engine.connect().execution_options(**{sqlite.WRITE_OPTION: True}) as connection:
         with connection.begin():
             db.metadata.create_all(connection)
-    keystore.ensure_links(current_app.extensions["kme"].key_directories())
+    intake.ensure_links(current_app.extensions["kme"].key_directories())
     _schema_ready.add(engine)
     return True

@@ -3,10 +3,12 @@
 No Flask request here: views, the CLI and tests call these directly. Errors
 are KmeError with the standard's messages.
 """
-from kme import entropy, keystore
+from kme import activation, entropy
 from kme.config import KmeConfig, Sae
 from kme.errors import EXTENSION_MANDATORY_UNSUPPORTED, SIZE_NOT_MULTIPLE_OF_8, bad_request
-from kme.keystore import DeliveredKeyMaterial
+from kme.keystore import common
+from kme.keystore import local as keystore_local
+from kme.keystore.common import DeliveredKeyMaterial
 
 
 def parse_sae_id(config: KmeConfig, text: str) -> Sae:
@@ -28,14 +30,14 @@ def get_status(config: KmeConfig, master: Sae, slave_id: str) -> dict:
     """Status (6.1) of the link between ``master`` and the slave SAE."""
     slave, link_id = _slave_link(config, master, slave_id)
     limits = config.this_kme.limits
-    available = keystore.link_counts(link_id).available
+    available = common.link_counts(link_id).available
     return {
         "source_KME_ID": config.this_kme.id,
         "target_KME_ID": slave.kme_id,
         "master_SAE_ID": master.id,
         "slave_SAE_ID": slave.id,
         "key_size": limits.key_size,
-        "stored_key_count": available // keystore.pool_keys_per_key(limits.key_size),
+        "stored_key_count": available // common.pool_keys_per_key(limits.key_size),
         "max_key_count": limits.max_key_count,
         "max_key_per_request": limits.max_key_per_request,
         "max_key_size": limits.max_key_size,
@@ -65,14 +67,39 @@ def _check_key_request(config: KmeConfig, request: dict) -> tuple[int, int]:
     return number, size
 
 
+def _slaves(config: KmeConfig, master: Sae, primary: Sae, additional: list[int]) -> list[Sae]:
+    slaves = [primary]
+    for sae_id in additional:
+        sae = config.saes_by_id.get(sae_id)
+        if sae is None:
+            raise bad_request(f"additional_slave_SAE_IDs: SAE {sae_id} is not known to this KME")
+        if sae.id == master.id or sae in slaves:
+            raise bad_request(f"additional_slave_SAE_IDs: SAE {sae_id} is the master or named twice")
+        slaves.append(sae)
+    return slaves
+
+
 def get_key(config: KmeConfig, master: Sae, slave_id: str, request: dict) -> list[DeliveredKeyMaterial]:
-    """Get key (5.3): new keys for ``master`` to share with the slave SAE, taken from the pool."""
-    slave, link_id = _slave_link(config, master, slave_id)
+    """Get key (5.3): new keys for ``master`` to share with the slave SAE(s), taken from the pool.
+
+    Slaves of this KME fetch the keys here; slaves behind one other KME get
+    them activated there first. Slaves behind two or more other KMEs would
+    need relaying through trusted nodes, which this version does not do.
+    """
+    slave, _ = _slave_link(config, master, slave_id)
     number, size = _check_key_request(config, request)
-    if link_id != config.this_kme.id:
-        raise bad_request(f"SAE {slave.id} belongs to KME {link_id}: "
-                          "key activation at another KME is not available in this version")
-    return keystore.deliver_local(link_id, master.id, slave.id, number, size)
+    slaves = _slaves(config, master, slave, request.get("additional_slave_SAE_IDs", []))
+    this_id = config.this_kme.id
+    remote_kmes = sorted({sae.kme_id for sae in slaves} - {this_id})
+    if len(remote_kmes) > 1:
+        raise bad_request(f"slave SAEs behind several other KMEs ({', '.join(map(str, remote_kmes))}) need key "
+                          "relaying through trusted nodes, which this KME does not support yet")
+    local_slaves = [sae for sae in slaves if sae.kme_id == this_id]
+    if not remote_kmes:
+        return keystore_local.deliver_local(this_id, master.id, [sae.id for sae in local_slaves], number, size)
+    peer = config.other_kmes_by_id[remote_kmes[0]]
+    remote_slaves = [sae for sae in slaves if sae.kme_id == peer.id]
+    return activation.activate_at_peer(config, peer, master, remote_slaves, local_slaves, number, size)
 
 
 def get_key_with_key_ids(config: KmeConfig, slave: Sae, master_id: str, key_ids: list[str]) -> list[DeliveredKeyMaterial]:
@@ -82,9 +109,9 @@ def get_key_with_key_ids(config: KmeConfig, slave: Sae, master_id: str, key_ids:
         raise bad_request("key_IDs: the same key ID is requested twice")
     if len(key_ids) > config.this_kme.limits.max_key_per_request:
         raise bad_request(f"key_IDs: at most {config.this_kme.limits.max_key_per_request} per request")
-    return keystore.fetch_delivered(master.id, slave.id, key_ids)
+    return keystore_local.fetch_delivered(master.id, slave.id, key_ids)
 
 
 def total_entropy() -> float:
     """Shannon entropy, in bits per byte, of all key material the KME holds."""
-    return entropy.shannon(keystore.total_byte_counts())
+    return entropy.shannon(common.total_byte_counts())

@@ -45,6 +45,11 @@ def _environment_int(name: str, default: int) -> int:
     return number
 
 
+def _worker_ready(worker) -> None:
+    """Say when a worker has loaded the app, so that supervisors and tests know it can serve."""
+    worker.log.info("kme: worker %s ready", worker.pid)
+
+
 def settings(interface_name: str) -> dict:
     """The gunicorn settings for ``saes_https_interface`` or ``kmes_https_interface``."""
     try:
@@ -57,6 +62,10 @@ def settings(interface_name: str) -> dict:
     if interface is None:
         sys.exit(f"kme: this_kme.{interface_name}: missing")
     short = interface_name.split("_")[0]
+    if interface_name == "kmes_https_interface" and len(config.other_kmes) == 1 \
+            and config.other_kmes[0].https_client_certificate_serial is None:
+        print(f"kme: warning: other_kmes[0].https_client_certificate_serial is not set: every certificate of "
+              f"the KME CA is taken for KME {config.other_kmes[0].id}", file=sys.stderr)
     return {
         "bind": [interface.listen_address if ":" not in interface.host else f"[{interface.host}]:{interface.port}"],
         "worker_class": "kme.gunicorn_worker.PeerCertificateWorker",
@@ -71,6 +80,7 @@ def settings(interface_name: str) -> dict:
         "cert_reqs": ssl.CERT_REQUIRED,
         "ssl_context": lambda _conf, _default: server_context(interface),
         "preload_app": False,
+        "post_worker_init": _worker_ready,
         "proc_name": f"kme{config.this_kme.id}-{short}",
         # Two gunicorn masters on one host would otherwise share one control socket.
         "control_socket": os.path.join(

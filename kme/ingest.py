@@ -12,9 +12,9 @@ from pathlib import Path
 
 import click
 
-from kme import keystore
 from kme.config import KmeConfig
-from kme.keystore import KEY_BYTES
+from kme.keystore import intake
+from kme.keystore.common import KEY_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def ingest_file(config: KmeConfig, link_id: int, path: Path, summary: IngestSumm
         summary.warn(f"{path}: cannot be read ({exc.strerror}), skipped")
         return
     with handle:
-        file_progress = keystore.open_key_file(link_id, name)
+        file_progress = intake.open_key_file(link_id, name)
         if file_progress.complete:
             summary.skipped += 1
             return
@@ -131,8 +131,9 @@ def _read_batches(config, link_id, path, handle, file_progress, summary, progres
         at_end = len(chunk) < BATCH_KEYS * KEY_BYTES
         materials = [chunk[i:i + KEY_BYTES] for i in range(0, whole, KEY_BYTES)]
         try:
-            file_progress = keystore.store_keys(link_id, file_progress, materials, at_end,
-                                                config.this_kme.limits.max_key_count)
+            file_progress = intake.store_keys(link_id, file_progress, materials, at_end,
+                                              config.this_kme.limits.max_key_count,
+                                              intake.peer_parity(config.this_kme.id, link_id))
         except ValueError as exc:
             summary.warn(f"{path}: {exc}; {added} keys kept, the rest on a later run")
             return None

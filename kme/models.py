@@ -1,11 +1,12 @@
 """Database tables of the KME.
 
-Only kme.keystore writes key rows (pool_keys, delivered_keys) and the link
-counters; kme.ingest writes key_files through kme.keystore; kme.events writes
-events. SAEs and KMEs are not tables: the configuration file is their only
+Only the kme.keystore package writes key rows (pool_keys, delivered_keys,
+key_slaves, activations) and the link counters; kme.ingest writes key_files
+through it; kme.events writes events. SAEs and KMEs are not tables: the configuration file is their only
 source of truth (see docs/design.md).
 """
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, LargeBinary, SmallInteger, String, Text, \
+    UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from kme.db import db
@@ -19,13 +20,15 @@ class Link(db.Model):
 
     The counters are kept up to date by every change so that Get status and the
     entropy cost the same whatever the pool size. They count 256-bit pool keys:
-    ingested = available + delivered + discarded, always.
+    ingested = available + reserved + peer_held + delivered + discarded, always.
     """
 
     __tablename__ = "links"
     peer_kme_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     ingested: Mapped[int] = mapped_column(BigInteger, default=0)
     available: Mapped[int] = mapped_column(BigInteger, default=0)
+    reserved: Mapped[int] = mapped_column(BigInteger, default=0)
+    peer_held: Mapped[int] = mapped_column(BigInteger, default=0)
     delivered: Mapped[int] = mapped_column(BigInteger, default=0)
     discarded: Mapped[int] = mapped_column(BigInteger, default=0)
     # 256 little-endian uint64: how often each byte value occurs in the key
@@ -46,31 +49,75 @@ class KeyFile(db.Model):
     ingested_at: Mapped[str | None] = mapped_column(String(32))
 
 
+# PoolKey.state: which side may use a key of the pool.
+OURS = 0       # free for masters of this KME
+PEERS = 1      # belongs to the other direction of the link: only the peer KME activates it
+RESERVED = 2   # claimed by an activation at the peer KME whose answer is pending
+
+
 class PoolKey(db.Model):
     """A 256-bit key of a link's pool, identified across the link by (file name, position)."""
 
     __tablename__ = "pool_keys"
     __table_args__ = (
         UniqueConstraint("file_id", "position"),
-        # Claims take the lowest ids of a link: this index makes that a range scan.
-        Index("ix_pool_keys_link_id_id", "link_id", "id"),
+        # Claims take the lowest ids of a link in state OURS: a range scan.
+        Index("ix_pool_keys_link_id_state_id", "link_id", "state", "id"),
+        Index("ix_pool_keys_reservation", "reservation", sqlite_where=text("reservation IS NOT NULL"),
+              postgresql_where=text("reservation IS NOT NULL")),
     )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     link_id: Mapped[int] = mapped_column(BigInteger)
     file_id: Mapped[int] = mapped_column(Id, ForeignKey("key_files.id"))
     position: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[int] = mapped_column(SmallInteger, default=OURS)
+    reservation: Mapped[str | None] = mapped_column(String(36))
     material: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class DeliveredKey(db.Model):
-    """A key handed to its master SAE and waiting for its slave SAE to fetch it."""
+    """A key handed to its master SAE (or activated by a peer KME), waiting for its slave SAEs here."""
 
     __tablename__ = "delivered_keys"
+    __table_args__ = (Index("ix_delivered_keys_created_at", "created_at"),)
     key_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     link_id: Mapped[int] = mapped_column(BigInteger)
     master_sae_id: Mapped[int] = mapped_column(BigInteger)
-    slave_sae_id: Mapped[int] = mapped_column(BigInteger)
     material: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[str] = mapped_column(String(32))
+
+
+class KeySlave(db.Model):
+    """A slave SAE that may fetch a delivered key once; the key goes when all have fetched it."""
+
+    __tablename__ = "key_slaves"
+    key_id: Mapped[str] = mapped_column(String(36), ForeignKey("delivered_keys.key_id", ondelete="CASCADE"),
+                                        primary_key=True)
+    slave_sae_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    fetched: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class OutgoingActivation(db.Model):
+    """An activation this KME asked a peer KME for, while its outcome is not settled."""
+
+    __tablename__ = "outgoing_activations"
+    activation_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    link_id: Mapped[int] = mapped_column(BigInteger)
+    # "sending": a web worker is waiting for the peer; "unknown": it gave up
+    # without knowing whether the peer activated the keys.
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[str] = mapped_column(String(32))
+    request: Mapped[str] = mapped_column(Text)
+
+
+class IncomingActivation(db.Model):
+    """An activation a peer KME asked for: remembered so that retries and cancels are idempotent."""
+
+    __tablename__ = "incoming_activations"
+    activation_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    link_id: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16))
+    key_ids: Mapped[str] = mapped_column(Text)
     created_at: Mapped[str] = mapped_column(String(32))
 
 

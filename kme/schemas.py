@@ -9,7 +9,7 @@ import uuid
 
 from marshmallow import Schema, ValidationError, fields, validate
 
-from kme.config_schema import Int, List, Nested, StrictSchema, first_error
+from kme.config_schema import Int, List, Nested, StrictSchema, PlainMessages, first_error
 from kme.errors import bad_request
 
 
@@ -19,7 +19,7 @@ class _Object(fields.Dict):
     default_error_messages = {"invalid": "not an object"}
 
 
-class _SaeId(fields.Field):
+class _SaeId(PlainMessages, fields.Field):
     """An SAE ID as the standard writes it (a string), or as a JSON integer."""
 
     def _deserialize(self, value, attr, data, **kwargs):
@@ -30,7 +30,7 @@ class _SaeId(fields.Field):
         raise ValidationError("not an SAE ID")
 
 
-class _KeyId(fields.Field):
+class KeyIdField(PlainMessages, fields.Field):
     """A key ID: a UUID string, returned in canonical lower-case form."""
 
     def _deserialize(self, value, attr, data, **kwargs):
@@ -58,7 +58,7 @@ class KeyRequestSchema(StrictSchema):
 
 
 class KeyIdSchema(StrictSchema):
-    key_ID = _KeyId(required=True)
+    key_ID = KeyIdField(required=True)
     key_ID_extension = _Object()
 
 

@@ -17,12 +17,13 @@ _PRAGMAS = (
     "PRAGMA foreign_keys=ON",
 )
 
-# One statement: the rows leave the pool in the same step that selects them,
-# so no other process or thread can select them too. The index on
-# (link_id, id) makes the inner SELECT a range scan of n rows.
-_CLAIM = text(
-    "DELETE FROM pool_keys WHERE id IN "
-    "(SELECT id FROM pool_keys WHERE link_id = :link_id ORDER BY id LIMIT :count) "
+# One statement each: the rows leave the free pool in the same step that
+# selects them, so no other process or thread can select them too. The index
+# on (link_id, state, id) makes the inner SELECT a range scan of n rows.
+_FREE = "SELECT id FROM pool_keys WHERE link_id = :link_id AND state = 0 ORDER BY id LIMIT :count"
+_TAKE = text(f"DELETE FROM pool_keys WHERE id IN ({_FREE}) RETURNING id, file_id, position, material")
+_RESERVE = text(
+    f"UPDATE pool_keys SET state = 2, reservation = :reservation WHERE id IN ({_FREE}) "
     "RETURNING id, file_id, position, material"
 )
 
@@ -46,9 +47,15 @@ def install(engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def claim_pool_keys(connection, link_id: int, count: int) -> list:
-    """Remove up to ``count`` keys of the link's pool, lowest ids first; returns them in id order."""
-    rows = connection.execute(_CLAIM, {"link_id": link_id, "count": count}).all()
+def take_pool_keys(connection, link_id: int, count: int) -> list:
+    """Remove up to ``count`` free keys of the link's pool, lowest ids first; returns them in id order."""
+    rows = connection.execute(_TAKE, {"link_id": link_id, "count": count}).all()
+    return sorted(rows, key=lambda row: row.id)
+
+
+def reserve_pool_keys(connection, link_id: int, count: int, reservation: str) -> list:
+    """Mark up to ``count`` free keys of the link as reserved for ``reservation``; returns them in id order."""
+    rows = connection.execute(_RESERVE, {"link_id": link_id, "count": count, "reservation": reservation}).all()
     return sorted(rows, key=lambda row: row.id)
 
 

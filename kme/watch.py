@@ -1,5 +1,9 @@
 """The standalone ingestion worker: watchdog events on every key directory.
 
+It is also the KME's background worker: every housekeeping interval it
+settles activations left pending at peer KMEs (kme.activation) and erases
+keys their slave SAEs did not fetch in time.
+
 A file counts as complete when its writer closes it or when it is moved into
 the directory; creation and modification events are ignored, so a file being
 written is never ingested early. Events are handled one at a time by the
@@ -15,7 +19,7 @@ from pathlib import Path
 from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEventHandler
 from watchdog.observers.inotify import InotifyObserver
 
-from kme import sqlite
+from kme import activation, sqlite
 from kme.config import KmeConfig
 from kme.db import db
 from kme.ingest import IngestSummary, ingest_directories, ingest_file, link_of
@@ -59,8 +63,11 @@ def watch(config: KmeConfig, stop: threading.Event, on_ready=None) -> IngestSumm
         summary = ingest_directories(config)
         if on_ready:
             on_ready(summary)
-        last_checkpoint = time.monotonic()
+        last_checkpoint = last_housekeeping = 0.0
         while not stop.is_set():
+            if time.monotonic() - last_housekeeping >= config.this_kme.housekeeping_interval_seconds:
+                activation.housekeeping(config)
+                last_housekeeping = time.monotonic()
             if time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS:
                 sqlite.checkpoint(db.engine)
                 last_checkpoint = time.monotonic()

@@ -134,9 +134,16 @@ def start_sae_interface(config: Path, log: Path, workers: int = 2, threads: int 
     """Start the real SAE interface under gunicorn and wait until it accepts connections."""
     process = Process([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"], config, log,
                       {"KME_WORKERS": str(workers), "KME_THREADS": str(threads)})
-    process.wait_for_output(f"Booting worker with pid")
-    wait_for_port(sae_port(config), process)
+    wait_for_workers(process, workers)
     return process
+
+
+def wait_for_workers(process: "Process", workers: int, timeout: float = 30) -> None:
+    """Wait until every gunicorn worker has loaded the app (kme.gunicorn_conf logs it)."""
+    wait_until(lambda: process.output().count("kme: worker") >= workers or process.proc.poll() is not None,
+               timeout)
+    if process.proc.poll() is not None:
+        raise RuntimeError(f"gunicorn exited:\n{process.output()}")
 
 
 def start_ingest_worker(config: Path, log: Path) -> Process:
@@ -144,18 +151,6 @@ def start_ingest_worker(config: Path, log: Path) -> Process:
     process = Process([sys.executable, "-m", "flask", "ingest-keys", "--watch"], config, log)
     process.wait_for_output("watching")
     return process
-
-
-def wait_for_port(port: int, process: Process, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if process.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"port {port} not open:\n{process.output()}")
-            time.sleep(0.05)
 
 
 def sae_session(pki: Pki, kme_id: int, sae_id: int) -> requests.Session:
@@ -192,19 +187,22 @@ class Ledger:
         with sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True) as conn:
             return conn.execute(sql, args).fetchall()
 
-    def link(self, link_id: int) -> dict:
-        (row,) = self._query("SELECT ingested, available, delivered, discarded FROM links WHERE peer_kme_id = ?",
-                             link_id)
-        return dict(zip(("ingested", "available", "delivered", "discarded"), row))
+    COUNTERS = ("ingested", "available", "reserved", "peer_held", "delivered", "discarded")
 
-    def pool_size(self, link_id: int) -> int:
-        return self._query("SELECT COUNT(*) FROM pool_keys WHERE link_id = ?", link_id)[0][0]
+    def link(self, link_id: int) -> dict:
+        (row,) = self._query(f"SELECT {', '.join(self.COUNTERS)} FROM links WHERE peer_kme_id = ?", link_id)
+        return dict(zip(self.COUNTERS, row))
+
+    def pool_size(self, link_id: int, state: int) -> int:
+        return self._query("SELECT COUNT(*) FROM pool_keys WHERE link_id = ? AND state = ?", link_id, state)[0][0]
 
     def waiting(self) -> int:
         return self._query("SELECT COUNT(*) FROM delivered_keys")[0][0]
 
     def assert_exact(self, link_id: int) -> dict:
+        """Check the link's counters against each other and against the pool rows."""
         counts = self.link(link_id)
-        assert counts["ingested"] == counts["available"] + counts["delivered"] + counts["discarded"], counts
-        assert counts["available"] == self.pool_size(link_id), counts
+        assert counts["ingested"] == sum(counts[name] for name in self.COUNTERS[1:]), counts
+        assert (counts["available"], counts["peer_held"], counts["reserved"]) == (
+            self.pool_size(link_id, 0), self.pool_size(link_id, 1), self.pool_size(link_id, 2)), counts
         return counts

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from kme import ingest, keystore
+from kme import ingest
+from kme.keystore import intake
 from kme.config import load_config
 from kme.db import ensure_schema
 from kme.ingest import IngestSummary, ingest_directories
@@ -89,7 +90,7 @@ def test_interrupted_ingestion_resumes_without_duplicates(setup, monkeypatch):
     app, keys, ledger = setup()
     data = write_keys(keys / "a.cor", 35)
     monkeypatch.setattr(ingest, "BATCH_KEYS", 10)
-    real_store = keystore.store_keys
+    real_store = intake.store_keys
     calls = []
 
     def crash_on_third_batch(*args, **kwargs):
@@ -98,11 +99,11 @@ def test_interrupted_ingestion_resumes_without_duplicates(setup, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
         return real_store(*args, **kwargs)
 
-    monkeypatch.setattr(keystore, "store_keys", crash_on_third_batch)
+    monkeypatch.setattr(intake, "store_keys", crash_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         run(app)
     assert ledger.assert_exact(1)["ingested"] == 20
-    monkeypatch.setattr(keystore, "store_keys", real_store)
+    monkeypatch.setattr(intake, "store_keys", real_store)
     summary = run(app)
     assert summary.keys == 15
     rows = ledger._query("SELECT position, material FROM pool_keys ORDER BY position")

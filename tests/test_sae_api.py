@@ -49,7 +49,8 @@ def test_get_key_then_key_ids_round_trip_with_size_over_256(sae1, sae2, ledger):
     assert sae1.get("/api/v1/keys/2/status").get_json()["stored_key_count"] == 64 - 9
     fetched = sae2.post("/api/v1/keys/1/dec_keys", json={"key_IDs": [{"key_ID": k["key_ID"]} for k in keys]})
     assert fetched.get_json()["keys"] == keys
-    assert ledger.assert_exact(1) == {"ingested": 64, "available": 55, "delivered": 9, "discarded": 0}
+    assert ledger.assert_exact(1) == {"ingested": 64, "available": 55, "reserved": 0, "peer_held": 0,
+                                      "delivered": 9, "discarded": 0}
     assert ledger.waiting() == 0
 
 
@@ -110,7 +111,10 @@ BAD_KEY_REQUESTS = [
     ("request not an object", "POST", [1, 2], None),
     ("extension_mandatory not a list", "POST", {"extension_mandatory": {"a": 1}}, None),
     ("extension_optional item not an object", "POST", {"extension_optional": ["a"]}, None),
-    ("multicast beyond max_SAE_ID_count", "POST", {"additional_slave_SAE_IDs": ["2"]}, None),
+    ("multicast beyond max_SAE_ID_count", "POST", {"additional_slave_SAE_IDs": ["1", "2", "3", "4", "5"]}, None),
+    ("master among additional slaves", "POST", {"additional_slave_SAE_IDs": ["1"]}, None),
+    ("primary slave named again", "POST", {"additional_slave_SAE_IDs": [2]}, None),
+    ("unknown additional slave", "POST", {"additional_slave_SAE_IDs": ["77"]}, None),
     ("bad additional slave ID", "POST", {"additional_slave_SAE_IDs": [{"id": 2}]}, None),
     ("GET number not a number", "GET", "number=abc", "number: not an integer"),
     ("GET number twice", "GET", "number=1&number=2", "number: given more than once"),

@@ -1,0 +1,102 @@
+"""Key activation between KMEs, both sides, as plain functions of explicit arguments.
+
+Master side: reserve keys of our direction of the link, ask the peer KME to
+activate them, then finalize (confirmed), release (provably not activated) or
+hold them back (outcome unknown) until settle_pending() cancels them at the
+peer. Slave side: check that the calling KME acts only on its own link, for
+its own master SAE and our slave SAEs, then activate.
+"""
+import logging
+from datetime import datetime, timedelta, timezone
+
+from kme.config import KmeConfig, OtherKme, Sae
+from kme.errors import KmeError, bad_request, unavailable
+from kme.keystore import incoming, local, outgoing
+from kme.keystore.common import DeliveredKeyMaterial
+from kme.keystore.incoming import ActivationRequest
+from kme.peer_client import PeerError, PeerOutcomeUnknown, client_for
+
+log = logging.getLogger(__name__)
+
+# A web worker waits at most connect + read timeout for a peer; a SENDING
+# activation older than this margin times that has lost its worker.
+_SENDING_MARGIN = 2
+
+
+def _utc_iso(delta_seconds: float) -> str:
+    moment = datetime.now(timezone.utc) - timedelta(seconds=delta_seconds)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def activate_at_peer(config: KmeConfig, peer: OtherKme, master: Sae, remote_slaves: list[Sae],
+                     local_slaves: list[Sae], number: int, size_bits: int) -> list[DeliveredKeyMaterial]:
+    """Get key for slave SAEs behind ``peer``: answered only once the peer confirmed the activation."""
+    reservation = outgoing.reserve(peer.id, master.id, [s.id for s in remote_slaves], [s.id for s in local_slaves],
+                                   number, size_bits)
+    try:
+        client_for(peer).activate(reservation.request)
+    except PeerOutcomeUnknown as exc:
+        outgoing.mark_unknown(reservation.activation_id)
+        log.warning("activation %s: %s", reservation.activation_id, exc)
+        raise unavailable(f"{exc}; the keys are held back until KME {peer.id} settles them") from None
+    except PeerError as exc:
+        outgoing.release(reservation.activation_id)
+        log.warning("activation %s: %s", reservation.activation_id, exc)
+        raise unavailable(str(exc)) from None
+    outgoing.finalize(reservation)
+    return reservation.keys
+
+
+def accept_activation(config: KmeConfig, caller: OtherKme, request: ActivationRequest) -> int:
+    """Activate keys a peer KME asks for, after checking it acts within its rights."""
+    _check_sides(config, caller, request)
+    limits = config.this_kme.limits
+    if request.size_bits % 8 or not limits.min_key_size <= request.size_bits <= limits.max_key_size:
+        raise bad_request(f"size {request.size_bits} is outside this KME's limits "
+                          f"({limits.min_key_size} to {limits.max_key_size}, multiple of 8)")
+    if len(request.keys) > limits.max_key_per_request:
+        raise bad_request(f"at most {limits.max_key_per_request} keys per activation")
+    return incoming.activate(caller.id, request)
+
+
+def cancel_activation(config: KmeConfig, caller: OtherKme, request: ActivationRequest) -> None:
+    """Make sure an activation of ``caller`` never takes effect here."""
+    _check_sides(config, caller, request)
+    incoming.cancel(caller.id, request)
+
+
+def _check_sides(config: KmeConfig, caller: OtherKme, request: ActivationRequest) -> None:
+    master = config.saes_by_id.get(request.master_sae_id)
+    if master is None or master.kme_id != caller.id:
+        raise KmeError(403, f"SAE {request.master_sae_id} is not an SAE of KME {caller.id}")
+    for slave_id in request.slave_ids:
+        slave = config.saes_by_id.get(slave_id)
+        if slave is None or slave.kme_id != config.this_kme.id:
+            raise KmeError(403, f"SAE {slave_id} is not an SAE of this KME")
+
+
+def settle_pending(config: KmeConfig) -> int:
+    """Cancel at their peers the activations nobody waits for, then discard their keys; how many settled."""
+    longest = max((p.connect_timeout_seconds + p.read_timeout_seconds for p in config.other_kmes), default=0)
+    settled = 0
+    for activation_id, link_id, request in outgoing.to_settle(_utc_iso(longest * _SENDING_MARGIN)):
+        peer = config.other_kmes_by_id.get(link_id)
+        if peer is None:
+            continue
+        try:
+            client_for(peer).cancel(request)
+        except PeerError as exc:
+            log.info("activation %s not settled yet: %s", activation_id, exc)
+            continue
+        outgoing.discard(activation_id)
+        settled += 1
+    return settled
+
+
+def housekeeping(config: KmeConfig) -> None:
+    """Periodic work of the ingestion worker: settle activations, expire unfetched keys."""
+    settle_pending(config)
+    expiry = config.this_kme.key_expiry_seconds
+    while local.expire_delivered(_utc_iso(expiry)):
+        pass
+    incoming.forget_before(_utc_iso(max(expiry, 86400) * 2))

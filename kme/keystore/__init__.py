@@ -1,0 +1,12 @@
+"""The key store: the only code that writes key rows and link counters.
+
+Each public function is one write transaction: it happens entirely or not at
+all, and keeps every link's counters exact
+(ingested = available + reserved + peer_held + delivered + discarded).
+
+- common: value types, counters, reads
+- intake: key files into the pools
+- local: keys for SAEs of this KME, fetch by key ID, expiry
+- outgoing: activations this KME asks of a peer KME
+- incoming: activations a peer KME asks of this KME
+"""

@@ -1,0 +1,93 @@
+"""Value types of the key store, counter updates and read-only views."""
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import insert, select
+
+from kme import entropy
+from kme.config import KEY_BITS
+from kme.db import db
+from kme.models import DeliveredKey, KeySlave, Link
+
+KEY_BYTES = KEY_BITS // 8
+
+
+@dataclass(frozen=True)
+class DeliveredKeyMaterial:
+    """A key as an SAE receives it."""
+
+    key_id: str
+    material: bytes
+
+
+@dataclass(frozen=True)
+class LinkCounts:
+    """A link's counters, in 256-bit pool keys."""
+
+    ingested: int
+    available: int
+    reserved: int
+    peer_held: int
+    delivered: int
+    discarded: int
+
+
+def pool_keys_per_key(size_bits: int) -> int:
+    """How many consecutive 256-bit pool keys one key of ``size_bits`` consumes."""
+    return -(-size_bits // KEY_BITS)
+
+
+def new_key_id() -> str:
+    """A key ID: a random UUIDv4, unrelated to any key material."""
+    return str(uuid.uuid4())
+
+
+def build_keys(key_ids: list[str], rows: list, size_bits: int) -> list[DeliveredKeyMaterial]:
+    """Keys of ``size_bits`` from consecutive pool rows; the unused bits of each last row are dropped."""
+    per_key = pool_keys_per_key(size_bits)
+    return [
+        DeliveredKeyMaterial(key_id, b"".join(row.material for row in rows[i * per_key:(i + 1) * per_key])[
+            : size_bits // 8])
+        for i, key_id in enumerate(key_ids)
+    ]
+
+
+def update_link(session, link_id: int, added=(), removed=(), **deltas: int) -> None:
+    """Apply counter deltas and histogram changes (material added to / removed from the link)."""
+    row = session.get(Link, link_id)
+    for name, delta in deltas.items():
+        setattr(row, name, getattr(row, name) + delta)
+    histogram = row.byte_histogram
+    if added:
+        histogram = entropy.adjust(histogram, entropy.byte_counts(added), 1)
+    if removed:
+        histogram = entropy.adjust(histogram, entropy.byte_counts(removed), -1)
+    row.byte_histogram = histogram
+
+
+def store_delivered(session, link_id: int, master_sae_id: int, slave_ids: list[int],
+                    keys: list[DeliveredKeyMaterial], now: str) -> None:
+    """Keep keys for their slave SAEs at this KME (the caller updates the counters)."""
+    session.execute(insert(DeliveredKey), [
+        {"key_id": key.key_id, "link_id": link_id, "master_sae_id": master_sae_id, "material": key.material,
+         "created_at": now}
+        for key in keys
+    ])
+    session.execute(insert(KeySlave), [
+        {"key_id": key.key_id, "slave_sae_id": slave, "fetched": False} for key in keys for slave in slave_ids
+    ])
+
+
+def link_counts(link_id: int) -> LinkCounts:
+    """The counters of one link."""
+    row = db.session.get(Link, link_id)
+    counts = LinkCounts(row.ingested, row.available, row.reserved, row.peer_held, row.delivered, row.discarded)
+    db.session.commit()
+    return counts
+
+
+def total_byte_counts() -> list[int]:
+    """Byte-value histogram of all key material the KME holds, over every link."""
+    counts = entropy.merge(db.session.scalars(select(Link.byte_histogram)))
+    db.session.commit()
+    return counts

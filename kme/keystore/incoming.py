@@ -1,0 +1,118 @@
+"""Activations a peer KME asks of this KME, idempotent by activation ID.
+
+The peer names keys by (file name, position) on its link with us; only keys
+of the peer's direction of the link (state PEERS here) can be activated.
+"""
+import json
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select, tuple_
+
+from kme import events
+from kme.db import write_transaction
+from kme.errors import KmeError
+from kme.keystore.common import DeliveredKeyMaterial, pool_keys_per_key, store_delivered, update_link
+from kme.models import PEERS, DeliveredKey, IncomingActivation, KeyFile, KeySlave, PoolKey
+
+ACTIVATED = "activated"
+CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class ActivationRequest:
+    """What a peer KME asks: keys named by their parts, for its master SAE and our slave SAEs."""
+
+    activation_id: str
+    master_sae_id: int
+    slave_ids: list[int]
+    size_bits: int
+    keys: list[tuple[str, list[tuple[str, int]]]]
+
+
+def conflict(message: str) -> KmeError:
+    return KmeError(409, message)
+
+
+def activate(link_id: int, request: ActivationRequest) -> int:
+    """Activate the keys for our slave SAEs; the number of keys. Refused whole (409) if any part is missing."""
+    with write_transaction() as session:
+        known = session.get(IncomingActivation, request.activation_id)
+        if known is not None:
+            if known.link_id != link_id or known.state != ACTIVATED:
+                raise conflict(f"activation {request.activation_id} was cancelled or belongs to another link")
+            return len(json.loads(known.key_ids))
+        per_key = pool_keys_per_key(request.size_bits)
+        if any(len(parts) != per_key for _, parts in request.keys):
+            raise KmeError(400, f"each key of {request.size_bits} bits has {per_key} parts")
+        rows = _pool_rows(session, link_id, [part for _, parts in request.keys for part in parts])
+        wanted = [part for _, parts in request.keys for part in parts]
+        if len(rows) != len(wanted) or len(set(wanted)) != len(wanted):
+            raise conflict(f"{len(set(wanted)) - len(rows)} of the {len(wanted)} keys named are not available "
+                           f"on this KME's link with KME {link_id} (not ingested yet, or used)")
+        if session.scalars(select(DeliveredKey.key_id).where(
+                DeliveredKey.key_id.in_([key_id for key_id, _ in request.keys]))).first():
+            raise conflict("a key ID of this activation is already in use")
+        session.execute(delete(PoolKey).where(PoolKey.id.in_([row.id for row in rows.values()])))
+        keys = [
+            DeliveredKeyMaterial(key_id, b"".join(rows[part].material for part in parts)[: request.size_bits // 8])
+            for key_id, parts in request.keys
+        ]
+        now = events.utc_now()
+        store_delivered(session, link_id, request.master_sae_id, request.slave_ids, keys, now)
+        update_link(session, link_id, removed=[row.material for row in rows.values()],
+                    added=[key.material for key in keys], peer_held=-len(rows), delivered=len(rows))
+        session.add(IncomingActivation(activation_id=request.activation_id, link_id=link_id, state=ACTIVATED,
+                                       key_ids=json.dumps([key.key_id for key in keys]), created_at=now))
+        slaves = " and ".join(map(str, request.slave_ids))
+        for key in keys:
+            events.record(session, f"Key {key.key_id} activated between SAEs {request.master_sae_id} and {slaves}")
+        return len(keys)
+
+
+def cancel(link_id: int, request: ActivationRequest) -> None:
+    """Make sure an activation never takes effect: erase its keys, or its parts if it never arrived."""
+    with write_transaction() as session:
+        known = session.get(IncomingActivation, request.activation_id)
+        if known is not None and known.link_id != link_id:
+            raise conflict(f"activation {request.activation_id} belongs to another link")
+        if known is not None and known.state == CANCELLED:
+            return
+        if known is not None:
+            key_ids = json.loads(known.key_ids)
+            erased = session.execute(delete(DeliveredKey).where(DeliveredKey.key_id.in_(key_ids))
+                                     .returning(DeliveredKey.material)).scalars().all()
+            session.execute(delete(KeySlave).where(KeySlave.key_id.in_(key_ids)))
+            update_link(session, link_id, removed=erased)
+            known.state = CANCELLED
+            events.record(session, f"Activation {request.activation_id} cancelled by KME {link_id}: "
+                                   f"{len(erased)} unfetched keys erased")
+            return
+        rows = _pool_rows(session, link_id, [part for _, parts in request.keys for part in parts])
+        session.execute(delete(PoolKey).where(PoolKey.id.in_([row.id for row in rows.values()])))
+        update_link(session, link_id, removed=[row.material for row in rows.values()], peer_held=-len(rows),
+                    discarded=len(rows))
+        session.add(IncomingActivation(activation_id=request.activation_id, link_id=link_id, state=CANCELLED,
+                                       key_ids="[]", created_at=events.utc_now()))
+        events.record(session, f"Activation {request.activation_id} cancelled by KME {link_id} before it arrived: "
+                               f"{len(rows)} keys discarded")
+
+
+def forget_before(created_before: str) -> None:
+    """Drop the memory of old activations (kept only as long as a peer may retry or cancel)."""
+    with write_transaction() as session:
+        session.execute(delete(IncomingActivation).where(IncomingActivation.created_at < created_before))
+
+
+def _pool_rows(session, link_id: int, parts: list[tuple[str, int]]) -> dict:
+    """The peer-direction pool rows at the given (file name, position) parts, keyed by part."""
+    names = {name for name, _ in parts}
+    files = dict(session.execute(select(KeyFile.name, KeyFile.id).where(
+        KeyFile.link_id == link_id, KeyFile.name.in_(names))).all())
+    pairs = [(files[name], position) for name, position in parts if name in files]
+    if not pairs:
+        return {}
+    by_file = {file_id: name for name, file_id in files.items()}
+    rows = session.execute(select(PoolKey.id, PoolKey.file_id, PoolKey.position, PoolKey.material).where(
+        PoolKey.link_id == link_id, PoolKey.state == PEERS,
+        tuple_(PoolKey.file_id, PoolKey.position).in_(pairs))).all()
+    return {(by_file[row.file_id], row.position): row for row in rows}

@@ -1,0 +1,92 @@
+"""Keys for SAEs of this KME: delivery inside the zone, fetch by key ID, expiry."""
+from sqlalchemy import delete, select, update
+
+from kme import events, sqlite
+from kme.config import KEY_BITS
+from kme.db import write_transaction
+from kme.errors import KEYS_NOT_FOUND, bad_request, unauthorized, unavailable
+from kme.keystore.common import DeliveredKeyMaterial, build_keys, new_key_id, pool_keys_per_key, store_delivered, \
+    update_link
+from kme.models import DeliveredKey, KeySlave
+
+
+def not_enough_keys(number: int, size_bits: int, available: int):
+    """The 503 answer when the pool cannot serve a whole request."""
+    return unavailable(f"not enough key material: {number} keys of {size_bits} bits need "
+                       f"{number * pool_keys_per_key(size_bits)} keys of {KEY_BITS} bits, {available} available")
+
+
+def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number: int,
+                  size_bits: int) -> list[DeliveredKeyMaterial]:
+    """Take ``number`` keys of ``size_bits`` from the zone's pool for a master SAE and its slaves here.
+
+    All or nothing: without enough pool keys nothing is taken (503). Each key
+    is built from consecutive pool keys; the unused bits of the last one are
+    discarded with it, never reused. The keys wait for their slave SAEs under
+    fresh random key IDs.
+    """
+    needed = number * pool_keys_per_key(size_bits)
+    with write_transaction() as session:
+        taken = sqlite.take_pool_keys(session.connection(), link_id, needed)
+        if len(taken) < needed:
+            raise not_enough_keys(number, size_bits, len(taken))
+        keys = build_keys([new_key_id() for _ in range(number)], taken, size_bits)
+        store_delivered(session, link_id, master_sae_id, slave_ids, keys, events.utc_now())
+        update_link(session, link_id, removed=[row.material for row in taken],
+                    added=[key.material for key in keys], available=-needed, delivered=needed)
+        slaves = " and ".join(map(str, slave_ids))
+        events.record(session, f"SAE {master_sae_id} requested a key to communicate with {slaves}")
+        for key in keys:
+            events.record(session, f"Key {key.key_id} activated between SAEs {master_sae_id} and {slaves}")
+        return keys
+
+
+def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -> list[DeliveredKeyMaterial]:
+    """Hand delivered keys to one of their slave SAEs; a key is erased once all its slaves have it.
+
+    401 if any requested key was made for other slave SAEs only; 400 with the
+    standard's message if any is unknown, already fetched by this slave, or
+    from another master. Nothing changes unless every key is handed out.
+    """
+    with write_transaction() as session:
+        keys = {row.key_id: row for row in
+                session.scalars(select(DeliveredKey).where(DeliveredKey.key_id.in_(key_ids)))}
+        slaves = session.execute(select(KeySlave.key_id, KeySlave.slave_sae_id, KeySlave.fetched)
+                                 .where(KeySlave.key_id.in_(list(keys)))).all()
+        mine = {row.key_id: row.fetched for row in slaves if row.slave_sae_id == slave_sae_id}
+        if any(key_id not in mine for key_id in keys):
+            raise unauthorized(f"SAE {slave_sae_id} is not a slave SAE of one or more requested keys")
+        if (len(keys) != len(key_ids) or any(mine.values())
+                or any(row.master_sae_id != master_sae_id for row in keys.values())):
+            raise bad_request(KEYS_NOT_FOUND)
+        session.execute(update(KeySlave).where(KeySlave.key_id.in_(key_ids), KeySlave.slave_sae_id == slave_sae_id)
+                        .values(fetched=True))
+        waiting = {row.key_id for row in slaves if row.slave_sae_id != slave_sae_id and not row.fetched}
+        _erase(session, [keys[key_id] for key_id in key_ids if key_id not in waiting])
+        for key_id in key_ids:
+            events.record(session, f"SAE {slave_sae_id} requested key {key_id} (from {master_sae_id})")
+        return [DeliveredKeyMaterial(key_id, keys[key_id].material) for key_id in key_ids]
+
+
+def expire_delivered(created_before: str, limit: int = 1000) -> int:
+    """Erase up to ``limit`` delivered keys created before the given time that a slave never fetched."""
+    with write_transaction() as session:
+        rows = session.scalars(select(DeliveredKey).where(DeliveredKey.created_at < created_before)
+                               .order_by(DeliveredKey.created_at).limit(limit)).all()
+        _erase(session, rows)
+        for row in rows:
+            events.record(session, f"Key {row.key_id} expired before its slave SAEs fetched it, erased")
+        return len(rows)
+
+
+def _erase(session, rows: list[DeliveredKey]) -> None:
+    if not rows:
+        return
+    ids = [row.key_id for row in rows]
+    session.execute(delete(KeySlave).where(KeySlave.key_id.in_(ids)))
+    session.execute(delete(DeliveredKey).where(DeliveredKey.key_id.in_(ids)))
+    by_link: dict[int, list[bytes]] = {}
+    for row in rows:
+        by_link.setdefault(row.link_id, []).append(row.material)
+    for link_id, materials in by_link.items():
+        update_link(session, link_id, removed=materials)

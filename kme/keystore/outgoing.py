@@ -1,0 +1,145 @@
+"""Activations this KME asks of a peer KME: reserve, then finalize, release or discard.
+
+The reservation is committed before the peer is called and settled after, so
+no write transaction is held across the network, and a key whose fate is
+unknown stays reserved until it is settled: it is never handed out for
+another key ID.
+"""
+import json
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select, update
+
+from kme import events, sqlite
+from kme.db import db, write_transaction
+from kme.errors import unavailable
+from kme.keystore.common import DeliveredKeyMaterial, build_keys, new_key_id, pool_keys_per_key, store_delivered, \
+    update_link
+from kme.keystore.local import not_enough_keys
+from kme.models import OURS, KeyFile, OutgoingActivation, PoolKey
+
+SENDING = "sending"
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Keys reserved for one activation, and the request to send to the peer KME."""
+
+    activation_id: str
+    keys: list[DeliveredKeyMaterial]
+    request: dict
+
+
+def reserve(link_id: int, master_sae_id: int, slave_ids: list[int], local_slave_ids: list[int], number: int,
+            size_bits: int) -> Reservation:
+    """Reserve keys of our direction of the link and record the pending activation (503 if too few)."""
+    activation_id = new_key_id()
+    needed = number * pool_keys_per_key(size_bits)
+    with write_transaction() as session:
+        rows = sqlite.reserve_pool_keys(session.connection(), link_id, needed, activation_id)
+        if len(rows) < needed:
+            raise not_enough_keys(number, size_bits, len(rows))
+        names = dict(session.execute(select(KeyFile.id, KeyFile.name).where(
+            KeyFile.id.in_({row.file_id for row in rows}))).all())
+        keys = build_keys([new_key_id() for _ in range(number)], rows, size_bits)
+        per_key = pool_keys_per_key(size_bits)
+        request = {
+            "activation_ID": activation_id,
+            "master_SAE_ID": master_sae_id,
+            "slave_SAE_IDs": slave_ids,
+            "size": size_bits,
+            "keys": [{"key_ID": key.key_id,
+                      "parts": [{"file": names[row.file_id], "position": row.position}
+                                for row in rows[i * per_key:(i + 1) * per_key]]}
+                     for i, key in enumerate(keys)],
+        }
+        session.add(OutgoingActivation(activation_id=activation_id, link_id=link_id, state=SENDING,
+                                       created_at=events.utc_now(),
+                                       request=json.dumps({"wire": request, "local_slaves": local_slave_ids})))
+        update_link(session, link_id, available=-needed, reserved=needed)
+        events.record(session, f"SAE {master_sae_id} requested a key to communicate with "
+                               f"{' and '.join(map(str, slave_ids + local_slave_ids))}")
+        for slave in slave_ids:
+            events.record(session, f"As SAE {slave} belongs to KME {link_id}, "
+                                   "activating it through inter KMEs network")
+        return Reservation(activation_id, keys, request)
+
+
+def finalize(reservation: Reservation) -> None:
+    """The peer activated the keys: they leave the pool; slaves of this KME (multicast) may fetch them here."""
+    with write_transaction() as session:
+        pending = _take_pending(session, reservation.activation_id, states=(SENDING,))
+        if pending is None:
+            raise unavailable("the activation was settled while waiting for the peer KME; try again")
+        stored = json.loads(pending.request)
+        rows = _remove_reserved(session, reservation.activation_id)
+        wire = stored["wire"]
+        local = stored["local_slaves"]
+        if local:
+            store_delivered(session, pending.link_id, wire["master_SAE_ID"], local, reservation.keys,
+                            events.utc_now())
+        update_link(session, pending.link_id, removed=[row.material for row in rows],
+                    added=[key.material for key in reservation.keys] if local else (),
+                    reserved=-len(rows), delivered=len(rows))
+        slaves = " and ".join(map(str, wire["slave_SAE_IDs"] + local))
+        for key in reservation.keys:
+            events.record(session, f"Key {key.key_id} activated between SAEs {wire['master_SAE_ID']} and {slaves}")
+
+
+def release(activation_id: str) -> None:
+    """The peer provably did not activate the keys: they return to the free pool."""
+    with write_transaction() as session:
+        pending = _take_pending(session, activation_id, states=(SENDING, UNKNOWN))
+        if pending is None:
+            return
+        count = session.execute(update(PoolKey).where(PoolKey.reservation == activation_id)
+                                .values(state=OURS, reservation=None)).rowcount
+        update_link(session, pending.link_id, reserved=-count, available=count)
+
+
+def mark_unknown(activation_id: str) -> None:
+    """The peer may or may not have activated the keys: keep them reserved until settled."""
+    with write_transaction() as session:
+        session.execute(update(OutgoingActivation).where(OutgoingActivation.activation_id == activation_id)
+                        .values(state=UNKNOWN))
+        events.record(session, f"Activation {activation_id} has an unknown outcome; its keys are held back")
+
+
+def discard(activation_id: str) -> None:
+    """Settle an activation whose keys may never be used again (the peer cancelled it)."""
+    with write_transaction() as session:
+        pending = _take_pending(session, activation_id, states=(SENDING, UNKNOWN))
+        if pending is None:
+            return
+        rows = _remove_reserved(session, activation_id)
+        update_link(session, pending.link_id, removed=[row.material for row in rows], reserved=-len(rows),
+                    discarded=len(rows))
+        events.record(session, f"Activation {activation_id} settled: {len(rows)} reserved keys discarded")
+
+
+def to_settle(sending_before: str) -> list[tuple[str, int, dict]]:
+    """Pending activations nobody waits for: (activation ID, link, wire request).
+
+    That is every UNKNOWN one, and every SENDING one older than a worker can
+    wait (its worker died between claim and answer).
+    """
+    rows = db.session.scalars(select(OutgoingActivation).where(
+        (OutgoingActivation.state == UNKNOWN)
+        | ((OutgoingActivation.state == SENDING) & (OutgoingActivation.created_at < sending_before)))).all()
+    pending = [(row.activation_id, row.link_id, json.loads(row.request)["wire"]) for row in rows]
+    db.session.commit()
+    return pending
+
+
+def _take_pending(session, activation_id: str, states: tuple[str, ...]) -> OutgoingActivation | None:
+    pending = session.get(OutgoingActivation, activation_id)
+    if pending is None or pending.state not in states:
+        return None
+    session.execute(delete(OutgoingActivation).where(OutgoingActivation.activation_id == activation_id))
+    return pending
+
+
+def _remove_reserved(session, activation_id: str) -> list:
+    return session.execute(delete(PoolKey).where(PoolKey.reservation == activation_id)
+                           .returning(PoolKey.id, PoolKey.material)).all()

@@ -1,0 +1,142 @@
+"""HTTPS client towards the inter-KME interface of peer KMEs (requests, mutual TLS).
+
+One session per peer per process keeps connections alive. Our client
+certificate comes from the configured PKCS#12 file; the peer's server
+certificate is checked against ``server_ca_cert_path`` or the system trust
+store, never skipped. Failures are sorted by what they prove:
+PeerUnreachable and PeerRefused mean the peer changed nothing;
+PeerOutcomeUnknown means it may have.
+"""
+import logging
+import os
+import ssl
+import tempfile
+import threading
+
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import NewConnectionError
+
+from kme.config import OtherKme
+
+log = logging.getLogger(__name__)
+
+
+class PeerError(Exception):
+    """A call to a peer KME failed; str() says how, without internals."""
+
+
+class PeerUnreachable(PeerError):
+    """No connection could be made: the request never reached the peer."""
+
+
+class PeerRefused(PeerError):
+    """The peer answered with an error: by protocol it changed nothing."""
+
+
+class PeerOutcomeUnknown(PeerError):
+    """The request may have reached the peer, but no valid answer came back."""
+
+
+def client_context(peer: OtherKme) -> ssl.SSLContext:
+    """TLS client context: our certificate from the .pfx, the peer checked against its CA or the system's."""
+    context = ssl.create_default_context(cafile=str(peer.server_ca_cert_path) if peer.server_ca_cert_path else None)
+    if peer.server_ca_cert_path is None and os.environ.get("REQUESTS_CA_BUNDLE"):
+        context.load_verify_locations(cafile=os.environ["REQUESTS_CA_BUNDLE"])
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    key, certificate, chain = pkcs12.load_key_and_certificates(
+        peer.https_client_authentication_certificate.read_bytes(),
+        peer.https_client_authentication_certificate_password.encode())
+    # load_cert_chain reads files only: a private folder, deleted at once.
+    with tempfile.TemporaryDirectory(prefix="kme-peer-") as folder:
+        path = os.path.join(folder, "client.pem")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
+            handle.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+            for cert in [certificate, *(chain or [])]:
+                handle.write(cert.public_bytes(serialization.Encoding.PEM))
+        context.load_cert_chain(path)
+    return context
+
+
+class _ContextAdapter(HTTPAdapter):
+    """Uses our SSL context for every connection; trust comes from it alone."""
+
+    def __init__(self, context: ssl.SSLContext):
+        self._context = context
+        super().__init__(pool_connections=1, pool_maxsize=16, max_retries=0)
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["ssl_context"] = self._context
+        return super().init_poolmanager(*args, **kwargs)
+
+    def proxy_manager_for(self, proxy, **kwargs):
+        kwargs["ssl_context"] = self._context
+        return super().proxy_manager_for(proxy, **kwargs)
+
+    def cert_verify(self, conn, url, verify, cert):
+        conn.cert_reqs = "CERT_REQUIRED"
+
+    def build_connection_pool_key_attributes(self, request, verify, cert=None):
+        return super().build_connection_pool_key_attributes(request, True, cert)
+
+
+class PeerClient:
+    """Calls to one peer KME's inter-KME interface."""
+
+    def __init__(self, peer: OtherKme):
+        self.peer = peer
+        self.base = f"https://{peer.inter_kme_bind_address}/api/v1/kme"
+        self.session = requests.Session()
+        self.session.trust_env = not peer.ignore_system_proxy_settings
+        self.session.mount("https://", _ContextAdapter(client_context(peer)))
+
+    def activate(self, request: dict) -> None:
+        """Ask the peer to activate keys; returns only once it confirmed."""
+        self._post("/activations", request)
+
+    def cancel(self, request: dict) -> None:
+        """Make sure the peer never activates, or erases, the keys of an activation."""
+        self._post(f"/activations/{request['activation_ID']}/cancel", request)
+
+    def _post(self, path: str, body: dict) -> None:
+        name = f"KME {self.peer.id}"
+        try:
+            response = self.session.post(self.base + path, json=body,
+                                         timeout=(self.peer.connect_timeout_seconds, self.peer.read_timeout_seconds))
+        except (requests.exceptions.ConnectTimeout, requests.exceptions.SSLError) as exc:
+            raise PeerUnreachable(f"{name} could not be reached ({exc.__class__.__name__})") from None
+        except requests.exceptions.ConnectionError as exc:
+            reason = getattr(exc.args[0], "reason", None) if exc.args else None
+            if isinstance(reason, NewConnectionError):
+                raise PeerUnreachable(f"{name} could not be reached (connection refused)") from None
+            raise PeerOutcomeUnknown(f"{name} dropped the connection before answering") from None
+        except requests.exceptions.Timeout:
+            raise PeerOutcomeUnknown(f"{name} did not answer within {self.peer.read_timeout_seconds} s") from None
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise PeerOutcomeUnknown(f"{name} answered HTTP {response.status_code} without a valid JSON body")
+        if response.status_code != 200:
+            if isinstance(answer.get("message"), str):
+                raise PeerRefused(f"{name} refused: {answer['message']}")
+            raise PeerOutcomeUnknown(f"{name} answered HTTP {response.status_code} with an unknown body")
+        if answer.get("activation_ID") != body["activation_ID"]:
+            raise PeerOutcomeUnknown(f"{name} answered with an unexpected body")
+
+
+_clients: dict[tuple[int, int], PeerClient] = {}
+_clients_lock = threading.Lock()
+
+
+def client_for(peer: OtherKme) -> PeerClient:
+    """The client of ``peer`` for this process (created on first use, never inherited across fork)."""
+    key = (os.getpid(), peer.id)
+    with _clients_lock:
+        if key not in _clients:
+            _clients[key] = PeerClient(peer)
+        return _clients[key]

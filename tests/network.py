@@ -1,0 +1,110 @@
+"""A network of real KMEs on 127.0.0.1 for tests: configs, link key files, processes."""
+import os
+import sys
+from pathlib import Path
+
+from tests.support import Ledger, Pki, Process, free_port, load_json, sae_session, start_ingest_worker, \
+    start_sae_interface, wait_for_workers, write_config
+
+# Which SAEs each KME serves in test networks (see tests/conftest.PKI_LAYOUT).
+SAES = {1: (1, 2), 2: (3, 4), 3: (5,)}
+
+
+class Kme:
+    """One KME of a test network: its folder, configuration and processes."""
+
+    def __init__(self, network: "Network", kme_id: int, folder: Path, config: Path):
+        self.network, self.id, self.folder, self.config = network, kme_id, folder, config
+        self.processes: dict[str, Process] = {}
+        self.ledger = Ledger(folder / "kme.db")
+
+    def port(self, interface: str) -> int:
+        return int(load_json(self.config)["this_kme"][interface]["listen_address"].rsplit(":", 1)[1])
+
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port('saes_https_interface')}/api/v1"
+
+    def sae(self, sae_id: int):
+        return sae_session(self.network.pki, self.id, sae_id)
+
+    def link_folder(self, peer: int) -> Path:
+        return self.folder / ("keys" if peer == self.id else f"keys-{peer}")
+
+    def start(self, *names: str) -> None:
+        for name in names or ("ingest", "sae", "kme"):
+            log = self.folder / f"{name}.log"
+            if name == "ingest":
+                self.processes[name] = start_ingest_worker(self.config, log)
+            elif name == "sae":
+                self.processes[name] = start_sae_interface(self.config, log)
+            else:
+                process = Process([sys.executable, "-m", "gunicorn", "-c", "deploy/kme.py", "wsgi:kme_app"],
+                                  self.config, log, {"KME_WORKERS": "2", "KME_THREADS": "4"})
+                wait_for_workers(process, 2)
+                self.processes[name] = process
+
+    def stop(self, *names: str) -> None:
+        for name in names or list(self.processes):
+            process = self.processes.pop(name, None)
+            if process:
+                process.stop()
+
+
+class Network:
+    """KMEs linked pairwise; every process is stopped by stop_all()."""
+
+    def __init__(self, folder: Path, pki: Pki, links: list[tuple[int, int]], **this_kme_extra):
+        self.pki = pki
+        ids = sorted({kme for link in links for kme in link})
+        ports = {kme: free_port() for kme in ids}
+        self.kmes: dict[int, Kme] = {}
+        for kme_id in ids:
+            peers = [b if a == kme_id else a for a, b in links if kme_id in (a, b)]
+            other_kmes = [{
+                "id": peer,
+                "key_directory_to_watch": f"keys-{peer}",
+                "inter_kme_bind_address": f"127.0.0.1:{ports[peer]}",
+                "ignore_system_proxy_settings": True,
+                "server_ca_cert_path": pki.server_ca,
+                "https_client_authentication_certificate": str(pki.folder / f"kme{kme_id}" /
+                                                               f"kme{kme_id}-to-kme{peer}.pfx"),
+                "https_client_authentication_certificate_password": "password",
+                "https_client_certificate_serial": pki.serials[f"kme{peer}-to-kme{kme_id}"],
+                "connect_timeout_seconds": 1,
+                "read_timeout_seconds": 2,
+            } for peer in peers]
+            certs = pki.folder / f"kme{kme_id}"
+            folder_k = folder / f"kme{kme_id}"
+            remote = [(sae, other) for other in ids if other != kme_id for sae in SAES[other]]
+            config = write_config(
+                folder_k, pki, kme_id=kme_id, local_saes=SAES[kme_id], remote_saes=remote, other_kmes=other_kmes,
+                kmes_https_interface={
+                    "listen_address": f"127.0.0.1:{ports[kme_id]}",
+                    "ca_client_cert_path": str(certs / "ca_kmes.crt"),
+                    "server_cert_path": str(certs / "kme_server.crt"),
+                    "server_key_path": str(certs / "kme_server.key"),
+                },
+                housekeeping_interval_seconds=0.2, **this_kme_extra)
+            for peer in peers:
+                (folder_k / f"keys-{peer}").mkdir(exist_ok=True)
+            self.kmes[kme_id] = Kme(self, kme_id, folder_k, config)
+
+    def __getitem__(self, kme_id: int) -> Kme:
+        return self.kmes[kme_id]
+
+    def write_link_file(self, a: int, b: int, name: str, keys: int) -> bytes:
+        """Write the same key file at both ends of link a–b (staged, then moved in)."""
+        data = os.urandom(32 * keys)
+        for kme, peer in ((a, b), (b, a)):
+            staging = self.kmes[kme].folder / f".{name}.part"
+            staging.write_bytes(data)
+            os.rename(staging, self.kmes[kme].link_folder(peer) / name)
+        return data
+
+    def start_all(self) -> None:
+        for kme in self.kmes.values():
+            kme.start()
+
+    def stop_all(self) -> None:
+        for kme in self.kmes.values():
+            kme.stop()
