@@ -1,8 +1,9 @@
 """The demo behind `make run`: every KME configured in instance/, each with its processes.
 
-For each instance/*.json5 it starts the ingestion worker and the SAE
-interface, waits until they are up, prints the addresses and a copy-paste SAE
-session, and stops every process it started (by pid) on Ctrl-C.
+For each instance/*.json5 it starts the ingestion worker, the SAE interface
+and the inter-KME interface, waits until they are up, prints the addresses and
+a copy-paste SAE session across the two KMEs, and stops every process it
+started (by pid) on Ctrl-C.
 """
 import os
 import signal
@@ -38,18 +39,19 @@ def _wait_for_port(host: str, port: int, processes: list[subprocess.Popen]) -> N
     raise RuntimeError(f"{host}:{port} did not open within {STARTUP_SECONDS} s")
 
 
-def _example(config) -> str:
-    saes = [sae for sae in config.saes if sae.kme_id == config.this_kme.id]
-    master, slave = saes[0].id, saes[1].id
-    address = config.this_kme.saes_https_interface.listen_address
-    kme = f"certs/kme{config.this_kme.id}"
+def _example(master_kme, slave_kme) -> str:
+    master = next(sae for sae in master_kme.saes if sae.kme_id == master_kme.this_kme.id)
+    slave = next(sae for sae in slave_kme.saes if sae.kme_id == slave_kme.this_kme.id)
+    here, there = master_kme.this_kme, slave_kme.this_kme
     return f"""
-  # SAE {master} asks KME {config.this_kme.id} for two 512-bit keys to share with SAE {slave}:
-  curl --cacert certs/ca_servers.crt --cert {kme}/sae{master}.crt --key {kme}/sae{master}.key \\
-       'https://{address}/api/v1/keys/{slave}/enc_keys?number=2&size=512'
-  # SAE {slave} fetches the first of them by its key ID:
-  curl --cacert certs/ca_servers.crt --cert {kme}/sae{slave}.crt --key {kme}/sae{slave}.key \\
-       'https://{address}/api/v1/keys/{master}/dec_keys?key_ID=<key_ID from the first answer>'
+  # SAE {master.id} asks KME {here.id} for two 512-bit keys to share with SAE {slave.id} behind KME {there.id}:
+  curl --cacert certs/ca_servers.crt --cert certs/kme{here.id}/sae{master.id}.crt \\
+       --key certs/kme{here.id}/sae{master.id}.key \\
+       'https://{here.saes_https_interface.listen_address}/api/v1/keys/{slave.id}/enc_keys?number=2&size=512'
+  # SAE {slave.id} fetches the first of them from KME {there.id} by its key ID:
+  curl --cacert certs/ca_servers.crt --cert certs/kme{there.id}/sae{slave.id}.crt \\
+       --key certs/kme{there.id}/sae{slave.id}.key \\
+       'https://{there.saes_https_interface.listen_address}/api/v1/keys/{master.id}/dec_keys?key_ID=<key_ID>'
 """
 
 
@@ -67,14 +69,16 @@ def main() -> int:
             loaded.append(config)
             processes.append(_start([sys.executable, "-m", "flask", "ingest-keys", "--watch"], path))
             processes.append(_start([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"], path))
+            processes.append(_start([sys.executable, "-m", "gunicorn", "-c", "deploy/kme.py", "wsgi:kme_app"], path))
         for config in loaded:
-            interface = config.this_kme.saes_https_interface
-            _wait_for_port(interface.host, interface.port, processes)
+            for interface in (config.this_kme.saes_https_interface, config.this_kme.kmes_https_interface):
+                _wait_for_port(interface.host, interface.port, processes)
         print("\nDemo KMEs are up:")
         for config in loaded:
             print(f"  KME {config.this_kme.id} ({config.this_kme.nickname}): SAE interface "
-                  f"https://{config.this_kme.saes_https_interface.listen_address}")
-        print(_example(loaded[0]))
+                  f"https://{config.this_kme.saes_https_interface.listen_address}, inter-KME interface "
+                  f"https://{config.this_kme.kmes_https_interface.listen_address}")
+        print(_example(loaded[0], loaded[1]))
         print("Press Ctrl-C to stop.", flush=True)
         while not stop and all(process.poll() is None for process in processes):
             time.sleep(0.2)

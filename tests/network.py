@@ -1,10 +1,13 @@
 """A network of real KMEs on 127.0.0.1 for tests: configs, link key files, processes."""
 import os
-import sys
 from pathlib import Path
 
+from kme.config import parse_config
+from kme.peer_client import PeerClient
+
 from tests.support import Ledger, Pki, Process, free_port, load_json, sae_session, start_ingest_worker, \
-    start_sae_interface, wait_for_workers, write_config
+    start_kme_interface, \
+    start_sae_interface, write_config
 
 # Which SAEs each KME serves in test networks (see tests/conftest.PKI_LAYOUT).
 SAES = {1: (1, 2), 2: (3, 4), 3: (5,)}
@@ -38,10 +41,7 @@ class Kme:
             elif name == "sae":
                 self.processes[name] = start_sae_interface(self.config, log)
             else:
-                process = Process([sys.executable, "-m", "gunicorn", "-c", "deploy/kme.py", "wsgi:kme_app"],
-                                  self.config, log, {"KME_WORKERS": "2", "KME_THREADS": "4"})
-                wait_for_workers(process, 2)
-                self.processes[name] = process
+                self.processes[name] = start_kme_interface(self.config, log)
 
     def stop(self, *names: str) -> None:
         for name in names or list(self.processes):
@@ -75,7 +75,7 @@ class Network:
             } for peer in peers]
             certs = pki.folder / f"kme{kme_id}"
             folder_k = folder / f"kme{kme_id}"
-            remote = [(sae, other) for other in ids if other != kme_id for sae in SAES[other]]
+            remote = [(sae, peer) for peer in peers for sae in SAES[peer]]
             config = write_config(
                 folder_k, pki, kme_id=kme_id, local_saes=SAES[kme_id], remote_saes=remote, other_kmes=other_kmes,
                 kmes_https_interface={
@@ -92,6 +92,15 @@ class Network:
     def __getitem__(self, kme_id: int) -> Kme:
         return self.kmes[kme_id]
 
+    def peer_client(self, caller: int, target: int, pfx_of: int | None = None) -> PeerClient:
+        """A client from KME ``caller`` to KME ``target``, optionally with KME ``pfx_of``'s certificate."""
+        raw = load_json(self.kmes[caller].config)
+        if pfx_of is not None:
+            entry = next(peer for peer in raw["other_kmes"] if peer["id"] == target)
+            entry["https_client_authentication_certificate"] = str(
+                self.pki.folder / f"kme{pfx_of}" / f"kme{pfx_of}-to-kme{target}.pfx")
+        return PeerClient(parse_config(raw, self.kmes[caller].folder).other_kmes_by_id[target])
+
     def write_link_file(self, a: int, b: int, name: str, keys: int) -> bytes:
         """Write the same key file at both ends of link a–b (staged, then moved in)."""
         data = os.urandom(32 * keys)
@@ -102,8 +111,12 @@ class Network:
         return data
 
     def start_all(self) -> None:
-        for kme in self.kmes.values():
-            kme.start()
+        try:
+            for kme in self.kmes.values():
+                kme.start()
+        except BaseException:
+            self.stop_all()
+            raise
 
     def stop_all(self) -> None:
         for kme in self.kmes.values():

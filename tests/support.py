@@ -104,11 +104,15 @@ class Process:
         env = dict(os.environ, KME_CONFIG=str(config), PYTHONUNBUFFERED="1", **(extra_env or {}))
         self.log_path = log
         self.log = open(log, "ab")
+        # A restarted process appends to the same log: read only what it wrote.
+        self.log_start = self.log.tell()
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
 
     def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        with open(self.log_path, "rb") as handle:
+            handle.seek(self.log_start)
+            return handle.read().decode(errors="replace")
 
     def wait_for_output(self, text: str, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -130,12 +134,25 @@ class Process:
         self.log.close()
 
 
-def start_sae_interface(config: Path, log: Path, workers: int = 2, threads: int = 4) -> Process:
-    """Start the real SAE interface under gunicorn and wait until it accepts connections."""
-    process = Process([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"], config, log,
-                      {"KME_WORKERS": str(workers), "KME_THREADS": str(threads)})
-    wait_for_workers(process, workers)
+def _start_gunicorn(interface: str, config: Path, log: Path, workers: int, threads: int) -> Process:
+    process = Process([sys.executable, "-m", "gunicorn", "-c", f"deploy/{interface}.py", f"wsgi:{interface}_app"],
+                      config, log, {"KME_WORKERS": str(workers), "KME_THREADS": str(threads)})
+    try:
+        wait_for_workers(process, workers)
+    except BaseException:
+        process.stop()
+        raise
     return process
+
+
+def start_sae_interface(config: Path, log: Path, workers: int = 2, threads: int = 4) -> Process:
+    """Start the real SAE interface under gunicorn and wait until every worker can serve."""
+    return _start_gunicorn("sae", config, log, workers, threads)
+
+
+def start_kme_interface(config: Path, log: Path, workers: int = 2, threads: int = 4) -> Process:
+    """Start the real inter-KME interface under gunicorn and wait until every worker can serve."""
+    return _start_gunicorn("kme", config, log, workers, threads)
 
 
 def wait_for_workers(process: "Process", workers: int, timeout: float = 30) -> None:
@@ -149,7 +166,11 @@ def wait_for_workers(process: "Process", workers: int, timeout: float = 30) -> N
 def start_ingest_worker(config: Path, log: Path) -> Process:
     """Start `flask ingest-keys --watch` and wait until it watches."""
     process = Process([sys.executable, "-m", "flask", "ingest-keys", "--watch"], config, log)
-    process.wait_for_output("watching")
+    try:
+        process.wait_for_output("watching")
+    except BaseException:
+        process.stop()
+        raise
     return process
 
 

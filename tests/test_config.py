@@ -94,6 +94,13 @@ MISTAKES = [
     ("no database", lambda d: d["this_kme"].pop("sqlite_db_path"), "this_kme.sqlite_db_path: missing"),
     ("boolean as string", lambda d: d["this_kme"].update(delete_key_file_after_read="yes"),
      "this_kme.delete_key_file_after_read: not a boolean"),
+    ("second peer without serial", lambda d: d["other_kmes"].append({**d["other_kmes"][0], "id": 4,
+                                                                      "key_directory_to_watch": "keys4"}),
+     "other_kmes[0].https_client_certificate_serial: missing (required when there is more than one other KME)"),
+    ("timeout not a number", lambda d: d["other_kmes"][0].update(read_timeout_seconds="5"),
+     "other_kmes[0].read_timeout_seconds: not a number of seconds"),
+    ("negative expiry", lambda d: d["this_kme"].update(key_expiry_seconds=-1),
+     "this_kme.key_expiry_seconds: not a number of seconds"),
     ("shared key directory", lambda d: d["other_kmes"][0].update(key_directory_to_watch="keys"),
      "other_kmes: two links share one key_directory_to_watch"),
 ]

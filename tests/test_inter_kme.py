@@ -2,6 +2,7 @@
 import base64
 
 import pytest
+import requests
 
 from kme.errors import KEYS_NOT_FOUND
 from tests.network import Network
@@ -100,3 +101,19 @@ def test_not_enough_keys_at_the_master_takes_nothing(network):
     response = kme1.sae(1).post(f"{kme1.url()}/keys/3/enc_keys", json={"number": 128, "size": 8192}, timeout=10)
     assert response.status_code == 503 and response.json()["message"].startswith("not enough key material")
     assert kme1.ledger.assert_exact(2) == before
+
+
+def test_valid_kme_certificate_with_unregistered_serial_is_401(network):
+    # KME 1's KME CA also issued KME 3's certificate, but KME 1 is not linked to KME 3 here.
+    impostor = network.peer_client(2, 1, pfx_of=3)
+    before = network[1].ledger.assert_exact(2)
+    response = impostor.session.post(f"{impostor.base}/activations", json={}, timeout=10)
+    assert response.status_code == 401 and response.headers["Content-Type"] == "application/json"
+    assert network[1].ledger.assert_exact(2) == before
+
+
+def test_sae_certificate_cannot_reach_the_kme_interface(network):
+    session = network[1].sae(1)
+    with pytest.raises(requests.exceptions.RequestException):
+        session.post(f"https://127.0.0.1:{network[1].port('kmes_https_interface')}/api/v1/kme/activations",
+                     json={}, timeout=10)

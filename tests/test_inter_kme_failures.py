@@ -1,0 +1,160 @@
+"""Inter-KME failures: peer down, hanging, garbage, refusing; master killed mid-activation."""
+import base64
+import os
+import signal
+import threading
+
+import pytest
+import requests
+
+from tests.fake_peer import FakePeer
+from tests.network import Network
+from tests.support import wait_until
+
+READ_TIMEOUT = 2
+CONNECT_TIMEOUT = 1
+
+
+@pytest.fixture
+def network(tmp_path, pki):
+    network = Network(tmp_path, pki, [(1, 2)])
+    network.write_link_file(1, 2, "link.cor", 200)
+    network.start_all()
+    wait_until(lambda: network[2].ledger.link(1)["ingested"] == 200 and network[1].ledger.link(2)["ingested"] == 200)
+    yield network
+    network.stop_all()
+
+
+def enc_keys(network, number=2, timeout=CONNECT_TIMEOUT + READ_TIMEOUT + 3):
+    return network[1].sae(1).post(f"{network[1].url()}/keys/3/enc_keys", json={"number": number}, timeout=timeout)
+
+
+def fake_peer(network, mode):
+    kme2 = network[2]
+    certs = network.pki.folder / "kme2"
+    return FakePeer(kme2.port("kmes_https_interface"), str(certs / "kme_server.crt"), str(certs / "kme_server.key"),
+                    mode)
+
+
+def reserved_material(ledger) -> set[bytes]:
+    return {row[0] for row in ledger._query("SELECT material FROM pool_keys WHERE state = 2")}
+
+
+def assert_never_handed_out(network, held: set[bytes], rounds=5):
+    """Exchanges work again, and none of them hands out a key that was held back."""
+    for _ in range(rounds):
+        response = enc_keys(network, number=3)
+        assert response.status_code == 200, response.text
+        for key in response.json()["keys"]:
+            assert base64.b64decode(key["key"]) not in held
+
+
+def test_peer_interface_stopped_gives_503_and_returns_the_keys(network):
+    kme1 = network[1]
+    network[2].stop("kme")
+    before = kme1.ledger.assert_exact(2)
+    response = enc_keys(network)
+    assert response.status_code == 503
+    assert "KME 2" in response.json()["message"] and "reached" in response.json()["message"]
+    assert kme1.ledger.assert_exact(2) == before
+    network[2].start("kme")
+    assert enc_keys(network).status_code == 200
+
+
+def test_peer_refusing_gives_503_and_returns_the_keys(network):
+    kme1 = network[1]
+    # A file only KME 1 has: KME 2 cannot find those positions and refuses.
+    data = os.urandom(32 * 50)
+    (kme1.link_folder(2) / "only-here.cor").write_bytes(data)
+    wait_until(lambda: kme1.ledger.link(2)["ingested"] == 250)
+    enc_keys(network, number=50)  # uses up most of link.cor's keys of our direction
+    remaining = kme1.ledger.link(2)["available"]
+    response = enc_keys(network, number=remaining)
+    assert response.status_code == 503 and "KME 2 refused" in response.json()["message"]
+    assert kme1.ledger.assert_exact(2)["available"] == remaining
+
+
+@pytest.mark.parametrize("mode", ["hang", "garbage"])
+def test_unknown_outcome_holds_keys_back_until_settled(network, mode):
+    kme1, kme2 = network[1], network[2]
+    kme2.stop("kme")
+    peer = fake_peer(network, mode)
+    try:
+        response = enc_keys(network)
+        assert response.status_code == 503
+        assert response.headers["Content-Type"] == "application/json"
+        assert "KME 2" in response.json()["message"]
+        counts = kme1.ledger.assert_exact(2)
+        assert counts["reserved"] == 2
+        held = reserved_material(kme1.ledger)
+    finally:
+        peer.close()
+    kme2.start("kme")
+    wait_until(lambda: kme1.ledger.link(2)["reserved"] == 0, timeout=30)
+    one, two = kme1.ledger.assert_exact(2), kme2.ledger.assert_exact(1)
+    assert one["discarded"] == 2 and two["discarded"] == 2
+    assert_never_handed_out(network, held)
+
+
+def gunicorn_family(pid: int) -> list[int]:
+    """The gunicorn master and its workers (processes this test started)."""
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            children += [int(child) for child in handle.read().split()]
+    return [pid] + children
+
+
+def test_master_killed_between_claim_and_answer_is_settled_after_restart(network):
+    kme1, kme2 = network[1], network[2]
+    kme2.stop("kme")
+    peer = fake_peer(network, "hang")
+    errors = []
+
+    def ask():
+        try:
+            enc_keys(network, timeout=30)
+        except requests.RequestException as exc:
+            errors.append(exc)
+
+    caller = threading.Thread(target=ask)
+    caller.start()
+    try:
+        assert peer.received.wait(20)
+        held = reserved_material(kme1.ledger)
+        assert len(held) == 2
+        sae = kme1.processes.pop("sae")
+        for pid in gunicorn_family(sae.proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        sae.stop()
+        caller.join(30)
+        assert errors
+    finally:
+        peer.close()
+    assert kme1.ledger._query("SELECT state FROM outgoing_activations") == [("sending",)]
+    kme2.start("kme")
+    kme1.start("sae")
+    wait_until(lambda: kme1.ledger.link(2)["reserved"] == 0, timeout=30)
+    assert kme1.ledger._query("SELECT COUNT(*) FROM outgoing_activations") == [(0,)]
+    kme1.ledger.assert_exact(2)
+    kme2.ledger.assert_exact(1)
+    assert_never_handed_out(network, held)
+
+
+def test_unfetched_key_expires_with_its_event(tmp_path, pki):
+    network = Network(tmp_path, pki, [(1, 2)], key_expiry_seconds=1)
+    network.write_link_file(1, 2, "link.cor", 20)
+    network.start_all()
+    try:
+        wait_until(lambda: network[2].ledger.link(1)["ingested"] == 20 and network[1].ledger.link(2)["ingested"] == 20)
+        key = enc_keys(network, number=1).json()["keys"][0]
+        ledger = network[2].ledger
+        wait_until(lambda: ledger.waiting() == 0, timeout=10)
+        events = [m for (m,) in ledger._query("SELECT message FROM events")]
+        assert f"Key {key['key_ID']} expired before its slave SAEs fetched it, erased" in events
+        response = network[2].sae(3).get(f"{network[2].url()}/keys/1/dec_keys", params={"key_ID": key["key_ID"]},
+                                         timeout=10)
+        assert response.status_code == 400
+        ledger.assert_exact(1)
+    finally:
+        network.stop_all()
