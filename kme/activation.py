@@ -82,6 +82,8 @@ def settle_pending(config: KmeConfig) -> int:
     for activation_id, link_id, request in outgoing.to_settle(_utc_iso(longest * _SENDING_MARGIN)):
         peer = config.other_kmes_by_id.get(link_id)
         if peer is None:
+            # The link left the configuration: its keys can never be used again.
+            outgoing.discard(activation_id)
             continue
         try:
             client_for(peer).cancel(request)

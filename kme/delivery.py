@@ -19,18 +19,18 @@ def parse_sae_id(config: KmeConfig, text: str) -> Sae:
     return sae
 
 
-def _slave_link(config: KmeConfig, master: Sae, slave_id: str) -> tuple[Sae, int]:
+def _slave(config: KmeConfig, master: Sae, slave_id: str) -> Sae:
     slave = parse_sae_id(config, slave_id)
     if slave.id == master.id:
         raise bad_request("master and slave SAE shall differ")
-    return slave, slave.kme_id
+    return slave
 
 
 def get_status(config: KmeConfig, master: Sae, slave_id: str) -> dict:
     """Status (6.1) of the link between ``master`` and the slave SAE."""
-    slave, link_id = _slave_link(config, master, slave_id)
+    slave = _slave(config, master, slave_id)
     limits = config.this_kme.limits
-    available = common.link_counts(link_id).available
+    available = common.link_counts(slave.kme_id).available
     return {
         "source_KME_ID": config.this_kme.id,
         "target_KME_ID": slave.kme_id,
@@ -86,7 +86,7 @@ def get_key(config: KmeConfig, master: Sae, slave_id: str, request: dict) -> lis
     them activated there first. Slaves behind two or more other KMEs would
     need relaying through trusted nodes, which this version does not do.
     """
-    slave, _ = _slave_link(config, master, slave_id)
+    slave = _slave(config, master, slave_id)
     number, size = _check_key_request(config, request)
     slaves = _slaves(config, master, slave, request.get("additional_slave_SAE_IDs", []))
     this_id = config.this_kme.id
