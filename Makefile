@@ -21,7 +21,8 @@ run: $(VENV)/.run-deps
 	$(BIN)/python deploy/demo.py
 
 test: $(VENV)/.test-deps
+	tests/install-tools.sh
 	$(BIN)/python -m pytest -c tests/pytest.ini $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) instance/*.db instance/*.db-wal instance/*.db-shm
+	rm -rf $(VENV) instance/*.db instance/*.db-wal instance/*.db-shm instance/*.db.metrics

@@ -1,7 +1,7 @@
 """The demo behind `make run`: every KME configured in instance/, each with its processes.
 
-For each instance/*.json5 it starts the ingestion worker, the SAE interface
-and the inter-KME interface, waits until they are up, prints the addresses and
+For each instance/*.json5 it starts the ingestion worker, the SAE interface,
+the inter-KME interface and the debugging page, waits until they are up, prints the addresses and
 a copy-paste SAE session across the two KMEs, and stops every process it
 started (by pid) on Ctrl-C.
 """
@@ -70,6 +70,9 @@ def main() -> int:
             processes.append(_start([sys.executable, "-m", "flask", "ingest-keys", "--watch"], path))
             processes.append(_start([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"], path))
             processes.append(_start([sys.executable, "-m", "gunicorn", "-c", "deploy/kme.py", "wsgi:kme_app"], path))
+            if config.this_kme.debugging_http_interface:
+                processes.append(_start([sys.executable, "-m", "gunicorn", "-c", "deploy/debug.py", "wsgi:debug_app"],
+                                        path))
         for config in loaded:
             for interface in (config.this_kme.saes_https_interface, config.this_kme.kmes_https_interface):
                 _wait_for_port(interface.host, interface.port, processes)
@@ -77,7 +80,8 @@ def main() -> int:
         for config in loaded:
             print(f"  KME {config.this_kme.id} ({config.this_kme.nickname}): SAE interface "
                   f"https://{config.this_kme.saes_https_interface.listen_address}, inter-KME interface "
-                  f"https://{config.this_kme.kmes_https_interface.listen_address}")
+                  f"https://{config.this_kme.kmes_https_interface.listen_address}, debugging page "
+                  f"http://{config.this_kme.debugging_http_interface}/")
         print(_example(loaded[0], loaded[1]))
         print("Press Ctrl-C to stop.", flush=True)
         while not stop and all(process.poll() is None for process in processes):

@@ -1,5 +1,6 @@
 """A Key Management Entity (KME) for QKD networks, following ETSI GS QKD 014."""
 import os
+import sys
 
 from flask import Flask
 
@@ -7,32 +8,56 @@ from kme.config import KmeConfig, load_config
 
 # Key requests and key ID lists are small; anything bigger is refused with 413.
 MAX_REQUEST_BYTES = 64 * 1024
+INTERFACES = ("sae", "kme", "debug", "cli")
+
+
+def _share_metrics(config: KmeConfig) -> None:
+    """Point prometheus-client at the KME's metrics folder (multiprocess mode).
+
+    The mode is chosen when prometheus_client is first imported, so this runs
+    before any module that imports it; a process that already has it keeps
+    its single-process mode.
+    """
+    if config.this_kme.metrics_directory is None or "prometheus_client" in sys.modules:
+        return
+    config.this_kme.metrics_directory.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(config.this_kme.metrics_directory)
 
 
 def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> Flask:
-    """Build the WSGI app of one interface: "sae", "kme" (inter-KME), or "cli" for the flask commands.
+    """Build the WSGI app of one interface: "sae", "kme" (inter-KME), "debug", or "cli" for the flask commands.
 
-    Cheap and without side effects (gunicorn calls it in every worker): the
-    database is first touched by the first request or command.
+    Cheap and without side effects on the database (gunicorn calls it in every
+    worker): the database is first touched by the first request or command.
     """
-    from kme import cli, db, errors, kme_api, sae_api
+    if interface not in INTERFACES:
+        raise ValueError(f"unknown interface {interface!r}")
+    if kme_config is None and (interface != "cli" or os.environ.get("KME_CONFIG")):
+        kme_config = load_config()
+    if kme_config is not None:
+        _share_metrics(kme_config)
+
+    from kme import cli, db, debug_page, errors, health_api, kme_api, logs, metrics, sae_api
     from kme.ingest import ingest_directories
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.json.sort_keys = False
     cli.init_app(app)
-    if kme_config is None and interface == "cli" and not os.environ.get("KME_CONFIG"):
+    if kme_config is None:
         # gen-certs needs no configuration; the other commands say it is missing.
         return app
-    config = kme_config or load_config()
+    config = kme_config
     app.extensions["kme"] = config
+    logs.configure(config.this_kme.log_level, config.this_kme.log_format == "json")
     db.init_app(app, config.this_kme.database_uri)
     errors.init_app(app)
-    if interface == "sae":
-        app.register_blueprint(sae_api.bp)
-    elif interface == "kme":
-        app.register_blueprint(kme_api.bp)
+    blueprints = {"sae": [sae_api.bp, health_api.bp], "kme": [kme_api.bp, health_api.bp],
+                  "debug": [debug_page.bp, health_api.bp], "cli": []}[interface]
+    for blueprint in blueprints:
+        app.register_blueprint(blueprint)
+    if interface in ("sae", "kme"):
+        logs.init_app(app, interface, metrics.observe_request)
 
     @app.before_request
     def prepare_database():

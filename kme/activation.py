@@ -9,12 +9,13 @@ its own master SAE and our slave SAEs, then activate.
 import logging
 from datetime import datetime, timedelta, timezone
 
+from kme import health, metrics
 from kme.config import KmeConfig, OtherKme, Sae
 from kme.errors import KmeError, bad_request, unavailable
 from kme.keystore import incoming, local, outgoing
 from kme.keystore.common import DeliveredKeyMaterial
 from kme.keystore.incoming import ActivationRequest
-from kme.peer_client import PeerError, PeerOutcomeUnknown, client_for
+from kme.peer_client import PeerError, PeerOutcomeUnknown, PeerRefused, client_for
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,12 @@ def activate_at_peer(config: KmeConfig, peer: OtherKme, master: Sae, remote_slav
     try:
         client_for(peer).activate(reservation.request)
     except PeerOutcomeUnknown as exc:
+        metrics.PEER_FAILURES.labels(str(peer.id), "unknown").inc()
         outgoing.mark_unknown(reservation.activation_id)
         log.warning("activation %s: %s", reservation.activation_id, exc)
         raise unavailable(f"{exc}; the keys are held back until KME {peer.id} settles them") from None
     except PeerError as exc:
+        metrics.PEER_FAILURES.labels(str(peer.id), "refused" if isinstance(exc, PeerRefused) else "unreachable").inc()
         outgoing.release(reservation.activation_id)
         log.warning("activation %s: %s", reservation.activation_id, exc)
         raise unavailable(str(exc)) from None
@@ -95,8 +98,16 @@ def settle_pending(config: KmeConfig) -> int:
     return settled
 
 
+def probe_peers(config: KmeConfig) -> None:
+    """Record whether each peer KME's inter-KME interface answers (shown by the debugging page)."""
+    for peer in config.other_kmes:
+        health.record_peer(peer.id, *client_for(peer).probe())
+
+
 def housekeeping(config: KmeConfig) -> None:
-    """Periodic work of the ingestion worker: settle activations, expire unfetched keys."""
+    """Periodic work of the background worker: heartbeat, peer probes, settle activations, expire keys."""
+    health.beat()
+    probe_peers(config)
     settle_pending(config)
     expiry = config.this_kme.key_expiry_seconds
     while local.expire_delivered(_utc_iso(expiry)):

@@ -1,4 +1,4 @@
-"""Flask CLI commands: ingest-keys (one shot or --watch) and gen-certs."""
+"""Flask CLI commands: ingest-keys (one shot or --watch), kme-status and gen-certs."""
 import signal
 import sys
 import threading
@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from flask import current_app
 
-from kme import certs
+from kme import certs, status
 from kme.db import ensure_schema
 from kme.ingest import ingest_directories
 from kme.watch import watch
@@ -82,7 +82,34 @@ def gen_certs_command(out: Path, saes: tuple[str, ...], kmes: tuple[int, ...], p
         click.echo(f'  {name}: "https_client_certificate_serial": {serial}')
 
 
+def _table(headers: list[str], rows: list[list]) -> str:
+    widths = [max(len(str(value)) for value in column) for column in zip(headers, *rows)]
+    lines = ["  ".join(str(value).ljust(width) for value, width in zip(row, widths)).rstrip()
+             for row in [headers, ["-" * width for width in widths], *rows]]
+    return "\n".join(lines)
+
+
+@click.command("kme-status")
+def kme_status_command() -> None:
+    """Print each link's key pool and the registered SAEs."""
+    config = _config()
+    ensure_schema()
+    links = status.links(config)
+    click.echo(f"{config.this_kme.nickname} (KME {config.this_kme.id})\n")
+    click.echo(_table(
+        ["link", "available", "delivered", "waiting", "peer's", "reserved", "discarded", "files", "last file",
+         "peer"],
+        [[link["name"], link["available"], link["delivered"], link["waiting"], link["peer_held"], link["reserved"],
+          link["discarded"], link["files"], link["last_file"] or "-",
+          "-" if link["peer"] is None else ("reachable" if link["peer"]["reachable"] else "unreachable")]
+         for link in links]))
+    click.echo()
+    click.echo(_table(["SAE", "KME", "certificate serial"],
+                      [[sae["id"], sae["kme_id"], sae["serial"] or "-"] for sae in status.saes(config)]))
+
+
 def init_app(app) -> None:
     """Register the CLI commands."""
     app.cli.add_command(ingest_keys_command)
     app.cli.add_command(gen_certs_command)
+    app.cli.add_command(kme_status_command)

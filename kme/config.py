@@ -65,6 +65,10 @@ class ThisKme:
     saes_https_interface: HttpsInterface
     kmes_https_interface: HttpsInterface | None
     debugging_http_interface: str | None
+    debugging_http_allow_non_loopback: bool
+    metrics_directory: Path | None
+    log_level: str
+    log_format: str
     delete_key_file_after_read: bool
     key_expiry_seconds: float
     housekeeping_interval_seconds: float
@@ -223,6 +227,14 @@ def _database_uri(data: dict, base_dir: Path) -> str:
     return "sqlite:///" + str((base_dir / path).resolve())
 
 
+def _metrics_directory(data: dict, base_dir: Path) -> Path | None:
+    """Where the processes of a KME share their metrics; none for an in-memory database."""
+    if "metrics_directory" in data:
+        return (base_dir / data["metrics_directory"]).resolve()
+    uri = _database_uri(data, base_dir)
+    return None if uri == IN_MEMORY_URI else Path(uri.removeprefix("sqlite:///") + ".metrics")
+
+
 def _limits(data: dict) -> Limits:
     limits = Limits(**data)
     if not limits.min_key_size <= limits.key_size <= limits.max_key_size:
@@ -243,6 +255,10 @@ def _this_kme(data: dict, base_dir: Path) -> ThisKme:
         saes_https_interface=_https_interface(data["saes_https_interface"], base_dir, "this_kme.saes_https_interface"),
         kmes_https_interface=kmes and _https_interface(kmes, base_dir, "this_kme.kmes_https_interface"),
         debugging_http_interface=data.get("debugging_http_interface"),
+        debugging_http_allow_non_loopback=data.get("debugging_http_allow_non_loopback", False),
+        metrics_directory=_metrics_directory(data, base_dir),
+        log_level=data.get("log_level", "INFO"),
+        log_format=data.get("log_format", "text"),
         delete_key_file_after_read=data.get("delete_key_file_after_read", False),
         key_expiry_seconds=data.get("key_expiry_seconds", DEFAULT_KEY_EXPIRY_SECONDS),
         housekeeping_interval_seconds=data.get("housekeeping_interval_seconds", DEFAULT_HOUSEKEEPING_SECONDS),

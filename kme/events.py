@@ -1,9 +1,12 @@
 """The KME's event log: short lines for operators, never key material."""
+import logging
 from datetime import datetime, timezone
 
 from sqlalchemy import delete, select
 
 from kme.models import Event
+
+log = logging.getLogger("kme.events")
 
 # Older events are pruned on write; the debugging page shows the newest.
 KEPT_EVENTS = 10_000
@@ -15,7 +18,8 @@ def utc_now() -> str:
 
 
 def record(session, message: str) -> None:
-    """Add an event in the caller's transaction (so it commits or rolls back with the change)."""
+    """Add an event in the caller's transaction (so it commits or rolls back with the change), and log it."""
+    log.info("%s", message)
     event = Event(created_at=utc_now(), message=message)
     session.add(event)
     session.flush()

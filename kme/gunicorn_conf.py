@@ -1,9 +1,10 @@
-"""Gunicorn settings for the KME's HTTPS interfaces, built from KME_CONFIG.
+"""Gunicorn settings for the KME's interfaces, built from KME_CONFIG.
 
-deploy/sae.py and deploy/kme.py are one-line gunicorn config files over this
-module. It never imports the Flask app: workers create it after fork, so no
+deploy/sae.py, deploy/kme.py and deploy/debug.py are one-line gunicorn config
+files over this module. It never imports the Flask app: workers create it after fork, so no
 database connection is shared across processes.
 """
+import ipaddress
 import os
 import ssl
 import sys
@@ -50,14 +51,38 @@ def _worker_ready(worker) -> None:
     worker.log.info("kme: worker %s ready", worker.pid)
 
 
-def settings(interface_name: str) -> dict:
-    """The gunicorn settings for ``saes_https_interface`` or ``kmes_https_interface``."""
+def _load():
     try:
         config = load_config()
     except ConfigError as exc:
         sys.exit(f"kme: {exc}")
     if config.in_memory:
         sys.exit("kme: this_kme.sqlite_db_path: ':memory:' cannot be shared by gunicorn workers; use a file")
+    return config
+
+
+def _bind(host: str, port: int) -> list[str]:
+    return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+
+
+def _common(config, short: str, port: int) -> dict:
+    return {
+        "workers": _environment_int("KME_WORKERS", 2),
+        "threads": _environment_int("KME_THREADS", 8),
+        "keepalive": 5,
+        "timeout": 60,
+        "graceful_timeout": 5,
+        "preload_app": False,
+        "post_worker_init": _worker_ready,
+        "proc_name": f"kme{config.this_kme.id}-{short}",
+        # Two gunicorn masters on one host would otherwise share one control socket.
+        "control_socket": os.path.join(tempfile.gettempdir(), f"kme{config.this_kme.id}-{short}-{port}.ctl"),
+    }
+
+
+def settings(interface_name: str) -> dict:
+    """The gunicorn settings for ``saes_https_interface`` or ``kmes_https_interface``."""
+    config = _load()
     interface = getattr(config.this_kme, interface_name)
     if interface is None:
         sys.exit(f"kme: this_kme.{interface_name}: missing")
@@ -67,23 +92,36 @@ def settings(interface_name: str) -> dict:
         print(f"kme: warning: other_kmes[0].https_client_certificate_serial is not set: every certificate of "
               f"the KME CA is taken for KME {config.other_kmes[0].id}", file=sys.stderr)
     return {
-        "bind": [interface.listen_address if ":" not in interface.host else f"[{interface.host}]:{interface.port}"],
+        **_common(config, short, interface.port),
+        "bind": _bind(interface.host, interface.port),
         "worker_class": "kme.gunicorn_worker.PeerCertificateWorker",
-        "workers": _environment_int("KME_WORKERS", 2),
-        "threads": _environment_int("KME_THREADS", 8),
-        "keepalive": 5,
-        "timeout": 60,
-        "graceful_timeout": 10,
         "certfile": str(interface.server_cert_path),
         "keyfile": str(interface.server_key_path),
         "ca_certs": str(interface.ca_client_cert_path),
         "cert_reqs": ssl.CERT_REQUIRED,
         "ssl_context": lambda _conf, _default: server_context(interface),
-        "preload_app": False,
-        "post_worker_init": _worker_ready,
-        "proc_name": f"kme{config.this_kme.id}-{short}",
-        # Two gunicorn masters on one host would otherwise share one control socket.
-        "control_socket": os.path.join(
-            tempfile.gettempdir(), f"kme{config.this_kme.id}-{short}-{interface.port}.ctl"
-        ),
     }
+
+
+def debug_settings() -> dict:
+    """The gunicorn settings of the debugging page: plain HTTP, loopback unless the config allows more."""
+    config = _load()
+    address = config.this_kme.debugging_http_interface
+    if address is None:
+        sys.exit("kme: this_kme.debugging_http_interface: missing (no debugging page is configured)")
+    host, port = address.rsplit(":", 1)
+    host = host.strip("[]")
+    if not _is_loopback(host) and not config.this_kme.debugging_http_allow_non_loopback:
+        sys.exit(f"kme: this_kme.debugging_http_interface: {address} is not a loopback address; the page is plain "
+                 "HTTP (set debugging_http_allow_non_loopback to true to serve it there anyway)")
+    return {**_common(config, "debug", int(port)), "bind": _bind(host, int(port)), "worker_class": "gthread",
+            "workers": 1}
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

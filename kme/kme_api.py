@@ -3,7 +3,7 @@
 The calling KME is identified by its client certificate and may act only on
 its own link with this KME.
 """
-from flask import Blueprint, current_app, request
+from flask import Blueprint, current_app, g, request
 from marshmallow import ValidationError, validate
 
 from kme import activation
@@ -41,6 +41,7 @@ def calling_kme() -> OtherKme:
     peer = None if serial is None else current_app.extensions["kme"].peer_by_serial(serial)
     if peer is None:
         raise unauthorized("the client certificate is not registered for a KME linked to this KME")
+    g.caller = f"KME {peer.id}"
     return peer
 
 

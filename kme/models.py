@@ -5,7 +5,7 @@ key_slaves, activations) and the link counters; kme.ingest writes key_files
 through it; kme.events writes events. SAEs and KMEs are not tables: the configuration file is their only
 source of truth (see docs/design.md).
 """
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, LargeBinary, SmallInteger, String, Text, \
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, SmallInteger, String, Text, \
     UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -119,6 +119,24 @@ class IncomingActivation(db.Model):
     state: Mapped[str] = mapped_column(String(16))
     key_ids: Mapped[str] = mapped_column(Text)
     created_at: Mapped[str] = mapped_column(String(32))
+
+
+class Heartbeat(db.Model):
+    """When a background process last said it is alive (health checks read it)."""
+
+    __tablename__ = "heartbeats"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    beat_at: Mapped[float] = mapped_column(Float)
+
+
+class PeerStatus(db.Model):
+    """The outcome of the last reachability probe of a peer KME's inter-KME interface."""
+
+    __tablename__ = "peer_status"
+    peer_kme_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    reachable: Mapped[bool] = mapped_column(Boolean)
+    checked_at: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(String(256))
 
 
 class Event(db.Model):

@@ -93,6 +93,20 @@ class PeerClient:
         self.session.trust_env = not peer.ignore_system_proxy_settings
         self.session.mount("https://", _ContextAdapter(client_context(peer)))
 
+    def probe(self) -> tuple[bool, str]:
+        """Whether the peer's inter-KME interface answers, and its health or the failure."""
+        url = f"https://{self.peer.inter_kme_bind_address}/healthz"
+        try:
+            response = self.session.get(url, timeout=(self.peer.connect_timeout_seconds,
+                                                      self.peer.read_timeout_seconds))
+        except requests.exceptions.RequestException as exc:
+            return False, f"unreachable ({exc.__class__.__name__})"
+        try:
+            status = response.json().get("status", "no status")
+        except (ValueError, AttributeError):
+            status = "no valid JSON"
+        return True, f"HTTP {response.status_code}, {status}"
+
     def activate(self, request: dict) -> None:
         """Ask the peer to activate keys; returns only once it confirmed."""
         self._post("/activations", request)

@@ -2,14 +2,14 @@
 
 Each view: identity from the environ, schema load, one domain call, schema dump.
 """
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
+from marshmallow import ValidationError
 
-from kme import delivery
+from kme import delivery, metrics
 from kme.config import Sae
 from kme.errors import bad_request, unauthorized
 from kme.identity import client_serial
 from kme.schemas import KeyContainerSchema, KeyIdsSchema, KeyRequestSchema, StatusSchema, load, parse_key_id
-from marshmallow import ValidationError
 
 bp = Blueprint("sae_api", __name__, url_prefix="/api/v1")
 
@@ -28,7 +28,12 @@ def calling_sae() -> Sae:
     sae = _config().local_saes_by_serial.get(serial)
     if sae is None:
         raise unauthorized("the client certificate is not registered for an SAE of this KME")
+    g.caller = f"SAE {sae.id}"
     return sae
+
+
+def _count_delivered(keys: list, link_id: int, sae_id: int, role: str) -> None:
+    metrics.KEYS_DELIVERED.labels(str(link_id), str(sae_id), role).inc(len(keys))
 
 
 def _single_query_values(allowed: tuple[str, ...]) -> dict[str, str]:
@@ -93,6 +98,7 @@ def get_key(slave_sae_id: str):
     """Get key (5.3)."""
     master = calling_sae()
     keys = delivery.get_key(_config(), master, slave_sae_id, _key_request())
+    _count_delivered(keys, _config().saes_by_id[int(slave_sae_id)].kme_id, master.id, "master")
     return KeyContainerSchema().dump({"keys": keys})
 
 
@@ -101,6 +107,7 @@ def get_key_with_key_ids(master_sae_id: str):
     """Get key with key IDs (5.4)."""
     slave = calling_sae()
     keys = delivery.get_key_with_key_ids(_config(), slave, master_sae_id, _key_ids())
+    _count_delivered(keys, _config().saes_by_id[int(master_sae_id)].kme_id, slave.id, "slave")
     return KeyContainerSchema().dump({"keys": keys})
 
 

@@ -1,14 +1,14 @@
 """The standalone ingestion worker: watchdog events on every key directory.
 
-It is also the KME's background worker: every housekeeping interval it
-settles activations left pending at peer KMEs (kme.activation) and erases
-keys their slave SAEs did not fetch in time.
-
 A file counts as complete when its writer closes it or when it is moved into
 the directory; creation and modification events are ignored, so a file being
-written is never ingested early. Events are handled one at a time by the
-calling thread, the only database writer of this process. Linux only: the
-close-after-write event comes from inotify.
+written is never ingested early. Linux only: the close-after-write event
+comes from inotify.
+
+It is also the KME's background worker: a second thread writes a heartbeat,
+probes the peer KMEs, settles activations left pending at peers
+(kme.activation), erases keys their slave SAEs did not fetch in time, and
+truncates the WAL. Network calls there never delay ingestion.
 """
 import logging
 import queue
@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from flask import current_app
 from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEventHandler
 from watchdog.observers.inotify import InotifyObserver
 
@@ -47,6 +48,22 @@ class _CompleteFiles(FileSystemEventHandler):
             self.paths.put(Path(event.dest_path))
 
 
+def _keep_house(app, config: KmeConfig, stop: threading.Event) -> None:
+    with app.app_context():
+        last_checkpoint = time.monotonic()
+        while True:
+            try:
+                activation.housekeeping(config)
+                if time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS:
+                    sqlite.checkpoint(db.engine)
+                    last_checkpoint = time.monotonic()
+            except Exception:
+                db.session.rollback()
+                log.exception("housekeeping failed; trying again in the next interval")
+            if stop.wait(config.this_kme.housekeeping_interval_seconds):
+                return
+
+
 def watch(config: KmeConfig, stop: threading.Event, on_ready=None) -> IngestSummary:
     """Ingest what is present, then every file that becomes complete, until ``stop`` is set."""
     paths: queue.Queue = queue.Queue()
@@ -59,18 +76,14 @@ def watch(config: KmeConfig, stop: threading.Event, on_ready=None) -> IngestSumm
         # seen twice, which ingestion makes harmless, rather than never.
         observer.schedule(handler, str(directory), recursive=False)
     observer.start()
+    keeper = threading.Thread(target=_keep_house, args=(current_app._get_current_object(), config, stop),
+                              name="housekeeping", daemon=True)
+    keeper.start()
     try:
         summary = ingest_directories(config)
         if on_ready:
             on_ready(summary)
-        last_checkpoint = last_housekeeping = 0.0
         while not stop.is_set():
-            if time.monotonic() - last_housekeeping >= config.this_kme.housekeeping_interval_seconds:
-                activation.housekeeping(config)
-                last_housekeeping = time.monotonic()
-            if time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS:
-                sqlite.checkpoint(db.engine)
-                last_checkpoint = time.monotonic()
             try:
                 path = paths.get(timeout=STOP_POLL_SECONDS)
             except queue.Empty:
@@ -79,6 +92,8 @@ def watch(config: KmeConfig, stop: threading.Event, on_ready=None) -> IngestSumm
             if link_id is not None:
                 ingest_file(config, link_id, path, summary)
     finally:
+        stop.set()
         observer.stop()
         observer.join()
+        keeper.join()
     return summary

@@ -5,9 +5,8 @@ from pathlib import Path
 from kme.config import parse_config
 from kme.peer_client import PeerClient
 
-from tests.support import Ledger, Pki, Process, free_port, load_json, sae_session, start_ingest_worker, \
-    start_kme_interface, \
-    start_sae_interface, write_config
+from tests.support import Ledger, Pki, Process, free_port, load_json, sae_session, start_debug_page, start_ingest_worker, \
+    start_kme_interface, start_sae_interface, write_config
 
 # Which SAEs each KME serves in test networks (see tests/conftest.PKI_LAYOUT).
 SAES = {1: (1, 2), 2: (3, 4), 3: (5,)}
@@ -27,6 +26,9 @@ class Kme:
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port('saes_https_interface')}/api/v1"
 
+    def debug_url(self) -> str:
+        return "http://" + load_json(self.config)["this_kme"]["debugging_http_interface"]
+
     def sae(self, sae_id: int):
         return sae_session(self.network.pki, self.id, sae_id)
 
@@ -40,8 +42,10 @@ class Kme:
                 self.processes[name] = start_ingest_worker(self.config, log)
             elif name == "sae":
                 self.processes[name] = start_sae_interface(self.config, log)
-            else:
+            elif name == "kme":
                 self.processes[name] = start_kme_interface(self.config, log)
+            else:
+                self.processes[name] = start_debug_page(self.config, log)
 
     def stop(self, *names: str) -> None:
         for name in names or list(self.processes):
@@ -84,7 +88,8 @@ class Network:
                     "server_cert_path": str(certs / "kme_server.crt"),
                     "server_key_path": str(certs / "kme_server.key"),
                 },
-                housekeeping_interval_seconds=0.2, **this_kme_extra)
+                debugging_http_interface=f"127.0.0.1:{free_port()}", housekeeping_interval_seconds=0.2,
+                **this_kme_extra)
             for peer in peers:
                 (folder_k / f"keys-{peer}").mkdir(exist_ok=True)
             self.kmes[kme_id] = Kme(self, kme_id, folder_k, config)

@@ -163,6 +163,11 @@ def wait_for_workers(process: "Process", workers: int, timeout: float = 30) -> N
         raise RuntimeError(f"gunicorn exited:\n{process.output()}")
 
 
+def start_debug_page(config: Path, log: Path) -> Process:
+    """Start the debugging page under gunicorn (one worker) and wait until it can serve."""
+    return _start_gunicorn("debug", config, log, 1, 4)
+
+
 def start_ingest_worker(config: Path, log: Path) -> Process:
     """Start `flask ingest-keys --watch` and wait until it watches."""
     process = Process([sys.executable, "-m", "flask", "ingest-keys", "--watch"], config, log)

@@ -1,0 +1,45 @@
+"""The debugging web page (plain HTTP, loopback): live events, pool figures, health, metrics.
+
+It shows IDs, counts and file names only, never key material.
+"""
+from flask import Blueprint, Response, current_app, render_template
+
+from kme import events, metrics, status
+from kme.db import db
+
+bp = Blueprint("debug_page", __name__)
+
+# Events the page and /messages show (the database keeps more).
+SHOWN_EVENTS = 200
+
+
+def _config():
+    return current_app.extensions["kme"]
+
+
+@bp.get("/")
+def page():
+    """The live page; static/debug.js refreshes it from /messages and /links."""
+    config = _config()
+    return render_template("debug.html", kme=config.this_kme)
+
+
+@bp.get("/messages")
+def messages():
+    """The newest events, oldest first: [{"datetime", "message"}]."""
+    nickname = _config().this_kme.nickname
+    rows = events.recent(db.session, SHOWN_EVENTS)
+    db.session.commit()
+    return [{"datetime": row.created_at, "message": f"[{nickname}] {row.message}"} for row in rows]
+
+
+@bp.get("/links")
+def links():
+    """Pool figures and peer reachability of every link."""
+    return [{key: value for key, value in link.items() if key != "byte_counts"} for link in status.links(_config())]
+
+
+@bp.get("/metrics")
+def prometheus_metrics():
+    """Prometheus text format."""
+    return Response(metrics.render(_config()), mimetype="text/plain; version=0.0.4; charset=utf-8")

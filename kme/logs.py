@@ -1,0 +1,77 @@
+"""Logging: one line per request and per event, as text or JSON lines.
+
+Lines carry IDs, routes, statuses and durations, never key material: views
+never log bodies, SQL parameters are hidden (kme.db), and event messages name
+keys by their IDs only.
+"""
+import json
+import logging
+import sys
+import time
+import uuid
+
+from flask import g, request
+
+REQUEST_ID_HEADER = "X-Request-ID"
+log = logging.getLogger("kme.request")
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the request fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def configure(level: str, json_lines: bool) -> None:
+    """Send the kme loggers to stderr at ``level``; once per process."""
+    logger = logging.getLogger("kme")
+    logger.setLevel(level)
+    if any(getattr(handler, "kme", False) for handler in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.kme = True
+    formatter = JsonLines() if json_lines else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
+def _request_id() -> str:
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    # A caller's ID is kept if it is short and plain, so it can be traced across KMEs.
+    if 0 < len(given) <= 64 and all(c.isalnum() or c in "-_." for c in given):
+        return given
+    return uuid.uuid4().hex
+
+
+def init_app(app, interface: str, observe) -> None:
+    """Log every request of ``app`` and hand its route, status and duration to ``observe``."""
+
+    @app.before_request
+    def start_clock():
+        g.started = time.perf_counter()
+        g.request_id = _request_id()
+
+    @app.after_request
+    def log_request(response):
+        duration = time.perf_counter() - g.get("started", time.perf_counter())
+        route = request.url_rule.rule if request.url_rule else "(no route)"
+        caller = g.get("caller", "-")
+        response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
+        observe(interface, route, request.method, response.status_code, duration)
+        fields = {"method": request.method, "route": route, "status": response.status_code, "caller": caller,
+                  "duration_ms": round(duration * 1000, 1), "request_id": g.get("request_id", "")}
+        log.info("%s %s %s %s %.1fms %s", request.method, route, response.status_code, caller,
+                 duration * 1000, fields["request_id"], extra={"fields": fields})
+        return response

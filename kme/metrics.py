@@ -1,0 +1,67 @@
+"""Prometheus metrics, correct under several gunicorn workers.
+
+Counters of the web workers (requests, latencies, keys handed out, peer
+failures) use prometheus-client's multiprocess mode: kme.create_app points
+PROMETHEUS_MULTIPROC_DIR at the KME's metrics folder before this module is
+imported. Pool figures are read from the database at scrape time, so every
+process agrees on them.
+"""
+import os
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from kme import entropy, status
+from kme.config import KmeConfig
+
+REQUESTS = Counter("kme_http_requests", "HTTP requests served", ["interface", "route", "method", "status"])
+LATENCY = Histogram("kme_http_request_duration_seconds", "Time to answer an HTTP request", ["interface", "route"])
+KEYS_DELIVERED = Counter("kme_keys_delivered", "Keys handed out to SAEs", ["link", "sae", "role"])
+PEER_FAILURES = Counter("kme_peer_activation_failures", "Activations at a peer KME that failed",
+                        ["peer", "outcome"])
+
+
+def observe_request(interface: str, route: str, method: str, status_code: int, seconds: float) -> None:
+    """Count one answered request and its duration."""
+    REQUESTS.labels(interface, route, method, str(status_code)).inc()
+    LATENCY.labels(interface, route).observe(seconds)
+
+
+class _PoolCollector:
+    """Pool figures of every link, read from the database at scrape time."""
+
+    def __init__(self, config: KmeConfig):
+        self.config = config
+
+    def collect(self):
+        pool = GaugeMetricFamily("kme_pool_keys", "256-bit keys in a link's pool", labels=["link", "state"])
+        totals = CounterMetricFamily("kme_link_keys", "256-bit keys of a link, by fate", labels=["link", "kind"])
+        waiting = GaugeMetricFamily("kme_keys_waiting", "Keys waiting for their slave SAEs", labels=["link"])
+        files = CounterMetricFamily("kme_ingested_files", "Key files fully ingested", labels=["link"])
+        bits = GaugeMetricFamily("kme_entropy_bits_per_byte", "Shannon entropy of a link's key material",
+                                 labels=["link"])
+        reachable = GaugeMetricFamily("kme_peer_reachable", "1 if the peer KME answered the last probe",
+                                      labels=["peer"])
+        for link in status.links(self.config):
+            name = str(link["link"])
+            for state in ("available", "peer_held", "reserved"):
+                pool.add_metric([name, state], link[state])
+            for kind in ("ingested", "delivered", "discarded"):
+                totals.add_metric([name, kind], link[kind])
+            waiting.add_metric([name], link["waiting"])
+            files.add_metric([name], link["files"])
+            bits.add_metric([name], entropy.shannon(link["byte_counts"]))
+            if link["peer"] is not None:
+                reachable.add_metric([name], 1 if link["peer"]["reachable"] else 0)
+        yield from (pool, totals, waiting, files, bits, reachable)
+
+
+def render(config: KmeConfig) -> bytes:
+    """The Prometheus text exposition of this KME."""
+    registry = CollectorRegistry()
+    registry.register(_PoolCollector(config))
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    # One process (in-memory database): its own counters are all there is.
+    return generate_latest(REGISTRY) + generate_latest(registry)

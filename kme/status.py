@@ -1,0 +1,47 @@
+"""Read-only views of a KME for operators: links, SAEs, events (debug page, metrics, kme-status)."""
+from sqlalchemy import func, select
+
+from kme import entropy, health
+from kme.config import KmeConfig
+from kme.db import db
+from kme.models import DeliveredKey, KeyFile, Link
+
+
+def links(config: KmeConfig) -> list[dict]:
+    """Every link's counters, keys waiting for slaves, ingested files, last file and peer reachability.
+
+    Counts over key_files and delivered_keys are fine here: they serve
+    operators' pages and scrapes, never an SAE request.
+    """
+    session = db.session
+    waiting = dict(session.execute(select(DeliveredKey.link_id, func.count()).group_by(DeliveredKey.link_id)).all())
+    files = dict(session.execute(select(KeyFile.link_id, func.count()).where(KeyFile.complete)
+                                 .group_by(KeyFile.link_id)).all())
+    peers = health.peer_statuses()
+    result = []
+    for row in session.scalars(select(Link).order_by(Link.peer_kme_id)).all():
+        last = session.execute(select(KeyFile.name, KeyFile.ingested_at).where(
+            KeyFile.link_id == row.peer_kme_id, KeyFile.complete).order_by(KeyFile.id.desc()).limit(1)).first()
+        local = row.peer_kme_id == config.this_kme.id
+        result.append({
+            "link": row.peer_kme_id,
+            "name": "local zone" if local else f"link with KME {row.peer_kme_id}",
+            "ingested": row.ingested, "available": row.available, "reserved": row.reserved,
+            "peer_held": row.peer_held, "delivered": row.delivered, "discarded": row.discarded,
+            "waiting": waiting.get(row.peer_kme_id, 0),
+            "files": files.get(row.peer_kme_id, 0),
+            "last_file": last.name if last else None,
+            "last_file_at": last.ingested_at if last else None,
+            "byte_counts": entropy.merge([row.byte_histogram]),
+            "peer": None if local else peers.get(row.peer_kme_id, {"reachable": False, "checked_at": None,
+                                                                     "detail": "not probed yet"}),
+        })
+    session.commit()
+    return result
+
+
+def saes(config: KmeConfig) -> list[dict]:
+    """The registered SAEs: ID, KME, and for SAEs of this KME their certificate serial in hex."""
+    return [{"id": sae.id, "kme_id": sae.kme_id, "local": sae.kme_id == config.this_kme.id,
+             "serial": format(sae.certificate_serial, "X") if sae.certificate_serial is not None else None}
+            for sae in config.saes]

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs the Debian packages some tests drive, unless they are there already:
+# chromium and chromium-driver (browser test), systemd (systemd-analyze verify of the unit files).
+set -euo pipefail
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+[ ${#missing[@]} -eq 0 ] && exit 0
+SUDO=
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+echo "Installing Debian packages for the tests: ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
