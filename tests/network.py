@@ -59,6 +59,7 @@ class Network:
 
     def __init__(self, folder: Path, pki: Pki, links: list[tuple[int, int]], **this_kme_extra):
         self.pki = pki
+        self.json_logs = this_kme_extra.get("log_format") == "json"
         ids = sorted({kme for link in links for kme in link})
         ports = {kme: free_port() for kme in ids}
         self.kmes: dict[int, Kme] = {}

@@ -1,5 +1,6 @@
 """The operator surface on a real KME pair: health, metrics, debugging page, logs."""
 import base64
+import json
 import os
 
 import pytest
@@ -10,9 +11,9 @@ from tests.network import Network
 from tests.support import wait_until
 
 
-@pytest.fixture
-def network(tmp_path, pki):
-    network = Network(tmp_path, pki, [(1, 2)], log_level="DEBUG")
+@pytest.fixture(params=["text"])
+def network(request, tmp_path, pki):
+    network = Network(tmp_path, pki, [(1, 2)], log_level="DEBUG", log_format=request.param)
     network.write_link_file(1, 2, "link.cor", 200)
     network.start_all()
     network[1].start("debug")
@@ -86,6 +87,7 @@ def test_metrics_count_every_key_handed_out_across_workers(network):
     assert total(metric_values(kme2), "kme_keys_waiting", link="1") == handed
 
 
+@pytest.mark.parametrize("network", ["text", "json"], indirect=True)
 def test_no_key_material_in_logs_events_or_pages(network):
     kme1, kme2 = network[1], network[2]
     keys = kme1.sae(1).post(f"{kme1.url()}/keys/3/enc_keys", json={"number": 3, "size": 512,
@@ -106,8 +108,16 @@ def test_no_key_material_in_logs_events_or_pages(network):
         outputs.append("\n".join(m for (m,) in kme.ledger._query("SELECT message FROM events")))
     network.stop_all()
     logs = [path.read_text(errors="replace") for kme in (kme1, kme2) for path in kme.folder.glob("*.log")]
-    assert any("POST /api/v1/keys/<slave_sae_id>/enc_keys 200 SAE 1" in log for log in logs)
-    assert any(f"kme.events: Key {keys[0]['key_ID']} activated" in log for log in logs)
+    lines = [line for log in logs for line in log.splitlines()]
+    if network.json_logs:
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        assert any(r.get("route") == "/api/v1/keys/<slave_sae_id>/enc_keys" and r.get("caller") == "SAE 1"
+                   and r.get("status") == 200 for r in records)
+        assert any(r["logger"] == "kme.events" and r["message"].startswith(f"Key {keys[0]['key_ID']} activated")
+                   for r in records)
+    else:
+        assert any("POST /api/v1/keys/<slave_sae_id>/enc_keys 200 SAE 1" in line for line in lines)
+        assert any(f"kme.events: Key {keys[0]['key_ID']} activated" in line for line in lines)
     assert any(f"Key {keys[0]['key_ID']} activated" in output for output in outputs)
     for text in outputs + logs:
         for form in forms:
