@@ -1,6 +1,6 @@
 """The demo behind `make run`: every KME configured in instance/, each with its processes.
 
-For each instance/*.json5 it starts the ingestion worker, the SAE interface,
+For each instance/*.json5 (or the *.json5 of the folder given as argument) it starts the ingestion worker, the SAE interface,
 the inter-KME interface and the debugging page, waits until they are up, prints the addresses and
 a copy-paste SAE session across the two KMEs, and stops every process it
 started (by pid) on Ctrl-C.
@@ -56,7 +56,8 @@ def _example(master_kme, slave_kme) -> str:
 
 
 def main() -> int:
-    configs = sorted((ROOT / "instance").glob("*.json5"))
+    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "instance"
+    configs = sorted(folder.glob("*.json5"))
     processes: list[subprocess.Popen] = []
     stop = []
     # Ctrl-C reaches the children too (same process group); each stops itself.

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages some tests drive, unless they are there already:
-# chromium and chromium-driver (browser test), systemd (systemd-analyze verify of the unit files).
+# chromium and chromium-driver (browser test), systemd (systemd-analyze verify of the unit files),
+# curl (the README's examples).
 set -euo pipefail
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v curl >/dev/null || missing+=(curl)
 [ ${#missing[@]} -eq 0 ] && exit 0
 SUDO=
 [ "$(id -u)" -eq 0 ] || SUDO=sudo

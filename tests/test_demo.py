@@ -1,0 +1,71 @@
+"""`make run`'s demo, on a copy of the shipped configs, certificates and key files: the README's examples work."""
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import ROOT, wait_until
+
+README = (ROOT / "README.md").read_text()
+
+
+@pytest.fixture
+def demo(tmp_path):
+    for folder in ("instance", "certs", "keys"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("*.db*"))
+    log = open(tmp_path / "demo.log", "wb")
+    process = subprocess.Popen([sys.executable, "deploy/demo.py", str(tmp_path / "instance")], cwd=ROOT,
+                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    output = lambda: (tmp_path / "demo.log").read_text(errors="replace")  # noqa: E731
+    try:
+        wait_until(lambda: "Press Ctrl-C" in output() or process.poll() is not None, timeout=90)
+        assert process.poll() is None, output()
+        yield tmp_path, output
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+    assert process.returncode == 0 and "Demo stopped." in output()
+
+
+def curl_sessions() -> list[list[str]]:
+    """The README's curl commands, one list per shell block, continuation lines joined."""
+    blocks = re.findall(r"```sh\n(.*?)```", README, re.S)
+    sessions = [[line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip().startswith("curl")]
+                for block in blocks]
+    return [session for session in sessions if session]
+
+
+def run_curl(command: str, cwd) -> str:
+    result = subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_readme_examples_against_the_demo(demo):
+    folder, output = demo
+    assert "debugging page http://127.0.0.1:18080/" in output()
+    sessions = curl_sessions()
+    assert len(sessions) == 2
+    for session in sessions:
+        key_id = None
+        for command in session:
+            answer = run_curl(command.replace("PASTE-KEY-ID-HERE", str(key_id)), folder)
+            found = re.search(r'"key_ID":"([0-9a-f-]{36})"', answer)
+            if "enc_keys" in command:
+                key_id = found.group(1)
+            elif "dec_keys" in command:
+                assert found.group(1) == key_id
+            else:
+                assert '"stored_key_count"' in answer
+    python = re.search(r"```python\n(.*?)```", README, re.S).group(1)
+    result = subprocess.run([sys.executable, "-c", python], cwd=folder, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "{'SAE_ID': 1}" in result.stdout
