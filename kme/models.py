@@ -114,6 +114,7 @@ class IncomingActivation(db.Model):
     """An activation a peer KME asked for: remembered so that retries and cancels are idempotent."""
 
     __tablename__ = "incoming_activations"
+    __table_args__ = (Index("ix_incoming_activations_created_at", "created_at"),)
     activation_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     link_id: Mapped[int] = mapped_column(BigInteger)
     state: Mapped[str] = mapped_column(String(16))
