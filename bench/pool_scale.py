@@ -35,7 +35,7 @@ def per_call_us(action) -> float:
 
 
 def measure(folder: Path, pki: Pki, pool: int) -> tuple[float, float, float, float]:
-    config = write_config(folder, pki)
+    config = write_config(folder, pki, log_level="WARNING")
     with open(folder / "keys" / "pool.cor", "wb") as handle:
         for _ in range(pool // 4096):
             handle.write(os.urandom(32 * 4096))

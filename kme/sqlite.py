@@ -47,6 +47,12 @@ def install(engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+def insert_pool_keys(connection, rows: list[tuple]) -> None:
+    """Add (link_id, file_id, position, state, material) rows in one executemany, past the ORM (ingestion speed)."""
+    connection.exec_driver_sql(
+        "INSERT INTO pool_keys (link_id, file_id, position, state, material) VALUES (?, ?, ?, ?, ?)", rows)
+
+
 def take_pool_keys(connection, link_id: int, count: int) -> list:
     """Remove up to ``count`` free keys of the link's pool, lowest ids first; returns them in id order."""
     rows = connection.execute(_TAKE, {"link_id": link_id, "count": count}).all()

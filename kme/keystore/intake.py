@@ -1,12 +1,12 @@
 """Key files into the pools of the links, resumable and idempotent."""
 from dataclasses import dataclass
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
-from kme import entropy, events
+from kme import entropy, events, sqlite
 from kme.db import write_transaction
 from kme.keystore.common import update_link
-from kme.models import OURS, PEERS, KeyFile, Link, PoolKey
+from kme.models import OURS, PEERS, KeyFile, Link
 
 
 @dataclass(frozen=True)
@@ -65,14 +65,11 @@ def store_keys(link_id: int, progress: FileProgress, materials: list[bytes], com
         link_row = session.get(Link, link_id)
         if link_row.available + link_row.reserved + link_row.peer_held + len(materials) > max_key_count:
             raise ValueError(f"the pool of link {link_id} would exceed max_key_count ({max_key_count})")
-        rows = [
-            {"link_id": link_id, "file_id": row.id, "position": position, "material": material,
-             "state": PEERS if position % 2 == parity_of_peer else OURS}
-            for position, material in enumerate(materials, start=row.next_position)
-        ]
+        rows = [(link_id, row.id, position, PEERS if position % 2 == parity_of_peer else OURS, material)
+                for position, material in enumerate(materials, start=row.next_position)]
         if rows:
-            session.execute(insert(PoolKey), rows)
-        peers = sum(1 for item in rows if item["state"] == PEERS)
+            sqlite.insert_pool_keys(session.connection(), rows)
+        peers = sum(1 for item in rows if item[3] == PEERS)
         row.next_position += len(materials)
         row.complete = complete
         update_link(session, link_id, added=materials, ingested=len(rows), available=len(rows) - peers,
