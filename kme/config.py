@@ -109,10 +109,6 @@ class KmeConfig:
     def in_memory(self) -> bool:
         return self.this_kme.database_uri == IN_MEMORY_URI
 
-    @property
-    def display_name(self) -> str:
-        return self.this_kme.nickname
-
     @cached_property
     def saes_by_id(self) -> dict[int, Sae]:
         return {sae.id: sae for sae in self.saes}

@@ -54,7 +54,11 @@ def link_of(config: KmeConfig, path: Path) -> int | None:
 
 def ingest_directories(config: KmeConfig, summary: IngestSummary | None = None,
                        show_progress: bool = False) -> IngestSummary:
-    """Ingest every file present in the key directory of every link, oldest name first."""
+    """Ingest every file present in the key directory of every link, in name order.
+
+    Files already complete are passed over with one query per link, so a
+    restart over a folder of many old files costs next to nothing.
+    """
     summary = summary or IngestSummary()
     pending = []
     for link_id, directory in config.key_directories().items():
@@ -63,7 +67,9 @@ def ingest_directories(config: KmeConfig, summary: IngestSummary | None = None,
         except OSError as exc:
             summary.warn(f"key directory {directory} of link {link_id} cannot be read: {exc.strerror}")
             continue
-        pending.extend((link_id, Path(entry.path)) for entry in entries)
+        done = intake.complete_files(link_id)
+        summary.skipped += sum(1 for entry in entries if entry.name in done)
+        pending.extend((link_id, Path(entry.path)) for entry in entries if entry.name not in done)
     backlog = sum(_size(path) for _, path in pending)
     if show_progress and backlog >= PROGRESS_BAR_BYTES:
         with click.progressbar(length=backlog, label="Ingesting key files") as bar:

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from kme import entropy, events, sqlite
-from kme.db import write_transaction
+from kme.db import db, write_transaction
 from kme.keystore.common import update_link
 from kme.models import OURS, PEERS, KeyFile, Link
 
@@ -37,6 +37,13 @@ def ensure_links(link_ids) -> None:
             if link_id not in known:
                 session.add(Link(peer_kme_id=link_id, ingested=0, available=0, reserved=0, peer_held=0,
                                  delivered=0, discarded=0, byte_histogram=entropy.EMPTY))
+
+
+def complete_files(link_id: int) -> set[str]:
+    """Names of the link's key files that are fully ingested."""
+    names = set(db.session.scalars(select(KeyFile.name).where(KeyFile.link_id == link_id, KeyFile.complete)))
+    db.session.commit()
+    return names
 
 
 def open_key_file(link_id: int, name: str) -> FileProgress:
