@@ -1,11 +1,13 @@
 """The demo behind `make run`: every KME configured in instance/, each with its processes.
 
-For each instance/*.json5 (or the *.json5 of the folder given as argument) it starts the ingestion worker, the SAE interface,
-the inter-KME interface and the debugging page, waits until they are up, prints the addresses and
-a copy-paste SAE session across the two KMEs, and stops every process it
-started (by pid) on Ctrl-C.
+For each instance/*.json5 (or each *.json5 of the folder given as argument)
+it starts the ingestion worker, the SAE interface, the inter-KME interface and
+the debugging page, waits until they are up, prints the addresses and a
+copy-paste SAE session across the two KMEs, and stops every process it
+started (by pid) on Ctrl-C. Each run starts afresh from the shipped key files.
 """
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -55,6 +57,15 @@ def _example(master_kme, slave_kme) -> str:
 """
 
 
+def _fresh_state(config) -> None:
+    """Each demo starts from the shipped key files: no database or metrics left from an earlier run."""
+    database = Path(config.this_kme.database_uri.removeprefix("sqlite:///"))
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+        path.unlink(missing_ok=True)
+    if config.this_kme.metrics_directory is not None:
+        shutil.rmtree(config.this_kme.metrics_directory, ignore_errors=True)
+
+
 def main() -> int:
     folder = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "instance"
     configs = sorted(folder.glob("*.json5"))
@@ -67,6 +78,7 @@ def main() -> int:
         loaded = []
         for path in configs:
             config = load_config(path)
+            _fresh_state(config)
             loaded.append(config)
             processes.append(_start([sys.executable, "-m", "flask", "ingest-keys", "--watch"], path))
             processes.append(_start([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"], path))
