@@ -7,9 +7,8 @@ peer. Slave side: check that the calling KME acts only on its own link, for
 its own master SAE and our slave SAEs, then activate.
 """
 import logging
-from datetime import datetime, timedelta, timezone
 
-from kme import health, metrics
+from kme import events, health, metrics
 from kme.config import KmeConfig, OtherKme, Sae
 from kme.errors import KmeError, bad_request, unavailable
 from kme.keystore import incoming, local, outgoing
@@ -22,11 +21,6 @@ log = logging.getLogger(__name__)
 # A web worker waits at most connect + read timeout for a peer; a SENDING
 # activation older than this margin times that has lost its worker.
 _SENDING_MARGIN = 2
-
-
-def _utc_iso(delta_seconds: float) -> str:
-    moment = datetime.now(timezone.utc) - timedelta(seconds=delta_seconds)
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def activate_at_peer(config: KmeConfig, peer: OtherKme, master: Sae, remote_slaves: list[Sae],
@@ -82,7 +76,7 @@ def settle_pending(config: KmeConfig) -> int:
     """Cancel at their peers the activations nobody waits for, then discard their keys; how many settled."""
     longest = max((p.connect_timeout_seconds + p.read_timeout_seconds for p in config.other_kmes), default=0)
     settled = 0
-    for activation_id, link_id, request in outgoing.to_settle(_utc_iso(longest * _SENDING_MARGIN)):
+    for activation_id, link_id, request in outgoing.to_settle(events.utc_now(longest * _SENDING_MARGIN)):
         peer = config.other_kmes_by_id.get(link_id)
         if peer is None:
             # The link left the configuration: its keys can never be used again.
@@ -110,6 +104,6 @@ def housekeeping(config: KmeConfig) -> None:
     probe_peers(config)
     settle_pending(config)
     expiry = config.this_kme.key_expiry_seconds
-    while local.expire_delivered(_utc_iso(expiry)):
+    while local.expire_delivered(events.utc_now(expiry)):
         pass
-    incoming.forget_before(_utc_iso(max(expiry, 86400) * 2))
+    incoming.forget_before(events.utc_now(max(expiry, 86400) * 2))

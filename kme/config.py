@@ -223,12 +223,11 @@ def _database_uri(data: dict, base_dir: Path) -> str:
     return "sqlite:///" + str((base_dir / path).resolve())
 
 
-def _metrics_directory(data: dict, base_dir: Path) -> Path | None:
+def _metrics_directory(data: dict, base_dir: Path, database_uri: str) -> Path | None:
     """Where the processes of a KME share their metrics; none for an in-memory database."""
     if "metrics_directory" in data:
         return (base_dir / data["metrics_directory"]).resolve()
-    uri = _database_uri(data, base_dir)
-    return None if uri == IN_MEMORY_URI else Path(uri.removeprefix("sqlite:///") + ".metrics")
+    return None if database_uri == IN_MEMORY_URI else Path(database_uri.removeprefix("sqlite:///") + ".metrics")
 
 
 def _limits(data: dict) -> Limits:
@@ -243,16 +242,17 @@ def _limits(data: dict) -> Limits:
 
 def _this_kme(data: dict, base_dir: Path) -> ThisKme:
     kmes = data.get("kmes_https_interface")
+    database_uri = _database_uri(data, base_dir)
     return ThisKme(
         id=data["id"],
         nickname=data.get("nickname") or f"KME {data['id']}",
-        database_uri=_database_uri(data, base_dir),
+        database_uri=database_uri,
         key_directory_to_watch=(base_dir / data["key_directory_to_watch"]).resolve(),
         saes_https_interface=_https_interface(data["saes_https_interface"], base_dir, "this_kme.saes_https_interface"),
         kmes_https_interface=kmes and _https_interface(kmes, base_dir, "this_kme.kmes_https_interface"),
         debugging_http_interface=data.get("debugging_http_interface"),
         debugging_http_allow_non_loopback=data.get("debugging_http_allow_non_loopback", False),
-        metrics_directory=_metrics_directory(data, base_dir),
+        metrics_directory=_metrics_directory(data, base_dir, database_uri),
         log_level=data.get("log_level", "INFO"),
         log_format=data.get("log_format", "text"),
         delete_key_file_after_read=data.get("delete_key_file_after_read", False),

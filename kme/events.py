@@ -1,6 +1,6 @@
 """The KME's event log: short lines for operators, never key material."""
 import logging
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import delete, select
 
@@ -12,9 +12,13 @@ log = logging.getLogger("kme.events")
 KEPT_EVENTS = 10_000
 
 
-def utc_now() -> str:
-    """The current time as the event log writes it: ISO 8601, microseconds, Z."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+def utc_now(seconds_ago: float = 0) -> str:
+    """The current time (or ``seconds_ago`` before it) as the event log writes it: ISO 8601, microseconds, Z.
+
+    All stored times use this form, so they compare correctly as strings.
+    """
+    moment = datetime.now(timezone.utc) - timedelta(seconds=seconds_ago)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def record(session, message: str) -> None:

@@ -2,7 +2,7 @@
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import insert, select
+from sqlalchemy import delete, insert, select
 
 from kme import entropy
 from kme.config import KEY_BITS
@@ -76,6 +76,21 @@ def store_delivered(session, link_id: int, master_sae_id: int, slave_ids: list[i
     session.execute(insert(KeySlave), [
         {"key_id": key.key_id, "slave_sae_id": slave, "fetched": False} for key in keys for slave in slave_ids
     ])
+
+
+def erase_delivered(session, key_ids: list[str]) -> int:
+    """Erase delivered keys (and their slave rows) wherever they stand; how many were still there."""
+    if not key_ids:
+        return 0
+    session.execute(delete(KeySlave).where(KeySlave.key_id.in_(key_ids)))
+    erased = session.execute(delete(DeliveredKey).where(DeliveredKey.key_id.in_(key_ids))
+                             .returning(DeliveredKey.link_id, DeliveredKey.material)).all()
+    by_link: dict[int, list[bytes]] = {}
+    for row in erased:
+        by_link.setdefault(row.link_id, []).append(row.material)
+    for link_id, materials in by_link.items():
+        update_link(session, link_id, removed=materials)
+    return len(erased)
 
 
 def link_counts(link_id: int) -> LinkCounts:

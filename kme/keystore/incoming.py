@@ -11,8 +11,9 @@ from sqlalchemy import delete, select, tuple_
 from kme import events
 from kme.db import write_transaction
 from kme.errors import KmeError
-from kme.keystore.common import DeliveredKeyMaterial, pool_keys_per_key, store_delivered, update_link
-from kme.models import PEERS, DeliveredKey, IncomingActivation, KeyFile, KeySlave, PoolKey
+from kme.keystore.common import DeliveredKeyMaterial, erase_delivered, pool_keys_per_key, store_delivered, \
+    update_link
+from kme.models import PEERS, DeliveredKey, IncomingActivation, KeyFile, PoolKey
 
 ACTIVATED = "activated"
 CANCELLED = "cancelled"
@@ -44,8 +45,8 @@ def activate(link_id: int, request: ActivationRequest) -> int:
         per_key = pool_keys_per_key(request.size_bits)
         if any(len(parts) != per_key for _, parts in request.keys):
             raise KmeError(400, f"each key of {request.size_bits} bits has {per_key} parts")
-        rows = _pool_rows(session, link_id, [part for _, parts in request.keys for part in parts])
         wanted = [part for _, parts in request.keys for part in parts]
+        rows = _pool_rows(session, link_id, wanted)
         if len(rows) != len(wanted) or len(set(wanted)) != len(wanted):
             raise conflict(f"{len(set(wanted)) - len(rows)} of the {len(wanted)} keys named are not available "
                            f"on this KME's link with KME {link_id} (not ingested yet, or used)")
@@ -78,14 +79,10 @@ def cancel(link_id: int, request: ActivationRequest) -> None:
         if known is not None and known.state == CANCELLED:
             return
         if known is not None:
-            key_ids = json.loads(known.key_ids)
-            erased = session.execute(delete(DeliveredKey).where(DeliveredKey.key_id.in_(key_ids))
-                                     .returning(DeliveredKey.material)).scalars().all()
-            session.execute(delete(KeySlave).where(KeySlave.key_id.in_(key_ids)))
-            update_link(session, link_id, removed=erased)
+            erased = erase_delivered(session, json.loads(known.key_ids))
             known.state = CANCELLED
             events.record(session, f"Activation {request.activation_id} cancelled by KME {link_id}: "
-                                   f"{len(erased)} unfetched keys erased")
+                                   f"{erased} unfetched keys erased")
             return
         rows = _pool_rows(session, link_id, [part for _, parts in request.keys for part in parts])
         session.execute(delete(PoolKey).where(PoolKey.id.in_([row.id for row in rows.values()])))

@@ -1,12 +1,12 @@
 """Keys for SAEs of this KME: delivery inside the zone, fetch by key ID, expiry."""
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 
 from kme import events, sqlite
 from kme.config import KEY_BITS
 from kme.db import write_transaction
 from kme.errors import KEYS_NOT_FOUND, bad_request, unauthorized, unavailable
-from kme.keystore.common import DeliveredKeyMaterial, build_keys, new_key_id, pool_keys_per_key, store_delivered, \
-    update_link
+from kme.keystore.common import DeliveredKeyMaterial, build_keys, erase_delivered, new_key_id, pool_keys_per_key, \
+    store_delivered, update_link
 from kme.models import DeliveredKey, KeySlave
 
 
@@ -62,7 +62,7 @@ def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -
         session.execute(update(KeySlave).where(KeySlave.key_id.in_(key_ids), KeySlave.slave_sae_id == slave_sae_id)
                         .values(fetched=True))
         waiting = {row.key_id for row in slaves if row.slave_sae_id != slave_sae_id and not row.fetched}
-        _erase(session, [keys[key_id] for key_id in key_ids if key_id not in waiting])
+        erase_delivered(session, [key_id for key_id in key_ids if key_id not in waiting])
         for key_id in key_ids:
             events.record(session, f"SAE {slave_sae_id} requested key {key_id} (from {master_sae_id})")
         return [DeliveredKeyMaterial(key_id, keys[key_id].material) for key_id in key_ids]
@@ -71,22 +71,9 @@ def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -
 def expire_delivered(created_before: str, limit: int = 1000) -> int:
     """Erase up to ``limit`` delivered keys created before the given time that a slave never fetched."""
     with write_transaction() as session:
-        rows = session.scalars(select(DeliveredKey).where(DeliveredKey.created_at < created_before)
-                               .order_by(DeliveredKey.created_at).limit(limit)).all()
-        _erase(session, rows)
-        for row in rows:
-            events.record(session, f"Key {row.key_id} expired before its slave SAEs fetched it, erased")
-        return len(rows)
-
-
-def _erase(session, rows: list[DeliveredKey]) -> None:
-    if not rows:
-        return
-    ids = [row.key_id for row in rows]
-    session.execute(delete(KeySlave).where(KeySlave.key_id.in_(ids)))
-    session.execute(delete(DeliveredKey).where(DeliveredKey.key_id.in_(ids)))
-    by_link: dict[int, list[bytes]] = {}
-    for row in rows:
-        by_link.setdefault(row.link_id, []).append(row.material)
-    for link_id, materials in by_link.items():
-        update_link(session, link_id, removed=materials)
+        key_ids = session.scalars(select(DeliveredKey.key_id).where(DeliveredKey.created_at < created_before)
+                                  .order_by(DeliveredKey.created_at).limit(limit)).all()
+        erase_delivered(session, key_ids)
+        for key_id in key_ids:
+            events.record(session, f"Key {key_id} expired before its slave SAEs fetched it, erased")
+        return len(key_ids)
