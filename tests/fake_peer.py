@@ -9,8 +9,8 @@ class FakePeer:
 
     def __init__(self, port: int, cert: str, key: str, mode: str):
         self.mode = mode
-        self.requests = 0
-        self.received = threading.Event()
+        # Set when an activation arrives (the background worker's health probes also come here).
+        self.activation_received = threading.Event()
         self._stop = threading.Event()
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.load_cert_chain(cert, key)
@@ -29,13 +29,13 @@ class FakePeer:
             raw.settimeout(5)
             try:
                 conn = self._context.wrap_socket(raw, server_side=True)
-                conn.recv(65536)
+                request = conn.recv(65536)
             except (OSError, ssl.SSLError):
                 raw.close()
                 continue
-            self.requests += 1
             self._connections.append(conn)
-            self.received.set()
+            if request.startswith(b"POST /api/v1/kme/activations"):
+                self.activation_received.set()
             if self.mode == "garbage":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 9\r\n\r\n<b>hi</b>")
 

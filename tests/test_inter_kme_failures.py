@@ -120,7 +120,7 @@ def test_master_killed_between_claim_and_answer_is_settled_after_restart(network
     caller = threading.Thread(target=ask)
     caller.start()
     try:
-        assert peer.received.wait(20)
+        assert peer.activation_received.wait(20)
         held = reserved_material(kme1.ledger)
         assert len(held) == 2
         sae = kme1.processes.pop("sae")
