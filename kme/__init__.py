@@ -2,7 +2,7 @@
 import os
 import sys
 
-from flask import Flask
+from flask import Flask, request
 
 from kme.config import KmeConfig, load_config
 
@@ -43,6 +43,8 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.json.sort_keys = False
+    # "//api//v1//..." is a 404 in JSON, not a redirect with an HTML body.
+    app.url_map.merge_slashes = False
     cli.init_app(app)
     if kme_config is None:
         # gen-certs needs no configuration; the other commands say it is missing.
@@ -61,6 +63,9 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
 
     @app.before_request
     def prepare_database():
+        # /healthz reports a lost database in its own body; everything else refuses to go on.
+        if request.blueprint != health_api.bp.name:
+            db.check_database_file()
         # An in-memory database lives and dies with this process, which
         # therefore ingests the key files itself.
         if db.ensure_schema() and config.in_memory:

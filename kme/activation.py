@@ -10,7 +10,7 @@ import logging
 
 from kme import events, health, metrics
 from kme.config import KmeConfig, OtherKme, Sae
-from kme.errors import KmeError, bad_request, unavailable
+from kme.errors import BadRequest, Forbidden, PeerFailure
 from kme.keystore import incoming, local, outgoing
 from kme.keystore.common import DeliveredKeyMaterial
 from kme.keystore.incoming import ActivationRequest
@@ -34,12 +34,13 @@ def activate_at_peer(config: KmeConfig, peer: OtherKme, master: Sae, remote_slav
         metrics.PEER_FAILURES.labels(str(peer.id), "unknown").inc()
         outgoing.mark_unknown(reservation.activation_id)
         log.warning("activation %s: %s", reservation.activation_id, exc)
-        raise unavailable(f"{exc}; the keys are held back until KME {peer.id} settles them") from None
+        raise PeerFailure(f"{exc}; the keys are held back until KME {peer.id} settles them") from None
     except PeerError as exc:
         metrics.PEER_FAILURES.labels(str(peer.id), "refused" if isinstance(exc, PeerRefused) else "unreachable").inc()
         outgoing.release(reservation.activation_id)
-        log.warning("activation %s: %s", reservation.activation_id, exc)
-        raise unavailable(str(exc)) from None
+        log.warning("activation %s: %s%s", reservation.activation_id, exc,
+                    f": {exc.detail}" if isinstance(exc, PeerRefused) else "")
+        raise PeerFailure(str(exc)) from None
     outgoing.finalize(reservation)
     return reservation.keys
 
@@ -49,10 +50,10 @@ def accept_activation(config: KmeConfig, caller: OtherKme, request: ActivationRe
     _check_sides(config, caller, request)
     limits = config.this_kme.limits
     if request.size_bits % 8 or not limits.min_key_size <= request.size_bits <= limits.max_key_size:
-        raise bad_request(f"size {request.size_bits} is outside this KME's limits "
+        raise BadRequest(f"size {request.size_bits} is outside this KME's limits "
                           f"({limits.min_key_size} to {limits.max_key_size}, multiple of 8)")
     if len(request.keys) > limits.max_key_per_request:
-        raise bad_request(f"at most {limits.max_key_per_request} keys per activation")
+        raise BadRequest(f"at most {limits.max_key_per_request} keys per activation")
     return incoming.activate(caller.id, request)
 
 
@@ -65,11 +66,11 @@ def cancel_activation(config: KmeConfig, caller: OtherKme, request: ActivationRe
 def _check_sides(config: KmeConfig, caller: OtherKme, request: ActivationRequest) -> None:
     master = config.saes_by_id.get(request.master_sae_id)
     if master is None or master.kme_id != caller.id:
-        raise KmeError(403, f"SAE {request.master_sae_id} is not an SAE of KME {caller.id}")
+        raise Forbidden(f"SAE {request.master_sae_id} is not an SAE of KME {caller.id}")
     for slave_id in request.slave_ids:
         slave = config.saes_by_id.get(slave_id)
         if slave is None or slave.kme_id != config.this_kme.id:
-            raise KmeError(403, f"SAE {slave_id} is not an SAE of this KME")
+            raise Forbidden(f"SAE {slave_id} is not an SAE of this KME")
 
 
 def settle_pending(config: KmeConfig) -> int:
@@ -81,6 +82,10 @@ def settle_pending(config: KmeConfig) -> int:
         if peer is None:
             # The link left the configuration: its keys can never be used again.
             outgoing.discard(activation_id)
+            continue
+        # Compare-and-set before the cancel leaves: a web worker whose peer
+        # answers late then finds the row cancelling and never answers its SAE.
+        if not outgoing.begin_cancel(activation_id):
             continue
         try:
             client_for(peer).cancel(request)

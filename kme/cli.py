@@ -1,4 +1,5 @@
-"""Flask CLI commands: ingest-keys (one shot or --watch), kme-status and gen-certs."""
+"""Flask CLI commands: ingest-keys (one shot or --watch), kme-status, adopt-key-folders and gen-certs."""
+import os
 import signal
 import sys
 import threading
@@ -7,9 +8,13 @@ from pathlib import Path
 import click
 from flask import current_app
 
-from kme import certs, status
-from kme.db import ensure_schema
-from kme.ingest import ingest_directories
+from sqlalchemy.exc import DBAPIError
+
+from kme import certs, key_folders, status
+from kme.db import DATABASE_ID, ensure_schema, meta
+from kme.errors import StorageFailure, storage_cause
+from kme.ingest import KEY_FILE_SUFFIX, ingest_directories
+from kme.keystore import intake
 from kme.watch import watch
 
 
@@ -38,9 +43,13 @@ def ingest_keys_command(keep_watching: bool) -> None:
     for link_id, directory in config.key_directories().items():
         if not directory.is_dir():
             raise click.ClickException(f"key directory of link {link_id} does not exist: {directory}")
-    ensure_schema()
     if not keep_watching:
-        _print_summary(ingest_directories(config, show_progress=sys.stdout.isatty()))
+        try:
+            ensure_schema()
+            _print_summary(ingest_directories(config, show_progress=sys.stdout.isatty()))
+        except (DBAPIError, StorageFailure) as exc:
+            cause = exc.cause if isinstance(exc, StorageFailure) else storage_cause(exc)
+            raise click.ClickException(f"ingestion stopped: {cause}") from None
         return
     stop = threading.Event()
     for number in (signal.SIGINT, signal.SIGTERM):
@@ -53,6 +62,35 @@ def ingest_keys_command(keep_watching: bool) -> None:
 
     summary = watch(config, stop, on_ready=ready)
     click.echo(f"stopped; {summary.line()}")
+
+
+@click.command("adopt-key-folders")
+@click.option("--existing", type=click.Choice(["used", "new"]), required=True,
+              help="used: the key files present now are never ingested (their keys may have been handed out); "
+                   "new: they are ingested as new keys (only if no key of theirs was ever used).")
+def adopt_key_folders_command(existing: str) -> None:
+    """Bind key folders marked by another database to this one, after an operator's decision."""
+    config = _config()
+    ensure_schema()
+    database_id = meta(DATABASE_ID).decode()
+    adopted = 0
+    for link_id, directory in config.key_directories().items():
+        mark = key_folders.read_mark(directory)
+        if mark is None or mark == database_id:
+            continue
+        retired = intake.retire_files(link_id, _key_files(directory)) if existing == "used" else 0
+        key_folders.write_mark(directory, database_id)
+        adopted += 1
+        click.echo(f"link {link_id}: {directory} adopted (was {mark}); "
+                   + (f"{retired} files present retired, never ingested" if existing == "used"
+                      else "its files are ingested as new keys"))
+    click.echo(f"{adopted} key folders adopted by database {database_id}")
+
+
+def _key_files(directory: Path) -> list[tuple[str, int]]:
+    """(name, size) of the .cor files directly in ``directory``."""
+    return [(entry.name, entry.stat(follow_symlinks=False).st_size) for entry in os.scandir(directory)
+            if entry.name.endswith(KEY_FILE_SUFFIX) and entry.is_file(follow_symlinks=False)]
 
 
 def _parse_sae(value: str) -> tuple[int, int]:
@@ -113,3 +151,4 @@ def init_app(app) -> None:
     app.cli.add_command(ingest_keys_command)
     app.cli.add_command(gen_certs_command)
     app.cli.add_command(kme_status_command)
+    app.cli.add_command(adopt_key_folders_command)

@@ -5,7 +5,9 @@ Every mistake raises ConfigError with one line naming the field, e.g.
 sees the dataclasses below, never raw JSON. This module does not import Flask,
 so the gunicorn configuration files can use it.
 """
+import hashlib
 import os
+import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +23,8 @@ KEY_BITS = 256
 IN_MEMORY_URI = "sqlite:///:memory:"
 DEFAULT_KEY_EXPIRY_SECONDS = 3600.0
 DEFAULT_HOUSEKEEPING_SECONDS = 5.0
+DEFAULT_RESCAN_SECONDS = 10.0
+DEFAULT_SETTLE_SECONDS = 2.0
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 3.0
 DEFAULT_READ_TIMEOUT_SECONDS = 10.0
 
@@ -72,6 +76,8 @@ class ThisKme:
     delete_key_file_after_read: bool
     key_expiry_seconds: float
     housekeeping_interval_seconds: float
+    rescan_interval_seconds: float
+    key_file_settle_seconds: float
     limits: Limits
 
 
@@ -223,11 +229,22 @@ def _database_uri(data: dict, base_dir: Path) -> str:
     return "sqlite:///" + str((base_dir / path).resolve())
 
 
-def _metrics_directory(data: dict, base_dir: Path, database_uri: str) -> Path | None:
-    """Where the processes of a KME share their metrics; none for an in-memory database."""
+def _metrics_directory(data: dict, base_dir: Path, kme_id: int, database_uri: str) -> Path | None:
+    """Where the processes of a KME share their metrics; none for an in-memory database.
+
+    prometheus-client memory-maps these files: on the database's disk, a full
+    disk would kill the workers with SIGBUS. The default is therefore in a
+    runtime directory (KME_RUNTIME_DIR, else the tmpfs /dev/shm).
+    """
     if "metrics_directory" in data:
         return (base_dir / data["metrics_directory"]).resolve()
-    return None if database_uri == IN_MEMORY_URI else Path(database_uri.removeprefix("sqlite:///") + ".metrics")
+    if database_uri == IN_MEMORY_URI:
+        return None
+    runtime = os.environ.get("KME_RUNTIME_DIR")
+    if not runtime:
+        runtime = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    digest = hashlib.sha256(database_uri.encode()).hexdigest()[:12]
+    return Path(runtime) / f"kme-{kme_id}-{digest}-metrics"
 
 
 def _limits(data: dict) -> Limits:
@@ -252,12 +269,14 @@ def _this_kme(data: dict, base_dir: Path) -> ThisKme:
         kmes_https_interface=kmes and _https_interface(kmes, base_dir, "this_kme.kmes_https_interface"),
         debugging_http_interface=data.get("debugging_http_interface"),
         debugging_http_allow_non_loopback=data.get("debugging_http_allow_non_loopback", False),
-        metrics_directory=_metrics_directory(data, base_dir, database_uri),
+        metrics_directory=_metrics_directory(data, base_dir, data["id"], database_uri),
         log_level=data.get("log_level", "INFO"),
         log_format=data.get("log_format", "text"),
         delete_key_file_after_read=data.get("delete_key_file_after_read", False),
         key_expiry_seconds=data.get("key_expiry_seconds", DEFAULT_KEY_EXPIRY_SECONDS),
         housekeeping_interval_seconds=data.get("housekeeping_interval_seconds", DEFAULT_HOUSEKEEPING_SECONDS),
+        rescan_interval_seconds=data.get("rescan_interval_seconds", DEFAULT_RESCAN_SECONDS),
+        key_file_settle_seconds=data.get("key_file_settle_seconds", DEFAULT_SETTLE_SECONDS),
         limits=_limits(data.get("limits", {})),
     )
 

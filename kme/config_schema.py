@@ -135,6 +135,8 @@ class ThisKmeSchema(StrictSchema):
     log_format = Str(validate=validate.OneOf(["text", "json"], error="text or json"))
     key_expiry_seconds = Seconds()
     housekeeping_interval_seconds = Seconds()
+    rescan_interval_seconds = Seconds()
+    key_file_settle_seconds = Seconds()
     limits = Nested(LimitsSchema)
 
 

@@ -1,12 +1,19 @@
-"""The database handle, schema creation, and the write transaction every writer uses."""
+"""The database handle, schema creation and identity, and the write transaction every writer uses."""
+import os
+import uuid
 import weakref
 from contextlib import contextmanager
 
 from flask import current_app
 from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import insert, select
 from sqlalchemy.orm import DeclarativeBase
 
 from kme import sqlite
+from kme.errors import StorageFailure
+
+DATABASE_ID = "database_id"
+FINGERPRINT_SECRET = "fingerprint_secret"
 
 
 class Base(DeclarativeBase):
@@ -16,6 +23,7 @@ class Base(DeclarativeBase):
 db = SQLAlchemy(model_class=Base)
 
 _schema_ready: "weakref.WeakSet" = weakref.WeakSet()
+_meta: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def init_app(app, database_uri: str) -> None:
@@ -38,6 +46,7 @@ def write_transaction():
     session = db.session()
     if session.in_transaction():
         raise RuntimeError("write_transaction() started inside an open transaction")
+    check_database_file()
     session.connection(execution_options={sqlite.WRITE_OPTION: True})
     try:
         yield session
@@ -48,11 +57,12 @@ def write_transaction():
 
 
 def ensure_schema() -> bool:
-    """Create missing tables and link rows once per process; True the first time.
+    """Create missing tables, the database's identity and link rows once per process; True the first time.
 
     Runs under the write lock, so processes starting together do not race.
     """
     from kme.keystore import intake
+    from kme.models import Meta
 
     engine = db.engine
     if engine in _schema_ready:
@@ -60,6 +70,33 @@ def ensure_schema() -> bool:
     with engine.connect().execution_options(**{sqlite.WRITE_OPTION: True}) as connection:
         with connection.begin():
             db.metadata.create_all(connection)
+            known = set(connection.scalars(select(Meta.name)))
+            for name, value in ((DATABASE_ID, uuid.uuid4().hex.encode()), (FINGERPRINT_SECRET, os.urandom(32))):
+                if name not in known:
+                    connection.execute(insert(Meta).values(name=name, value=value))
+            _meta[engine] = dict(connection.execute(select(Meta.name, Meta.value)).all())
     intake.ensure_links(current_app.extensions["kme"].key_directories())
     _schema_ready.add(engine)
     return True
+
+
+def meta(name: str) -> bytes:
+    """A fact about this database (DATABASE_ID, FINGERPRINT_SECRET); ensure_schema() has run."""
+    return _meta[db.engine][name]
+
+
+def meta_or_none(name: str) -> bytes | None:
+    """A fact about this database if this process has read it already (health checks never create it)."""
+    return _meta.get(db.engine, {}).get(name)
+
+
+def reset_connections() -> None:
+    """Drop pooled connections, so that the next use opens fresh ones (after a storage fault)."""
+    db.engine.dispose()
+
+
+def check_database_file() -> None:
+    """StorageFailure if the database file was deleted or replaced under this process."""
+    problem = sqlite.file_problem(db.engine)
+    if problem:
+        raise StorageFailure(problem)

@@ -1,11 +1,11 @@
 """The three ETSI GS QKD 014 methods as plain functions of explicit arguments.
 
 No Flask request here: views, the CLI and tests call these directly. Errors
-are KmeError with the standard's messages.
+are kme.errors domain errors with the standard's messages.
 """
 from kme import activation, entropy
 from kme.config import KmeConfig, Sae
-from kme.errors import EXTENSION_MANDATORY_UNSUPPORTED, SIZE_NOT_MULTIPLE_OF_8, bad_request
+from kme.errors import EXTENSION_MANDATORY_UNSUPPORTED, SIZE_NOT_MULTIPLE_OF_8, BadRequest
 from kme.keystore import common
 from kme.keystore import local as keystore_local
 from kme.keystore.common import DeliveredKeyMaterial
@@ -15,14 +15,14 @@ def parse_sae_id(config: KmeConfig, text: str) -> Sae:
     """The SAE named in a URL; 400 if it is not a registered SAE."""
     sae = config.saes_by_id.get(int(text)) if text.isdigit() and text.isascii() else None
     if sae is None:
-        raise bad_request(f"SAE {text} is not known to this KME")
+        raise BadRequest(f"SAE {text} is not known to this KME")
     return sae
 
 
 def _slave(config: KmeConfig, master: Sae, slave_id: str) -> Sae:
     slave = parse_sae_id(config, slave_id)
     if slave.id == master.id:
-        raise bad_request("master and slave SAE shall differ")
+        raise BadRequest("master and slave SAE shall differ")
     return slave
 
 
@@ -50,20 +50,20 @@ def _check_key_request(config: KmeConfig, request: dict) -> tuple[int, int]:
     limits = config.this_kme.limits
     unsupported = [name for extension in request.get("extension_mandatory", []) for name in extension]
     if unsupported:
-        raise bad_request(EXTENSION_MANDATORY_UNSUPPORTED,
+        raise BadRequest(EXTENSION_MANDATORY_UNSUPPORTED,
                           [{"extension_mandatory_unsupported": f"{name} is not supported"} for name in unsupported])
     additional = request.get("additional_slave_SAE_IDs", [])
     if len(additional) > limits.max_SAE_ID_count:
-        raise bad_request(f"additional_slave_SAE_IDs: at most {limits.max_SAE_ID_count} "
+        raise BadRequest(f"additional_slave_SAE_IDs: at most {limits.max_SAE_ID_count} "
                           f"(max_SAE_ID_count of this KME)")
     number = request.get("number", 1)
     if not 1 <= number <= limits.max_key_per_request:
-        raise bad_request(f"number shall be between 1 and {limits.max_key_per_request}")
+        raise BadRequest(f"number shall be between 1 and {limits.max_key_per_request}")
     size = request.get("size", limits.key_size)
     if size % 8:
-        raise bad_request(SIZE_NOT_MULTIPLE_OF_8)
+        raise BadRequest(SIZE_NOT_MULTIPLE_OF_8)
     if not limits.min_key_size <= size <= limits.max_key_size:
-        raise bad_request(f"size shall be between {limits.min_key_size} and {limits.max_key_size}")
+        raise BadRequest(f"size shall be between {limits.min_key_size} and {limits.max_key_size}")
     return number, size
 
 
@@ -72,9 +72,9 @@ def _slaves(config: KmeConfig, master: Sae, primary: Sae, additional: list[int])
     for sae_id in additional:
         sae = config.saes_by_id.get(sae_id)
         if sae is None:
-            raise bad_request(f"additional_slave_SAE_IDs: SAE {sae_id} is not known to this KME")
+            raise BadRequest(f"additional_slave_SAE_IDs: SAE {sae_id} is not known to this KME")
         if sae.id == master.id or sae in slaves:
-            raise bad_request(f"additional_slave_SAE_IDs: SAE {sae_id} is the master or named twice")
+            raise BadRequest(f"additional_slave_SAE_IDs: SAE {sae_id} is the master or named twice")
         slaves.append(sae)
     return slaves
 
@@ -92,7 +92,7 @@ def get_key(config: KmeConfig, master: Sae, slave_id: str, request: dict) -> lis
     this_id = config.this_kme.id
     remote_kmes = sorted({sae.kme_id for sae in slaves} - {this_id})
     if len(remote_kmes) > 1:
-        raise bad_request(f"slave SAEs behind several other KMEs ({', '.join(map(str, remote_kmes))}) need key "
+        raise BadRequest(f"slave SAEs behind several other KMEs ({', '.join(map(str, remote_kmes))}) need key "
                           "relaying through trusted nodes, which this KME does not support yet")
     local_slaves = [sae for sae in slaves if sae.kme_id == this_id]
     if not remote_kmes:
@@ -106,9 +106,9 @@ def get_key_with_key_ids(config: KmeConfig, slave: Sae, master_id: str, key_ids:
     """Get key with key IDs (5.4): the keys a master SAE obtained for ``slave``, erased once handed out."""
     master = parse_sae_id(config, master_id)
     if len(set(key_ids)) != len(key_ids):
-        raise bad_request("key_IDs: the same key ID is requested twice")
+        raise BadRequest("key_IDs: the same key ID is requested twice")
     if len(key_ids) > config.this_kme.limits.max_key_per_request:
-        raise bad_request(f"key_IDs: at most {config.this_kme.limits.max_key_per_request} per request")
+        raise BadRequest(f"key_IDs: at most {config.this_kme.limits.max_key_per_request} per request")
     return keystore_local.fetch_delivered(master.id, slave.id, key_ids)
 
 

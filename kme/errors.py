@@ -1,13 +1,16 @@
-"""Errors: one exception type carrying HTTP status, ETSI message and details.
+"""Errors: the KME's one vocabulary of domain errors, and their mapping to HTTP in one place.
 
-Every error answer, Flask's own 404/405/413 included, is an ETSI GS QKD 014
-Error body (clause 6.5). Unexpected exceptions are logged in full and answered
-with a generic 503 after the session is rolled back: clients never see
-internals.
+Domain code raises the classes below with a message for the client; only
+this module knows their HTTP status. Every error answer, Flask's own
+404/405/413 included, is an ETSI GS QKD 014 Error body (clause 6.5).
+Storage faults become 503 naming the cause; any other unexpected exception
+is logged in full and answered with a generic 503 after the session is
+rolled back: clients never see internals, nor text a peer KME sent.
 """
 import logging
 
 from flask import jsonify
+from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -20,11 +23,10 @@ SERVER_ERROR = "key data access error"
 
 
 class KmeError(Exception):
-    """An error answer: HTTP status, ETSI message, optional details (list of objects)."""
+    """A domain error: an ETSI message for the client and optional details (list of objects)."""
 
-    def __init__(self, status: int, message: str, details: list[dict] | None = None):
+    def __init__(self, message: str, details: list[dict] | None = None):
         super().__init__(message)
-        self.status = status
         self.message = message
         self.details = details
 
@@ -35,48 +37,123 @@ class KmeError(Exception):
         return body
 
 
-def bad_request(message: str, details: list[dict] | None = None) -> KmeError:
-    return KmeError(400, message, details)
+class BadRequest(KmeError):
+    """Malformed or out-of-range input; nothing changed."""
 
 
-def unauthorized(message: str) -> KmeError:
-    return KmeError(401, message)
+class NotAuthorized(KmeError):
+    """The caller is not identified, or is not a slave SAE of a requested key."""
 
 
-def unavailable(message: str) -> KmeError:
-    return KmeError(503, message)
+class KeysNotFound(KmeError):
+    """One or more requested key IDs cannot be returned (the standard's message by default)."""
+
+    def __init__(self, message: str = KEYS_NOT_FOUND):
+        super().__init__(message)
 
 
-def _answer(error: KmeError):
-    response = jsonify(error.body())
-    response.status_code = error.status
+class Forbidden(KmeError):
+    """A peer KME acts outside its own link, master SAE or our slave SAEs."""
+
+
+class ActivationConflict(KmeError):
+    """A peer KME names keys this KME cannot activate, or an activation already settled otherwise."""
+
+
+class NotEnoughKeys(KmeError):
+    """The pool cannot serve the whole request; nothing was taken."""
+
+
+class PeerFailure(KmeError):
+    """A peer KME could not be reached, refused, or answered too late or wrongly (the message names it)."""
+
+
+class StorageFailure(KmeError):
+    """The database cannot be used (full, read-only, gone, replaced); the message names the cause."""
+
+    def __init__(self, cause: str):
+        super().__init__(f"{SERVER_ERROR}: {cause}")
+        self.cause = cause
+
+
+# The one place where domain errors become HTTP statuses.
+STATUS = {
+    BadRequest: 400,
+    KeysNotFound: 400,
+    NotAuthorized: 401,
+    Forbidden: 403,
+    ActivationConflict: 409,
+    NotEnoughKeys: 503,
+    PeerFailure: 503,
+    StorageFailure: 503,
+}
+
+_HTTP_MESSAGES = {
+    400: "the request is malformed",
+    404: "no such method: see ETSI GS QKD 014 for the routes",
+    405: "method not allowed for this route",
+    413: "request body too large",
+}
+
+
+def http_status(error: KmeError) -> int:
+    """The HTTP status of a domain error."""
+    return next(status for kind, status in STATUS.items() if isinstance(error, kind))
+
+
+def storage_cause(error) -> str:
+    """A short, key-free description of a database failure (exception or its text), for clients and /healthz."""
+    text = str(getattr(error, "orig", error)).lower()
+    for needle, cause in (("disk is full", "the database disk is full"),
+                          ("readonly", "the database is read-only"),
+                          ("read-only", "the database is read-only"),
+                          ("unable to open", "the database file cannot be opened"),
+                          ("no such table", "the database has no KME schema (deleted or replaced?)"),
+                          ("disk i/o", "disk I/O error on the database"),
+                          ("locked", "the database is locked by another process for too long")):
+        if needle in text:
+            return cause
+    return "the database failed"
+
+
+def answer(status: int, body: dict):
+    """A JSON response with ``status``."""
+    response = jsonify(body)
+    response.status_code = status
     return response
 
 
 def init_app(app) -> None:
     """Register the handlers that turn every failure into an ETSI Error body."""
-    from kme.db import db
+    from kme.db import db, reset_connections
 
     @app.errorhandler(KmeError)
     def handle_kme_error(error: KmeError):
         db.session.rollback()
-        return _answer(error)
+        return answer(http_status(error), error.body())
 
     @app.errorhandler(HTTPException)
     def handle_http_exception(error: HTTPException):
         db.session.rollback()
-        message = {
-            404: "no such method: see ETSI GS QKD 014 for the routes",
-            405: "method not allowed for this route",
-            413: "request body too large",
-        }.get(error.code, (error.description or error.name).rstrip("."))
-        response = _answer(KmeError(error.code or 500, message))
-        if error.code == 405 and error.valid_methods:
+        code = error.code or 500
+        message = _HTTP_MESSAGES.get(code, (error.description or error.name).rstrip("."))
+        response = answer(code, {"message": message})
+        if code == 405 and error.valid_methods:
             response.headers["Allow"] = ", ".join(error.valid_methods)
         return response
+
+    @app.errorhandler(DBAPIError)
+    def handle_storage_error(error: DBAPIError):
+        db.session.rollback()
+        failure = StorageFailure(storage_cause(error))
+        log.error("storage failure: %s (%s)", failure.cause, error.orig.__class__.__name__)
+        # Pooled connections may be stuck in the failed state (a file opened
+        # read-only stays read-only): new ones are opened once the fault clears.
+        reset_connections()
+        return answer(503, failure.body())
 
     @app.errorhandler(Exception)
     def handle_unexpected(error: Exception):
         db.session.rollback()
         log.exception("unexpected error while serving a request")
-        return _answer(unavailable(SERVER_ERROR))
+        return answer(503, {"message": SERVER_ERROR})

@@ -4,6 +4,7 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import delete, select
 
+from kme.logs import printable
 from kme.models import Event
 
 log = logging.getLogger("kme.events")
@@ -22,7 +23,11 @@ def utc_now(seconds_ago: float = 0) -> str:
 
 
 def record(session, message: str) -> None:
-    """Add an event in the caller's transaction (so it commits or rolls back with the change), and log it."""
+    """Add an event in the caller's transaction (so it commits or rolls back with the change), and log it.
+
+    Control characters and undecodable bytes (from file names, say) are escaped.
+    """
+    message = printable(message)
     log.info("%s", message)
     event = Event(created_at=utc_now(), message=message)
     session.add(event)

@@ -1,21 +1,22 @@
-"""Health of a KME: database, key directories, background worker, peers.
+"""Health of a KME: database (writable, still the same file), key directories, background worker, peers.
 
 The background worker (flask ingest-keys --watch) writes a heartbeat and the
 peers' reachability; every interface's /healthz reads them.
 """
 import os
-import sqlite3
 import time
-from contextlib import closing
 
 from sqlalchemy import select
 
-from kme import events
+from kme import events, key_folders, sqlite
 from kme.config import KmeConfig
-from kme.db import db, write_transaction
+from kme.db import DATABASE_ID, db, meta_or_none, write_transaction
+from kme.errors import storage_cause
 from kme.models import Heartbeat, PeerStatus
 
 WORKER = "ingest-worker"
+PROBE_SECONDS = 1.0
+_probe: dict = {"at": float("-inf"), "problem": None}
 
 
 def beat(name: str = WORKER) -> None:
@@ -48,15 +49,28 @@ def peer_statuses() -> dict[int, dict]:
 def _database_problem(config: KmeConfig) -> str | None:
     if config.in_memory:
         return None
-    path = config.this_kme.database_uri.removeprefix("sqlite:///")
-    # A fresh read-only connection: a pooled one would still see a file that
-    # was moved or deleted under it.
-    try:
-        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as connection:
-            connection.execute("SELECT peer_kme_id FROM links LIMIT 1").fetchall()
-    except sqlite3.Error as exc:
-        return f"database {path}: {exc}"
-    return None
+    problem = sqlite.file_problem(db.engine)
+    if problem:
+        return problem
+    now = time.monotonic()
+    # One write probe a second per process, however often /healthz is asked.
+    if now - _probe["at"] >= PROBE_SECONDS:
+        failure = sqlite.write_probe(db.engine)
+        _probe.update(at=now, problem=failure and f"writes fail: {storage_cause(failure)} ({failure})")
+    return _probe["problem"]
+
+
+def _folder_problem(config: KmeConfig) -> str | None:
+    problems = []
+    database_id = None if config.in_memory else meta_or_none(DATABASE_ID)
+    for path in config.key_directories().values():
+        if not (path.is_dir() and os.access(path, os.R_OK | os.X_OK)):
+            problems.append(f"not readable: {path}")
+            continue
+        mark = key_folders.read_mark(path)
+        if database_id and mark is not None and mark != database_id.decode():
+            problems.append(f"{path} belongs to another database ({mark}): see `flask adopt-key-folders`")
+    return "; ".join(problems) or None
 
 
 def _worker_problem(config: KmeConfig) -> str | None:
@@ -78,9 +92,7 @@ def check(config: KmeConfig) -> tuple[bool, dict]:
     report = {}
     database = _database_problem(config)
     report["database"] = database or "ok"
-    unreadable = [f"{path}" for path in config.key_directories().values()
-                  if not (path.is_dir() and os.access(path, os.R_OK | os.X_OK))]
-    report["key_directories"] = f"not readable: {', '.join(unreadable)}" if unreadable else "ok"
+    report["key_directories"] = _folder_problem(config) or "ok"
     report["ingestion_worker"] = "unknown (database unavailable)" if database else (_worker_problem(config) or "ok")
     healthy = all(value == "ok" for value in report.values())
     return healthy, {"status": "ok" if healthy else "unhealthy", "checks": report}

@@ -9,10 +9,10 @@ from marshmallow import ValidationError, validate
 from kme import activation
 from kme.config import OtherKme
 from kme.config_schema import Int, List, Nested, Str, StrictSchema
-from kme.errors import bad_request, unauthorized
+from kme.errors import BadRequest, NotAuthorized
 from kme.identity import client_serial
 from kme.keystore.incoming import ActivationRequest
-from kme.schemas import KeyIdField, load, parse_key_id
+from kme.schemas import KeyIdField, json_body, load, parse_key_id
 
 bp = Blueprint("kme_api", __name__, url_prefix="/api/v1/kme")
 
@@ -40,16 +40,13 @@ def calling_kme() -> OtherKme:
     serial = client_serial(request.environ)
     peer = None if serial is None else current_app.extensions["kme"].peer_by_serial(serial)
     if peer is None:
-        raise unauthorized("the client certificate is not registered for a KME linked to this KME")
+        raise NotAuthorized("the client certificate is not registered for a KME linked to this KME")
     g.caller = f"KME {peer.id}"
     return peer
 
 
 def _activation_request() -> ActivationRequest:
-    body = request.get_json(force=True, silent=True)
-    if body is None:
-        raise bad_request("the request body is not valid JSON")
-    data = load(ActivationSchema(), body)
+    data = load(ActivationSchema(), json_body(request))
     return ActivationRequest(
         activation_id=data["activation_ID"],
         master_sae_id=data["master_SAE_ID"],
@@ -75,9 +72,9 @@ def cancel(activation_id: str):
     try:
         activation_id = parse_key_id(activation_id)
     except ValidationError:
-        raise bad_request("activation ID: not a UUID") from None
+        raise BadRequest("activation ID: not a UUID") from None
     wanted = _activation_request()
     if wanted.activation_id != activation_id:
-        raise bad_request("activation_ID: differs from the URL")
+        raise BadRequest("activation_ID: differs from the URL")
     activation.cancel_activation(current_app.extensions["kme"], caller, wanted)
     return {"activation_ID": activation_id, "state": "cancelled"}

@@ -14,6 +14,34 @@ from flask import g, request
 
 REQUEST_ID_HEADER = "X-Request-ID"
 log = logging.getLogger("kme.request")
+_REQUEST_ID_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters and undecodable bytes escaped, so it cannot forge a log line or event.
+
+    File names that are not valid UTF-8 arrive with surrogate escapes
+    (os.fsdecode); their bytes are shown as \\xNN.
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if "\udc80" <= char <= "\udcff":
+            out.append(f"\\x{ord(char) - 0xdc00:02x}")
+        elif char.isprintable():
+            out.append(char)
+        else:
+            out.append(char.encode("unicode_escape", "backslashreplace").decode("ascii"))
+    return "".join(out)
+
+
+class _PrintableText(logging.Formatter):
+    """Text lines whose message cannot hold a line break or a terminal control sequence."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
 
 
 class JsonLines(logging.Formatter):
@@ -40,7 +68,7 @@ def configure(level: str, json_lines: bool) -> None:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.kme = True
-    formatter = JsonLines() if json_lines else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    formatter = JsonLines() if json_lines else _PrintableText("%(asctime)s %(levelname)s %(name)s: %(message)s")
     formatter.converter = time.gmtime
     handler.setFormatter(formatter)
     logger.addHandler(handler)
@@ -50,7 +78,7 @@ def configure(level: str, json_lines: bool) -> None:
 def _request_id() -> str:
     given = request.headers.get(REQUEST_ID_HEADER, "")
     # A caller's ID is kept if it is short and plain, so it can be traced across KMEs.
-    if 0 < len(given) <= 64 and all(c.isalnum() or c in "-_." for c in given):
+    if 0 < len(given) <= 64 and _REQUEST_ID_CHARACTERS.issuperset(given):
         return given
     return uuid.uuid4().hex
 

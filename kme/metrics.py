@@ -11,7 +11,7 @@ import os
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kme import entropy, status
+from kme import entropy, health, status
 from kme.config import KmeConfig
 
 REQUESTS = Counter("kme_http_requests", "HTTP requests served", ["interface", "route", "method", "status"])
@@ -42,6 +42,13 @@ class _PoolCollector:
                                  labels=["link"])
         reachable = GaugeMetricFamily("kme_peer_reachable", "1 if the peer KME answered the last probe",
                                       labels=["peer"])
+        duplicates = CounterMetricFamily("kme_duplicate_keys_refused",
+                                         "Keys refused at ingestion: their material was ingested before",
+                                         labels=["link"])
+        healthy = GaugeMetricFamily("kme_health_ok", "1 if the health check passes (see /healthz)",
+                                    labels=["check"])
+        for check, outcome in health.check(self.config)[1]["checks"].items():
+            healthy.add_metric([check], 1 if outcome == "ok" else 0)
         for link in status.links(self.config):
             name = str(link["link"])
             for state in ("available", "peer_held", "reserved"):
@@ -50,10 +57,11 @@ class _PoolCollector:
                 totals.add_metric([name, kind], link[kind])
             waiting.add_metric([name], link["waiting"])
             files.add_metric([name], link["files"])
+            duplicates.add_metric([name], link["duplicates"])
             bits.add_metric([name], entropy.shannon(link["byte_counts"]))
             if link["peer"] is not None:
                 reachable.add_metric([name], 1 if link["peer"]["reachable"] else 0)
-        yield from (pool, totals, waiting, files, bits, reachable)
+        yield from (pool, totals, waiting, files, bits, reachable, duplicates, healthy)
 
 
 def render(config: KmeConfig) -> bytes:

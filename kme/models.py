@@ -1,7 +1,7 @@
 """Database tables of the KME.
 
-Only the kme.keystore package writes key rows (pool_keys, delivered_keys,
-key_slaves, activations) and the link counters; kme.ingest writes key_files
+Only the kme.keystore package writes key rows (pool_keys, key_fingerprints,
+delivered_keys, key_slaves, activations) and the link counters; kme.ingest writes key_files
 through it; kme.events writes events. SAEs and KMEs are not tables: the configuration file is their only
 source of truth (see docs/design.md).
 """
@@ -36,8 +36,33 @@ class Link(db.Model):
     byte_histogram: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class Meta(db.Model):
+    """Facts about this database, created with it: its random ID and the key fingerprint secret."""
+
+    __tablename__ = "kme_meta"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class KeyFingerprint(db.Model):
+    """A keyed fingerprint (HMAC) of every key ever ingested, kept after the key is erased.
+
+    The primary key refuses the same key material a second time, whatever
+    file or folder it comes from.
+    """
+
+    __tablename__ = "key_fingerprints"
+    __table_args__ = {"sqlite_with_rowid": False}
+    fingerprint: Mapped[bytes] = mapped_column(LargeBinary, primary_key=True)
+
+
 class KeyFile(db.Model):
-    """A key file of a link; next_position makes ingestion resumable and idempotent."""
+    """A key file of a link; next_position makes ingestion resumable and idempotent.
+
+    ``length`` is how many bytes of the file were read (a file that grows
+    beyond it is read on); ``duplicates`` counts its keys refused because
+    the same material was ingested before.
+    """
 
     __tablename__ = "key_files"
     __table_args__ = (UniqueConstraint("link_id", "name"),)
@@ -46,6 +71,8 @@ class KeyFile(db.Model):
     name: Mapped[str] = mapped_column(String(255))
     next_position: Mapped[int] = mapped_column(BigInteger, default=0)
     complete: Mapped[bool] = mapped_column(Boolean, default=False)
+    length: Mapped[int] = mapped_column(BigInteger, default=0)
+    duplicates: Mapped[int] = mapped_column(BigInteger, default=0)
     ingested_at: Mapped[str | None] = mapped_column(String(32))
 
 

@@ -33,7 +33,14 @@ class PeerUnreachable(PeerError):
 
 
 class PeerRefused(PeerError):
-    """The peer answered with an error: by protocol it changed nothing."""
+    """The peer answered with an error: by protocol it changed nothing.
+
+    ``detail`` is the peer's own message: it goes to the log, never to an SAE.
+    """
+
+    def __init__(self, message: str, detail: str):
+        super().__init__(message)
+        self.detail = detail
 
 
 class PeerOutcomeUnknown(PeerError):
@@ -129,6 +136,9 @@ class PeerClient:
             raise PeerOutcomeUnknown(f"{name} dropped the connection before answering") from None
         except requests.exceptions.Timeout:
             raise PeerOutcomeUnknown(f"{name} did not answer within {self.peer.read_timeout_seconds} s") from None
+        except requests.exceptions.RequestException as exc:
+            # The answer broke off or could not be decoded (e.g. a peer dying after its headers).
+            raise PeerOutcomeUnknown(f"{name} sent a broken answer ({exc.__class__.__name__})") from None
         try:
             answer = response.json()
         except ValueError:
@@ -137,7 +147,7 @@ class PeerClient:
             raise PeerOutcomeUnknown(f"{name} answered HTTP {response.status_code} without a valid JSON body")
         if response.status_code != 200:
             if isinstance(answer.get("message"), str):
-                raise PeerRefused(f"{name} refused: {answer['message']}")
+                raise PeerRefused(f"{name} refused the request (HTTP {response.status_code})", answer["message"])
             raise PeerOutcomeUnknown(f"{name} answered HTTP {response.status_code} with an unknown body")
         if answer.get("activation_ID") != body["activation_ID"]:
             raise PeerOutcomeUnknown(f"{name} answered with an unexpected body")

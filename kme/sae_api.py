@@ -7,9 +7,10 @@ from marshmallow import ValidationError
 
 from kme import delivery, metrics
 from kme.config import Sae
-from kme.errors import bad_request, unauthorized
+from kme.errors import BadRequest, NotAuthorized
 from kme.identity import client_serial
-from kme.schemas import KeyContainerSchema, KeyIdsSchema, KeyRequestSchema, StatusSchema, load, parse_key_id
+from kme.schemas import KeyContainerSchema, KeyIdsSchema, KeyRequestSchema, StatusSchema, json_body, load, \
+    parse_key_id
 
 bp = Blueprint("sae_api", __name__, url_prefix="/api/v1")
 
@@ -24,10 +25,10 @@ def calling_sae() -> Sae:
     """The SAE whose verified client certificate made this request; 401 otherwise."""
     serial = client_serial(request.environ)
     if serial is None:
-        raise unauthorized("a verified client certificate is required")
+        raise NotAuthorized("a verified client certificate is required")
     sae = _config().local_saes_by_serial.get(serial)
     if sae is None:
-        raise unauthorized("the client certificate is not registered for an SAE of this KME")
+        raise NotAuthorized("the client certificate is not registered for an SAE of this KME")
     g.caller = f"SAE {sae.id}"
     return sae
 
@@ -39,51 +40,39 @@ def _count_delivered(keys: list, link_id: int, sae_id: int, role: str) -> None:
 def _single_query_values(allowed: tuple[str, ...]) -> dict[str, str]:
     unknown = sorted(set(request.args) - set(allowed))
     if unknown:
-        raise bad_request(f"{unknown[0]}: unknown query parameter (use POST for anything but {', '.join(allowed)})")
+        raise BadRequest(f"{unknown[0]}: unknown query parameter (use POST for anything but {', '.join(allowed)})")
     values = {}
     for name in allowed:
         given = request.args.getlist(name)
         if len(given) > 1:
-            raise bad_request(f"{name}: given more than once")
+            raise BadRequest(f"{name}: given more than once")
         if given:
             values[name] = given[0]
     return values
 
 
-def _json_body(empty_default):
-    raw = request.get_data(cache=True)
-    if not raw.strip():
-        if empty_default is None:
-            raise bad_request("the request body is empty: a JSON object is required")
-        return empty_default
-    data = request.get_json(force=True, silent=True)
-    if data is None:
-        raise bad_request("the request body is not valid JSON")
-    return data
-
-
 def _key_request() -> dict:
     if request.method == "POST":
-        return load(KeyRequestSchema(), _json_body(empty_default={}))
+        return load(KeyRequestSchema(), json_body(request, empty_default={}))
     values = _single_query_values(_KEY_QUERY)
     query = {}
     for name, text in values.items():
-        if not (text.isascii() and text.lstrip("-").isdigit()):
-            raise bad_request(f"{name}: not an integer")
+        if not (text.isascii() and text.removeprefix("-").isdigit()):
+            raise BadRequest(f"{name}: not an integer")
         query[name] = int(text)
     return query
 
 
 def _key_ids() -> list[str]:
     if request.method == "POST":
-        return [item["key_ID"] for item in load(KeyIdsSchema(), _json_body(empty_default=None))["key_IDs"]]
+        return [item["key_ID"] for item in load(KeyIdsSchema(), json_body(request))["key_IDs"]]
     key_id = _single_query_values(("key_ID",)).get("key_ID")
     if key_id is None:
-        raise bad_request("key_ID: missing")
+        raise BadRequest("key_ID: missing")
     try:
         return [parse_key_id(key_id)]
     except ValidationError:
-        raise bad_request("key_ID: not a UUID") from None
+        raise BadRequest("key_ID: not a UUID") from None
 
 
 @bp.get("/keys/<slave_sae_id>/status")

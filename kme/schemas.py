@@ -1,16 +1,17 @@
 """Marshmallow schemas of the ETSI GS QKD 014 data formats (clause 6).
 
-Loading turns a request into plain values or raises KmeError 400 with a
+Loading turns a request into plain values or raises BadRequest with a
 one-line message naming the field; range checks that depend on the KME's
 limits are the domain's (kme.delivery).
 """
 import base64
+import json
 import uuid
 
 from marshmallow import Schema, ValidationError, fields, validate
 
 from kme.config_schema import Int, List, Nested, StrictSchema, PlainMessages, first_error
-from kme.errors import bad_request
+from kme.errors import BadRequest
 
 
 class _Object(fields.Dict):
@@ -96,10 +97,30 @@ class StatusSchema(Schema):
     max_SAE_ID_count = fields.Integer()
 
 
+def json_body(request, empty_default=None):
+    """The request's JSON body; ``empty_default`` for an empty body if given, else 400 for every failure.
+
+    A body that cannot be read (a broken chunked encoding) or parsed (not
+    JSON, nested beyond Python's recursion limit) is the client's mistake.
+    """
+    try:
+        raw = request.get_data(cache=True)
+    except OSError:
+        raise BadRequest("the request body could not be read (broken transfer encoding)") from None
+    if not raw.strip():
+        if empty_default is None:
+            raise BadRequest("the request body is empty: a JSON object is required")
+        return empty_default
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest("the request body is not valid JSON") from None
+
+
 def load(schema: Schema, data) -> dict:
     """Validate ``data``; a mistake becomes a 400 naming the first bad field."""
     try:
         return schema.load(data)
     except ValidationError as exc:
         where, message = first_error(exc.messages)
-        raise bad_request(f"{where}: {message}") from None
+        raise BadRequest(f"{where}: {message}") from None

@@ -4,6 +4,11 @@ Pragmas on every connection, BEGIN IMMEDIATE for write transactions (so two
 processes never both read and then both write), the single-statement claim,
 and WAL checkpoints.
 """
+import os
+import sqlite3
+import time
+from contextlib import closing
+
 from sqlalchemy import event, text
 
 WRITE_OPTION = "kme_write"
@@ -28,6 +33,10 @@ _RESERVE = text(
 )
 
 
+# (device, inode) of the database file each engine of this process opened first.
+_opened: dict[int, tuple[int, int]] = {}
+
+
 def install(engine) -> None:
     """Set the pragmas on each new connection and take over BEGIN from pysqlite."""
 
@@ -40,6 +49,10 @@ def install(engine) -> None:
         for pragma in _PRAGMAS:
             cursor.execute(pragma)
         cursor.close()
+        path = _path(engine)
+        if path and id(engine) not in _opened:
+            found = os.stat(path)
+            _opened[id(engine)] = (found.st_dev, found.st_ino)
 
     @event.listens_for(engine, "begin")
     def on_begin(connection):
@@ -47,10 +60,23 @@ def install(engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def insert_pool_keys(connection, rows: list[tuple]) -> None:
-    """Add (link_id, file_id, position, state, material) rows in one executemany, past the ORM (ingestion speed)."""
+def insert_pool_keys(connection, rows: list[tuple], fingerprints: list[tuple]) -> None:
+    """Add (link_id, file_id, position, state, material) rows and their (fingerprint,) rows.
+
+    One executemany each, past the ORM (ingestion speed).
+    """
     connection.exec_driver_sql(
         "INSERT INTO pool_keys (link_id, file_id, position, state, material) VALUES (?, ?, ?, ?, ?)", rows)
+    connection.exec_driver_sql("INSERT INTO key_fingerprints (fingerprint) VALUES (?)", fingerprints)
+
+
+def known_fingerprints(connection, fingerprints: list[bytes]) -> set[bytes]:
+    """Which of ``fingerprints`` are already stored (one query, past the ORM: ingestion speed)."""
+    if not fingerprints:
+        return set()
+    marks = ",".join("?" * len(fingerprints))
+    return {row[0] for row in connection.exec_driver_sql(
+        f"SELECT fingerprint FROM key_fingerprints WHERE fingerprint IN ({marks})", tuple(fingerprints))}
 
 
 def take_pool_keys(connection, link_id: int, count: int) -> list:
@@ -75,3 +101,50 @@ def checkpoint(engine) -> None:
         raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     finally:
         raw.close()
+
+
+def _path(engine) -> str | None:
+    database = engine.url.database
+    return None if not database or database == ":memory:" else database
+
+
+def file_problem(engine) -> str | None:
+    """Why the database file this process uses is no longer the one at its path, or None.
+
+    A deleted or replaced file would otherwise go on taking writes that
+    nobody will ever read again, or hand out keys again from a fresh file.
+    """
+    path = _path(engine)
+    opened = _opened.get(id(engine))
+    if path is None or opened is None:
+        return None
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return f"the database file {path} was deleted while the KME was running; restart it"
+    except OSError as exc:
+        return f"the database file {path} cannot be checked ({exc.strerror})"
+    if (found.st_dev, found.st_ino) != opened:
+        return f"the database file {path} was replaced while the KME was running; restart it"
+    return None
+
+
+def write_probe(engine) -> str | None:
+    """Try a small write on a fresh connection; the database error, or None if writes work.
+
+    A fresh connection sees the file as it is now (a pooled one may have been
+    opened read-only, or point at a deleted file); ``mode=rw`` never creates
+    a missing file.
+    """
+    path = _path(engine)
+    if path is None:
+        return None
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=2, isolation_level=None)) as raw:
+            raw.execute("BEGIN IMMEDIATE")
+            raw.execute("INSERT OR REPLACE INTO heartbeats (name, beat_at) VALUES ('healthz-probe', ?)",
+                        (time.time(),))
+            raw.execute("COMMIT")
+    except sqlite3.Error as exc:
+        return str(exc)
+    return None

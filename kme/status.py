@@ -17,6 +17,8 @@ def links(config: KmeConfig) -> list[dict]:
     waiting = dict(session.execute(select(DeliveredKey.link_id, func.count()).group_by(DeliveredKey.link_id)).all())
     files = dict(session.execute(select(KeyFile.link_id, func.count()).where(KeyFile.complete)
                                  .group_by(KeyFile.link_id)).all())
+    duplicates = dict(session.execute(select(KeyFile.link_id, func.sum(KeyFile.duplicates))
+                                      .group_by(KeyFile.link_id)).all())
     peers = health.peer_statuses()
     result = []
     for row in session.scalars(select(Link).order_by(Link.peer_kme_id)).all():
@@ -30,6 +32,7 @@ def links(config: KmeConfig) -> list[dict]:
             "peer_held": row.peer_held, "delivered": row.delivered, "discarded": row.discarded,
             "waiting": waiting.get(row.peer_kme_id, 0),
             "files": files.get(row.peer_kme_id, 0),
+            "duplicates": duplicates.get(row.peer_kme_id) or 0,
             "last_file": last.name if last else None,
             "last_file_at": last.ingested_at if last else None,
             "byte_counts": entropy.merge([row.byte_histogram]),

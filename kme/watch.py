@@ -1,14 +1,17 @@
-"""The standalone ingestion worker: watchdog events on every key directory.
+"""The standalone ingestion worker: watchdog events on every key directory, and the KME's periodic work.
 
 A file counts as complete when its writer closes it or when it is moved into
 the directory; creation and modification events are ignored, so a file being
 written is never ingested early. Linux only: the close-after-write event
-comes from inotify.
+comes from inotify. A periodic rescan of every folder catches what events
+missed (an inotify queue overflow, a fault that interrupted ingestion).
 
-It is also the KME's background worker: a second thread writes a heartbeat,
-probes the peer KMEs, settles activations left pending at peers
-(kme.activation), erases keys their slave SAEs did not fetch in time, and
-truncates the WAL. Network calls there never delay ingestion.
+A second thread owns all periodic work of the KME: heartbeat, peer probes,
+settling of activations left pending at peers (kme.activation), expiry of
+keys their slave SAEs did not fetch, WAL checkpoints, and the rescan. Network
+calls there never delay ingestion. Neither thread dies of its input or of
+its disk: failures are logged once, retried with backoff, and shown by
+/healthz.
 """
 import logging
 import queue
@@ -22,7 +25,7 @@ from watchdog.observers.inotify import InotifyObserver
 
 from kme import activation, sqlite
 from kme.config import KmeConfig
-from kme.db import db
+from kme.db import db, ensure_schema
 from kme.ingest import IngestSummary, ingest_directories, ingest_file, link_of
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_SECONDS = 10.0
 # How soon the worker notices that it was asked to stop.
 STOP_POLL_SECONDS = 0.5
+# Retry delays after a failure: doubling from the first to the last.
+BACKOFF_SECONDS = (0.5, 30.0)
 
 
 class _CompleteFiles(FileSystemEventHandler):
@@ -48,25 +53,58 @@ class _CompleteFiles(FileSystemEventHandler):
             self.paths.put(Path(event.dest_path))
 
 
-def _keep_house(app, config: KmeConfig, stop: threading.Event) -> None:
+class Retry:
+    """Runs a step until it succeeds, waiting longer after each failure; logs a fault once, and its end."""
+
+    def __init__(self, what: str, stop: threading.Event):
+        self.what, self.stop = what, stop
+        self.delay = 0.0
+        self.fault: str | None = None
+
+    def run(self, step) -> bool:
+        """One attempt of ``step()``; on failure, wait the backoff delay (or until stop) and return False."""
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - the worker must outlive any failure of its input or disk
+            db.session.rollback()
+            fault = f"{exc.__class__.__name__}: {getattr(exc, 'orig', exc)}"
+            if fault != self.fault:
+                log.error("%s failed (%s); retrying with backoff", self.what, fault)
+                self.fault = fault
+            self.delay = min(max(self.delay * 2, BACKOFF_SECONDS[0]), BACKOFF_SECONDS[1])
+            self.stop.wait(self.delay)
+            return False
+        if self.fault:
+            log.warning("%s works again", self.what)
+        self.fault, self.delay = None, 0.0
+        return True
+
+
+def _keep_house(app, config: KmeConfig, stop: threading.Event, rescan: threading.Event) -> None:
+    """The one owner of the KME's periodic work."""
     with app.app_context():
-        last_checkpoint = time.monotonic()
-        while True:
-            try:
-                activation.housekeeping(config)
-                if time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS:
-                    sqlite.checkpoint(db.engine)
-                    last_checkpoint = time.monotonic()
-            except Exception:
-                db.session.rollback()
-                log.exception("housekeeping failed; trying again in the next interval")
-            if stop.wait(config.this_kme.housekeeping_interval_seconds):
+        retry = Retry("housekeeping", stop)
+        due = {"checkpoint": time.monotonic(), "rescan": time.monotonic()}
+
+        def step():
+            activation.housekeeping(config)
+            now = time.monotonic()
+            if now - due["checkpoint"] >= CHECKPOINT_SECONDS:
+                sqlite.checkpoint(db.engine)
+                due["checkpoint"] = now
+            if now - due["rescan"] >= config.this_kme.rescan_interval_seconds:
+                rescan.set()
+                due["rescan"] = now
+
+        while not stop.is_set():
+            if retry.run(step) and stop.wait(config.this_kme.housekeeping_interval_seconds):
                 return
 
 
 def watch(config: KmeConfig, stop: threading.Event, on_ready=None) -> IngestSummary:
     """Ingest what is present, then every file that becomes complete, until ``stop`` is set."""
     paths: queue.Queue = queue.Queue()
+    rescan = threading.Event()
     # Full events: a file moved in from an unwatched folder arrives as a move,
     # not as a creation (which would look like a file still being written).
     observer = InotifyObserver(generate_full_events=True)
@@ -76,21 +114,33 @@ def watch(config: KmeConfig, stop: threading.Event, on_ready=None) -> IngestSumm
         # seen twice, which ingestion makes harmless, rather than never.
         observer.schedule(handler, str(directory), recursive=False)
     observer.start()
-    keeper = threading.Thread(target=_keep_house, args=(current_app._get_current_object(), config, stop),
+    summary = IngestSummary()
+    retry = Retry("ingestion", stop)
+    while not stop.is_set() and not retry.run(ensure_schema):
+        pass
+    keeper = threading.Thread(target=_keep_house, args=(current_app._get_current_object(), config, stop, rescan),
                               name="housekeeping", daemon=True)
     keeper.start()
     try:
-        summary = ingest_directories(config)
+        while not stop.is_set() and not retry.run(lambda: ingest_directories(config, summary)):
+            pass
         if on_ready:
             on_ready(summary)
         while not stop.is_set():
+            if rescan.is_set():
+                rescan.clear()
+                # Warnings already logged stay quiet on later scans.
+                scan = IngestSummary(known=summary.known)
+                if retry.run(lambda: ingest_directories(config, scan)):
+                    summary.files, summary.keys = summary.files + scan.files, summary.keys + scan.keys
             try:
                 path = paths.get(timeout=STOP_POLL_SECONDS)
             except queue.Empty:
                 continue
             link_id = link_of(config, path)
-            if link_id is not None:
-                ingest_file(config, link_id, path, summary)
+            if link_id is not None and not retry.run(lambda: ingest_file(config, link_id, path, summary)):
+                # The next rescan picks the file up again, where it stopped.
+                rescan.set()
     finally:
         stop.set()
         observer.stop()

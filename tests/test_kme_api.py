@@ -51,7 +51,7 @@ def refused(network, call, kme_id=1, link=3):
     with pytest.raises(PeerRefused) as caught:
         call()
     assert (network[kme_id].ledger.assert_exact(link), network[kme_id].ledger.waiting()) == before
-    return str(caught.value)
+    return caught.value.detail
 
 
 def test_kme3_cannot_activate_keys_of_link_1_2(network):

@@ -10,7 +10,7 @@ from sqlalchemy import delete, select, tuple_
 
 from kme import events
 from kme.db import write_transaction
-from kme.errors import KmeError
+from kme.errors import ActivationConflict, BadRequest
 from kme.keystore.common import DeliveredKeyMaterial, erase_delivered, pool_keys_per_key, store_delivered, \
     update_link
 from kme.models import PEERS, DeliveredKey, IncomingActivation, KeyFile, PoolKey
@@ -30,29 +30,25 @@ class ActivationRequest:
     keys: list[tuple[str, list[tuple[str, int]]]]
 
 
-def conflict(message: str) -> KmeError:
-    return KmeError(409, message)
-
-
 def activate(link_id: int, request: ActivationRequest) -> int:
     """Activate the keys for our slave SAEs; the number of keys. Refused whole (409) if any part is missing."""
     with write_transaction() as session:
         known = session.get(IncomingActivation, request.activation_id)
         if known is not None:
             if known.link_id != link_id or known.state != ACTIVATED:
-                raise conflict(f"activation {request.activation_id} was cancelled or belongs to another link")
+                raise ActivationConflict(f"activation {request.activation_id} was cancelled or belongs to another link")
             return len(json.loads(known.key_ids))
         per_key = pool_keys_per_key(request.size_bits)
         if any(len(parts) != per_key for _, parts in request.keys):
-            raise KmeError(400, f"each key of {request.size_bits} bits has {per_key} parts")
+            raise BadRequest(f"each key of {request.size_bits} bits has {per_key} parts")
         wanted = [part for _, parts in request.keys for part in parts]
         rows = _pool_rows(session, link_id, wanted)
         if len(rows) != len(wanted) or len(set(wanted)) != len(wanted):
-            raise conflict(f"{len(set(wanted)) - len(rows)} of the {len(wanted)} keys named are not available "
+            raise ActivationConflict(f"{len(set(wanted)) - len(rows)} of the {len(wanted)} keys named are not available "
                            f"on this KME's link with KME {link_id} (not ingested yet, or used)")
         if session.scalars(select(DeliveredKey.key_id).where(
                 DeliveredKey.key_id.in_([key_id for key_id, _ in request.keys]))).first():
-            raise conflict("a key ID of this activation is already in use")
+            raise ActivationConflict("a key ID of this activation is already in use")
         session.execute(delete(PoolKey).where(PoolKey.id.in_([row.id for row in rows.values()])))
         keys = [
             DeliveredKeyMaterial(key_id, b"".join(rows[part].material for part in parts)[: request.size_bits // 8])
@@ -75,11 +71,15 @@ def cancel(link_id: int, request: ActivationRequest) -> None:
     with write_transaction() as session:
         known = session.get(IncomingActivation, request.activation_id)
         if known is not None and known.link_id != link_id:
-            raise conflict(f"activation {request.activation_id} belongs to another link")
+            raise ActivationConflict(f"activation {request.activation_id} belongs to another link")
         if known is not None and known.state == CANCELLED:
             return
         if known is not None:
             erased = erase_delivered(session, json.loads(known.key_ids))
+            # Keys erased unfetched were never delivered to anyone: discarded,
+            # as the master KME counts them.
+            moved = erased * pool_keys_per_key(request.size_bits)
+            update_link(session, link_id, delivered=-moved, discarded=moved)
             known.state = CANCELLED
             events.record(session, f"Activation {request.activation_id} cancelled by KME {link_id}: "
                                    f"{erased} unfetched keys erased")

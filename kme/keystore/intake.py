@@ -1,11 +1,12 @@
 """Key files into the pools of the links, resumable and idempotent."""
+import hmac
 from dataclasses import dataclass
 
 from sqlalchemy import select
 
 from kme import entropy, events, sqlite
-from kme.db import db, write_transaction
-from kme.keystore.common import update_link
+from kme.db import FINGERPRINT_SECRET, db, meta, write_transaction
+from kme.keystore.common import KEY_BYTES, update_link
 from kme.models import OURS, PEERS, KeyFile, Link
 
 
@@ -16,6 +17,7 @@ class FileProgress:
     file_id: int
     next_position: int
     complete: bool
+    length: int
 
 
 def peer_parity(this_kme_id: int, link_id: int) -> int | None:
@@ -39,11 +41,12 @@ def ensure_links(link_ids) -> None:
                                  delivered=0, discarded=0, byte_histogram=entropy.EMPTY))
 
 
-def complete_files(link_id: int) -> set[str]:
-    """Names of the link's key files that are fully ingested."""
-    names = set(db.session.scalars(select(KeyFile.name).where(KeyFile.link_id == link_id, KeyFile.complete)))
+def complete_files(link_id: int) -> dict[str, int]:
+    """The link's fully ingested key files: {name: bytes read}."""
+    lengths = dict(db.session.execute(select(KeyFile.name, KeyFile.length).where(
+        KeyFile.link_id == link_id, KeyFile.complete)).all())
     db.session.commit()
-    return names
+    return lengths
 
 
 def open_key_file(link_id: int, name: str) -> FileProgress:
@@ -51,19 +54,43 @@ def open_key_file(link_id: int, name: str) -> FileProgress:
     with write_transaction() as session:
         row = session.scalars(select(KeyFile).where(KeyFile.link_id == link_id, KeyFile.name == name)).first()
         if row is None:
-            row = KeyFile(link_id=link_id, name=name, next_position=0, complete=False)
+            row = KeyFile(link_id=link_id, name=name, next_position=0, complete=False, length=0, duplicates=0)
             session.add(row)
             session.flush()
-        return FileProgress(row.id, row.next_position, row.complete)
+        return FileProgress(row.id, row.next_position, row.complete, row.length)
 
 
-def store_keys(link_id: int, progress: FileProgress, materials: list[bytes], complete: bool,
-               max_key_count: int, parity_of_peer: int | None) -> FileProgress:
+def retire_files(link_id: int, files: list[tuple[str, int]]) -> int:
+    """Record key files as ingested without taking any of their keys (an operator's decision); how many."""
+    with write_transaction() as session:
+        known = set(session.scalars(select(KeyFile.name).where(KeyFile.link_id == link_id)))
+        fresh = [(name, size) for name, size in files if name not in known]
+        for name, size in fresh:
+            session.add(KeyFile(link_id=link_id, name=name, next_position=size // KEY_BYTES, complete=True,
+                                length=size, duplicates=0, ingested_at=events.utc_now()))
+            events.record(session, f"Key file {name} on link {link_id} retired by an operator: never ingested")
+        return len(fresh)
+
+
+def fingerprints(materials: list[bytes]) -> list[bytes]:
+    """Keyed fingerprints of key material: HMAC-SHA256 under this database's secret, first 128 bits.
+
+    Keyed, so that the fingerprints left after erasure cannot be matched
+    against guessed keys without the secret.
+    """
+    secret = meta(FINGERPRINT_SECRET)
+    return [hmac.digest(secret, material, "sha256")[:16] for material in materials]
+
+
+def store_keys(link_id: int, progress: FileProgress, materials: list[bytes], length: int, complete: bool,
+               max_key_count: int, parity_of_peer: int | None) -> tuple[FileProgress, int]:
     """Add consecutive keys of a file to the link's pool, from ``progress.next_position`` on.
 
     The file's position advances in the same transaction as the keys, so a
-    crash or a second ingestion never adds a key twice. Raises ValueError if
-    the pool would exceed ``max_key_count``.
+    crash or a second ingestion never adds a key twice; a key whose material
+    was ingested before (under any file name, on any link) is refused and its
+    position left unused. Returns the new progress and the number refused.
+    Raises ValueError if the pool would exceed ``max_key_count``.
     """
     with write_transaction() as session:
         row = session.get(KeyFile, progress.file_id)
@@ -72,16 +99,31 @@ def store_keys(link_id: int, progress: FileProgress, materials: list[bytes], com
         link_row = session.get(Link, link_id)
         if link_row.available + link_row.reserved + link_row.peer_held + len(materials) > max_key_count:
             raise ValueError(f"the pool of link {link_id} would exceed max_key_count ({max_key_count})")
-        rows = [(link_id, row.id, position, PEERS if position % 2 == parity_of_peer else OURS, material)
-                for position, material in enumerate(materials, start=row.next_position)]
+        prints = fingerprints(materials)
+        seen = sqlite.known_fingerprints(session.connection(), prints)
+        rows, new_prints, added = [], [], []
+        for position, (material, fingerprint) in enumerate(zip(materials, prints), start=row.next_position):
+            if fingerprint in seen:
+                continue
+            seen.add(fingerprint)
+            new_prints.append((fingerprint,))
+            added.append(material)
+            rows.append((link_id, row.id, position, PEERS if position % 2 == parity_of_peer else OURS, material))
         if rows:
-            sqlite.insert_pool_keys(session.connection(), rows)
+            sqlite.insert_pool_keys(session.connection(), rows, new_prints)
         peers = sum(1 for item in rows if item[3] == PEERS)
+        refused = len(materials) - len(rows)
         row.next_position += len(materials)
+        row.duplicates += refused
+        row.length = length
         row.complete = complete
-        update_link(session, link_id, added=materials, ingested=len(rows), available=len(rows) - peers,
+        update_link(session, link_id, added=added, ingested=len(rows), available=len(rows) - peers,
                     peer_held=peers)
+        if refused:
+            events.record(session, f"Key file {row.name} on link {link_id}: {refused} keys refused, their material "
+                                   "was ingested before (a renamed or copied file?)")
         if complete:
             row.ingested_at = events.utc_now()
-            events.record(session, f"Ingested key file {row.name} ({row.next_position} keys) on link {link_id}")
-        return FileProgress(row.id, row.next_position, row.complete)
+            events.record(session, f"Ingested key file {row.name} ({row.next_position - row.duplicates} keys) "
+                                   f"on link {link_id}")
+        return FileProgress(row.id, row.next_position, row.complete, row.length), refused

@@ -4,16 +4,16 @@ from sqlalchemy import select, update
 from kme import events, sqlite
 from kme.config import KEY_BITS
 from kme.db import write_transaction
-from kme.errors import KEYS_NOT_FOUND, bad_request, unauthorized, unavailable
+from kme.errors import KeysNotFound, NotAuthorized, NotEnoughKeys
 from kme.keystore.common import DeliveredKeyMaterial, build_keys, erase_delivered, new_key_id, pool_keys_per_key, \
     store_delivered, update_link
 from kme.models import DeliveredKey, KeySlave
 
 
 def not_enough_keys(number: int, size_bits: int, available: int):
-    """The 503 answer when the pool cannot serve a whole request."""
-    return unavailable(f"not enough key material: {number} keys of {size_bits} bits need "
-                       f"{number * pool_keys_per_key(size_bits)} keys of {KEY_BITS} bits, {available} available")
+    """The error when the pool cannot serve a whole request."""
+    return NotEnoughKeys(f"not enough key material: {number} keys of {size_bits} bits need "
+                         f"{number * pool_keys_per_key(size_bits)} keys of {KEY_BITS} bits, {available} available")
 
 
 def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number: int,
@@ -55,10 +55,10 @@ def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -
                                  .where(KeySlave.key_id.in_(list(keys)))).all()
         mine = {row.key_id: row.fetched for row in slaves if row.slave_sae_id == slave_sae_id}
         if any(key_id not in mine for key_id in keys):
-            raise unauthorized(f"SAE {slave_sae_id} is not a slave SAE of one or more requested keys")
+            raise NotAuthorized(f"SAE {slave_sae_id} is not a slave SAE of one or more requested keys")
         if (len(keys) != len(key_ids) or any(mine.values())
                 or any(row.master_sae_id != master_sae_id for row in keys.values())):
-            raise bad_request(KEYS_NOT_FOUND)
+            raise KeysNotFound()
         session.execute(update(KeySlave).where(KeySlave.key_id.in_(key_ids), KeySlave.slave_sae_id == slave_sae_id)
                         .values(fetched=True))
         waiting = {row.key_id for row in slaves if row.slave_sae_id != slave_sae_id and not row.fetched}

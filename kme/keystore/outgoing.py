@@ -12,7 +12,7 @@ from sqlalchemy import delete, select, update
 
 from kme import events, sqlite
 from kme.db import db, write_transaction
-from kme.errors import unavailable
+from kme.errors import PeerFailure
 from kme.keystore.common import DeliveredKeyMaterial, build_keys, new_key_id, pool_keys_per_key, store_delivered, \
     update_link
 from kme.keystore.local import not_enough_keys
@@ -20,6 +20,8 @@ from kme.models import OURS, KeyFile, OutgoingActivation, PoolKey
 
 SENDING = "sending"
 UNKNOWN = "unknown"
+# The background worker has taken the activation to cancel it at the peer.
+CANCELLING = "cancelling"
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,8 @@ def finalize(reservation: Reservation) -> None:
     with write_transaction() as session:
         pending = _take_pending(session, reservation.activation_id, states=(SENDING,))
         if pending is None:
-            raise unavailable("the activation was settled while waiting for the peer KME; try again")
+            raise PeerFailure("the peer KME answered after the activation was cancelled; its keys are discarded, "
+                              "try again")
         stored = json.loads(pending.request)
         rows = _remove_reserved(session, reservation.activation_id)
         wire = stored["wire"]
@@ -88,9 +91,13 @@ def finalize(reservation: Reservation) -> None:
 
 
 def release(activation_id: str) -> None:
-    """The peer provably did not activate the keys: they return to the free pool."""
+    """The peer provably did not activate the keys: they return to the free pool.
+
+    Only while the activation is still SENDING: once the background worker
+    cancels it, the peer discards the parts, and so must we.
+    """
     with write_transaction() as session:
-        pending = _take_pending(session, activation_id, states=(SENDING, UNKNOWN))
+        pending = _take_pending(session, activation_id, states=(SENDING,))
         if pending is None:
             return
         count = session.execute(update(PoolKey).where(PoolKey.reservation == activation_id)
@@ -101,15 +108,28 @@ def release(activation_id: str) -> None:
 def mark_unknown(activation_id: str) -> None:
     """The peer may or may not have activated the keys: keep them reserved until settled."""
     with write_transaction() as session:
-        session.execute(update(OutgoingActivation).where(OutgoingActivation.activation_id == activation_id)
+        session.execute(update(OutgoingActivation).where(OutgoingActivation.activation_id == activation_id,
+                                                         OutgoingActivation.state == SENDING)
                         .values(state=UNKNOWN))
         events.record(session, f"Activation {activation_id} has an unknown outcome; its keys are held back")
+
+
+def begin_cancel(activation_id: str) -> bool:
+    """Take a pending activation for cancelling; False if it was settled meanwhile.
+
+    From here on finalize() refuses it, so the cancel sent next can never
+    race a late confirmation into an SAE's answer.
+    """
+    with write_transaction() as session:
+        return session.execute(update(OutgoingActivation).where(
+            OutgoingActivation.activation_id == activation_id,
+            OutgoingActivation.state.in_((SENDING, UNKNOWN, CANCELLING))).values(state=CANCELLING)).rowcount == 1
 
 
 def discard(activation_id: str) -> None:
     """Settle an activation whose keys may never be used again (the peer cancelled it)."""
     with write_transaction() as session:
-        pending = _take_pending(session, activation_id, states=(SENDING, UNKNOWN))
+        pending = _take_pending(session, activation_id, states=(SENDING, UNKNOWN, CANCELLING))
         if pending is None:
             return
         rows = _remove_reserved(session, activation_id)
@@ -121,11 +141,12 @@ def discard(activation_id: str) -> None:
 def to_settle(sending_before: str) -> list[tuple[str, int, dict]]:
     """Pending activations nobody waits for: (activation ID, link, wire request).
 
-    That is every UNKNOWN one, and every SENDING one older than a worker can
-    wait (its worker died between claim and answer).
+    That is every UNKNOWN or CANCELLING one, and every SENDING one older than
+    a worker can wait (its worker died between claim and answer, or the peer
+    answers slower than any worker waits).
     """
     rows = db.session.scalars(select(OutgoingActivation).where(
-        (OutgoingActivation.state == UNKNOWN)
+        OutgoingActivation.state.in_((UNKNOWN, CANCELLING))
         | ((OutgoingActivation.state == SENDING) & (OutgoingActivation.created_at < sending_before)))).all()
     pending = [(row.activation_id, row.link_id, json.loads(row.request)["wire"]) for row in rows]
     db.session.commit()
