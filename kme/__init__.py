@@ -63,9 +63,10 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
 
     @app.before_request
     def prepare_database():
-        # /healthz reports a lost database in its own body; everything else refuses to go on.
-        if request.blueprint != health_api.bp.name:
-            db.check_database_file()
+        # /healthz reports storage faults in its own body, on its own connection.
+        if request.blueprint == health_api.bp.name and not config.in_memory:
+            return
+        db.check_database_file()
         # An in-memory database lives and dies with this process, which
         # therefore ingests the key files itself.
         if db.ensure_schema() and config.in_memory:

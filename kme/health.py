@@ -7,10 +7,11 @@ import os
 import time
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from kme import events, key_folders, sqlite
 from kme.config import KmeConfig
-from kme.db import DATABASE_ID, db, meta_or_none, write_transaction
+from kme.db import DATABASE_ID, db, meta_or_none, reset_connections, write_transaction
 from kme.errors import storage_cause
 from kme.models import Heartbeat, PeerStatus
 
@@ -93,6 +94,12 @@ def check(config: KmeConfig) -> tuple[bool, dict]:
     database = _database_problem(config)
     report["database"] = database or "ok"
     report["key_directories"] = _folder_problem(config) or "ok"
-    report["ingestion_worker"] = "unknown (database unavailable)" if database else (_worker_problem(config) or "ok")
+    try:
+        worker = "unknown (database unavailable)" if database else (_worker_problem(config) or "ok")
+    except DBAPIError as exc:
+        db.session.rollback()
+        reset_connections()
+        worker = f"unknown ({storage_cause(exc)})"
+    report["ingestion_worker"] = worker
     healthy = all(value == "ok" for value in report.values())
     return healthy, {"status": "ok" if healthy else "unhealthy", "checks": report}

@@ -105,7 +105,7 @@ def json_body(request, empty_default=None):
     """
     try:
         raw = request.get_data(cache=True)
-    except OSError:
+    except Exception:  # noqa: BLE001 - servers raise their own types here (gunicorn: ParseException, IOError)
         raise BadRequest("the request body could not be read (broken transfer encoding)") from None
     if not raw.strip():
         if empty_default is None:

@@ -116,23 +116,29 @@ def watch(config: KmeConfig, stop: threading.Event, on_ready=None) -> IngestSumm
     observer.start()
     summary = IngestSummary()
     retry = Retry("ingestion", stop)
-    while not stop.is_set() and not retry.run(ensure_schema):
-        pass
+
+    def scan(into: IngestSummary) -> None:
+        ensure_schema()
+        ingest_directories(config, into)
+
     keeper = threading.Thread(target=_keep_house, args=(current_app._get_current_object(), config, stop, rescan),
                               name="housekeeping", daemon=True)
     keeper.start()
     try:
-        while not stop.is_set() and not retry.run(lambda: ingest_directories(config, summary)):
-            pass
+        if not retry.run(lambda: scan(summary)):
+            # A database that cannot be used yet: the worker watches anyway and scans again.
+            rescan.set()
         if on_ready:
             on_ready(summary)
         while not stop.is_set():
             if rescan.is_set():
                 rescan.clear()
                 # Warnings already logged stay quiet on later scans.
-                scan = IngestSummary(known=summary.known)
-                if retry.run(lambda: ingest_directories(config, scan)):
-                    summary.files, summary.keys = summary.files + scan.files, summary.keys + scan.keys
+                later = IngestSummary(known=summary.known)
+                if retry.run(lambda: scan(later)):
+                    summary.files, summary.keys = summary.files + later.files, summary.keys + later.keys
+                else:
+                    rescan.set()
             try:
                 path = paths.get(timeout=STOP_POLL_SECONDS)
             except queue.Empty:

@@ -1,22 +1,63 @@
-"""A misbehaving peer KME for failure tests: accepts TLS on the peer's port, then hangs or talks garbage."""
+"""A misbehaving peer KME for failure tests: accepts TLS on the peer's port, then misbehaves by ``mode``.
+
+- "hang": reads the request and never answers;
+- "garbage": answers 200 with an HTML body;
+- "broken": sends the headers of a chunked answer, half a chunk, and closes;
+- "late": trickles a valid confirmation of the activation, byte by byte, until
+  a cancel of it arrives; then finishes the confirmation, and confirms the
+  cancel only once the test sets ``release_cancel`` (the order that once
+  handed cancelled keys to a master SAE).
+"""
+import json
 import socket
 import ssl
 import threading
 
+TRICKLE_SECONDS = 0.4
+
+
+def _read_request(conn) -> tuple[bytes, bytes]:
+    """The request line and headers, and the body (by Content-Length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return data, b""
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head, body
+
+
+def _json_answer(payload: dict) -> tuple[bytes, bytes]:
+    body = json.dumps(payload).encode()
+    head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    return head, body
+
 
 class FakePeer:
-    """Listens on 127.0.0.1:port with the peer's server certificate; ``mode`` is "hang" or "garbage"."""
+    """Listens on 127.0.0.1:port with the peer's server certificate and misbehaves by ``mode``."""
 
     def __init__(self, port: int, cert: str, key: str, mode: str):
         self.mode = mode
         # Set when an activation arrives (the background worker's health probes also come here).
         self.activation_received = threading.Event()
+        self.cancel_received = threading.Event()
+        self.activation_answered = threading.Event()
+        self.release_cancel = threading.Event()
         self._stop = threading.Event()
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.load_cert_chain(cert, key)
         self._listener = socket.create_server(("127.0.0.1", port))
         self._listener.settimeout(0.2)
         self._connections: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -26,22 +67,64 @@ class FakePeer:
                 raw, _ = self._listener.accept()
             except socket.timeout:
                 continue
-            raw.settimeout(5)
-            try:
-                conn = self._context.wrap_socket(raw, server_side=True)
-                request = conn.recv(65536)
-            except (OSError, ssl.SSLError):
-                raw.close()
-                continue
-            self._connections.append(conn)
-            if request.startswith(b"POST /api/v1/kme/activations"):
+            thread = threading.Thread(target=self._handle, args=(raw,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _handle(self, raw) -> None:
+        raw.settimeout(5)
+        try:
+            conn = self._context.wrap_socket(raw, server_side=True)
+        except (OSError, ssl.SSLError):
+            raw.close()
+            return
+        self._connections.append(conn)
+        try:
+            head, body = _read_request(conn)
+            if head.startswith(b"POST /api/v1/kme/activations/") and b"/cancel" in head.split(b"\r\n")[0]:
+                self.cancel_received.set()
+                self._answer_cancel(conn, body)
+            elif head.startswith(b"POST /api/v1/kme/activations"):
                 self.activation_received.set()
-            if self.mode == "garbage":
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 9\r\n\r\n<b>hi</b>")
+                self._answer_activation(conn, body)
+        except (OSError, ValueError):
+            conn.close()
+
+    def _answer_activation(self, conn, body: bytes) -> None:
+        if self.mode == "garbage":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 9\r\n\r\n<b>hi</b>")
+        elif self.mode == "broken":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"20\r\n{\"activation_ID\"")
+            conn.close()
+        elif self.mode == "late":
+            request = json.loads(body)
+            head, answer = _json_answer({"activation_ID": request["activation_ID"], "activated": len(request["keys"])})
+            conn.sendall(head)
+            sent = 0
+            while sent < len(answer) - 1 and not self.cancel_received.is_set() and not self._stop.is_set():
+                conn.sendall(answer[sent:sent + 1])
+                sent += 1
+                self.cancel_received.wait(TRICKLE_SECONDS)
+            conn.sendall(answer[sent:])
+            self.activation_answered.set()
+
+    def _answer_cancel(self, conn, body: bytes) -> None:
+        if self.mode != "late":
+            return
+        # The master KME's web worker acts on the confirmation first; the test
+        # sets release_cancel once the SAE has its answer.
+        self.release_cancel.wait(20)
+        head, answer = _json_answer({"activation_ID": json.loads(body)["activation_ID"], "state": "cancelled"})
+        conn.sendall(head + answer)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
         self._listener.close()
+        for conn in self._connections:
+            conn.close()
+        for thread in self._threads:
+            thread.join(5)
         for conn in self._connections:
             conn.close()

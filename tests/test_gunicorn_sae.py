@@ -1,5 +1,6 @@
 """The real SAE interface: gunicorn with several workers, mutual TLS, session certificates."""
 import base64
+import json
 import socket
 import ssl
 import uuid
@@ -113,3 +114,41 @@ def test_unknown_key_id_is_400_over_tls(pki, url):
     response = sae_session(pki, 1, 2).get(f"{url}/keys/1/dec_keys", params={"key_ID": str(uuid.uuid4())},
                                           timeout=10)
     assert response.status_code == 400 and response.json() == {"message": KEYS_NOT_FOUND}
+
+
+def raw_exchange(pki, kme, request: bytes) -> tuple[str, dict, bytes]:
+    """Send raw bytes over mutual TLS as SAE 1; the status line, headers and body of the answer."""
+    context = tls_client_context(pki, pki.client(1, 1))
+    with socket.create_connection(("127.0.0.1", sae_port(kme)), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(request)
+            answer = b""
+            while b"\r\n\r\n" not in answer and (chunk := tls.recv(65536)):
+                answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            status, *lines = head.decode("latin-1").split("\r\n")
+            headers = dict(line.split(": ", 1) for line in lines)
+            while len(body) < int(headers.get("Content-Length", 0)) and (chunk := tls.recv(65536)):
+                body += chunk
+    return status, headers, body
+
+
+MALFORMED_HTTP = [
+    ("URI too long", b"GET /api/v1/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", "414"),
+    ("control bytes in the request line", b"GET /api/v1/\x01\x02 HTTP/1.1\r\nHost: x\r\n\r\n", "400"),
+    ("lowercase method", b"get /api/v1/sae/info/me HTTP/1.1\r\nHost: x\r\n\r\n", "400"),
+    ("too many headers", b"GET /api/v1/sae/info/me HTTP/1.1\r\n" + b"".join(
+        b"X-H%d: v\r\n" % i for i in range(150)) + b"\r\n", "431"),
+    ("broken chunked body", b"POST /api/v1/keys/2/enc_keys HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+     b"Content-Type: application/json\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", "400"),
+]
+
+
+@pytest.mark.parametrize("case, request_bytes, status", MALFORMED_HTTP, ids=[case[0] for case in MALFORMED_HTTP])
+def test_malformed_http_gets_an_etsi_json_body(pki, kme, case, request_bytes, status):
+    before = Ledger(kme.parent / "kme.db").assert_exact(1)
+    line, headers, body = raw_exchange(pki, kme, request_bytes)
+    assert line.split()[1] == status, (line, body)
+    assert headers["Content-Type"] == "application/json"
+    assert set(json.loads(body)) == {"message"}
+    assert Ledger(kme.parent / "kme.db").assert_exact(1) == before

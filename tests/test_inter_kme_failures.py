@@ -158,3 +158,50 @@ def test_unfetched_key_expires_with_its_event(tmp_path, pki):
         ledger.assert_exact(1)
     finally:
         network.stop_all()
+
+
+def test_a_peer_answer_that_breaks_off_is_a_503_naming_the_peer(network):
+    kme1, kme2 = network[1], network[2]
+    kme2.stop("kme")
+    peer = fake_peer(network, "broken")
+    try:
+        response = enc_keys(network)
+    finally:
+        peer.close()
+    assert response.status_code == 503 and "KME 2 sent a broken answer" in response.json()["message"]
+    assert kme1.ledger.assert_exact(2)["reserved"] == 2
+    assert "Traceback" not in kme1.processes["sae"].output()
+
+
+def test_a_late_confirmation_of_a_cancelled_activation_never_reaches_the_master(network):
+    """The background worker cancels an activation whose answer is slower than the settle delay."""
+    kme1, kme2 = network[1], network[2]
+    kme2.stop("kme")
+    peer = fake_peer(network, "late")
+    try:
+        response = enc_keys(network, timeout=60)
+        peer.release_cancel.set()
+        assert peer.cancel_received.is_set() and peer.activation_answered.is_set()
+        assert response.status_code == 503, response.text
+        assert "after the activation was cancelled" in response.json()["message"]
+        wait_until(lambda: kme1.ledger.link(2)["reserved"] == 0, timeout=30)
+    finally:
+        peer.release_cancel.set()
+        peer.close()
+    counts = kme1.ledger.assert_exact(2)
+    assert (counts["delivered"], counts["discarded"]) == (0, 2)
+
+
+def test_the_peer_counts_a_cancelled_activation_as_discarded_like_the_master(network):
+    kme2 = network[2]
+    client = network.peer_client(1, 2)
+    before = kme2.ledger.assert_exact(1)
+    request = {"activation_ID": "6b0e0b2a-6a53-4bf7-9d0c-62d4b7f0d0a1", "master_SAE_ID": 1, "slave_SAE_IDs": [3],
+               "size": 512, "keys": [{"key_ID": "7c490419-7d60-487f-adc1-4ddcc177c139",
+                                      "parts": [{"file": "link.cor", "position": 0},
+                                                {"file": "link.cor", "position": 2}]}]}
+    client.activate(request)
+    assert kme2.ledger.assert_exact(1)["delivered"] == before["delivered"] + 2
+    client.cancel(request)
+    after = kme2.ledger.assert_exact(1)
+    assert (after["delivered"], after["discarded"]) == (before["delivered"], before["discarded"] + 2)

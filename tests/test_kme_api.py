@@ -1,5 +1,6 @@
 """The inter-KME interface: who may activate what, idempotence, three KMEs."""
 import base64
+import os
 import uuid
 
 import pytest
@@ -113,3 +114,25 @@ def test_malformed_activations_are_400(network, body, fragment):
     to_kme1 = network.peer_client(3, 1)
     response = to_kme1.session.post(f"{to_kme1.base}/activations", json=body, timeout=10)
     assert response.status_code == 400 and fragment in response.json()["message"]
+
+
+def test_json_nested_beyond_the_recursion_limit_is_400(network):
+    to_kme1 = network.peer_client(3, 1)
+    before = network[1].ledger.assert_exact(3)
+    response = to_kme1.session.post(f"{to_kme1.base}/activations", data=b"[" * 30_000 + b"]" * 30_000,
+                                    headers={"Content-Type": "application/json"}, timeout=10)
+    assert response.status_code == 400 and response.json() == {"message": "the request body is not valid JSON"}
+    assert network[1].ledger.assert_exact(3) == before
+
+
+def test_a_peers_own_words_go_to_the_log_not_to_the_sae(network):
+    kme1 = network[1]
+    # KME 3 lacks a file that KME 1 holds: it refuses with its own message.
+    data = os.urandom(32 * 4)
+    (kme1.link_folder(3) / "only-at-1.cor").write_bytes(data)
+    wait_until(lambda: kme1.ledger._query("SELECT complete FROM key_files WHERE name = 'only-at-1.cor'") == [(1,)])
+    available = kme1.ledger.link(3)["available"]
+    response = kme1.sae(1).post(f"{kme1.url()}/keys/5/enc_keys", json={"number": available}, timeout=10)
+    assert response.status_code == 503
+    assert response.json() == {"message": "KME 3 refused the request (HTTP 409)"}
+    assert "not available on this KME" in kme1.processes["sae"].output()

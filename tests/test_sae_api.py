@@ -120,6 +120,9 @@ BAD_KEY_REQUESTS = [
     ("GET number twice", "GET", "number=1&number=2", "number: given more than once"),
     ("GET unknown parameter", "GET", "count=2", None),
     ("GET size not a multiple of 8", "GET", "size=12", SIZE_NOT_MULTIPLE_OF_8),
+    ("GET number with two minus signs", "GET", "number=--1", "number: not an integer"),
+    ("GET size with two minus signs", "GET", "size=--1", "size: not an integer"),
+    ("GET number with a plus sign", "GET", "number=+1", "number: not an integer"),
 ]
 
 
@@ -273,3 +276,28 @@ def test_dec_keys_with_empty_body_is_400(sae2):
 def test_entropy_of_random_keys_is_close_to_8(sae1):
     value = sae1.get("/api/v1/keys/entropy/total").get_json()["total_entropy"]
     assert 7.5 < value <= 8.0
+
+
+DEEP_JSON = b"[" * 30_000 + b"]" * 30_000
+
+
+@pytest.mark.parametrize("url", ["/api/v1/keys/2/enc_keys", "/api/v1/keys/1/dec_keys"])
+def test_json_nested_beyond_the_recursion_limit_is_400(sae1, sae2, ledger, url):
+    client = sae1 if "enc_keys" in url else sae2
+    response = client.post(url, data=DEEP_JSON, content_type="application/json")
+    assert_error(response, 400, "the request body is not valid JSON")
+    assert ledger.assert_exact(1)["available"] == 64
+
+
+@pytest.mark.parametrize("url", ["//api//v1//keys//2//status", "/api/v1//keys/2/status", "/api/v1/keys/2/status/"])
+def test_doubled_or_trailing_slashes_are_a_json_404_not_a_redirect(sae1, url):
+    assert_error(sae1.get(url), 404)
+
+
+@pytest.mark.parametrize("given, kept", [("trace-42.a_b", True), ("caf\u00e9", False), ("a b", False),
+                                         ("x" * 65, False), ("\u0661\u0662", False)])
+def test_request_ids_are_short_ascii_tokens(sae1, given, kept):
+    response = sae1.get("/api/v1/sae/info/me", headers={"X-Request-ID": given.encode("utf-8").decode("latin-1")})
+    returned = response.headers["X-Request-ID"]
+    assert (returned == given) is kept
+    assert returned.isascii()

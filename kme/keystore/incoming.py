@@ -13,7 +13,7 @@ from kme.db import write_transaction
 from kme.errors import ActivationConflict, BadRequest
 from kme.keystore.common import DeliveredKeyMaterial, erase_delivered, pool_keys_per_key, store_delivered, \
     update_link
-from kme.models import PEERS, DeliveredKey, IncomingActivation, KeyFile, PoolKey
+from kme.models import PEERS, DeliveredKey, IncomingActivation, KeyFile, KeySlave, PoolKey
 
 ACTIVATED = "activated"
 CANCELLED = "cancelled"
@@ -75,10 +75,13 @@ def cancel(link_id: int, request: ActivationRequest) -> None:
         if known is not None and known.state == CANCELLED:
             return
         if known is not None:
-            erased = erase_delivered(session, json.loads(known.key_ids))
-            # Keys erased unfetched were never delivered to anyone: discarded,
-            # as the master KME counts them.
-            moved = erased * pool_keys_per_key(request.size_bits)
+            key_ids = json.loads(known.key_ids)
+            # Keys that no slave fetched were never delivered to anyone: they
+            # count as discarded, as the master KME counts them.
+            unused = set(session.scalars(select(DeliveredKey.key_id).where(DeliveredKey.key_id.in_(key_ids)))) \
+                - set(session.scalars(select(KeySlave.key_id).where(KeySlave.key_id.in_(key_ids), KeySlave.fetched)))
+            erased = erase_delivered(session, key_ids)
+            moved = len(unused) * pool_keys_per_key(request.size_bits)
             update_link(session, link_id, delivered=-moved, discarded=moved)
             known.state = CANCELLED
             events.record(session, f"Activation {request.activation_id} cancelled by KME {link_id}: "
