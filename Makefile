@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test clean
+.PHONY: run test openapi clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: $(VENV)/.run-deps
 test: $(VENV)/.test-deps
 	tests/install-tools.sh
 	$(BIN)/python -m pytest -c tests/pytest.ini $(PYTEST_ARGS)
+
+# docs/openapi.json from the marshmallow schemas (a test checks that it is current).
+openapi: $(VENV)/.run-deps
+	$(BIN)/python -c "import json, kme.openapi as o; print(json.dumps(o.document('all'), indent=2))" > docs/openapi.json
 
 clean:
 	rm -rf $(VENV) instance/*.db instance/*.db-wal instance/*.db-shm instance/*.db.metrics

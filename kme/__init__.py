@@ -37,7 +37,7 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
     if kme_config is not None:
         _share_metrics(kme_config)
 
-    from kme import cli, db, debug_page, errors, health_api, kme_api, logs, metrics, sae_api
+    from kme import cli, db, debug_page, errors, health_api, kme_api, logs, metrics, openapi, sae_api
     from kme.ingest import ingest_directories
 
     app = Flask(__name__)
@@ -54,7 +54,8 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
     logs.configure(config.this_kme.log_level, config.this_kme.log_format == "json")
     db.init_app(app, config.this_kme.database_uri)
     errors.init_app(app)
-    blueprints = {"sae": [sae_api.bp, health_api.bp], "kme": [kme_api.bp, health_api.bp],
+    app.extensions["kme_interface"] = interface
+    blueprints = {"sae": [sae_api.bp, health_api.bp, openapi.bp], "kme": [kme_api.bp, health_api.bp, openapi.bp],
                   "debug": [debug_page.bp, health_api.bp], "cli": []}[interface]
     for blueprint in blueprints:
         app.register_blueprint(blueprint)

@@ -35,6 +35,20 @@ class ActivationSchema(StrictSchema):
     keys = List(Nested(WireKeySchema), required=True, validate=validate.Length(min=1))
 
 
+class ActivatedSchema(StrictSchema):
+    """The answer to an activation."""
+
+    activation_ID = KeyIdField(required=True)
+    activated = Int(required=True)
+
+
+class CancelledSchema(StrictSchema):
+    """The answer to a cancel."""
+
+    activation_ID = KeyIdField(required=True)
+    state = Str(required=True, validate=validate.OneOf(["cancelled"]))
+
+
 def calling_kme() -> OtherKme:
     """The peer KME whose verified client certificate made this request; 401 otherwise."""
     serial = client_serial(request.environ)
@@ -62,7 +76,7 @@ def activate():
     caller = calling_kme()
     wanted = _activation_request()
     count = activation.accept_activation(current_app.extensions["kme"], caller, wanted)
-    return {"activation_ID": wanted.activation_id, "activated": count}
+    return ActivatedSchema().dump({"activation_ID": wanted.activation_id, "activated": count})
 
 
 @bp.post("/activations/<activation_id>/cancel")
@@ -77,4 +91,4 @@ def cancel(activation_id: str):
     if wanted.activation_id != activation_id:
         raise BadRequest("activation_ID: differs from the URL")
     activation.cancel_activation(current_app.extensions["kme"], caller, wanted)
-    return {"activation_ID": activation_id, "state": "cancelled"}
+    return CancelledSchema().dump({"activation_ID": activation_id, "state": "cancelled"})

@@ -2,15 +2,15 @@
 
 Each view: identity from the environ, schema load, one domain call, schema dump.
 """
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, current_app, g, request
 from marshmallow import ValidationError
 
 from kme import delivery, metrics
 from kme.config import Sae
 from kme.errors import BadRequest, NotAuthorized
 from kme.identity import client_serial
-from kme.schemas import KeyContainerSchema, KeyIdsSchema, KeyRequestSchema, StatusSchema, json_body, load, \
-    parse_key_id
+from kme.schemas import EntropySchema, KeyContainerSchema, KeyIdsSchema, KeyRequestSchema, SaeInfoSchema, StatusSchema, \
+    json_body, load, parse_key_id
 
 bp = Blueprint("sae_api", __name__, url_prefix="/api/v1")
 
@@ -103,11 +103,11 @@ def get_key_with_key_ids(master_sae_id: str):
 @bp.get("/sae/info/me")
 def sae_info_me():
     """The calling SAE's ID, as this KME knows it."""
-    return jsonify(SAE_ID=calling_sae().id)
+    return SaeInfoSchema().dump({"SAE_ID": calling_sae().id})
 
 
 @bp.get("/keys/entropy/total")
 def total_entropy():
     """Shannon entropy (bits per byte) of all key material this KME holds."""
     calling_sae()
-    return jsonify(total_entropy=delivery.total_entropy())
+    return EntropySchema().dump({"total_entropy": delivery.total_entropy()})

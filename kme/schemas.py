@@ -20,7 +20,7 @@ class _Object(fields.Dict):
     default_error_messages = {"invalid": "not an object"}
 
 
-class _SaeId(PlainMessages, fields.Field):
+class SaeId(PlainMessages, fields.Field):
     """An SAE ID as the standard writes it (a string), or as a JSON integer."""
 
     def _deserialize(self, value, attr, data, **kwargs):
@@ -53,7 +53,7 @@ class KeyRequestSchema(StrictSchema):
 
     number = Int()
     size = Int()
-    additional_slave_SAE_IDs = List(_SaeId())
+    additional_slave_SAE_IDs = List(SaeId())
     extension_mandatory = List(_Object())
     extension_optional = List(_Object())
 
@@ -71,30 +71,50 @@ class KeyIdsSchema(StrictSchema):
 
 
 class KeySchema(Schema):
-    key_ID = fields.String(attribute="key_id")
-    key = fields.Function(lambda key: base64.b64encode(key.material).decode("ascii"))
+    key_ID = fields.String(attribute="key_id", required=True, metadata={"format": "uuid"})
+    key = fields.Function(lambda key: base64.b64encode(key.material).decode("ascii"), required=True,
+                          metadata={"type": "string", "format": "byte"})
 
 
 class KeyContainerSchema(Schema):
     """Key container (6.3)."""
 
-    keys = fields.List(fields.Nested(KeySchema))
+    keys = fields.List(fields.Nested(KeySchema), required=True)
 
 
 class StatusSchema(Schema):
-    """Status (6.1); IDs are strings as the standard defines them."""
+    """Status (6.1); IDs are strings as the standard defines them. Every field is always present."""
 
-    source_KME_ID = fields.String()
-    target_KME_ID = fields.String()
-    master_SAE_ID = fields.String()
-    slave_SAE_ID = fields.String()
-    key_size = fields.Integer()
-    stored_key_count = fields.Integer()
-    max_key_count = fields.Integer()
-    max_key_per_request = fields.Integer()
-    max_key_size = fields.Integer()
-    min_key_size = fields.Integer()
-    max_SAE_ID_count = fields.Integer()
+    source_KME_ID = fields.String(required=True)
+    target_KME_ID = fields.String(required=True)
+    master_SAE_ID = fields.String(required=True)
+    slave_SAE_ID = fields.String(required=True)
+    key_size = fields.Integer(required=True)
+    stored_key_count = fields.Integer(required=True)
+    max_key_count = fields.Integer(required=True)
+    max_key_per_request = fields.Integer(required=True)
+    max_key_size = fields.Integer(required=True)
+    min_key_size = fields.Integer(required=True)
+    max_SAE_ID_count = fields.Integer(required=True)
+
+
+class ErrorSchema(Schema):
+    """Error (6.5)."""
+
+    message = fields.String(required=True)
+    details = fields.List(fields.Dict())
+
+
+class SaeInfoSchema(Schema):
+    """The calling SAE, as this KME knows it."""
+
+    SAE_ID = fields.Integer(required=True)
+
+
+class EntropySchema(Schema):
+    """Shannon entropy, in bits per byte, of all key material the KME holds."""
+
+    total_entropy = fields.Float(required=True)
 
 
 def json_body(request, empty_default=None):

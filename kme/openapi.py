@@ -1,0 +1,112 @@
+"""The OpenAPI 3 documents of the SAE interface and the inter-KME interface, built from the marshmallow schemas.
+
+``document("sae")`` and ``document("kme")`` are served by each interface at
+``/api/v1/openapi.json``; ``document("all")`` (both) is written to
+docs/openapi.json by ``make openapi``, and a test checks that the file and
+the code agree.
+"""
+from apispec import APISpec
+from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import Blueprint, current_app
+
+from kme.kme_api import ActivatedSchema, ActivationSchema, CancelledSchema
+from kme.schemas import EntropySchema, ErrorSchema, KeyContainerSchema, KeyIdField, KeyIdsSchema, KeyRequestSchema, \
+    SaeId, SaeInfoSchema, StatusSchema
+
+bp = Blueprint("openapi", __name__)
+
+_ERRORS = {
+    400: "Bad request format (ETSI Error body)",
+    401: "Unauthorized: no registered client certificate, or not a slave SAE of a requested key",
+    403: "The calling KME acts outside its own link, master SAE or our slave SAEs",
+    404: "No such route",
+    405: "Method not allowed",
+    409: "Keys not available at this KME, or the activation was settled otherwise",
+    413: "Request body too large",
+    503: "Error on the server side: not enough keys, a peer KME or the storage failed (named in the message)",
+}
+_SAE_ERRORS = (400, 401, 404, 405, 413, 503)
+_KME_ERRORS = (400, 401, 403, 404, 405, 409, 413, 503)
+
+
+def _sae_id(name: str) -> dict:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            "description": "an SAE ID (decimal)"}
+
+
+def _query(name: str, schema: dict, description: str) -> dict:
+    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
+
+
+def _operation(summary: str, answer, errors, parameters=(), body=None) -> dict:
+    responses = {"200": {"description": "OK", "content": {"application/json": {"schema": answer}}}}
+    responses.update({str(code): {"description": _ERRORS[code],
+                                  "content": {"application/json": {"schema": ErrorSchema}}} for code in errors})
+    operation = {"summary": summary, "responses": responses}
+    if parameters:
+        operation["parameters"] = list(parameters)
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": body}}}
+    return operation
+
+
+def _sae_paths() -> dict:
+    number = _query("number", {"type": "integer"}, "number of keys (default 1)")
+    size = _query("size", {"type": "integer"}, "key size in bits (default: key_size of the status)")
+    key_id = {"name": "key_ID", "in": "query", "required": True, "schema": {"type": "string", "format": "uuid"}}
+    get_key = "Get key (ETSI GS QKD 014 5.3): new keys for the calling master SAE to share with the slave SAE"
+    get_key_ids = "Get key with key IDs (5.4): the keys a master SAE obtained for the calling slave SAE"
+    return {
+        "/api/v1/keys/{slave_SAE_ID}/status": {"get": _operation(
+            "Get status (5.2) of the link between the calling SAE and a slave SAE", StatusSchema, _SAE_ERRORS,
+            [_sae_id("slave_SAE_ID")])},
+        "/api/v1/keys/{slave_SAE_ID}/enc_keys": {
+            "get": _operation(get_key, KeyContainerSchema, _SAE_ERRORS, [_sae_id("slave_SAE_ID"), number, size]),
+            "post": _operation(get_key, KeyContainerSchema, _SAE_ERRORS, [_sae_id("slave_SAE_ID")],
+                               KeyRequestSchema)},
+        "/api/v1/keys/{master_SAE_ID}/dec_keys": {
+            "get": _operation(get_key_ids, KeyContainerSchema, _SAE_ERRORS, [_sae_id("master_SAE_ID"), key_id]),
+            "post": _operation(get_key_ids, KeyContainerSchema, _SAE_ERRORS, [_sae_id("master_SAE_ID")],
+                               KeyIdsSchema)},
+        "/api/v1/sae/info/me": {"get": _operation("The calling SAE's ID", SaeInfoSchema, _SAE_ERRORS)},
+        "/api/v1/keys/entropy/total": {"get": _operation(
+            "Shannon entropy, in bits per byte, of all key material the KME holds", EntropySchema, _SAE_ERRORS)},
+    }
+
+
+def _kme_paths() -> dict:
+    activation_id = {"name": "activation_ID", "in": "path", "required": True,
+                     "schema": {"type": "string", "format": "uuid"}}
+    return {
+        "/api/v1/kme/activations": {"post": _operation(
+            "Activate keys of the calling KME's direction of the link for its master SAE and our slave SAEs "
+            "(idempotent by activation_ID)", ActivatedSchema, _KME_ERRORS, body=ActivationSchema)},
+        "/api/v1/kme/activations/{activation_ID}/cancel": {"post": _operation(
+            "Make sure an activation never takes effect (idempotent); the body repeats the activation",
+            CancelledSchema, _KME_ERRORS, [activation_id], ActivationSchema)},
+    }
+
+
+_TITLES = {"sae": "KME SAE interface (ETSI GS QKD 014)", "kme": "KME inter-KME interface",
+           "all": "KME: SAE interface (ETSI GS QKD 014) and inter-KME interface"}
+
+
+def document(interface: str) -> dict:
+    """The OpenAPI 3 document of ``interface``: "sae", "kme", or "all" (both, as in docs/openapi.json)."""
+    plugin = MarshmallowPlugin()
+    spec = APISpec(title=_TITLES[interface], version="1", openapi_version="3.0.3", plugins=[plugin],
+                   info={"description": "Mutual TLS: the caller is identified by its client certificate. "
+                                        "Every error answer is an ETSI Error body."})
+    plugin.map_to_openapi_type(KeyIdField, "string", "uuid")
+    plugin.map_to_openapi_type(SaeId, "string", None)
+    paths = {**(_sae_paths() if interface in ("sae", "all") else {}),
+             **(_kme_paths() if interface in ("kme", "all") else {})}
+    for path, operations in paths.items():
+        spec.path(path=path, operations=operations)
+    return spec.to_dict()
+
+
+@bp.get("/api/v1/openapi.json")
+def openapi_json():
+    """This interface's OpenAPI 3 document."""
+    return document(current_app.extensions["kme_interface"])
