@@ -5,6 +5,7 @@ entropy of all held material costs 256 additions whatever the pool size.
 """
 import math
 import struct
+from collections import Counter
 
 _FORMAT = "<256Q"
 EMPTY = bytes(struct.calcsize(_FORMAT))
@@ -12,8 +13,8 @@ EMPTY = bytes(struct.calcsize(_FORMAT))
 
 def byte_counts(blobs) -> list[int]:
     """How often each byte value 0..255 occurs in the given byte strings."""
-    data = b"".join(blobs)
-    return [data.count(value) for value in range(256)]
+    counts = Counter(b"".join(blobs))
+    return [counts[value] for value in range(256)]
 
 
 def adjust(histogram: bytes, counts: list[int], sign: int) -> bytes:

@@ -26,7 +26,7 @@ from kme.logs import printable
 log = logging.getLogger(__name__)
 
 KEY_FILE_SUFFIX = ".cor"
-BATCH_KEYS = 4096
+BATCH_KEYS = 65536
 # A progress bar is worth showing on a terminal from this backlog on.
 PROGRESS_BAR_BYTES = 64 * 2**20
 

@@ -20,11 +20,17 @@ _PRAGMAS = (
     # Consumed key bytes are overwritten in the database file, not just unlinked.
     "PRAGMA secure_delete=ON",
     "PRAGMA foreign_keys=ON",
+    # 16 MiB of page cache (grown only as pages are used): the fingerprint
+    # index is written in random order at ingestion.
+    "PRAGMA cache_size=-16384",
 )
 
 # One statement each: the rows leave the free pool in the same step that
 # selects them, so no other process or thread can select them too. The index
 # on (link_id, state, id) makes the inner SELECT a range scan of n rows.
+# Host parameters per lookup, well under SQLite's limit of 32766.
+_LOOKUP_CHUNK = 4096
+
 _FREE = "SELECT id FROM pool_keys WHERE link_id = :link_id AND state = 0 ORDER BY id LIMIT :count"
 _TAKE = text(f"DELETE FROM pool_keys WHERE id IN ({_FREE}) RETURNING id, file_id, position, material")
 _RESERVE = text(
@@ -60,23 +66,40 @@ def install(engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def insert_pool_keys(connection, rows: list[tuple], fingerprints: list[tuple]) -> None:
-    """Add (link_id, file_id, position, state, material) rows and their (fingerprint,) rows.
-
-    One executemany each, past the ORM (ingestion speed).
-    """
+def insert_pool_keys(connection, rows: list[tuple]) -> None:
+    """Add (link_id, file_id, position, state, material) rows in one executemany, past the ORM (ingestion speed)."""
     connection.exec_driver_sql(
         "INSERT INTO pool_keys (link_id, file_id, position, state, material) VALUES (?, ?, ?, ?, ?)", rows)
-    connection.exec_driver_sql("INSERT INTO key_fingerprints (fingerprint) VALUES (?)", fingerprints)
 
 
-def known_fingerprints(connection, fingerprints: list[bytes]) -> set[bytes]:
-    """Which of ``fingerprints`` are already stored (one query, past the ORM: ingestion speed)."""
-    if not fingerprints:
+def add_fingerprints(connection, fingerprints: list[int]) -> set[int]:
+    """Store distinct fingerprints; returns those stored before (whose keys must be refused).
+
+    The usual case costs one executemany: INSERT OR IGNORE, whose row count
+    says whether any fingerprint was known. Only then is it undone to a
+    savepoint, the known ones looked up, and the others inserted. Sorted,
+    the inserts fill the index's pages one after another.
+    """
+    rows = [(fingerprint,) for fingerprint in sorted(fingerprints)]
+    if not rows:
         return set()
-    marks = ",".join("?" * len(fingerprints))
-    return {row[0] for row in connection.exec_driver_sql(
-        f"SELECT fingerprint FROM key_fingerprints WHERE fingerprint IN ({marks})", tuple(fingerprints))}
+    connection.exec_driver_sql("SAVEPOINT fingerprints")
+    inserted = connection.exec_driver_sql("INSERT OR IGNORE INTO key_fingerprints (fingerprint) VALUES (?)",
+                                          rows).rowcount
+    if inserted == len(rows):
+        connection.exec_driver_sql("RELEASE fingerprints")
+        return set()
+    connection.exec_driver_sql("ROLLBACK TO fingerprints")
+    connection.exec_driver_sql("RELEASE fingerprints")
+    known = set()
+    for start in range(0, len(rows), _LOOKUP_CHUNK):
+        chunk = tuple(row[0] for row in rows[start:start + _LOOKUP_CHUNK])
+        known.update(row[0] for row in connection.exec_driver_sql(
+            f"SELECT fingerprint FROM key_fingerprints WHERE fingerprint IN ({','.join('?' * len(chunk))})", chunk))
+    fresh = [row for row in rows if row[0] not in known]
+    if fresh:
+        connection.exec_driver_sql("INSERT INTO key_fingerprints (fingerprint) VALUES (?)", fresh)
+    return known
 
 
 def take_pool_keys(connection, link_id: int, count: int) -> list:

@@ -295,9 +295,9 @@ def test_doubled_or_trailing_slashes_are_a_json_404_not_a_redirect(sae1, url):
 
 
 @pytest.mark.parametrize("given, kept", [("trace-42.a_b", True), ("caf\u00e9", False), ("a b", False),
-                                         ("x" * 65, False), ("\u0661\u0662", False)])
+                                         ("x" * 65, False), ("\u00b2\u00b3", False)])
 def test_request_ids_are_short_ascii_tokens(sae1, given, kept):
-    response = sae1.get("/api/v1/sae/info/me", headers={"X-Request-ID": given.encode("utf-8").decode("latin-1")})
+    response = sae1.get("/api/v1/sae/info/me", headers={"X-Request-ID": given})
     returned = response.headers["X-Request-ID"]
     assert (returned == given) is kept
     assert returned.isascii()

@@ -38,7 +38,8 @@ def test_unit_runs_an_entry_point_unprivileged_and_hardened(unit):
     for word in command:
         if word.startswith("deploy/"):
             assert (ROOT / word).is_file()
-    assert service["Environment"] == "KME_CONFIG=/etc/kme/%i.json5"
+    assert service["Environment"] == "KME_CONFIG=/etc/kme/%i.json5 KME_RUNTIME_DIR=/run/kme"
+    assert service["RuntimeDirectory"] == "kme" and service["RuntimeDirectoryPreserve"] == "yes"
     assert service["User"] == "kme" and service["Restart"] == "on-failure"
     assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
 

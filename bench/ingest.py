@@ -1,0 +1,91 @@
+"""Ingestion speed against plain sqlite3 executemany of the same rows.
+
+Usage: .venv/bin/python bench/ingest.py [keys, default 400000] [repetitions, default 3]
+
+Ours: `ingest_directories` of one key file into a fresh database (reading,
+fingerprints, duplicate check, pool rows, counters, histogram, events). The
+baseline: the same pool rows inserted with sqlite3's executemany into the
+same schema with the same pragmas, 4096 rows and one commit per batch, as
+ingestion does. Prints keys per second for both, interleaved, and the ratio
+of the medians.
+"""
+import os
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kme import create_app  # noqa: E402
+from kme.certs import generate_pki  # noqa: E402
+from kme.config import load_config  # noqa: E402
+from kme.db import ensure_schema  # noqa: E402
+from kme.ingest import BATCH_KEYS, ingest_directories  # noqa: E402
+from kme.sqlite import _PRAGMAS  # noqa: E402
+from tests.support import Pki, write_config  # noqa: E402
+
+
+def ours(folder: Path, pki: Pki, data: bytes) -> float:
+    config = write_config(folder, pki, log_level="WARNING")
+    (folder / "keys" / "bench.cor").write_bytes(data)
+    os.utime(folder / "keys" / "bench.cor", (time.time() - 60, time.time() - 60))
+    app = create_app(load_config(config))
+    with app.app_context():
+        ensure_schema()
+        started = time.perf_counter()
+        summary = ingest_directories(app.extensions["kme"])
+        seconds = time.perf_counter() - started
+    assert summary.keys == len(data) // 32
+    return summary.keys / seconds
+
+
+def plain(folder: Path, pki: Pki, data: bytes) -> float:
+    """The same rows with sqlite3 alone, into a schema made by the KME itself."""
+    config = write_config(folder, pki, log_level="WARNING")
+    app = create_app(load_config(config))
+    with app.app_context():
+        ensure_schema()
+    connection = sqlite3.connect(folder / "kme.db", isolation_level=None)
+    for pragma in _PRAGMAS:
+        connection.execute(pragma)
+    connection.execute("INSERT INTO key_files (id, link_id, name, next_position, complete, length, duplicates) "
+                       "VALUES (1, 1, 'bench.cor', 0, 0, 0, 0)")
+    keys = len(data) // 32
+    started = time.perf_counter()
+    for first in range(0, keys, BATCH_KEYS):
+        rows = [(1, 1, position, 0, data[position * 32:(position + 1) * 32])
+                for position in range(first, min(first + BATCH_KEYS, keys))]
+        connection.execute("BEGIN IMMEDIATE")
+        connection.executemany(
+            "INSERT INTO pool_keys (link_id, file_id, position, state, material) VALUES (?, ?, ?, ?, ?)", rows)
+        connection.execute("COMMIT")
+    seconds = time.perf_counter() - started
+    connection.close()
+    return keys / seconds
+
+
+def main() -> int:
+    keys = int(sys.argv[1]) if len(sys.argv) > 1 else 400_000
+    repetitions = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        pki = Pki(tmp / "pki", generate_pki(tmp / "pki", {1: [1, 2]}, "password"))
+        runs = {"ours": [], "plain": []}
+        for repetition in range(repetitions):
+            data = os.urandom(32 * keys)
+            for name, measure in (("ours", ours), ("plain", plain)):
+                rate = measure(tmp / f"{name}{repetition}", pki, data)
+                runs[name].append(rate)
+                print(f"{name:>6} run {repetition + 1}: {rate:>9.0f} keys/s", flush=True)
+        ratio = statistics.median(runs["ours"]) / statistics.median(runs["plain"])
+        print(f"median: ours {statistics.median(runs['ours']):.0f} keys/s, plain sqlite3 executemany "
+              f"{statistics.median(runs['plain']):.0f} keys/s, ratio {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
