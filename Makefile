@@ -29,4 +29,4 @@ openapi: $(VENV)/.run-deps
 	$(BIN)/python -c "import json, kme.openapi as o; print(json.dumps(o.document('all'), indent=2))" > docs/openapi.json
 
 clean:
-	rm -rf $(VENV) instance/*.db instance/*.db-wal instance/*.db-shm instance/*.db.metrics
+	rm -rf $(VENV) instance/*.db instance/*.db-wal instance/*.db-shm keys/*/.kme-database

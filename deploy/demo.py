@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kme.config import ConfigError, load_config  # noqa: E402
+from kme.key_folders import MARK_NAME  # noqa: E402
 
 STARTUP_SECONDS = 30
 
@@ -58,9 +59,14 @@ def _example(master_kme, slave_kme) -> str:
 
 
 def _fresh_state(config) -> None:
-    """Each demo starts from the shipped key files: no database or metrics left from an earlier run."""
+    """Each demo starts from the shipped key files: no database, folder marks or metrics left from an earlier run.
+
+    Removing the marks is the demo's own decision that the shipped keys count
+    as new (what `flask adopt-key-folders --existing new` does for an operator).
+    """
     database = Path(config.this_kme.database_uri.removeprefix("sqlite:///"))
-    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm"),
+                 *(directory / MARK_NAME for directory in config.key_directories().values())):
         path.unlink(missing_ok=True)
     if config.this_kme.metrics_directory is not None:
         shutil.rmtree(config.this_kme.metrics_directory, ignore_errors=True)

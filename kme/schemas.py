@@ -9,6 +9,7 @@ import json
 import uuid
 
 from marshmallow import Schema, ValidationError, fields, validate
+from werkzeug.exceptions import HTTPException
 
 from kme.config_schema import Int, List, Nested, StrictSchema, PlainMessages, first_error
 from kme.errors import BadRequest
@@ -125,6 +126,8 @@ def json_body(request, empty_default=None):
     """
     try:
         raw = request.get_data(cache=True)
+    except HTTPException:
+        raise
     except Exception:  # noqa: BLE001 - servers raise their own types here (gunicorn: ParseException, IOError)
         raise BadRequest("the request body could not be read (broken transfer encoding)") from None
     if not raw.strip():

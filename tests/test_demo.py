@@ -16,6 +16,9 @@ README = (ROOT / "README.md").read_text()
 def demo(tmp_path):
     for folder in ("instance", "certs", "keys"):
         shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("*.db*"))
+    # Marks left by an earlier `make run`: each demo starts afresh all the same.
+    for keys in (tmp_path / "keys").iterdir():
+        (keys / ".kme-database").write_text("an-earlier-run\n")
     log = open(tmp_path / "demo.log", "wb")
     process = subprocess.Popen([sys.executable, "deploy/demo.py", str(tmp_path / "instance")], cwd=ROOT,
                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

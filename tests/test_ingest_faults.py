@@ -95,6 +95,8 @@ def test_bytes_appended_to_an_ingested_file_are_ingested_as_more_keys(kme):
     summary = kme.ingest()
     assert summary.keys == 5
     assert any("grew from 325 to 480 bytes" in warning for warning in summary.warnings)
+    assert any("grows.cor on link 1 grew after it was ingested: reading on from position 10" in event
+               for event in kme.events())
     positions = [row[0] for row in kme.ledger._query("SELECT position FROM pool_keys ORDER BY position")]
     assert positions == list(range(15))
     # The key that straddles the old end is made of the old trailing bytes and the new ones.

@@ -101,6 +101,9 @@ def store_keys(link_id: int, progress: FileProgress, materials: list[bytes], len
         row = session.get(KeyFile, progress.file_id)
         if row.next_position != progress.next_position:
             raise RuntimeError(f"key file {row.name} was ingested concurrently")
+        if row.complete:
+            events.record(session, f"Key file {row.name} on link {link_id} grew after it was ingested: "
+                                   f"reading on from position {row.next_position}")
         link_row = session.get(Link, link_id)
         if link_row.available + link_row.reserved + link_row.peer_held + len(materials) > max_key_count:
             raise ValueError(f"the pool of link {link_id} would exceed max_key_count ({max_key_count})")
