@@ -181,7 +181,7 @@ def test_a_late_confirmation_of_a_cancelled_activation_never_reaches_the_master(
     try:
         response = enc_keys(network, timeout=60)
         peer.release_cancel.set()
-        assert peer.cancel_received.is_set() and peer.activation_answered.is_set()
+        assert peer.cancel_received.is_set() and peer.activation_answered.wait(10)
         assert response.status_code == 503, response.text
         assert "after the activation was cancelled" in response.json()["message"]
         wait_until(lambda: kme1.ledger.link(2)["reserved"] == 0, timeout=30)
