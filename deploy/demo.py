@@ -2,7 +2,8 @@
 
 For each instance/*.json5 (or each *.json5 of the folder given as argument)
 it starts the ingestion worker, the SAE interface, the inter-KME interface and
-the debugging page, waits until they are up, prints the addresses and a
+the debugging page, waits until they are up and the shipped key files are
+ingested, prints the addresses and a
 copy-paste SAE session across the two KMEs, and stops every process it
 started (by pid) on Ctrl-C. Each run starts afresh from the shipped key files.
 """
@@ -10,9 +11,11 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +43,26 @@ def _wait_for_port(host: str, port: int, processes: list[subprocess.Popen]) -> N
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"{host}:{port} did not open within {STARTUP_SECONDS} s")
+
+
+def _wait_for_ingestion(config, processes: list[subprocess.Popen]) -> None:
+    """Wait until the KME has ingested every shipped key file: the README's first call must find its keys."""
+    database = config.this_kme.database_uri.removeprefix("sqlite:///")
+    expected = {link: len(list(folder.glob("*.cor"))) for link, folder in config.key_directories().items()}
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if any(process.poll() is not None for process in processes):
+            raise RuntimeError("a demo process exited during start-up")
+        try:
+            with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1)) as connection:
+                done = dict(connection.execute(
+                    "SELECT link_id, COUNT(*) FROM key_files WHERE complete GROUP BY link_id").fetchall())
+            if all(done.get(link, 0) >= count for link, count in expected.items()):
+                return
+        except sqlite3.Error:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"KME {config.this_kme.id} did not ingest the shipped key files within {STARTUP_SECONDS} s")
 
 
 def _example(master_kme, slave_kme) -> str:
@@ -95,6 +118,7 @@ def main() -> int:
         for config in loaded:
             for interface in (config.this_kme.saes_https_interface, config.this_kme.kmes_https_interface):
                 _wait_for_port(interface.host, interface.port, processes)
+            _wait_for_ingestion(config, processes)
         print("\nDemo KMEs are up:")
         for config in loaded:
             print(f"  KME {config.this_kme.id} ({config.this_kme.nickname}): SAE interface "
