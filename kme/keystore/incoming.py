@@ -6,7 +6,7 @@ of the peer's direction of the link (state PEERS here) can be activated.
 import json
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, tuple_
+from sqlalchemy import and_, delete, or_, select
 
 from kme import events
 from kme.db import write_transaction
@@ -104,15 +104,26 @@ def forget_before(created_before: str) -> None:
 
 
 def _pool_rows(session, link_id: int, parts: list[tuple[str, int]]) -> dict:
-    """The peer-direction pool rows at the given (file name, position) parts, keyed by part."""
+    """The peer-direction pool rows at the given (file name, position) parts, keyed by part.
+
+    One index search per part on (file_id, position), whatever the pool
+    size: the link and the state are checked on the rows found, since a
+    condition on them would steer SQLite to the (link_id, state) index and
+    a scan of every key of the link.
+    """
     names = {name for name, _ in parts}
     files = dict(session.execute(select(KeyFile.name, KeyFile.id).where(
         KeyFile.link_id == link_id, KeyFile.name.in_(names))).all())
-    pairs = [(files[name], position) for name, position in parts if name in files]
-    if not pairs:
+    positions: dict[int, list[int]] = {}
+    for name, position in parts:
+        if name in files:
+            positions.setdefault(files[name], []).append(position)
+    if not positions:
         return {}
     by_file = {file_id: name for name, file_id in files.items()}
-    rows = session.execute(select(PoolKey.id, PoolKey.file_id, PoolKey.position, PoolKey.material).where(
-        PoolKey.link_id == link_id, PoolKey.state == PEERS,
-        tuple_(PoolKey.file_id, PoolKey.position).in_(pairs))).all()
-    return {(by_file[row.file_id], row.position): row for row in rows}
+    rows = session.execute(select(PoolKey.id, PoolKey.link_id, PoolKey.state, PoolKey.file_id, PoolKey.position,
+                                  PoolKey.material).where(
+        or_(*(and_(PoolKey.file_id == file_id, PoolKey.position.in_(wanted))
+              for file_id, wanted in positions.items())))).all()
+    return {(by_file[row.file_id], row.position): row for row in rows
+            if row.link_id == link_id and row.state == PEERS}

@@ -1,0 +1,88 @@
+"""The statements of the activation path search indexes: their cost does not grow with the pool.
+
+Every statement the key store runs while a peer's activation is accepted,
+and while this KME reserves, finalizes and settles its own, is explained
+with SQLite's EXPLAIN QUERY PLAN on a temporary database holding a real
+pool; none may scan a table of keys.
+"""
+import re
+import uuid
+
+import pytest
+from sqlalchemy import event
+
+from kme import create_app
+from kme.config import load_config
+from kme.db import db, ensure_schema
+from kme.ingest import ingest_directories
+from kme.keystore import incoming, outgoing
+from kme.keystore.incoming import ActivationRequest
+from tests.network import Network
+
+KEY_TABLES = ("pool_keys", "delivered_keys", "key_slaves", "key_files", "key_fingerprints")
+
+
+@pytest.fixture
+def kme1(tmp_path, pki):
+    network = Network(tmp_path, pki, [(1, 2)])
+    network.write_link_file(1, 2, "a.cor", 5000)
+    network.write_link_file(1, 2, "b.cor", 5000)
+    app = create_app(load_config(network[1].config))
+    with app.app_context():
+        ensure_schema()
+        ingest_directories(app.extensions["kme"])
+        yield app
+
+
+def explained(app, action) -> list[str]:
+    """The query plan lines of every statement ``action`` runs (executemany inserts aside)."""
+    statements = []
+
+    def record(_connection, _cursor, statement, parameters, _context, executemany):
+        if not executemany and re.match(r"\s*(SELECT|UPDATE|DELETE)", statement, re.I):
+            statements.append((statement, parameters))
+
+    engine = db.engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        action()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    plans = []
+    raw = engine.raw_connection()
+    try:
+        for statement, parameters in statements:
+            rows = raw.cursor().execute(f"EXPLAIN QUERY PLAN {statement}", parameters).fetchall()
+            plans += [f"{row[3]}  <-  {statement.split(chr(10))[0][:80]}" for row in rows]
+    finally:
+        raw.close()
+    return plans
+
+
+def full_scans(plans: list[str]) -> list[str]:
+    return [plan for plan in plans for table in KEY_TABLES if re.match(rf"SCAN {table}\b", plan)]
+
+
+def test_a_peers_activation_searches_by_file_and_position(kme1):
+    # KME 1 has the lower ID: odd positions are KME 2's direction, which KME 2 activates here.
+    request = ActivationRequest(activation_id=str(uuid.uuid4()), master_sae_id=3, slave_ids=[1], size_bits=512,
+                                keys=[(str(uuid.uuid4()), [("a.cor", 4001), ("a.cor", 4003)]),
+                                      (str(uuid.uuid4()), [("b.cor", 11), ("b.cor", 13)])])
+    plans = explained(kme1, lambda: incoming.activate(2, request))
+    assert any("(file_id=? AND position=?)" in plan for plan in plans), plans
+    assert not full_scans(plans), full_scans(plans)
+    plans = explained(kme1, lambda: incoming.cancel(2, request))
+    assert not full_scans(plans), full_scans(plans)
+
+
+def test_reserving_and_settling_our_own_activation_searches_indexes(kme1):
+    def own_activation():
+        reservation = outgoing.reserve(2, 1, [3], [2], 2, 512)
+        outgoing.finalize(reservation)
+        held = outgoing.reserve(2, 1, [3], [], 1, 256)
+        outgoing.mark_unknown(held.activation_id)
+        assert outgoing.begin_cancel(held.activation_id)
+        outgoing.discard(held.activation_id)
+
+    plans = explained(kme1, own_activation)
+    assert not full_scans(plans), full_scans(plans)
