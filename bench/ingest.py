@@ -21,11 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kme import create_app  # noqa: E402
-from kme.certs import generate_pki  # noqa: E402
 from kme.config import load_config  # noqa: E402
-from kme.db import ensure_schema  # noqa: E402
-from kme.ingest import BATCH_KEYS, ingest_directories  # noqa: E402
-from kme.sqlite import _PRAGMAS  # noqa: E402
+from kme.operations.certs import generate_pki  # noqa: E402
+from kme.operations.ingest import BATCH_KEYS, ingest_directories  # noqa: E402
+from kme.storage.db import ensure_schema  # noqa: E402
+from kme.storage.sqlite import _PRAGMAS  # noqa: E402
 from tests.support import Pki, write_config  # noqa: E402
 
 

@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kme import create_app  # noqa: E402
-from kme.certs import generate_pki  # noqa: E402
 from kme.config import load_config  # noqa: E402
-from kme.db import ensure_schema  # noqa: E402
-from kme.ingest import ingest_directories  # noqa: E402
+from kme.operations.certs import generate_pki  # noqa: E402
+from kme.operations.ingest import ingest_directories  # noqa: E402
+from kme.storage.db import ensure_schema  # noqa: E402
 from tests.conftest import client_with, sae_environ  # noqa: E402
 from tests.support import Pki, write_config  # noqa: E402
 

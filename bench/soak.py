@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kme.certs import generate_pki  # noqa: E402
+from kme.operations.certs import generate_pki  # noqa: E402
 from tests import faults  # noqa: E402
 from tests.conftest import PKI_LAYOUT  # noqa: E402
 from tests.support import PASSWORD, Pki  # noqa: E402

@@ -1,4 +1,4 @@
 """Gunicorn config of the debugging page: KME_CONFIG=path gunicorn -c deploy/debug.py wsgi:debug_app"""
-from kme.gunicorn_conf import debug_settings
+from kme.interfaces.gunicorn_conf import debug_settings
 
 globals().update(debug_settings())

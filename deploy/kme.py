@@ -1,4 +1,4 @@
 """Gunicorn config of the inter-KME interface: KME_CONFIG=path gunicorn -c deploy/kme.py wsgi:kme_app"""
-from kme.gunicorn_conf import settings
+from kme.interfaces.gunicorn_conf import settings
 
 globals().update(settings("kmes_https_interface"))

@@ -37,8 +37,11 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
     if kme_config is not None:
         _share_metrics(kme_config)
 
-    from kme import cli, db, debug_page, errors, health_api, kme_api, logs, metrics, openapi, sae_api
-    from kme.ingest import ingest_directories
+    from kme.domain import errors
+    from kme.interfaces import debug_page, health_api, kme_api, openapi, sae_api
+    from kme.operations import cli, logs, metrics
+    from kme.operations.ingest import ingest_directories
+    from kme.storage import db
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES

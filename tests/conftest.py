@@ -2,8 +2,8 @@
 import pytest
 
 from kme import create_app
-from kme.certs import generate_pki
 from kme.config import load_config
+from kme.operations.certs import generate_pki
 from tests.support import PASSWORD, Pki, write_config, write_keys
 
 # KME 1 has SAEs 1 and 2 registered, and SAE 9 whose certificate is valid
@@ -35,8 +35,8 @@ def app(config_path):
     app = create_app(load_config(config_path))
     app.config["TESTING"] = True
     with app.app_context():
-        from kme.db import ensure_schema
-        from kme.ingest import ingest_directories
+        from kme.operations.ingest import ingest_directories
+        from kme.storage.db import ensure_schema
 
         ensure_schema()
         ingest_directories(app.extensions["kme"])

@@ -3,10 +3,20 @@ import os
 from pathlib import Path
 
 from kme.config import parse_config
-from kme.peer_client import PeerClient
-
-from tests.support import Ledger, Pki, Process, free_port, load_json, sae_session, start_debug_page, start_ingest_worker, \
-    start_kme_interface, start_sae_interface, write_config
+from kme.interfaces.peer_client import PeerClient
+from tests.support import (
+    Ledger,
+    Pki,
+    Process,
+    free_port,
+    load_json,
+    sae_session,
+    start_debug_page,
+    start_ingest_worker,
+    start_kme_interface,
+    start_sae_interface,
+    write_config,
+)
 
 # Which SAEs each KME serves in test networks (see tests/conftest.PKI_LAYOUT).
 SAES = {1: (1, 2), 2: (3, 4), 3: (5,)}

@@ -25,7 +25,7 @@ def free_port() -> int:
 
 @dataclass
 class Pki:
-    """The test session's certificates (kme.certs layout) and client serials."""
+    """The test session's certificates (kme.operations.certs layout) and client serials."""
 
     folder: Path
     serials: dict[str, list[int]]
@@ -156,7 +156,7 @@ def start_kme_interface(config: Path, log: Path, workers: int = 2, threads: int 
 
 
 def wait_for_workers(process: "Process", workers: int, timeout: float = 30) -> None:
-    """Wait until every gunicorn worker has loaded the app (kme.gunicorn_conf logs it)."""
+    """Wait until every gunicorn worker has loaded the app (kme.interfaces.gunicorn_conf logs it)."""
     wait_until(lambda: process.output().count("kme: worker") >= workers or process.proc.poll() is not None,
                timeout)
     if process.proc.poll() is not None:

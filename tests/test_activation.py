@@ -3,11 +3,12 @@ import json
 
 import pytest
 
-from kme import activation, create_app
+from kme import create_app
 from kme.config import load_config
-from kme.db import ensure_schema
-from kme.ingest import ingest_directories
-from kme.keystore import outgoing
+from kme.domain import activation
+from kme.operations.ingest import ingest_directories
+from kme.storage.db import ensure_schema
+from kme.storage.keystore import outgoing
 from tests.support import Ledger, free_port, write_config, write_keys
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from kme import create_app
 from kme.config import load_config
-from kme.logs import JsonLines
+from kme.operations.logs import JsonLines
 from tests.conftest import client_with, sae_environ
 from tests.support import ROOT, run_cli, write_config, write_keys
 

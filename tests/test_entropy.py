@@ -1,7 +1,7 @@
 """Byte histograms and Shannon entropy."""
 import pytest
 
-from kme import entropy
+from kme.domain import entropy
 
 
 def test_uniform_bytes_have_eight_bits():

@@ -8,9 +8,17 @@ import uuid
 import pytest
 import requests
 
-from kme.errors import KEYS_NOT_FOUND
-from tests.support import Ledger, run_cli, sae_port, sae_session, start_sae_interface, tls_client_context, \
-    write_config, write_keys
+from kme.domain.errors import KEYS_NOT_FOUND
+from tests.support import (
+    Ledger,
+    run_cli,
+    sae_port,
+    sae_session,
+    start_sae_interface,
+    tls_client_context,
+    write_config,
+    write_keys,
+)
 
 
 @pytest.fixture(scope="module")

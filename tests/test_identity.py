@@ -2,7 +2,7 @@
 import ssl
 from pathlib import Path
 
-from kme.identity import PeerCertificateMiddleware, client_serial, peer_certificate_keys
+from kme.interfaces.identity import PeerCertificateMiddleware, client_serial, peer_certificate_keys
 
 
 class FakeTlsSocket(ssl.SSLSocket):

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from kme import ingest
-from kme.keystore import intake
-from kme.config import load_config
-from kme.db import ensure_schema
-from kme.ingest import IngestSummary, ingest_directories
 from kme import create_app
+from kme.config import load_config
+from kme.operations import ingest
+from kme.operations.ingest import IngestSummary, ingest_directories
+from kme.storage.db import ensure_schema
+from kme.storage.keystore import intake
 from tests.support import Ledger, run_cli, write_config, write_keys
 
 

@@ -4,11 +4,12 @@ import shutil
 
 import pytest
 
-from kme import create_app, health
+from kme import create_app
 from kme.config import load_config
-from kme.db import ensure_schema
-from kme.ingest import ingest_directories
-from kme.key_folders import MARK_NAME
+from kme.operations import health
+from kme.operations.ingest import ingest_directories
+from kme.operations.key_folders import MARK_NAME
+from kme.storage.db import ensure_schema
 from tests.network import Network
 from tests.support import Ledger, run_cli, start_ingest_worker, wait_until, write_config, write_keys
 
@@ -78,7 +79,7 @@ def test_fingerprints_outlive_the_keys_they_stand_for(kme):
     write_keys(folder / "a.cor", 4)
     kme.ingest()
     with kme.app.app_context():
-        from kme.keystore.local import deliver_local
+        from kme.storage.keystore.local import deliver_local
         deliver_local(1, 1, [2], 4, 256)
     shutil.copy(folder / "a.cor", folder / "again.cor")
     assert kme.ingest().duplicates == 4

@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from kme.peer_client import PeerRefused
+from kme.interfaces.peer_client import PeerRefused
 from tests.network import Network
 from tests.support import wait_until
 

@@ -10,7 +10,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 
-from kme.openapi import document
+from kme.interfaces.openapi import document
 from tests.network import Network
 from tests.support import ROOT, wait_until
 

@@ -13,10 +13,10 @@ from sqlalchemy import event
 
 from kme import create_app
 from kme.config import load_config
-from kme.db import db, ensure_schema
-from kme.ingest import ingest_directories
-from kme.keystore import incoming, outgoing
-from kme.keystore.incoming import ActivationRequest
+from kme.operations.ingest import ingest_directories
+from kme.storage.db import db, ensure_schema
+from kme.storage.keystore import incoming, outgoing
+from kme.storage.keystore.incoming import ActivationRequest
 from tests.network import Network
 
 KEY_TABLES = ("pool_keys", "delivered_keys", "key_slaves", "key_files", "key_fingerprints")

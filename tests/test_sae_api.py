@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from kme.errors import EXTENSION_MANDATORY_UNSUPPORTED, KEYS_NOT_FOUND, SIZE_NOT_MULTIPLE_OF_8
+from kme.domain.errors import EXTENSION_MANDATORY_UNSUPPORTED, KEYS_NOT_FOUND, SIZE_NOT_MULTIPLE_OF_8
 from tests.conftest import client_with, sae_environ
 from tests.support import Ledger
 

@@ -10,13 +10,20 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, select, update
 
-from kme import events, sqlite
-from kme.db import db, write_transaction
-from kme.errors import PeerFailure
-from kme.keystore.common import DeliveredKeyMaterial, build_keys, new_key_id, pool_keys_per_key, store_delivered, \
-    update_link
-from kme.keystore.local import not_enough_keys
-from kme.models import OURS, KeyFile, OutgoingActivation, PoolKey
+from kme.domain.errors import PeerFailure
+from kme.operations import events
+from kme.storage import sqlite
+from kme.storage.db import db, write_transaction
+from kme.storage.keystore.common import (
+    DeliveredKeyMaterial,
+    build_keys,
+    new_key_id,
+    pool_keys_per_key,
+    store_delivered,
+    update_link,
+)
+from kme.storage.keystore.local import not_enough_keys
+from kme.storage.models import OURS, KeyFile, OutgoingActivation, PoolKey
 
 SENDING = "sending"
 UNKNOWN = "unknown"

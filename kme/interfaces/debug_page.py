@@ -4,8 +4,8 @@ It shows IDs, counts and file names only, never key material.
 """
 from flask import Blueprint, Response, current_app, render_template
 
-from kme import events, metrics, status
-from kme.db import db
+from kme.operations import events, metrics, status
+from kme.storage.db import db
 
 bp = Blueprint("debug_page", __name__)
 

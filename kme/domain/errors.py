@@ -125,7 +125,7 @@ def answer(status: int, body: dict):
 
 def init_app(app) -> None:
     """Register the handlers that turn every failure into an ETSI Error body."""
-    from kme.db import db, reset_connections
+    from kme.storage.db import db, reset_connections
 
     @app.errorhandler(KmeError)
     def handle_kme_error(error: KmeError):

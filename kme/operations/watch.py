@@ -7,7 +7,7 @@ comes from inotify. A periodic rescan of every folder catches what events
 missed (an inotify queue overflow, a fault that interrupted ingestion).
 
 A second thread owns all periodic work of the KME: heartbeat, peer probes,
-settling of activations left pending at peers (kme.activation), expiry of
+settling of activations left pending at peers (kme.domain.activation), expiry of
 keys their slave SAEs did not fetch, WAL checkpoints, and the rescan. Network
 calls there never delay ingestion. Neither thread dies of its input or of
 its disk: failures are logged once, retried with backoff, and shown by
@@ -23,10 +23,11 @@ from flask import current_app
 from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEventHandler
 from watchdog.observers.inotify import InotifyObserver
 
-from kme import activation, sqlite
 from kme.config import KmeConfig
-from kme.db import db, ensure_schema
-from kme.ingest import IngestSummary, ingest_directories, ingest_file, link_of
+from kme.domain import activation
+from kme.operations.ingest import IngestSummary, ingest_directories, ingest_file, link_of
+from kme.storage import sqlite
+from kme.storage.db import db, ensure_schema
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Logging: one line per request and per event, as text or JSON lines.
 
 Lines carry IDs, routes, statuses and durations, never key material: views
-never log bodies, SQL parameters are hidden (kme.db), and event messages name
+never log bodies, SQL parameters are hidden (kme.storage.db), and event messages name
 keys by their IDs only.
 """
 import json

@@ -5,7 +5,7 @@ each batch is committed together with the file's position, so ingestion can
 stop at any point and resume, and ingesting a file again adds nothing. A
 file that grows after it was ingested is read on from where it stopped.
 Folder scans leave alone files that are still being written, and folders
-that belong to another database (kme.key_folders).
+that belong to another database (kme.operations.key_folders).
 """
 import logging
 import os
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import click
 
-from kme import key_folders
 from kme.config import KmeConfig
-from kme.db import DATABASE_ID, meta
-from kme.keystore import intake
-from kme.keystore.common import KEY_BYTES
-from kme.logs import printable
+from kme.operations import key_folders
+from kme.operations.logs import printable
+from kme.storage.db import DATABASE_ID, meta
+from kme.storage.keystore import intake
+from kme.storage.keystore.common import KEY_BYTES
 
 log = logging.getLogger(__name__)
 

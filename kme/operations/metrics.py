@@ -11,8 +11,9 @@ import os
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from kme import entropy, health, status
 from kme.config import KmeConfig
+from kme.domain import entropy
+from kme.operations import health, status
 
 REQUESTS = Counter("kme_http_requests", "HTTP requests served", ["interface", "route", "method", "status"])
 LATENCY = Histogram("kme_http_request_duration_seconds", "Time to answer an HTTP request", ["interface", "route"])

@@ -1,13 +1,21 @@
 """Keys for SAEs of this KME: delivery inside the zone, fetch by key ID, expiry."""
 from sqlalchemy import select, update
 
-from kme import events, sqlite
 from kme.config import KEY_BITS
-from kme.db import write_transaction
-from kme.errors import KeysNotFound, NotAuthorized, NotEnoughKeys
-from kme.keystore.common import DeliveredKeyMaterial, build_keys, erase_delivered, new_key_id, pool_keys_per_key, \
-    store_delivered, update_link
-from kme.models import DeliveredKey, KeySlave
+from kme.domain.errors import KeysNotFound, NotAuthorized, NotEnoughKeys
+from kme.operations import events
+from kme.storage import sqlite
+from kme.storage.db import write_transaction
+from kme.storage.keystore.common import (
+    DeliveredKeyMaterial,
+    build_keys,
+    erase_delivered,
+    new_key_id,
+    pool_keys_per_key,
+    store_delivered,
+    update_link,
+)
+from kme.storage.models import DeliveredKey, KeySlave
 
 
 def not_enough_keys(number: int, size_bits: int, available: int):

@@ -94,7 +94,7 @@ def settings(interface_name: str) -> dict:
     return {
         **_common(config, short, interface.port),
         "bind": _bind(interface.host, interface.port),
-        "worker_class": "kme.gunicorn_worker.PeerCertificateWorker",
+        "worker_class": "kme.interfaces.gunicorn_worker.PeerCertificateWorker",
         "certfile": str(interface.server_cert_path),
         "keyfile": str(interface.server_key_path),
         "ca_certs": str(interface.ca_client_cert_path),

@@ -1,15 +1,27 @@
 """Database tables of the KME.
 
-Only the kme.keystore package writes key rows (pool_keys, key_fingerprints,
-delivered_keys, key_slaves, activations) and the link counters; kme.ingest writes key_files
-through it; kme.events writes events. SAEs and KMEs are not tables: the configuration file is their only
+Only the kme.storage.keystore package writes key rows (pool_keys, key_fingerprints,
+delivered_keys, key_slaves, activations) and the link counters; kme.operations.ingest writes key_files
+through it; kme.operations.events writes events. SAEs and KMEs are not tables: the configuration file is their only
 source of truth (see docs/design.md).
 """
-from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, SmallInteger, String, Text, \
-    UniqueConstraint, text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
-from kme.db import db
+from kme.storage.db import db
 
 # SQLite only aliases ROWID (cheap, monotonic ids) for "INTEGER PRIMARY KEY".
 Id = BigInteger().with_variant(Integer, "sqlite")

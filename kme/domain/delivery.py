@@ -1,14 +1,14 @@
 """The three ETSI GS QKD 014 methods as plain functions of explicit arguments.
 
 No Flask request here: views, the CLI and tests call these directly. Errors
-are kme.errors domain errors with the standard's messages.
+are kme.domain.errors domain errors with the standard's messages.
 """
-from kme import activation, entropy
 from kme.config import KmeConfig, Sae
-from kme.errors import EXTENSION_MANDATORY_UNSUPPORTED, SIZE_NOT_MULTIPLE_OF_8, BadRequest
-from kme.keystore import common
-from kme.keystore import local as keystore_local
-from kme.keystore.common import DeliveredKeyMaterial
+from kme.domain import activation, entropy
+from kme.domain.errors import EXTENSION_MANDATORY_UNSUPPORTED, SIZE_NOT_MULTIPLE_OF_8, BadRequest
+from kme.storage.keystore import common
+from kme.storage.keystore import local as keystore_local
+from kme.storage.keystore.common import DeliveredKeyMaterial
 
 
 def parse_sae_id(config: KmeConfig, text: str) -> Sae:

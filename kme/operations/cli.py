@@ -7,15 +7,14 @@ from pathlib import Path
 
 import click
 from flask import current_app
-
 from sqlalchemy.exc import DBAPIError
 
-from kme import certs, key_folders, status
-from kme.db import DATABASE_ID, ensure_schema, meta
-from kme.errors import StorageFailure, storage_cause
-from kme.ingest import KEY_FILE_SUFFIX, ingest_directories
-from kme.keystore import intake
-from kme.watch import watch
+from kme.domain.errors import StorageFailure, storage_cause
+from kme.operations import certs, key_folders, status
+from kme.operations.ingest import KEY_FILE_SUFFIX, ingest_directories
+from kme.operations.watch import watch
+from kme.storage.db import DATABASE_ID, ensure_schema, meta
+from kme.storage.keystore import intake
 
 
 def _config():

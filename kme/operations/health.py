@@ -9,11 +9,12 @@ import time
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from kme import events, key_folders, sqlite
 from kme.config import KmeConfig
-from kme.db import DATABASE_ID, db, meta_or_none, reset_connections, write_transaction
-from kme.errors import storage_cause
-from kme.models import Heartbeat, PeerStatus
+from kme.domain.errors import storage_cause
+from kme.operations import events, key_folders
+from kme.storage import sqlite
+from kme.storage.db import DATABASE_ID, db, meta_or_none, reset_connections, write_transaction
+from kme.storage.models import Heartbeat, PeerStatus
 
 WORKER = "ingest-worker"
 PROBE_SECONDS = 1.0

@@ -1,10 +1,11 @@
 """Read-only views of a KME for operators: links, SAEs, events (debug page, metrics, kme-status)."""
 from sqlalchemy import func, select
 
-from kme import entropy, health
 from kme.config import KmeConfig
-from kme.db import db
-from kme.models import DeliveredKey, KeyFile, Link
+from kme.domain import entropy
+from kme.operations import health
+from kme.storage.db import db
+from kme.storage.models import DeliveredKey, KeyFile, Link
 
 
 def links(config: KmeConfig) -> list[dict]:

@@ -5,10 +5,12 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from kme import entropy, events, sqlite
-from kme.db import FINGERPRINT_SECRET, db, meta, write_transaction
-from kme.keystore.common import KEY_BYTES, update_link
-from kme.models import OURS, PEERS, KeyFile, Link
+from kme.domain import entropy
+from kme.operations import events
+from kme.storage import sqlite
+from kme.storage.db import FINGERPRINT_SECRET, db, meta, write_transaction
+from kme.storage.keystore.common import KEY_BYTES, update_link
+from kme.storage.models import OURS, PEERS, KeyFile, Link
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,13 @@ its own master SAE and our slave SAEs, then activate.
 """
 import logging
 
-from kme import events, health, metrics
 from kme.config import KmeConfig, OtherKme, Sae
-from kme.errors import BadRequest, Forbidden, PeerFailure
-from kme.keystore import incoming, local, outgoing
-from kme.keystore.common import DeliveredKeyMaterial
-from kme.keystore.incoming import ActivationRequest
-from kme.peer_client import PeerError, PeerOutcomeUnknown, PeerRefused, client_for
+from kme.domain.errors import BadRequest, Forbidden, PeerFailure
+from kme.interfaces.peer_client import PeerError, PeerOutcomeUnknown, PeerRefused, client_for
+from kme.operations import events, health, metrics
+from kme.storage.keystore import incoming, local, outgoing
+from kme.storage.keystore.common import DeliveredKeyMaterial
+from kme.storage.keystore.incoming import ActivationRequest
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Loading turns a request into plain values or raises BadRequest with a
 one-line message naming the field; range checks that depend on the KME's
-limits are the domain's (kme.delivery).
+limits are the domain's (kme.domain.delivery).
 """
 import base64
 import json
@@ -11,8 +11,8 @@ import uuid
 from marshmallow import Schema, ValidationError, fields, validate
 from werkzeug.exceptions import HTTPException
 
-from kme.config_schema import Int, List, Nested, StrictSchema, PlainMessages, first_error
-from kme.errors import BadRequest
+from kme.config_schema import Int, List, Nested, PlainMessages, StrictSchema, first_error
+from kme.domain.errors import BadRequest
 
 
 class _Object(fields.Dict):

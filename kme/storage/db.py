@@ -9,8 +9,8 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import insert, select
 from sqlalchemy.orm import DeclarativeBase
 
-from kme import sqlite
-from kme.errors import StorageFailure
+from kme.domain.errors import StorageFailure
+from kme.storage import sqlite
 
 DATABASE_ID = "database_id"
 FINGERPRINT_SECRET = "fingerprint_secret"
@@ -61,8 +61,8 @@ def ensure_schema() -> bool:
 
     Runs under the write lock, so processes starting together do not race.
     """
-    from kme.keystore import intake
-    from kme.models import Meta
+    from kme.storage.keystore import intake
+    from kme.storage.models import Meta
 
     engine = db.engine
     if engine in _schema_ready:

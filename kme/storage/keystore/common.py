@@ -4,10 +4,10 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, insert, select
 
-from kme import entropy
 from kme.config import KEY_BITS
-from kme.db import db
-from kme.models import DeliveredKey, KeySlave, Link
+from kme.domain import entropy
+from kme.storage.db import db
+from kme.storage.models import DeliveredKey, KeySlave, Link
 
 KEY_BYTES = KEY_BITS // 8
 

@@ -9,7 +9,7 @@ import json
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
-from kme.identity import PeerCertificateMiddleware
+from kme.interfaces.identity import PeerCertificateMiddleware
 
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
@@ -26,7 +26,7 @@ util.write_error = write_json_error
 
 
 class PeerCertificateWorker(ThreadWorker):
-    """A threaded worker whose every request carries SSL_CLIENT_* keys (kme.identity)."""
+    """A threaded worker whose every request carries SSL_CLIENT_* keys (kme.interfaces.identity)."""
 
     def load_wsgi(self):
         super().load_wsgi()

@@ -9,9 +9,18 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, current_app
 
-from kme.kme_api import ActivatedSchema, ActivationSchema, CancelledSchema
-from kme.schemas import EntropySchema, ErrorSchema, KeyContainerSchema, KeyIdField, KeyIdsSchema, KeyRequestSchema, \
-    SaeId, SaeInfoSchema, StatusSchema
+from kme.interfaces.kme_api import ActivatedSchema, ActivationSchema, CancelledSchema
+from kme.interfaces.schemas import (
+    EntropySchema,
+    ErrorSchema,
+    KeyContainerSchema,
+    KeyIdField,
+    KeyIdsSchema,
+    KeyRequestSchema,
+    SaeId,
+    SaeInfoSchema,
+    StatusSchema,
+)
 
 bp = Blueprint("openapi", __name__)
 

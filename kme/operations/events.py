@@ -4,8 +4,8 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import delete, select
 
-from kme.logs import printable
-from kme.models import Event
+from kme.operations.logs import printable
+from kme.storage.models import Event
 
 log = logging.getLogger("kme.events")
 

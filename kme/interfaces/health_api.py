@@ -1,7 +1,7 @@
 """GET /healthz on every interface: 200 when healthy, 503 naming what is wrong."""
 from flask import Blueprint, current_app
 
-from kme import health
+from kme.operations import health
 
 bp = Blueprint("health_api", __name__)
 

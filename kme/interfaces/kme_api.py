@@ -6,13 +6,13 @@ its own link with this KME.
 from flask import Blueprint, current_app, g, request
 from marshmallow import ValidationError, validate
 
-from kme import activation
 from kme.config import OtherKme
 from kme.config_schema import Int, List, Nested, Str, StrictSchema
-from kme.errors import BadRequest, NotAuthorized
-from kme.identity import client_serial
-from kme.keystore.incoming import ActivationRequest
-from kme.schemas import KeyIdField, json_body, load, parse_key_id
+from kme.domain import activation
+from kme.domain.errors import BadRequest, NotAuthorized
+from kme.interfaces.identity import client_serial
+from kme.interfaces.schemas import KeyIdField, json_body, load, parse_key_id
+from kme.storage.keystore.incoming import ActivationRequest
 
 bp = Blueprint("kme_api", __name__, url_prefix="/api/v1/kme")
 

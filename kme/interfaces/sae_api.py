@@ -1,16 +1,26 @@
-"""The SAE interface (ETSI GS QKD 014 clause 5), as thin views over kme.delivery.
+"""The SAE interface (ETSI GS QKD 014 clause 5), as thin views over kme.domain.delivery.
 
 Each view: identity from the environ, schema load, one domain call, schema dump.
 """
 from flask import Blueprint, current_app, g, request
 from marshmallow import ValidationError
 
-from kme import delivery, metrics
 from kme.config import Sae
-from kme.errors import BadRequest, NotAuthorized
-from kme.identity import client_serial
-from kme.schemas import EntropySchema, KeyContainerSchema, KeyIdsSchema, KeyRequestSchema, SaeInfoSchema, StatusSchema, \
-    json_body, load, parse_key_id
+from kme.domain import delivery
+from kme.domain.errors import BadRequest, NotAuthorized
+from kme.interfaces.identity import client_serial
+from kme.interfaces.schemas import (
+    EntropySchema,
+    KeyContainerSchema,
+    KeyIdsSchema,
+    KeyRequestSchema,
+    SaeInfoSchema,
+    StatusSchema,
+    json_body,
+    load,
+    parse_key_id,
+)
+from kme.operations import metrics
 
 bp = Blueprint("sae_api", __name__, url_prefix="/api/v1")
 

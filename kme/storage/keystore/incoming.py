@@ -8,12 +8,17 @@ from dataclasses import dataclass
 
 from sqlalchemy import and_, delete, or_, select
 
-from kme import events
-from kme.db import write_transaction
-from kme.errors import ActivationConflict, BadRequest
-from kme.keystore.common import DeliveredKeyMaterial, erase_delivered, pool_keys_per_key, store_delivered, \
-    update_link
-from kme.models import PEERS, DeliveredKey, IncomingActivation, KeyFile, KeySlave, PoolKey
+from kme.domain.errors import ActivationConflict, BadRequest
+from kme.operations import events
+from kme.storage.db import write_transaction
+from kme.storage.keystore.common import (
+    DeliveredKeyMaterial,
+    erase_delivered,
+    pool_keys_per_key,
+    store_delivered,
+    update_link,
+)
+from kme.storage.models import PEERS, DeliveredKey, IncomingActivation, KeyFile, KeySlave, PoolKey
 
 ACTIVATED = "activated"
 CANCELLED = "cancelled"

@@ -1,0 +1,1 @@
+"""The KME's interfaces: the SAE and inter-KME blueprints, their data formats and OpenAPI documents, the debugging page, /healthz, the TLS peer identity under gunicorn, and the client towards peer KMEs."""
