@@ -26,7 +26,7 @@ test: $(VENV)/.test-deps
 
 # docs/openapi.json from the marshmallow schemas (a test checks that it is current).
 openapi: $(VENV)/.run-deps
-	$(BIN)/python -c "import json, kme.openapi as o; print(json.dumps(o.document('all'), indent=2))" > docs/openapi.json
+	$(BIN)/python -c "import json, kme.interfaces.openapi as o; print(json.dumps(o.document('all'), indent=2))" > docs/openapi.json
 
 clean:
 	rm -rf $(VENV) instance/*.db instance/*.db-wal instance/*.db-shm keys/*/.kme-database
