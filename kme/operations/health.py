@@ -13,7 +13,7 @@ from kme.config import KmeConfig
 from kme.domain.errors import storage_cause
 from kme.operations import events, key_folders
 from kme.storage import sqlite
-from kme.storage.db import DATABASE_ID, db, meta_or_none, reset_connections, write_transaction
+from kme.storage.db import DATABASE_ID, db, meta, reset_connections, write_transaction
 from kme.storage.models import Heartbeat, PeerStatus
 
 WORKER = "ingest-worker"
@@ -64,7 +64,11 @@ def _database_problem(config: KmeConfig) -> str | None:
 
 def _folder_problem(config: KmeConfig) -> str | None:
     problems = []
-    database_id = None if config.in_memory else meta_or_none(DATABASE_ID)
+    try:
+        database_id = None if config.in_memory else meta(DATABASE_ID)
+    except DBAPIError:
+        # The database check names that fault; the marks cannot be compared meanwhile.
+        database_id = None
     for path in config.key_directories().values():
         if not (path.is_dir() and os.access(path, os.R_OK | os.X_OK)):
             problems.append(f"not readable: {path}")

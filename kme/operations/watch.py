@@ -37,7 +37,7 @@ CHECKPOINT_SECONDS = 10.0
 # How soon the worker notices that it was asked to stop.
 STOP_POLL_SECONDS = 0.5
 # Retry delays after a failure: doubling from the first to the last.
-BACKOFF_SECONDS = (0.5, 30.0)
+BACKOFF_SECONDS = (0.5, 10.0)
 
 
 class _CompleteFiles(FileSystemEventHandler):

@@ -80,14 +80,22 @@ def ensure_schema() -> bool:
     return True
 
 
-def meta(name: str) -> bytes:
-    """A fact about this database (DATABASE_ID, FINGERPRINT_SECRET); ensure_schema() has run."""
-    return _meta[db.engine][name]
+def meta(name: str) -> bytes | None:
+    """A fact about this database (DATABASE_ID, FINGERPRINT_SECRET), or None before the schema exists.
 
+    Read once per process, on a connection of its own, so that it never
+    touches a transaction of the caller's.
+    """
+    from kme.storage.models import Meta
 
-def meta_or_none(name: str) -> bytes | None:
-    """A fact about this database if this process has read it already (health checks never create it)."""
-    return _meta.get(db.engine, {}).get(name)
+    engine = db.engine
+    if engine not in _meta:
+        with engine.connect() as connection:
+            facts = dict(connection.execute(select(Meta.name, Meta.value)).all())
+        if not facts:
+            return None
+        _meta[engine] = facts
+    return _meta[engine].get(name)
 
 
 def reset_connections() -> None:
