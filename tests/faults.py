@@ -92,14 +92,23 @@ def run(network: Network, files: dict, requests_per_thread: int, threads: int, f
     injected = threading.Event()
 
     def worker(index: int) -> None:
-        local_rng = random.Random(seed * 1000 + index)
         sessions = {}
+        try:
+            load(index, sessions)
+        finally:
+            for session in sessions.values():
+                session.close()
+
+    def load(index: int, sessions: dict) -> None:
+        local_rng = random.Random(seed * 1000 + index)
         # At least requests_per_thread, and on until every fault is injected (bounded either way).
         for count in range(requests_per_thread * 50):
             if count >= requests_per_thread and injected.is_set():
                 break
             kme, master, slave = local_rng.choice(PAIRS)
-            session = sessions.setdefault((kme, master), network[kme].sae(master))
+            if (kme, master) not in sessions:
+                sessions[(kme, master)] = network[kme].sae(master)
+            session = sessions[(kme, master)]
             try:
                 response = session.post(f"{network[kme].url()}/keys/{slave}/enc_keys",
                                         json={"number": local_rng.randint(1, 3),
@@ -172,19 +181,23 @@ def check(network: Network, files: dict, served: list, figures: Figures) -> None
         by_slave.setdefault((kme, master, slave), []).append(key)
     for (kme, master, slave), keys in by_slave.items():
         slave_kme = network[2 if slave in (3, 4) else 1]
-        session = slave_kme.sae(slave)
-        for key in keys:
-            url = f"{slave_kme.url()}/keys/{master}/dec_keys"
-            first = session.get(url, params={"key_ID": key["key_ID"]}, timeout=30)
-            assert first.status_code == 200 and first.json()["keys"] == [key], first.text
-            again = session.get(url, params={"key_ID": key["key_ID"]}, timeout=30)
-            assert again.status_code == 400
-            figures.fetched += 1
+        with slave_kme.sae(slave) as session:
+            fetch_each_once(session, f"{slave_kme.url()}/keys/{master}/dec_keys", keys, figures)
     for kme, peer in ((1, 1), (1, 2), (2, 2), (2, 1)):
         counts = network[kme].ledger.assert_exact(peer)
         assert counts["reserved"] == 0, counts
     one, two = network[1].ledger.link(2), network[2].ledger.link(1)
     assert (one["delivered"], one["discarded"]) == (two["delivered"], two["discarded"]), (one, two)
+
+
+def fetch_each_once(session, url: str, keys: list[dict], figures: Figures) -> None:
+    """Each key fetched by its slave: the first time it is answered, the second time refused."""
+    for key in keys:
+        first = session.get(url, params={"key_ID": key["key_ID"]}, timeout=30)
+        assert first.status_code == 200 and first.json()["keys"] == [key], first.text
+        again = session.get(url, params={"key_ID": key["key_ID"]}, timeout=30)
+        assert again.status_code == 400
+        figures.fetched += 1
 
 
 def started_pair(folder, pki, keys_per_file: int) -> tuple[Network, dict]:

@@ -39,11 +39,22 @@ def pair(tmp_path_factory, pki):
         network[kme].ledger.assert_exact(peer)
 
 
-def test_each_interface_serves_its_own_document(pair):
-    sae = pair[1].sae(1).get(f"{pair[1].url()}/openapi.json", timeout=10)
-    assert sae.json() == document("sae")
+@pytest.fixture(scope="module")
+def sae1(pair):
+    with pair[1].sae(1) as session:
+        yield session
+
+
+@pytest.fixture(scope="module")
+def kme2_to_kme1(pair):
     peer = pair.peer_client(2, 1)
-    inter_kme = peer.session.get(f"https://127.0.0.1:{pair[1].port('kmes_https_interface')}/api/v1/openapi.json",
+    yield peer.session
+    peer.session.close()
+
+
+def test_each_interface_serves_its_own_document(pair, sae1, kme2_to_kme1):
+    assert sae1.get(f"{pair[1].url()}/openapi.json", timeout=10).json() == document("sae")
+    inter_kme = kme2_to_kme1.get(f"https://127.0.0.1:{pair[1].port('kmes_https_interface')}/api/v1/openapi.json",
                                  timeout=10)
     assert inter_kme.json() == document("kme")
 
@@ -64,18 +75,16 @@ kme_fuzz = schemathesis.openapi.from_dict(document("kme"))
 
 @sae_fuzz.parametrize()
 @FUZZ_SETTINGS
-def test_fuzz_the_sae_interface(case, pair):
-    session = pair[1].sae(1)
-    response = case.call(base_url=f"https://127.0.0.1:{pair[1].port('saes_https_interface')}", session=session,
-                         verify=session.verify, cert=session.cert, timeout=10)
+def test_fuzz_the_sae_interface(case, pair, sae1):
+    response = case.call(base_url=f"https://127.0.0.1:{pair[1].port('saes_https_interface')}", session=sae1,
+                         verify=sae1.verify, cert=sae1.cert, timeout=10)
     check(case, response)
 
 
 @kme_fuzz.parametrize()
 @FUZZ_SETTINGS
-def test_fuzz_the_inter_kme_interface(case, pair):
-    peer = pair.peer_client(2, 1)
+def test_fuzz_the_inter_kme_interface(case, pair, kme2_to_kme1):
     # Trust and the client certificate come from the peer client's own TLS context.
     response = case.call(base_url=f"https://127.0.0.1:{pair[1].port('kmes_https_interface')}",
-                         session=peer.session, verify=True, timeout=10)
+                         session=kme2_to_kme1, verify=True, timeout=10)
     check(case, response)

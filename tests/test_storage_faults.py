@@ -9,8 +9,17 @@ import subprocess
 import pytest
 import requests
 
-from tests.support import Ledger, run_cli, sae_port, sae_session, start_ingest_worker, start_sae_interface, wait_until, \
-    write_config, write_keys
+from tests.support import (
+    Ledger,
+    run_cli,
+    sae_port,
+    sae_session,
+    start_ingest_worker,
+    start_sae_interface,
+    wait_until,
+    write_config,
+    write_keys,
+)
 
 
 @pytest.fixture
@@ -49,6 +58,7 @@ class RunningKme:
         return self.worker.proc.poll() is None and self.sae.proc.poll() is None
 
     def stop(self) -> None:
+        self.session.close()
         self.sae.stop()
         self.worker.stop()
 

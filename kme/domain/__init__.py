@@ -1,1 +1,5 @@
-"""The KME's domain: the ETSI methods, key activation between KMEs, the error vocabulary, and the entropy of key material."""
+"""The KME's domain.
+
+The ETSI methods, key activation between KMEs, the error vocabulary, and the
+entropy of key material.
+"""

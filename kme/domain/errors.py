@@ -101,21 +101,6 @@ def http_status(error: KmeError) -> int:
     return next(status for kind, status in STATUS.items() if isinstance(error, kind))
 
 
-def storage_cause(error) -> str:
-    """A short, key-free description of a database failure (exception or its text), for clients and /healthz."""
-    text = str(getattr(error, "orig", error)).lower()
-    for needle, cause in (("disk is full", "the database disk is full"),
-                          ("readonly", "the database is read-only"),
-                          ("read-only", "the database is read-only"),
-                          ("unable to open", "the database file cannot be opened"),
-                          ("no such table", "the database has no KME schema (deleted or replaced?)"),
-                          ("disk i/o", "disk I/O error on the database"),
-                          ("locked", "the database is locked by another process for too long")):
-        if needle in text:
-            return cause
-    return "the database failed"
-
-
 def answer(status: int, body: dict):
     """A JSON response with ``status``."""
     response = jsonify(body)
@@ -126,6 +111,7 @@ def answer(status: int, body: dict):
 def init_app(app) -> None:
     """Register the handlers that turn every failure into an ETSI Error body."""
     from kme.storage.db import db, reset_connections
+    from kme.storage.sqlite import failure_cause
 
     @app.errorhandler(KmeError)
     def handle_kme_error(error: KmeError):
@@ -145,7 +131,7 @@ def init_app(app) -> None:
     @app.errorhandler(DBAPIError)
     def handle_storage_error(error: DBAPIError):
         db.session.rollback()
-        failure = StorageFailure(storage_cause(error))
+        failure = StorageFailure(failure_cause(error))
         log.error("storage failure: %s (%s)", failure.cause, error.orig.__class__.__name__)
         # Pooled connections may be stuck in the failed state (a file opened
         # read-only stays read-only): new ones are opened once the fault clears.

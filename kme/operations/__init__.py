@@ -1,1 +1,5 @@
-"""Operations: key file ingestion and the background worker, health, metrics, logs and events, operators' views, the CLI and the demo PKI."""
+"""Operations.
+
+Key file ingestion and the background worker, health, metrics, logs and events,
+operators' views, the CLI and the demo PKI.
+"""

@@ -9,10 +9,11 @@ import click
 from flask import current_app
 from sqlalchemy.exc import DBAPIError
 
-from kme.domain.errors import StorageFailure, storage_cause
+from kme.domain.errors import StorageFailure
 from kme.operations import certs, key_folders, status
 from kme.operations.ingest import KEY_FILE_SUFFIX, ingest_directories
 from kme.operations.watch import watch
+from kme.storage import sqlite
 from kme.storage.db import DATABASE_ID, ensure_schema, meta
 from kme.storage.keystore import intake
 
@@ -47,7 +48,7 @@ def ingest_keys_command(keep_watching: bool) -> None:
             ensure_schema()
             _print_summary(ingest_directories(config, show_progress=sys.stdout.isatty()))
         except (DBAPIError, StorageFailure) as exc:
-            cause = exc.cause if isinstance(exc, StorageFailure) else storage_cause(exc)
+            cause = exc.cause if isinstance(exc, StorageFailure) else sqlite.failure_cause(exc)
             raise click.ClickException(f"ingestion stopped: {cause}") from None
         return
     stop = threading.Event()

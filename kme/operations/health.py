@@ -10,7 +10,6 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from kme.config import KmeConfig
-from kme.domain.errors import storage_cause
 from kme.operations import events, key_folders
 from kme.storage import sqlite
 from kme.storage.db import DATABASE_ID, db, meta, reset_connections, write_transaction
@@ -58,7 +57,7 @@ def _database_problem(config: KmeConfig) -> str | None:
     # One write probe a second per process, however often /healthz is asked.
     if now - _probe["at"] >= PROBE_SECONDS:
         failure = sqlite.write_probe(db.engine)
-        _probe.update(at=now, problem=failure and f"writes fail: {storage_cause(failure)} ({failure})")
+        _probe.update(at=now, problem=failure and f"writes fail: {sqlite.failure_cause(failure)} ({failure})")
     return _probe["problem"]
 
 
@@ -104,7 +103,7 @@ def check(config: KmeConfig) -> tuple[bool, dict]:
     except DBAPIError as exc:
         db.session.rollback()
         reset_connections()
-        worker = f"unknown ({storage_cause(exc)})"
+        worker = f"unknown ({sqlite.failure_cause(exc)})"
     report["ingestion_worker"] = worker
     healthy = all(value == "ok" for value in report.values())
     return healthy, {"status": "ok" if healthy else "unhealthy", "checks": report}

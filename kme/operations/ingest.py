@@ -116,15 +116,11 @@ def _settled(config: KmeConfig, pending: list, summary: IngestSummary) -> list:
     if not pending:
         return pending
     writing, sure = key_folders.open_for_writing(config.key_directories().values())
-    # Without a full view of the open files, a file changed recently may still have a writer.
-    recent = time.time() - (0 if sure else config.this_kme.key_file_settle_seconds)
+    recent = time.time() - config.this_kme.key_file_settle_seconds
     settled = []
     for link_id, path in pending:
-        try:
-            changed = os.lstat(path).st_mtime
-        except OSError:
-            changed = 0.0
-        if str(path) in writing or (not sure and changed > recent):
+        # Without a full view of the open files, a file changed recently may still have a writer.
+        if str(path) in writing or (not sure and _modified(path) > recent):
             summary.deferred += 1
             log.info("%s: still being written, ingested once complete", printable(str(path)))
         else:
@@ -227,6 +223,13 @@ def _read_batches(config, link_id, shown, handle, file_progress, summary, progre
                 summary.warn(f"{shown}: {len(chunk) - whole} trailing bytes do not make a key, not used yet",
                              skipped=False)
             return added
+
+
+def _modified(path: Path) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _size(path: Path) -> int:

@@ -171,3 +171,18 @@ def write_probe(engine) -> str | None:
     except sqlite3.Error as exc:
         return str(exc)
     return None
+
+
+def failure_cause(error) -> str:
+    """A short, key-free description of a SQLite failure (exception or its text), for clients and /healthz."""
+    text = str(getattr(error, "orig", error)).lower()
+    for needle, cause in (("disk is full", "the database disk is full"),
+                          ("readonly", "the database is read-only"),
+                          ("read-only", "the database is read-only"),
+                          ("unable to open", "the database file cannot be opened"),
+                          ("no such table", "the database has no KME schema (deleted or replaced?)"),
+                          ("disk i/o", "disk I/O error on the database"),
+                          ("locked", "the database is locked by another process for too long")):
+        if needle in text:
+            return cause
+    return "the database failed"

@@ -49,8 +49,8 @@ def activate(link_id: int, request: ActivationRequest) -> int:
         wanted = [part for _, parts in request.keys for part in parts]
         rows = _pool_rows(session, link_id, wanted)
         if len(rows) != len(wanted) or len(set(wanted)) != len(wanted):
-            raise ActivationConflict(f"{len(set(wanted)) - len(rows)} of the {len(wanted)} keys named are not available "
-                           f"on this KME's link with KME {link_id} (not ingested yet, or used)")
+            raise ActivationConflict(f"{len(set(wanted)) - len(rows)} of the {len(wanted)} keys named are not "
+                                     f"available on this KME's link with KME {link_id} (not ingested yet, or used)")
         if session.scalars(select(DeliveredKey.key_id).where(
                 DeliveredKey.key_id.in_([key_id for key_id, _ in request.keys]))).first():
             raise ActivationConflict("a key ID of this activation is already in use")
