@@ -23,11 +23,11 @@ from kme.config import load_config  # noqa: E402
 from kme.operations.certs import generate_pki  # noqa: E402
 from kme.operations.ingest import ingest_directories  # noqa: E402
 from kme.storage.db import ensure_schema  # noqa: E402
-from kme.storage.keystore import incoming, outgoing  # noqa: E402
+from kme.storage.keystore import incoming, leases, outgoing  # noqa: E402
 from kme.storage.keystore.incoming import ActivationRequest  # noqa: E402
 from tests.conftest import PKI_LAYOUT  # noqa: E402
 from tests.network import Network  # noqa: E402
-from tests.support import PASSWORD, Pki  # noqa: E402
+from tests.support import PASSWORD, Pki, confirm_link  # noqa: E402
 
 CALLS = 200
 
@@ -39,12 +39,14 @@ def measure(folder: Path, pki: Pki, pool: int) -> tuple[float, float]:
     with app.app_context():
         ensure_schema()
         ingest_directories(app.extensions["kme"])
-        # KME 1 has the lower ID: odd positions belong to KME 2's direction.
-        positions = iter(range(pool - 1, 0, -2))
+        confirm_link(1, 2)
+        # KME 1 arbitrates the link: KME 2's direction activates the keys KME 1 lent it.
+        runs, _ = leases.give(2, leases.LeaseRequest(str(uuid.uuid4()), CALLS, CALLS))
+        positions = iter([run["first"] + offset for run in runs for offset in range(run["count"])])
         started = time.perf_counter()
         for _ in range(CALLS):
-            incoming.activate(2, ActivationRequest(str(uuid.uuid4()), 3, [1], 256,
-                                                   [(str(uuid.uuid4()), [("pool.cor", next(positions))])]))
+            incoming.activate(1, 2, ActivationRequest(str(uuid.uuid4()), 3, [1], 256,
+                                                      [(str(uuid.uuid4()), [("pool.cor", next(positions))])]))
         peer = (time.perf_counter() - started) / CALLS * 1e6
         started = time.perf_counter()
         for _ in range(CALLS):

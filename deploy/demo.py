@@ -46,7 +46,11 @@ def _wait_for_port(host: str, port: int, processes: list[subprocess.Popen]) -> N
 
 
 def _wait_for_ingestion(config, processes: list[subprocess.Popen]) -> None:
-    """Wait until the KME has ingested every shipped key file: the README's first call must find its keys."""
+    """Wait until the KME has ingested every shipped key file and both ends of each link hold all of its keys.
+
+    Only then does the README's first call find its keys: a key is used only
+    once the peer KME said it holds it too.
+    """
     database = config.this_kme.database_uri.removeprefix("sqlite:///")
     expected = {link: len(list(folder.glob("*.cor"))) for link, folder in config.key_directories().items()}
     deadline = time.monotonic() + STARTUP_SECONDS
@@ -57,7 +61,8 @@ def _wait_for_ingestion(config, processes: list[subprocess.Popen]) -> None:
             with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1)) as connection:
                 done = dict(connection.execute(
                     "SELECT link_id, COUNT(*) FROM key_files WHERE complete GROUP BY link_id").fetchall())
-            if all(done.get(link, 0) >= count for link, count in expected.items()):
+                waiting = connection.execute("SELECT SUM(unconfirmed) FROM links").fetchone()[0]
+            if all(done.get(link, 0) >= count for link, count in expected.items()) and waiting == 0:
                 return
         except sqlite3.Error:
             pass

@@ -25,6 +25,7 @@ DEFAULT_KEY_EXPIRY_SECONDS = 3600.0
 DEFAULT_HOUSEKEEPING_SECONDS = 5.0
 DEFAULT_RESCAN_SECONDS = 10.0
 DEFAULT_SETTLE_SECONDS = 2.0
+DEFAULT_UNMATCHED_GRACE_SECONDS = 3600.0
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 3.0
 DEFAULT_READ_TIMEOUT_SECONDS = 10.0
 
@@ -78,6 +79,7 @@ class ThisKme:
     housekeeping_interval_seconds: float
     rescan_interval_seconds: float
     key_file_settle_seconds: float
+    unmatched_key_grace_seconds: float
     limits: Limits
 
 
@@ -277,6 +279,7 @@ def _this_kme(data: dict, base_dir: Path) -> ThisKme:
         housekeeping_interval_seconds=data.get("housekeeping_interval_seconds", DEFAULT_HOUSEKEEPING_SECONDS),
         rescan_interval_seconds=data.get("rescan_interval_seconds", DEFAULT_RESCAN_SECONDS),
         key_file_settle_seconds=data.get("key_file_settle_seconds", DEFAULT_SETTLE_SECONDS),
+        unmatched_key_grace_seconds=data.get("unmatched_key_grace_seconds", DEFAULT_UNMATCHED_GRACE_SECONDS),
         limits=_limits(data.get("limits", {})),
     )
 

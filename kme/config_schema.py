@@ -137,6 +137,7 @@ class ThisKmeSchema(StrictSchema):
     housekeeping_interval_seconds = Seconds()
     rescan_interval_seconds = Seconds()
     key_file_settle_seconds = Seconds()
+    unmatched_key_grace_seconds = Seconds()
     limits = Nested(LimitsSchema)
 
 

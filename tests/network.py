@@ -15,6 +15,7 @@ from tests.support import (
     start_ingest_worker,
     start_kme_interface,
     start_sae_interface,
+    wait_until,
     write_config,
 )
 
@@ -125,6 +126,12 @@ class Network:
             staging.write_bytes(data)
             os.rename(staging, self.kmes[kme].link_folder(peer) / name)
         return data
+
+    def wait_for_link(self, a: int, b: int, keys: int, timeout: float = 20) -> None:
+        """Wait until both ends of link a–b have ingested ``keys`` keys and confirmed that the other holds them."""
+        wait_until(lambda: all(self.kmes[x].ledger.link(y)["ingested"] == keys and
+                               self.kmes[x].ledger.link(y)["unconfirmed"] == 0 for x, y in ((a, b), (b, a))),
+                   timeout)
 
     def start_all(self) -> None:
         try:

@@ -17,10 +17,18 @@ ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "password"
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free loopback port, never the same twice in this process (the OS may offer a released one again)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 @dataclass
@@ -213,7 +221,8 @@ class Ledger:
         with sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True) as conn:
             return conn.execute(sql, args).fetchall()
 
-    COUNTERS = ("ingested", "available", "reserved", "peer_held", "delivered", "discarded")
+    COUNTERS = ("ingested", "available", "reserved", "peer_held", "unconfirmed", "delivered", "discarded",
+                "set_aside")
 
     def link(self, link_id: int) -> dict:
         (row,) = self._query(f"SELECT {', '.join(self.COUNTERS)} FROM links WHERE peer_kme_id = ?", link_id)
@@ -229,6 +238,21 @@ class Ledger:
         """Check the link's counters against each other and against the pool rows."""
         counts = self.link(link_id)
         assert counts["ingested"] == sum(counts[name] for name in self.COUNTERS[1:]), counts
-        assert (counts["available"], counts["peer_held"], counts["reserved"]) == (
-            self.pool_size(link_id, 0), self.pool_size(link_id, 1), self.pool_size(link_id, 2)), counts
+        assert (counts["available"], counts["peer_held"], counts["reserved"], counts["unconfirmed"]) == (
+            self.pool_size(link_id, 0), self.pool_size(link_id, 1), self.pool_size(link_id, 2),
+            self.pool_size(link_id, 3)), counts
         return counts
+
+
+def confirm_link(this_kme_id: int, link_id: int) -> None:
+    """In process, inside an app context: the peer says it holds every key file of the link we know, whole."""
+    from sqlalchemy import select
+
+    from kme.storage.db import db
+    from kme.storage.keystore import progress
+    from kme.storage.models import KeyFile
+
+    names = db.session.scalars(select(KeyFile.name).where(KeyFile.link_id == link_id)).all()
+    db.session.commit()
+    offers = [progress.FileOffer(name, 2**40, seq) for seq, name in enumerate(names, start=1)]
+    progress.answered(this_kme_id, link_id, progress.Exchange("ab" * 16, offers, 0, 0))

@@ -9,7 +9,7 @@ from kme.domain import activation
 from kme.operations.ingest import ingest_directories
 from kme.storage.db import ensure_schema
 from kme.storage.keystore import outgoing
-from tests.support import Ledger, free_port, write_config, write_keys
+from tests.support import Ledger, confirm_link, free_port, write_config, write_keys
 
 
 @pytest.fixture
@@ -27,8 +27,9 @@ def kme(tmp_path, pki):
     with app.app_context():
         ensure_schema()
         ingest_directories(app.extensions["kme"])
+        confirm_link(1, 2)
         reservation = outgoing.reserve(2, 1, [3], [], 2, 256)
-        outgoing.mark_unknown(reservation.activation_id)
+        outgoing.mark_unknown(reservation.activation_id, "has an unknown outcome")
     return app, config_path, Ledger(tmp_path / "kme.db")
 
 

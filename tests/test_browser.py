@@ -4,7 +4,6 @@ import shutil
 import pytest
 
 from tests.network import Network
-from tests.support import wait_until
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -34,7 +33,7 @@ def network(tmp_path, pki):
     network.write_link_file(1, 2, "link.cor", 100)
     network.start_all()
     network[1].start("debug")
-    wait_until(lambda: network[2].ledger.link(1)["ingested"] == 100 and network[1].ledger.link(2)["ingested"] == 100)
+    network.wait_for_link(1, 2, 100)
     yield network
     network.stop_all()
 
@@ -52,14 +51,18 @@ def available_on_link_2(driver) -> str:
 def test_events_and_pool_figures_appear_live(browser, network, tmp_path):
     kme1 = network[1]
     browser.get(kme1.debug_url())
-    WebDriverWait(browser, 10).until(lambda d: available_on_link_2(d) == "50")
+    # KME 1 arbitrates the link: all 100 keys are its direction's until it lends some.
+    WebDriverWait(browser, 10).until(lambda d: available_on_link_2(d) == "100")
     assert "Ingested key file link.cor" in text_of(browser, "#events")
 
     keys = kme1.sae(1).get(f"{kme1.url()}/keys/3/enc_keys?number=3", timeout=10).json()["keys"]
     # Live: no reload, the page's own refresh must show the change within 2 s.
     WebDriverWait(browser, 2, poll_frequency=0.1).until(
         lambda d: f"Key {keys[-1]['key_ID']} activated between SAEs 1 and 3" in text_of(d, "#events"))
-    WebDriverWait(browser, 2, poll_frequency=0.1).until(lambda d: available_on_link_2(d) == "47")
+    WebDriverWait(browser, 2, poll_frequency=0.1).until(lambda d: available_on_link_2(d) == "97")
+    outbound = "tr[data-direction='1-2']"
+    assert text_of(browser, outbound + " td.available") == "97"
+    assert browser.execute_script(f"return document.querySelectorAll(\"{outbound} svg.chart polyline\").length") == 1
     row = text_of(browser, "tr[data-link='2']")
     assert "link.cor" in row and "reachable" in row
     events = text_of(browser, "#events")

@@ -6,7 +6,6 @@ import requests
 
 from kme.domain.errors import KEYS_NOT_FOUND
 from tests.network import Network
-from tests.support import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +14,7 @@ def network(tmp_path_factory, pki):
     network.write_link_file(1, 2, "link-a.cor", 400)
     network.write_link_file(1, 2, "link-b.cor", 400)
     network.start_all()
-    wait_until(lambda: network[2].ledger.link(1)["ingested"] == 800 and network[1].ledger.link(2)["ingested"] == 800)
+    network.wait_for_link(1, 2, 800)
     yield network
     network.stop_all()
 

@@ -5,7 +5,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from tests.network import Network
-from tests.support import wait_until
 
 REQUESTS_EACH_WAY = 220
 THREADS_EACH_WAY = 4
@@ -18,8 +17,7 @@ def test_both_directions_concurrently_never_share_a_position(tmp_path, pki):
     data += network.write_link_file(1, 2, "b.cor", KEYS_IN_FILES // 2)
     network.start_all()
     try:
-        wait_until(lambda: network[1].ledger.link(2)["ingested"] == KEYS_IN_FILES
-                   and network[2].ledger.link(1)["ingested"] == KEYS_IN_FILES)
+        network.wait_for_link(1, 2, KEYS_IN_FILES)
         local = threading.local()
         rng = random.Random(3)
         plan = [(1, 1, 3, rng.randint(1, 3)) for _ in range(REQUESTS_EACH_WAY)]
@@ -53,10 +51,12 @@ def test_both_directions_concurrently_never_share_a_position(tmp_path, pki):
         position //= 32
         assert position not in positions, "a key position was handed out twice"
         positions[position] = kme
-        # Files a.cor and b.cor each start at an even position: KME 1 (lower ID) takes even ones.
-        assert position % 2 == (0 if kme == 1 else 1)
     for kme, peer in ((1, 2), (2, 1)):
         counts = network[kme].ledger.assert_exact(peer)
         assert counts["reserved"] == 0
     one, two = network[1].ledger.link(2), network[2].ledger.link(1)
     assert one["delivered"] == two["delivered"] == len(served)
+    # KME 2's direction served only what KME 1 lent it.
+    lending = [network[kme].ledger._query("SELECT lent, borrowed FROM links WHERE peer_kme_id = ?", peer)[0]
+               for kme, peer in ((1, 2), (2, 1))]
+    assert lending[0] == lending[1][::-1] and lending[1][1] >= sum(1 for kme, _ in served if kme == 2)

@@ -1,8 +1,11 @@
 """Inter-KME failures: peer down, hanging, garbage, refusing; master killed mid-activation."""
 import base64
+import json
 import os
 import signal
+import sqlite3
 import threading
+from contextlib import closing
 
 import pytest
 import requests
@@ -20,7 +23,7 @@ def network(tmp_path, pki):
     network = Network(tmp_path, pki, [(1, 2)])
     network.write_link_file(1, 2, "link.cor", 200)
     network.start_all()
-    wait_until(lambda: network[2].ledger.link(1)["ingested"] == 200 and network[1].ledger.link(2)["ingested"] == 200)
+    network.wait_for_link(1, 2, 200)
     yield network
     network.stop_all()
 
@@ -62,16 +65,43 @@ def test_peer_interface_stopped_gives_503_and_returns_the_keys(network):
 
 
 def test_peer_refusing_gives_503_and_returns_the_keys(network):
-    kme1 = network[1]
-    # A file only KME 1 has: KME 2 cannot find those positions and refuses.
-    data = os.urandom(32 * 50)
-    (kme1.link_folder(2) / "only-here.cor").write_bytes(data)
-    wait_until(lambda: kme1.ledger.link(2)["ingested"] == 250)
-    enc_keys(network, number=50)  # uses up most of link.cor's keys of our direction
-    remaining = kme1.ledger.link(2)["available"]
-    response = enc_keys(network, number=remaining)
-    assert response.status_code == 503 and "KME 2 refused" in response.json()["message"]
-    assert kme1.ledger.assert_exact(2)["available"] == remaining
+    kme1, kme2 = network[1], network[2]
+    # KME 2 accepts smaller keys than KME 1: it refuses the activation, which changed nothing there.
+    raw = json.loads(kme2.config.read_text())
+    raw["this_kme"]["limits"] = {"max_key_size": 512}
+    kme2.config.write_text(json.dumps(raw))
+    kme2.stop("kme")
+    kme2.start("kme")
+    before = kme1.ledger.assert_exact(2)
+    response = kme1.sae(1).post(f"{kme1.url()}/keys/3/enc_keys", json={"size": 1024}, timeout=10)
+    assert response.status_code == 503 and response.json() == {"message": "KME 2 refused the request (HTTP 400)"}
+    assert kme1.ledger.assert_exact(2) == before
+
+
+def lose_keys(kme, link: int, positions: int) -> None:
+    """Erase the first positions of the link's keys from a KME's database (damaged storage), counters kept exact."""
+    with closing(sqlite3.connect(kme.folder / "kme.db", isolation_level=None)) as connection:
+        connection.execute("BEGIN IMMEDIATE")
+        lost = connection.execute("DELETE FROM pool_keys WHERE link_id = ? AND state = 1 AND position < ?",
+                                  (link, positions)).rowcount
+        connection.execute("UPDATE links SET peer_held = peer_held - ?, discarded = discarded + ? "
+                           "WHERE peer_kme_id = ?", (lost, lost, link))
+        connection.execute("COMMIT")
+    assert lost == positions
+
+
+def test_keys_the_peer_no_longer_holds_are_set_aside_and_the_link_serves_on(network):
+    kme1, kme2 = network[1], network[2]
+    lose_keys(kme2, 1, 10)
+    refused = enc_keys(network, number=10)
+    assert refused.status_code == 503 and refused.json() == {"message": "KME 2 refused the request (HTTP 409)"}
+    # Never claimed again: cancelled at both ends and discarded by the background worker.
+    wait_until(lambda: kme1.ledger.link(2)["reserved"] == 0, timeout=30)
+    assert kme1.ledger.assert_exact(2)["discarded"] == 10
+    kme2.ledger.assert_exact(1)
+    for _ in range(5):
+        assert enc_keys(network, number=10).status_code == 200
+    assert kme1.ledger.link(2)["delivered"] == kme2.ledger.link(1)["delivered"] == 50
 
 
 @pytest.mark.parametrize("mode", ["hang", "garbage"])
@@ -146,7 +176,7 @@ def test_unfetched_key_expires_with_its_event(tmp_path, pki):
     network.write_link_file(1, 2, "link.cor", 20)
     network.start_all()
     try:
-        wait_until(lambda: network[2].ledger.link(1)["ingested"] == 20 and network[1].ledger.link(2)["ingested"] == 20)
+        network.wait_for_link(1, 2, 20)
         key = enc_keys(network, number=1).json()["keys"][0]
         ledger = network[2].ledger
         wait_until(lambda: ledger.waiting() == 0, timeout=10)

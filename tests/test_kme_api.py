@@ -1,13 +1,13 @@
 """The inter-KME interface: who may activate what, idempotence, three KMEs."""
 import base64
-import os
+import sqlite3
 import uuid
+from contextlib import closing
 
 import pytest
 
 from kme.interfaces.peer_client import PeerRefused
 from tests.network import Network
-from tests.support import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +16,8 @@ def network(tmp_path_factory, pki):
     network.write_link_file(1, 2, "l12.cor", 100)
     network.write_link_file(1, 3, "l13.cor", 100)
     network.start_all()
-    wait_until(lambda: all(network[k].ledger.link(1)["ingested"] == 100 for k in (2, 3)))
-    wait_until(lambda: all(network[1].ledger.link(k)["ingested"] == 100 for k in (2, 3)))
+    network.wait_for_link(1, 2, 100)
+    network.wait_for_link(1, 3, 100)
     yield network
     network.stop_all()
 
@@ -57,10 +57,12 @@ def refused(network, call, kme_id=1, link=3):
 
 def test_kme3_cannot_activate_keys_of_link_1_2(network):
     kme3_to_1 = network.peer_client(3, 1)
-    # Odd positions of l12.cor belong to KME 2's direction at KME 1; KME 3 names them as its own.
-    message = refused(network, lambda: kme3_to_1.activate(activation(5, [1], [("l12.cor", 1)])))
+    # Keys KME 1 lent to KME 2's direction of link 1-2; KME 3 names them as its own.
+    lent = network.peer_client(2, 1).lease({"lease_ID": str(uuid.uuid4()), "minimum": 1, "wanted": 1})["runs"][0]
+    before = network[1].ledger.assert_exact(2)
+    message = refused(network, lambda: kme3_to_1.activate(activation(5, [1], [(lent["file"], lent["first"])])))
     assert "not available" in message
-    assert network[1].ledger.link(2)["peer_held"] == 50
+    assert network[1].ledger.assert_exact(2) == before
 
 
 def test_kme3_cannot_act_for_an_sae_of_kme2(network):
@@ -74,7 +76,7 @@ def test_slaves_must_be_ours(network):
 
 
 def test_keys_of_the_callers_own_direction_only(network):
-    # Even positions of l13.cor are KME 1's own direction: KME 3 may not activate them.
+    # KME 1 arbitrates link 1-3: what it did not lend is its own direction, which KME 3 may not activate.
     message = refused(network, lambda: network.peer_client(3, 1).activate(activation(5, [1], [("l13.cor", 2)])))
     assert "not available" in message
 
@@ -86,9 +88,27 @@ def test_a_certificate_of_another_kme_is_that_kme(network):
     assert "SAE 5 is not an SAE of KME 2" in message
 
 
+def borrowed_position(network) -> tuple[str, int]:
+    """A key KME 1 lends to KME 3's direction of link 1-3 (asked directly: KME 3's own store does not know)."""
+    run = network.peer_client(3, 1).lease({"lease_ID": str(uuid.uuid4()), "minimum": 1, "wanted": 1})["runs"][0]
+    return run["file"], run["first"]
+
+
+def test_a_lease_is_idempotent_and_lends_only_what_is_free(network):
+    to_kme1 = network.peer_client(3, 1)
+    request = {"lease_ID": str(uuid.uuid4()), "minimum": 2, "wanted": 3}
+    first = to_kme1.lease(request)
+    assert sum(run["count"] for run in first["runs"]) == 3
+    assert to_kme1.lease(request) == first
+    free = network[1].ledger.link(3)["available"]
+    nothing = to_kme1.lease({"lease_ID": str(uuid.uuid4()), "minimum": free + 1, "wanted": free + 1})
+    assert nothing == {"lease_ID": nothing["lease_ID"], "runs": [], "free": free}
+    network[1].ledger.assert_exact(3)
+
+
 def test_activation_is_idempotent_and_cancel_too(network):
     kme1 = network[1]
-    request = activation(5, [1, 2], [("l13.cor", 3)])
+    request = activation(5, [1, 2], [borrowed_position(network)])
     to_kme1 = network.peer_client(3, 1)
     to_kme1.activate(request)
     after_first = kme1.ledger.assert_exact(3), kme1.ledger.waiting()
@@ -127,12 +147,10 @@ def test_json_nested_beyond_the_recursion_limit_is_400(network):
 
 def test_a_peers_own_words_go_to_the_log_not_to_the_sae(network):
     kme1 = network[1]
-    # KME 3 lacks a file that KME 1 holds: it refuses with its own message.
-    data = os.urandom(32 * 4)
-    (kme1.link_folder(3) / "only-at-1.cor").write_bytes(data)
-    wait_until(lambda: kme1.ledger._query("SELECT complete FROM key_files WHERE name = 'only-at-1.cor'") == [(1,)])
-    available = kme1.ledger.link(3)["available"]
-    response = kme1.sae(1).post(f"{kme1.url()}/keys/5/enc_keys", json={"number": available}, timeout=10)
+    # KME 3 lost the keys it held for KME 1's direction (damaged storage): it refuses with its own message.
+    with closing(sqlite3.connect(network[3].folder / "kme.db")) as connection, connection:
+        connection.execute("DELETE FROM pool_keys WHERE link_id = 1 AND state = 1")
+    response = kme1.sae(1).post(f"{kme1.url()}/keys/5/enc_keys", json={"number": 1}, timeout=10)
     assert response.status_code == 503
     assert response.json() == {"message": "KME 3 refused the request (HTTP 409)"}
     assert "not available on this KME" in kme1.processes["sae"].output()

@@ -2,13 +2,14 @@
 import base64
 import json
 import os
+import re
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.network import Network
-from tests.support import wait_until
+from tests.support import run_cli, wait_until
 
 
 @pytest.fixture(params=["text"])
@@ -18,7 +19,7 @@ def network(request, tmp_path, pki):
     network.start_all()
     network[1].start("debug")
     network[2].start("debug")
-    wait_until(lambda: network[2].ledger.link(1)["ingested"] == 200 and network[1].ledger.link(2)["ingested"] == 200)
+    network.wait_for_link(1, 2, 200)
     yield network
     network.stop_all()
 
@@ -76,8 +77,19 @@ def test_metrics_count_every_key_handed_out_across_workers(network):
     assert total(values, "kme_keys_delivered_total", role="master", sae="1") == handed
     assert total(values, "kme_http_requests_total", route="/api/v1/keys/<slave_sae_id>/enc_keys") == 6
     assert total(values, "kme_http_request_duration_seconds_count") >= 6
-    assert total(values, "kme_pool_keys", link="2", state="available") == 100 - handed
+    # KME 1 arbitrates the link: every key both ends hold is its direction's until it lends some.
+    assert total(values, "kme_pool_keys", link="2", state="available") == 200 - handed
     assert total(values, "kme_link_keys_total", link="2", kind="delivered") == handed
+    assert total(values, "kme_direction_keys", link="2", direction="outbound", state="available") == 200 - handed
+    assert total(values, "kme_pool_keys", link="2", state="unconfirmed") == 0
+    # KME 2's masters borrow from KME 1's direction.
+    assert kme2.sae(3).post(f"{kme2.url()}/keys/1/enc_keys", json={"number": 4}, timeout=10).status_code == 200
+    assert total(metric_values(kme2), "kme_direction_keys", link="1", direction="outbound", state="leased") >= 4
+    assert total(metric_values(kme1), "kme_direction_keys", link="2", direction="inbound", state="leased") >= 4
+    printed = run_cli(["kme-status"], kme2.config)
+    assert printed.returncode == 0, printed.stderr
+    assert re.search(r"KME 2 -> KME 1\s+\d+\s+\d+\s+0", printed.stdout), printed.stdout
+    assert "set aside" in printed.stdout and "unconfirmed" in printed.stdout
     assert 7 < total(values, "kme_entropy_bits_per_byte", link="2") <= 8
     wait_until(lambda: total(metric_values(kme1), "kme_peer_reachable", peer="2") == 1)
     kme2.stop("kme")

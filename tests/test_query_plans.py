@@ -15,9 +15,10 @@ from kme import create_app
 from kme.config import load_config
 from kme.operations.ingest import ingest_directories
 from kme.storage.db import db, ensure_schema
-from kme.storage.keystore import incoming, outgoing
+from kme.storage.keystore import incoming, leases, outgoing, progress
 from kme.storage.keystore.incoming import ActivationRequest
 from tests.network import Network
+from tests.support import confirm_link
 
 KEY_TABLES = ("pool_keys", "delivered_keys", "key_slaves", "key_files", "key_fingerprints")
 
@@ -31,6 +32,7 @@ def kme1(tmp_path, pki):
     with app.app_context():
         ensure_schema()
         ingest_directories(app.extensions["kme"])
+        confirm_link(1, 2)
         yield app
 
 
@@ -64,14 +66,30 @@ def full_scans(plans: list[str]) -> list[str]:
 
 
 def test_a_peers_activation_searches_by_file_and_position(kme1):
-    # KME 1 has the lower ID: odd positions are KME 2's direction, which KME 2 activates here.
+    # KME 1 arbitrates the link: KME 2's direction activates here only what KME 1 lent it.
+    runs, _ = leases.give(2, leases.LeaseRequest(str(uuid.uuid4()), 4, 4))
+    parts = [(run["file"], run["first"] + offset) for run in runs for offset in range(run["count"])]
     request = ActivationRequest(activation_id=str(uuid.uuid4()), master_sae_id=3, slave_ids=[1], size_bits=512,
-                                keys=[(str(uuid.uuid4()), [("a.cor", 4001), ("a.cor", 4003)]),
-                                      (str(uuid.uuid4()), [("b.cor", 11), ("b.cor", 13)])])
-    plans = explained(kme1, lambda: incoming.activate(2, request))
+                                keys=[(str(uuid.uuid4()), parts[:2]), (str(uuid.uuid4()), parts[2:])])
+    plans = explained(kme1, lambda: incoming.activate(1, 2, request))
     assert any("(file_id=? AND position=?)" in plan for plan in plans), plans
     assert not full_scans(plans), full_scans(plans)
-    plans = explained(kme1, lambda: incoming.cancel(2, request))
+    plans = explained(kme1, lambda: incoming.cancel(1, 2, request))
+    assert not full_scans(plans), full_scans(plans)
+
+
+def test_sharing_the_link_searches_indexes(kme1):
+    def sharing():
+        runs, _ = leases.give(2, leases.LeaseRequest(str(uuid.uuid4()), 10, 100))
+        asked = leases.ask(2, str(uuid.uuid4()), 1)
+        leases.receive(2, asked.lease_id, runs, 0)
+        push, known = progress.outgoing(2, "cd" * 16)
+        progress.incoming(1, 2, "ef" * 16, progress.Exchange("ab" * 16, [progress.FileOffer("a.cor", 6000, 9)], 0,
+                                                              0), known)
+        progress.set_aside_unmatched(1, 2, 0)
+
+    plans = explained(kme1, sharing)
+    assert any("ix_pool_keys_link_id_state_id" in plan for plan in plans), plans
     assert not full_scans(plans), full_scans(plans)
 
 
@@ -80,7 +98,7 @@ def test_reserving_and_settling_our_own_activation_searches_indexes(kme1):
         reservation = outgoing.reserve(2, 1, [3], [2], 2, 512)
         outgoing.finalize(reservation)
         held = outgoing.reserve(2, 1, [3], [], 1, 256)
-        outgoing.mark_unknown(held.activation_id)
+        outgoing.mark_unknown(held.activation_id, "has an unknown outcome")
         assert outgoing.begin_cancel(held.activation_id)
         outgoing.discard(held.activation_id)
 

@@ -1,10 +1,13 @@
 """The SAE interface through Flask's test client: every rule and error path of the standard."""
 import base64
 import json
+import sqlite3
 import uuid
 
 import pytest
 
+from kme import create_app
+from kme.config import load_config
 from kme.domain.errors import EXTENSION_MANDATORY_UNSUPPORTED, KEYS_NOT_FOUND, SIZE_NOT_MULTIPLE_OF_8
 from tests.conftest import client_with, sae_environ
 from tests.support import Ledger
@@ -50,7 +53,7 @@ def test_get_key_then_key_ids_round_trip_with_size_over_256(sae1, sae2, ledger):
     fetched = sae2.post("/api/v1/keys/1/dec_keys", json={"key_IDs": [{"key_ID": k["key_ID"]} for k in keys]})
     assert fetched.get_json()["keys"] == keys
     assert ledger.assert_exact(1) == {"ingested": 64, "available": 55, "reserved": 0, "peer_held": 0,
-                                      "delivered": 9, "discarded": 0}
+                                      "unconfirmed": 0, "delivered": 9, "discarded": 0, "set_aside": 0}
     assert ledger.waiting() == 0
 
 
@@ -301,3 +304,14 @@ def test_request_ids_are_short_ascii_tokens(sae1, given, kept):
     returned = response.headers["X-Request-ID"]
     assert (returned == given) is kept
     assert returned.isascii()
+
+
+def test_a_database_of_an_older_kme_is_named_not_used(app, config_path, pki):
+    with sqlite3.connect(config_path.parent / "kme.db") as connection:
+        connection.execute("ALTER TABLE links DROP COLUMN set_aside")
+    newer = create_app(load_config(config_path))
+    response = client_with(newer, sae_environ(pki, "sae1")).get("/api/v1/keys/2/status")
+    assert response.status_code == 503
+    assert response.json["message"] == (
+        "key data access error: the database was created by an older version of the KME (table links has no "
+        "column set_aside); see docs/deployment.md, Upgrading")

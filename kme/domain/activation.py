@@ -1,19 +1,23 @@
 """Key activation between KMEs, both sides, as plain functions of explicit arguments.
 
-Master side: reserve keys of our direction of the link, ask the peer KME to
-activate them, then finalize (confirmed), release (provably not activated) or
-hold them back (outcome unknown) until settle_pending() cancels them at the
-peer. Slave side: check that the calling KME acts only on its own link, for
-its own master SAE and our slave SAEs, then activate.
+Master side: reserve keys of our direction of the link (borrowing from the
+peer's direction first if ours has too few, see kme.domain.sharing), ask the
+peer KME to activate them, then finalize (confirmed), release (provably not
+activated) or hold them back (outcome unknown, or refused as not held by the
+peer) until settle_pending() cancels them at the peer. Slave side: check that
+the calling KME acts only on its own link, for its own master SAE and our
+slave SAEs, then activate.
 """
 import logging
+from functools import partial
 
 from kme.config import KmeConfig, OtherKme, Sae
-from kme.domain.errors import BadRequest, Forbidden, PeerFailure
+from kme.domain import sharing
+from kme.domain.errors import BadRequest, Forbidden, NotEnoughKeys, PeerFailure
 from kme.interfaces.peer_client import PeerError, PeerOutcomeUnknown, PeerRefused, client_for
 from kme.operations import events, health, metrics
-from kme.storage.keystore import incoming, local, outgoing
-from kme.storage.keystore.common import DeliveredKeyMaterial
+from kme.storage.keystore import common, incoming, leases, local, outgoing
+from kme.storage.keystore.common import DeliveredKeyMaterial, pool_keys_per_key
 from kme.storage.keystore.incoming import ActivationRequest
 
 log = logging.getLogger(__name__)
@@ -21,28 +25,66 @@ log = logging.getLogger(__name__)
 # A web worker waits at most connect + read timeout for a peer; a SENDING
 # activation older than this margin times that has lost its worker.
 _SENDING_MARGIN = 2
+# Leases asked for one request at most, when each brings too few keys.
+_BORROW_ATTEMPTS = 4
 
 
 def activate_at_peer(config: KmeConfig, peer: OtherKme, master: Sae, remote_slaves: list[Sae],
                      local_slaves: list[Sae], number: int, size_bits: int) -> list[DeliveredKeyMaterial]:
     """Get key for slave SAEs behind ``peer``: answered only once the peer confirmed the activation."""
-    reservation = outgoing.reserve(peer.id, master.id, [s.id for s in remote_slaves], [s.id for s in local_slaves],
-                                   number, size_bits)
+    reserve = partial(outgoing.reserve, peer.id, master.id, [s.id for s in remote_slaves],
+                      [s.id for s in local_slaves], number, size_bits)
+    reservation = _reserve_borrowing(peer, reserve, number * pool_keys_per_key(size_bits))
     try:
         client_for(peer).activate(reservation.request)
     except PeerOutcomeUnknown as exc:
         metrics.PEER_FAILURES.labels(str(peer.id), "unknown").inc()
-        outgoing.mark_unknown(reservation.activation_id)
+        outgoing.mark_unknown(reservation.activation_id, "has an unknown outcome; its keys are held back")
         log.warning("activation %s: %s", reservation.activation_id, exc)
         raise PeerFailure(f"{exc}; the keys are held back until KME {peer.id} settles them") from None
+    except PeerRefused as exc:
+        metrics.PEER_FAILURES.labels(str(peer.id), "refused").inc()
+        log.warning("activation %s: %s: %s", reservation.activation_id, exc, exc.detail)
+        if exc.status == 409:
+            # The peer does not hold (all) these keys: never retry them, cancel them at both ends.
+            outgoing.mark_unknown(reservation.activation_id, f"refused by KME {peer.id} as not held there; "
+                                                             "its keys are set aside")
+        else:
+            outgoing.release(reservation.activation_id)
+        raise PeerFailure(str(exc)) from None
     except PeerError as exc:
-        metrics.PEER_FAILURES.labels(str(peer.id), "refused" if isinstance(exc, PeerRefused) else "unreachable").inc()
+        metrics.PEER_FAILURES.labels(str(peer.id), "unreachable").inc()
         outgoing.release(reservation.activation_id)
-        log.warning("activation %s: %s%s", reservation.activation_id, exc,
-                    f": {exc.detail}" if isinstance(exc, PeerRefused) else "")
+        log.warning("activation %s: %s", reservation.activation_id, exc)
         raise PeerFailure(str(exc)) from None
     outgoing.finalize(reservation)
     return reservation.keys
+
+
+def _reserve_borrowing(peer: OtherKme, reserve, needed: int) -> outgoing.Reservation:
+    """Reserve; while our direction is short, borrow what is missing from the peer's and try again.
+
+    A lease is all or nothing, sized by what we miss; if keys arrive or go
+    by another way meanwhile (another worker's lease or claim), what we miss
+    is asked again. It stops when nothing changed since the
+    last lease: the link has too few keys, and the reservation says so.
+    """
+    previous = None
+    for _ in range(_BORROW_ATTEMPTS):
+        try:
+            return reserve()
+        except NotEnoughKeys:
+            short = needed - common.link_counts(peer.id).available
+            if short == previous:
+                break
+            previous = short
+            try:
+                if short > 0:
+                    sharing.borrow(peer, short)
+            except PeerError as exc:
+                log.warning("lease from KME %s: %s", peer.id, exc)
+                raise PeerFailure(str(exc)) from None
+    return reserve()
 
 
 def accept_activation(config: KmeConfig, caller: OtherKme, request: ActivationRequest) -> int:
@@ -54,13 +96,13 @@ def accept_activation(config: KmeConfig, caller: OtherKme, request: ActivationRe
                           f"({limits.min_key_size} to {limits.max_key_size}, multiple of 8)")
     if len(request.keys) > limits.max_key_per_request:
         raise BadRequest(f"at most {limits.max_key_per_request} keys per activation")
-    return incoming.activate(caller.id, request)
+    return incoming.activate(config.this_kme.id, caller.id, request)
 
 
 def cancel_activation(config: KmeConfig, caller: OtherKme, request: ActivationRequest) -> None:
     """Make sure an activation of ``caller`` never takes effect here."""
     _check_sides(config, caller, request)
-    incoming.cancel(caller.id, request)
+    incoming.cancel(config.this_kme.id, caller.id, request)
 
 
 def _check_sides(config: KmeConfig, caller: OtherKme, request: ActivationRequest) -> None:
@@ -73,11 +115,16 @@ def _check_sides(config: KmeConfig, caller: OtherKme, request: ActivationRequest
             raise Forbidden(f"SAE {slave_id} is not an SAE of this KME")
 
 
+def _abandoned_before(config: KmeConfig) -> str:
+    """Requests to peers sent before this time have lost the worker that waited for them."""
+    longest = max((p.connect_timeout_seconds + p.read_timeout_seconds for p in config.other_kmes), default=0)
+    return events.utc_now(longest * _SENDING_MARGIN)
+
+
 def settle_pending(config: KmeConfig) -> int:
     """Cancel at their peers the activations nobody waits for, then discard their keys; how many settled."""
-    longest = max((p.connect_timeout_seconds + p.read_timeout_seconds for p in config.other_kmes), default=0)
     settled = 0
-    for activation_id, link_id, request in outgoing.to_settle(events.utc_now(longest * _SENDING_MARGIN)):
+    for activation_id, link_id, request in outgoing.to_settle(_abandoned_before(config)):
         peer = config.other_kmes_by_id.get(link_id)
         if peer is None:
             # The link left the configuration: its keys can never be used again.
@@ -104,11 +151,13 @@ def probe_peers(config: KmeConfig) -> None:
 
 
 def housekeeping(config: KmeConfig) -> None:
-    """Periodic work of the background worker: heartbeat, peer probes, settle activations, expire keys."""
+    """Periodic work of the background worker: heartbeat, peer probes, link sharing, settling, expiry."""
     health.beat()
     probe_peers(config)
+    sharing.housekeeping(config, _abandoned_before(config))
     settle_pending(config)
     expiry = config.this_kme.key_expiry_seconds
     while local.expire_delivered(events.utc_now(expiry)):
         pass
     incoming.forget_before(events.utc_now(max(expiry, 86400) * 2))
+    leases.forget_given_before(events.utc_now(86400 * 2))

@@ -30,7 +30,9 @@ def get_status(config: KmeConfig, master: Sae, slave_id: str) -> dict:
     """Status (6.1) of the link between ``master`` and the slave SAE."""
     slave = _slave(config, master, slave_id)
     limits = config.this_kme.limits
-    available = common.link_counts(slave.kme_id).available
+    counts = common.link_counts(slave.kme_id)
+    # Keys the peer's direction holds free are lent on demand: this direction can serve them too.
+    available = counts.available + (counts.peer_free if slave.kme_id != config.this_kme.id else 0)
     return {
         "source_KME_ID": config.this_kme.id,
         "target_KME_ID": slave.kme_id,

@@ -35,7 +35,7 @@ def messages():
 
 @bp.get("/links")
 def links():
-    """Pool figures and peer reachability of every link."""
+    """Pool figures, directions, the last hour's pool levels and peer reachability of every link."""
     return [{key: value for key, value in link.items() if key != "byte_counts"} for link in status.links(_config())]
 
 

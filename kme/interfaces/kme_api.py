@@ -4,49 +4,25 @@ The calling KME is identified by its client certificate and may act only on
 its own link with this KME.
 """
 from flask import Blueprint, current_app, g, request
-from marshmallow import ValidationError, validate
+from marshmallow import ValidationError
 
 from kme.config import OtherKme
-from kme.config_schema import Int, List, Nested, Str, StrictSchema
-from kme.domain import activation
+from kme.domain import activation, sharing
 from kme.domain.errors import BadRequest, NotAuthorized
 from kme.interfaces.identity import client_serial
-from kme.interfaces.schemas import KeyIdField, json_body, load, parse_key_id
+from kme.interfaces.kme_wire import (
+    ActivatedSchema,
+    ActivationSchema,
+    CancelledSchema,
+    LeaseAnswerSchema,
+    LeaseSchema,
+    ProgressAnswerSchema,
+    ProgressSchema,
+)
+from kme.interfaces.schemas import json_body, load, parse_key_id
 from kme.storage.keystore.incoming import ActivationRequest
 
 bp = Blueprint("kme_api", __name__, url_prefix="/api/v1/kme")
-
-
-class PartSchema(StrictSchema):
-    file = Str(required=True, validate=validate.Length(1, 255))
-    position = Int(required=True, validate=validate.Range(0, 2**62))
-
-
-class WireKeySchema(StrictSchema):
-    key_ID = KeyIdField(required=True)
-    parts = List(Nested(PartSchema), required=True, validate=validate.Length(min=1))
-
-
-class ActivationSchema(StrictSchema):
-    activation_ID = KeyIdField(required=True)
-    master_SAE_ID = Int(required=True)
-    slave_SAE_IDs = List(Int(), required=True, validate=validate.Length(min=1))
-    size = Int(required=True)
-    keys = List(Nested(WireKeySchema), required=True, validate=validate.Length(min=1))
-
-
-class ActivatedSchema(StrictSchema):
-    """The answer to an activation."""
-
-    activation_ID = KeyIdField(required=True)
-    activated = Int(required=True)
-
-
-class CancelledSchema(StrictSchema):
-    """The answer to a cancel."""
-
-    activation_ID = KeyIdField(required=True)
-    state = Str(required=True, validate=validate.OneOf(["cancelled"]))
 
 
 def calling_kme() -> OtherKme:
@@ -92,3 +68,20 @@ def cancel(activation_id: str):
         raise BadRequest("activation_ID: differs from the URL")
     activation.cancel_activation(current_app.extensions["kme"], caller, wanted)
     return CancelledSchema().dump({"activation_ID": activation_id, "state": "cancelled"})
+
+
+@bp.post("/leases")
+def lease():
+    """Lend keys of our direction of the link to the caller's (idempotent by lease_ID)."""
+    caller = calling_kme()
+    data = load(LeaseSchema(), json_body(request))
+    runs, free = sharing.lend(current_app.extensions["kme"], caller, data)
+    return LeaseAnswerSchema().dump({"lease_ID": data["lease_ID"], "runs": runs, "free": free})
+
+
+@bp.post("/progress")
+def progress():
+    """Take the caller's ingestion progress; answer with ours."""
+    caller = calling_kme()
+    data = load(ProgressSchema(), json_body(request))
+    return ProgressAnswerSchema().dump(sharing.answer_progress(current_app.extensions["kme"], caller, data))

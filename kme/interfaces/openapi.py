@@ -9,7 +9,15 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, current_app
 
-from kme.interfaces.kme_api import ActivatedSchema, ActivationSchema, CancelledSchema
+from kme.interfaces.kme_wire import (
+    ActivatedSchema,
+    ActivationSchema,
+    CancelledSchema,
+    LeaseAnswerSchema,
+    LeaseSchema,
+    ProgressAnswerSchema,
+    ProgressSchema,
+)
 from kme.interfaces.schemas import (
     EntropySchema,
     ErrorSchema,
@@ -93,6 +101,12 @@ def _kme_paths() -> dict:
         "/api/v1/kme/activations/{activation_ID}/cancel": {"post": _operation(
             "Make sure an activation never takes effect (idempotent); the body repeats the activation",
             CancelledSchema, _KME_ERRORS, [activation_id], ActivationSchema)},
+        "/api/v1/kme/leases": {"post": _operation(
+            "Lend keys of this KME's direction of the link to the calling KME's (idempotent by lease_ID)",
+            LeaseAnswerSchema, _KME_ERRORS, body=LeaseSchema)},
+        "/api/v1/kme/progress": {"post": _operation(
+            "Exchange ingestion progress: which keys of each file each end holds", ProgressAnswerSchema,
+            _KME_ERRORS, body=ProgressSchema)},
     }
 
 

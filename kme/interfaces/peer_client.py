@@ -16,10 +16,12 @@ import threading
 import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
+from marshmallow import ValidationError
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError
 
 from kme.config import OtherKme
+from kme.interfaces.kme_wire import LeaseAnswerSchema, ProgressAnswerSchema
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,10 @@ class PeerRefused(PeerError):
     ``detail`` is the peer's own message: it goes to the log, never to an SAE.
     """
 
-    def __init__(self, message: str, detail: str):
+    def __init__(self, message: str, detail: str, status: int):
         super().__init__(message)
         self.detail = detail
+        self.status = status
 
 
 class PeerOutcomeUnknown(PeerError):
@@ -116,13 +119,27 @@ class PeerClient:
 
     def activate(self, request: dict) -> None:
         """Ask the peer to activate keys; returns only once it confirmed."""
-        self._post("/activations", request)
+        self._post("/activations", request, "activation_ID")
 
     def cancel(self, request: dict) -> None:
         """Make sure the peer never activates, or erases, the keys of an activation."""
-        self._post(f"/activations/{request['activation_ID']}/cancel", request)
+        self._post(f"/activations/{request['activation_ID']}/cancel", request, "activation_ID")
 
-    def _post(self, path: str, body: dict) -> None:
+    def lease(self, request: dict) -> dict:
+        """Ask the peer to lend keys of its direction to ours; its answer (runs of positions, its free keys)."""
+        return self._checked(LeaseAnswerSchema(), self._post("/leases", request, "lease_ID"))
+
+    def exchange_progress(self, push: dict) -> dict:
+        """Tell the peer our ingestion progress; its answer carries its own."""
+        return self._checked(ProgressAnswerSchema(), self._post("/progress", push, "database_ID", echoed=False))
+
+    def _checked(self, schema, answer: dict) -> dict:
+        try:
+            return schema.load(answer)
+        except ValidationError:
+            raise PeerOutcomeUnknown(f"KME {self.peer.id} answered with an invalid body") from None
+
+    def _post(self, path: str, body: dict, id_field: str, echoed: bool = True) -> dict:
         name = f"KME {self.peer.id}"
         try:
             response = self.session.post(self.base + path, json=body,
@@ -147,10 +164,12 @@ class PeerClient:
             raise PeerOutcomeUnknown(f"{name} answered HTTP {response.status_code} without a valid JSON body")
         if response.status_code != 200:
             if isinstance(answer.get("message"), str):
-                raise PeerRefused(f"{name} refused the request (HTTP {response.status_code})", answer["message"])
+                raise PeerRefused(f"{name} refused the request (HTTP {response.status_code})", answer["message"],
+                                  response.status_code)
             raise PeerOutcomeUnknown(f"{name} answered HTTP {response.status_code} with an unknown body")
-        if answer.get("activation_ID") != body["activation_ID"]:
+        if not isinstance(answer.get(id_field), str) or (echoed and answer[id_field] != body[id_field]):
             raise PeerOutcomeUnknown(f"{name} answered with an unexpected body")
+        return answer
 
 
 _clients: dict[tuple[int, int], PeerClient] = {}

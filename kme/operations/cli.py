@@ -135,12 +135,18 @@ def kme_status_command() -> None:
     links = status.links(config)
     click.echo(f"{config.this_kme.nickname} (KME {config.this_kme.id})\n")
     click.echo(_table(
-        ["link", "available", "delivered", "waiting", "peer's", "reserved", "discarded", "files", "last file",
-         "peer"],
+        ["link", "available", "delivered", "waiting", "peer's", "reserved", "unconfirmed", "discarded", "set aside",
+         "files", "last file", "peer"],
         [[link["name"], link["available"], link["delivered"], link["waiting"], link["peer_held"], link["reserved"],
-          link["discarded"], link["files"], link["last_file"] or "-",
+          link["unconfirmed"], link["discarded"], link["set_aside"], link["files"], link["last_file"] or "-",
           "-" if link["peer"] is None else ("reachable" if link["peer"]["reachable"] else "unreachable")]
          for link in links]))
+    click.echo()
+    click.echo(_table(
+        ["direction", "available", "leased in", "in use"],
+        [[f"KME {way['from']} -> KME {way['to']}", way["available"], way["leased"],
+          "-" if way["in_use"] is None else way["in_use"]]
+         for link in links for way in link["directions"]]))
     click.echo()
     click.echo(_table(["SAE", "KME", "certificate serial"],
                       [[sae["id"], sae["kme_id"], sae["serial"] or "-"] for sae in status.saes(config)]))

@@ -206,8 +206,8 @@ def _read_batches(config, link_id, shown, handle, file_progress, summary, progre
         materials = [chunk[i:i + KEY_BYTES] for i in range(0, whole, KEY_BYTES)]
         try:
             file_progress, refused = intake.store_keys(
-                link_id, file_progress, materials, handle.tell(), at_end, config.this_kme.limits.max_key_count,
-                intake.peer_parity(config.this_kme.id, link_id))
+                config.this_kme.id, link_id, file_progress, materials, handle.tell(), at_end,
+                config.this_kme.limits.max_key_count)
         except ValueError as exc:
             summary.warn(f"{shown}: {exc}; {added} keys kept, the rest on a later run")
             return None

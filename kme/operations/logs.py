@@ -83,6 +83,10 @@ def _request_id() -> str:
     return uuid.uuid4().hex
 
 
+# Routes whose successful requests are logged at DEBUG only.
+QUIET_ROUTES = frozenset({"/api/v1/kme/progress", "/healthz"})
+
+
 def init_app(app, interface: str, observe) -> None:
     """Log every request of ``app`` and hand its route, status and duration to ``observe``."""
 
@@ -100,6 +104,8 @@ def init_app(app, interface: str, observe) -> None:
         observe(interface, route, request.method, response.status_code, duration)
         fields = {"method": request.method, "route": route, "status": response.status_code, "caller": caller,
                   "duration_ms": round(duration * 1000, 1), "request_id": g.get("request_id", "")}
-        log.info("%s %s %s %s %.1fms %s", request.method, route, response.status_code, caller,
-                 duration * 1000, fields["request_id"], extra={"fields": fields})
+        # The peers' periodic progress exchanges would drown the log at INFO.
+        level = logging.DEBUG if route in QUIET_ROUTES and response.status_code == 200 else logging.INFO
+        log.log(level, "%s %s %s %s %.1fms %s", request.method, route, response.status_code, caller,
+                duration * 1000, fields["request_id"], extra={"fields": fields})
         return response

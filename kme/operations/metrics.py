@@ -46,23 +46,30 @@ class _PoolCollector:
         duplicates = CounterMetricFamily("kme_duplicate_keys_refused",
                                          "Keys refused at ingestion: their material was ingested before",
                                          labels=["link"])
+        directions = GaugeMetricFamily(
+            "kme_direction_keys", "256-bit keys of one direction of a link (outbound: our masters; inbound: the "
+            "peer's, as it last said): available, leased into it so far, in use", labels=["link", "direction", "state"])
         healthy = GaugeMetricFamily("kme_health_ok", "1 if the health check passes (see /healthz)",
                                     labels=["check"])
         for check, outcome in health.check(self.config)[1]["checks"].items():
             healthy.add_metric([check], 1 if outcome == "ok" else 0)
         for link in status.links(self.config):
             name = str(link["link"])
-            for state in ("available", "peer_held", "reserved"):
+            for state in ("available", "peer_held", "reserved", "unconfirmed"):
                 pool.add_metric([name, state], link[state])
-            for kind in ("ingested", "delivered", "discarded"):
+            for kind in ("ingested", "delivered", "discarded", "set_aside"):
                 totals.add_metric([name, kind], link[kind])
+            for direction, figures in zip(("outbound", "inbound"), link["directions"]):
+                for state in ("available", "leased", "in_use"):
+                    if figures[state] is not None:
+                        directions.add_metric([name, direction, state], figures[state])
             waiting.add_metric([name], link["waiting"])
             files.add_metric([name], link["files"])
             duplicates.add_metric([name], link["duplicates"])
             bits.add_metric([name], entropy.shannon(link["byte_counts"]))
             if link["peer"] is not None:
                 reachable.add_metric([name], 1 if link["peer"]["reachable"] else 0)
-        yield from (pool, totals, waiting, files, bits, reachable, duplicates, healthy)
+        yield from (pool, totals, directions, waiting, files, bits, reachable, duplicates, healthy)
 
 
 def render(config: KmeConfig) -> bytes:

@@ -5,11 +5,12 @@ from kme.config import KmeConfig
 from kme.domain import entropy
 from kme.operations import health
 from kme.storage.db import db
+from kme.storage.keystore import common
 from kme.storage.models import DeliveredKey, KeyFile, Link
 
 
 def links(config: KmeConfig) -> list[dict]:
-    """Every link's counters, keys waiting for slaves, ingested files, last file and peer reachability.
+    """Every link's counters, directions, pool history, keys waiting, files, last file and peer reachability.
 
     Counts over key_files and delivered_keys are fine here: they serve
     operators' pages and scrapes, never an SAE request.
@@ -31,6 +32,9 @@ def links(config: KmeConfig) -> list[dict]:
             "name": "local zone" if local else f"link with KME {row.peer_kme_id}",
             "ingested": row.ingested, "available": row.available, "reserved": row.reserved,
             "peer_held": row.peer_held, "delivered": row.delivered, "discarded": row.discarded,
+            "unconfirmed": row.unconfirmed, "set_aside": row.set_aside,
+            "directions": [] if local else _directions(config.this_kme.id, row),
+            "history": [] if local else common.level_history(row.peer_kme_id),
             "waiting": waiting.get(row.peer_kme_id, 0),
             "files": files.get(row.peer_kme_id, 0),
             "duplicates": duplicates.get(row.peer_kme_id) or 0,
@@ -42,6 +46,20 @@ def links(config: KmeConfig) -> list[dict]:
         })
     session.commit()
     return result
+
+
+def _directions(this_kme_id: int, row: Link) -> list[dict]:
+    """The two directions of a link: free keys, keys leased into it so far, keys in flight.
+
+    The peer's free keys are as it last said (progress exchange or lease);
+    what it has in flight only it knows.
+    """
+    return [
+        {"from": this_kme_id, "to": row.peer_kme_id, "available": row.available, "leased": row.borrowed,
+         "in_use": row.reserved},
+        {"from": row.peer_kme_id, "to": this_kme_id, "available": row.peer_free, "leased": row.lent,
+         "in_use": None},
+    ]
 
 
 def saes(config: KmeConfig) -> list[dict]:

@@ -81,8 +81,9 @@ class Retry:
         return True
 
 
-def _keep_house(app, config: KmeConfig, stop: threading.Event, rescan: threading.Event) -> None:
-    """The one owner of the KME's periodic work."""
+def _keep_house(app, config: KmeConfig, stop: threading.Event, rescan: threading.Event,
+                wake: threading.Event) -> None:
+    """The one owner of the KME's periodic work; ``wake`` runs it early (keys were ingested: tell the peers)."""
     with app.app_context():
         retry = Retry("housekeeping", stop)
         due = {"checkpoint": time.monotonic(), "rescan": time.monotonic()}
@@ -98,14 +99,16 @@ def _keep_house(app, config: KmeConfig, stop: threading.Event, rescan: threading
                 due["rescan"] = now
 
         while not stop.is_set():
-            if retry.run(step) and stop.wait(config.this_kme.housekeeping_interval_seconds):
-                return
+            if retry.run(step):
+                wake.wait(config.this_kme.housekeeping_interval_seconds)
+                wake.clear()
 
 
 def watch(config: KmeConfig, stop: threading.Event, on_ready=None) -> IngestSummary:
     """Ingest what is present, then every file that becomes complete, until ``stop`` is set."""
     paths: queue.Queue = queue.Queue()
     rescan = threading.Event()
+    wake = threading.Event()
     # Full events: a file moved in from an unwatched folder arrives as a move,
     # not as a creation (which would look like a file still being written).
     observer = InotifyObserver(generate_full_events=True)
@@ -121,9 +124,14 @@ def watch(config: KmeConfig, stop: threading.Event, on_ready=None) -> IngestSumm
     def scan(into: IngestSummary) -> None:
         ensure_schema()
         ingest_directories(config, into)
+        wake.set()
 
-    keeper = threading.Thread(target=_keep_house, args=(current_app._get_current_object(), config, stop, rescan),
-                              name="housekeeping", daemon=True)
+    def ingest(link_id: int, path: Path) -> None:
+        ingest_file(config, link_id, path, summary)
+        wake.set()
+
+    keeper = threading.Thread(target=_keep_house, args=(current_app._get_current_object(), config, stop, rescan,
+                                                        wake), name="housekeeping", daemon=True)
     keeper.start()
     try:
         if not retry.run(lambda: scan(summary)):
@@ -145,11 +153,12 @@ def watch(config: KmeConfig, stop: threading.Event, on_ready=None) -> IngestSumm
             except queue.Empty:
                 continue
             link_id = link_of(config, path)
-            if link_id is not None and not retry.run(lambda: ingest_file(config, link_id, path, summary)):
+            if link_id is not None and not retry.run(lambda: ingest(link_id, path)):
                 # The next rescan picks the file up again, where it stopped.
                 rescan.set()
     finally:
         stop.set()
+        wake.set()
         observer.stop()
         observer.join()
         keeper.join()

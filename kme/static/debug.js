@@ -3,6 +3,8 @@
 
 const eventsBox = document.getElementById("events");
 const linksBody = document.querySelector("#links tbody");
+const directionsBody = document.querySelector("#directions tbody");
+const SVG = "http://www.w3.org/2000/svg";
 let shownEvents = "";
 
 function cell(text, className) {
@@ -46,13 +48,53 @@ async function refreshLinks() {
       cell(link.waiting, "number waiting"),
       cell(link.peer_held, "number"),
       cell(link.reserved, "number"),
+      cell(link.unconfirmed, "number unconfirmed"),
       cell(link.discarded, "number"),
+      cell(link.set_aside, "number set-aside"),
       cell(link.last_file ? link.last_file + " (" + link.last_file_at + ")" : "—", "text"),
       peerCell(link.peer),
     );
     return tr;
   });
   linksBody.replaceChildren(...rows);
+  directionsBody.replaceChildren(...links.flatMap((link) => link.directions.map((way, index) => {
+    const tr = document.createElement("tr");
+    tr.dataset.direction = way.from + "-" + way.to;
+    const chart = cell("", "text");
+    chart.append(levelChart(link.history, index + 1));
+    tr.append(
+      cell("KME " + way.from + " → KME " + way.to, "text"),
+      cell(way.available, "number available"),
+      cell(way.leased, "number leased"),
+      cell(way.in_use === null ? "—" : way.in_use, "number"),
+      chart,
+    );
+    return tr;
+  })));
+}
+
+// A line of one direction's free keys over the samples [[epoch seconds, outbound, inbound], ...].
+function levelChart(history, column) {
+  const width = 240, height = 40;
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("class", "chart");
+  svg.setAttribute("width", width);
+  svg.setAttribute("height", height);
+  if (history.length === 0) return svg;
+  const end = history[history.length - 1][0];
+  const top = Math.max(1, ...history.map((sample) => sample[column]));
+  const points = history.map((sample) => [
+    width - (end - sample[0]) / 3600 * width,
+    height - 2 - sample[column] / top * (height - 4),
+  ]);
+  if (points.length === 1) points.unshift([0, points[0][1]]);
+  const line = document.createElementNS(SVG, "polyline");
+  line.setAttribute("points", points.map((point) => point.join(",")).join(" "));
+  svg.append(line);
+  const title = document.createElementNS(SVG, "title");
+  title.textContent = "up to " + top + " keys; now " + history[history.length - 1][column];
+  svg.append(title);
+  return svg;
 }
 
 async function refresh() {

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 from flask import current_app
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import insert, select
+from sqlalchemy import insert, inspect, select
 from sqlalchemy.orm import DeclarativeBase
 
 from kme.domain.errors import StorageFailure
@@ -70,6 +70,7 @@ def ensure_schema() -> bool:
     with engine.connect().execution_options(**{sqlite.WRITE_OPTION: True}) as connection:
         with connection.begin():
             db.metadata.create_all(connection)
+            _check_columns(connection)
             known = set(connection.scalars(select(Meta.name)))
             for name, value in ((DATABASE_ID, uuid.uuid4().hex.encode()), (FINGERPRINT_SECRET, os.urandom(32))):
                 if name not in known:
@@ -78,6 +79,21 @@ def ensure_schema() -> bool:
     intake.ensure_links(current_app.extensions["kme"].key_directories())
     _schema_ready.add(engine)
     return True
+
+
+def _check_columns(connection) -> None:
+    """StorageFailure if a table lacks a column of the models: the database was made by an older KME.
+
+    create_all() adds missing tables, never missing columns; without this a
+    request would fail later on an SQL error naming the column.
+    """
+    inspector = inspect(connection)
+    for table in db.metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        missing = [column.name for column in table.columns if column.name not in present]
+        if missing:
+            raise StorageFailure(f"the database was created by an older version of the KME (table {table.name} has "
+                                 f"no column {missing[0]}); see docs/deployment.md, Upgrading")
 
 
 def meta(name: str) -> bytes | None:

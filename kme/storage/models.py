@@ -1,9 +1,10 @@
 """Database tables of the KME.
 
 Only the kme.storage.keystore package writes key rows (pool_keys, key_fingerprints,
-delivered_keys, key_slaves, activations) and the link counters; kme.operations.ingest writes key_files
-through it; kme.operations.events writes events. SAEs and KMEs are not tables: the configuration file is their only
-source of truth (see docs/design.md).
+delivered_keys, key_slaves, activations, leases) and the link counters and levels;
+kme.operations.ingest writes key_files through it; kme.operations.events writes
+events. SAEs and KMEs are not tables: the configuration file is their only source
+of truth (see docs/design.md).
 """
 from sqlalchemy import (
     BigInteger,
@@ -32,7 +33,11 @@ class Link(db.Model):
 
     The counters are kept up to date by every change so that Get status and the
     entropy cost the same whatever the pool size. They count 256-bit pool keys:
-    ingested = available + reserved + peer_held + delivered + discarded, always.
+    ingested = available + reserved + peer_held + unconfirmed + delivered
+    + discarded + set_aside, always. ``lent`` and ``borrowed`` count keys moved
+    between the two directions by leases (kme.storage.keystore.leases); the
+    progress fields drive the exchange of ingestion progress with the peer
+    (kme.storage.keystore.progress).
     """
 
     __tablename__ = "links"
@@ -43,6 +48,20 @@ class Link(db.Model):
     peer_held: Mapped[int] = mapped_column(BigInteger, default=0)
     delivered: Mapped[int] = mapped_column(BigInteger, default=0)
     discarded: Mapped[int] = mapped_column(BigInteger, default=0)
+    unconfirmed: Mapped[int] = mapped_column(BigInteger, default=0)
+    set_aside: Mapped[int] = mapped_column(BigInteger, default=0)
+    lent: Mapped[int] = mapped_column(BigInteger, default=0)
+    borrowed: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The peer's database ID, our change sequence it acknowledged, its change
+    # sequence we have applied, when it last answered, and its free keys then.
+    peer_database: Mapped[str | None] = mapped_column(String(32))
+    progress_sent: Mapped[int] = mapped_column(BigInteger, default=0)
+    progress_seen: Mapped[int] = mapped_column(BigInteger, default=0)
+    progress_at: Mapped[float] = mapped_column(Float, default=0.0)
+    peer_free: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Leases asked of the peer: the next size (adapts to the rate of use) and when the last was asked.
+    lease_size: Mapped[int] = mapped_column(BigInteger, default=0)
+    lease_at: Mapped[float] = mapped_column(Float, default=0.0)
     # 256 little-endian uint64: how often each byte value occurs in the key
     # material this link holds (pool and keys waiting for their slave).
     byte_histogram: Mapped[bytes] = mapped_column(LargeBinary)
@@ -73,11 +92,17 @@ class KeyFile(db.Model):
 
     ``length`` is how many bytes of the file were read (a file that grows
     beyond it is read on); ``duplicates`` counts its keys refused because
-    the same material was ingested before.
+    the same material was ingested before. The rest is the file's side of the
+    progress exchange: ``peer_position`` is how many leading positions the
+    peer says it holds, ``decided`` how many leading positions were confirmed
+    or set aside here, ``offer_limit`` caps what we offer once keys only we
+    held were set aside, ``seq`` orders our changes for the exchange and
+    ``changed_at`` (epoch seconds) starts the grace period of unmatched keys.
+    A file the peer named before we saw it has a row with nothing ingested.
     """
 
     __tablename__ = "key_files"
-    __table_args__ = (UniqueConstraint("link_id", "name"),)
+    __table_args__ = (UniqueConstraint("link_id", "name"), Index("ix_key_files_link_id_seq", "link_id", "seq"))
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     link_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("links.peer_kme_id"))
     name: Mapped[str] = mapped_column(String(255))
@@ -86,12 +111,18 @@ class KeyFile(db.Model):
     length: Mapped[int] = mapped_column(BigInteger, default=0)
     duplicates: Mapped[int] = mapped_column(BigInteger, default=0)
     ingested_at: Mapped[str | None] = mapped_column(String(32))
+    peer_position: Mapped[int] = mapped_column(BigInteger, default=0)
+    decided: Mapped[int] = mapped_column(BigInteger, default=0)
+    offer_limit: Mapped[int | None] = mapped_column(BigInteger)
+    seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    changed_at: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 # PoolKey.state: which side may use a key of the pool.
-OURS = 0       # free for masters of this KME
-PEERS = 1      # belongs to the other direction of the link: only the peer KME activates it
-RESERVED = 2   # claimed by an activation at the peer KME whose answer is pending
+OURS = 0         # free for masters of this KME
+PEERS = 1        # belongs to the other direction of the link: only the peer KME activates it
+RESERVED = 2     # claimed by an activation at the peer KME whose answer is pending
+UNCONFIRMED = 3  # held here, not yet known to be held by the peer: nobody uses it
 
 
 class PoolKey(db.Model):
@@ -159,6 +190,38 @@ class IncomingActivation(db.Model):
     state: Mapped[str] = mapped_column(String(16))
     key_ids: Mapped[str] = mapped_column(Text)
     created_at: Mapped[str] = mapped_column(String(32))
+
+
+class Lease(db.Model):
+    """A lease of keys between the two directions of a link, remembered so that retries are idempotent.
+
+    role "asked": we asked the peer and await its answer (``parts`` empty);
+    role "given": the peer asked us and ``parts`` (JSON runs of positions)
+    are what we gave.
+    """
+
+    __tablename__ = "leases"
+    __table_args__ = (Index("ix_leases_created_at", "created_at"),)
+    lease_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    link_id: Mapped[int] = mapped_column(BigInteger)
+    role: Mapped[str] = mapped_column(String(8))
+    parts: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[str] = mapped_column(String(32))
+
+
+class PoolLevel(db.Model):
+    """A sample of a link's free keys per direction, for the debugging page's chart (last hour).
+
+    ``inbound`` is the peer's free keys as it last said.
+    """
+
+    __tablename__ = "pool_levels"
+    __table_args__ = (Index("ix_pool_levels_at", "at"),)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    link_id: Mapped[int] = mapped_column(BigInteger)
+    at: Mapped[float] = mapped_column(Float)
+    outbound: Mapped[int] = mapped_column(BigInteger)
+    inbound: Mapped[int] = mapped_column(BigInteger)
 
 
 class Heartbeat(db.Model):

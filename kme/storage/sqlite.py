@@ -38,6 +38,12 @@ _RESERVE = text(
     "RETURNING id, file_id, position, material"
 )
 
+# Lent keys come from the tail of the pool: the lender keeps its oldest keys.
+_LEND = text(
+    "UPDATE pool_keys SET state = 1 WHERE id IN (SELECT id FROM pool_keys WHERE link_id = :link_id AND state = 0 "
+    "ORDER BY id DESC LIMIT :count) RETURNING file_id, position"
+)
+
 
 # (device, inode) of the database file each engine of this process opened first.
 _opened: dict[int, tuple[int, int]] = {}
@@ -112,6 +118,11 @@ def reserve_pool_keys(connection, link_id: int, count: int, reservation: str) ->
     """Mark up to ``count`` free keys of the link as reserved for ``reservation``; returns them in id order."""
     rows = connection.execute(_RESERVE, {"link_id": link_id, "count": count, "reservation": reservation}).all()
     return sorted(rows, key=lambda row: row.id)
+
+
+def lend_pool_keys(connection, link_id: int, count: int) -> list:
+    """Move up to ``count`` free keys of the link to the peer's direction, newest first; returns (file_id, position)."""
+    return connection.execute(_LEND, {"link_id": link_id, "count": count}).all()
 
 
 def checkpoint(engine) -> None:

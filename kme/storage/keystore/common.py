@@ -2,14 +2,17 @@
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, func, insert, select
 
 from kme.config import KEY_BITS
 from kme.domain import entropy
-from kme.storage.db import db
-from kme.storage.models import DeliveredKey, KeySlave, Link
+from kme.storage.db import db, write_transaction
+from kme.storage.models import DeliveredKey, KeySlave, Link, PoolLevel
 
 KEY_BYTES = KEY_BITS // 8
+# The debugging page's chart: one sample of each link's pool per minute, for an hour.
+LEVEL_SECONDS = 60.0
+LEVEL_HISTORY_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,12 @@ class LinkCounts:
     peer_held: int
     delivered: int
     discarded: int
+    unconfirmed: int
+    set_aside: int
+    lent: int
+    borrowed: int
+    # The peer's free keys of its own direction when it last said (it lends them on demand).
+    peer_free: int
 
 
 def pool_keys_per_key(size_bits: int) -> int:
@@ -96,9 +105,30 @@ def erase_delivered(session, key_ids: list[str]) -> int:
 def link_counts(link_id: int) -> LinkCounts:
     """The counters of one link."""
     row = db.session.get(Link, link_id)
-    counts = LinkCounts(row.ingested, row.available, row.reserved, row.peer_held, row.delivered, row.discarded)
+    counts = LinkCounts(row.ingested, row.available, row.reserved, row.peer_held, row.delivered, row.discarded,
+                        row.unconfirmed, row.set_aside, row.lent, row.borrowed, row.peer_free)
     db.session.commit()
     return counts
+
+
+def sample_levels(link_ids: list[int], now: float) -> None:
+    """Record each link's free keys per direction, once per LEVEL_SECONDS; keep the last LEVEL_HISTORY_SECONDS."""
+    last = db.session.scalar(select(func.max(PoolLevel.at)))
+    db.session.commit()
+    if last is not None and now - last < LEVEL_SECONDS:
+        return
+    with write_transaction() as session:
+        for link in session.scalars(select(Link).where(Link.peer_kme_id.in_(link_ids))):
+            session.add(PoolLevel(link_id=link.peer_kme_id, at=now, outbound=link.available, inbound=link.peer_free))
+        session.execute(delete(PoolLevel).where(PoolLevel.at < now - LEVEL_HISTORY_SECONDS))
+
+
+def level_history(link_id: int) -> list[tuple[float, int, int]]:
+    """The link's recorded levels, oldest first: (epoch seconds, outbound free, inbound free)."""
+    rows = db.session.execute(select(PoolLevel.at, PoolLevel.outbound, PoolLevel.inbound).where(
+        PoolLevel.link_id == link_id).order_by(PoolLevel.at)).all()
+    db.session.commit()
+    return [tuple(row) for row in rows]
 
 
 def total_byte_counts() -> list[int]:

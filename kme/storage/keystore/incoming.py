@@ -1,7 +1,9 @@
 """Activations a peer KME asks of this KME, idempotent by activation ID.
 
 The peer names keys by (file name, position) on its link with us; only keys
-of the peer's direction of the link (state PEERS here) can be activated.
+of the peer's direction of the link can be activated: PEERS here, or, when
+the peer is the link's arbiter, keys we have not confirmed yet (the arbiter
+confirmed them first; they can only ever be its own or lent to us by it).
 """
 import json
 from dataclasses import dataclass
@@ -18,7 +20,8 @@ from kme.storage.keystore.common import (
     store_delivered,
     update_link,
 )
-from kme.storage.models import PEERS, DeliveredKey, IncomingActivation, KeyFile, KeySlave, PoolKey
+from kme.storage.keystore.progress import is_arbiter
+from kme.storage.models import PEERS, UNCONFIRMED, DeliveredKey, IncomingActivation, KeyFile, KeySlave, PoolKey
 
 ACTIVATED = "activated"
 CANCELLED = "cancelled"
@@ -35,7 +38,7 @@ class ActivationRequest:
     keys: list[tuple[str, list[tuple[str, int]]]]
 
 
-def activate(link_id: int, request: ActivationRequest) -> int:
+def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:
     """Activate the keys for our slave SAEs; the number of keys. Refused whole (409) if any part is missing."""
     with write_transaction() as session:
         known = session.get(IncomingActivation, request.activation_id)
@@ -47,10 +50,11 @@ def activate(link_id: int, request: ActivationRequest) -> int:
         if any(len(parts) != per_key for _, parts in request.keys):
             raise BadRequest(f"each key of {request.size_bits} bits has {per_key} parts")
         wanted = [part for _, parts in request.keys for part in parts]
-        rows = _pool_rows(session, link_id, wanted)
+        rows = _pool_rows(session, link_id, wanted, _peer_states(this_kme_id, link_id))
         if len(rows) != len(wanted) or len(set(wanted)) != len(wanted):
             raise ActivationConflict(f"{len(set(wanted)) - len(rows)} of the {len(wanted)} keys named are not "
-                                     f"available on this KME's link with KME {link_id} (not ingested yet, or used)")
+                                     f"available on this KME's link with KME {link_id} (used, set aside, "
+                                     "or never held here)")
         if session.scalars(select(DeliveredKey.key_id).where(
                 DeliveredKey.key_id.in_([key_id for key_id, _ in request.keys]))).first():
             raise ActivationConflict("a key ID of this activation is already in use")
@@ -61,8 +65,10 @@ def activate(link_id: int, request: ActivationRequest) -> int:
         ]
         now = events.utc_now()
         store_delivered(session, link_id, request.master_sae_id, request.slave_ids, keys, now)
+        unconfirmed = sum(1 for row in rows.values() if row.state == UNCONFIRMED)
         update_link(session, link_id, removed=[row.material for row in rows.values()],
-                    added=[key.material for key in keys], peer_held=-len(rows), delivered=len(rows))
+                    added=[key.material for key in keys], peer_held=unconfirmed - len(rows),
+                    unconfirmed=-unconfirmed, delivered=len(rows))
         session.add(IncomingActivation(activation_id=request.activation_id, link_id=link_id, state=ACTIVATED,
                                        key_ids=json.dumps([key.key_id for key in keys]), created_at=now))
         slaves = " and ".join(map(str, request.slave_ids))
@@ -71,7 +77,7 @@ def activate(link_id: int, request: ActivationRequest) -> int:
         return len(keys)
 
 
-def cancel(link_id: int, request: ActivationRequest) -> None:
+def cancel(this_kme_id: int, link_id: int, request: ActivationRequest) -> None:
     """Make sure an activation never takes effect: erase its keys, or its parts if it never arrived."""
     with write_transaction() as session:
         known = session.get(IncomingActivation, request.activation_id)
@@ -92,10 +98,12 @@ def cancel(link_id: int, request: ActivationRequest) -> None:
             events.record(session, f"Activation {request.activation_id} cancelled by KME {link_id}: "
                                    f"{erased} unfetched keys erased")
             return
-        rows = _pool_rows(session, link_id, [part for _, parts in request.keys for part in parts])
+        rows = _pool_rows(session, link_id, [part for _, parts in request.keys for part in parts],
+                          _peer_states(this_kme_id, link_id))
         session.execute(delete(PoolKey).where(PoolKey.id.in_([row.id for row in rows.values()])))
-        update_link(session, link_id, removed=[row.material for row in rows.values()], peer_held=-len(rows),
-                    discarded=len(rows))
+        unconfirmed = sum(1 for row in rows.values() if row.state == UNCONFIRMED)
+        update_link(session, link_id, removed=[row.material for row in rows.values()],
+                    peer_held=unconfirmed - len(rows), unconfirmed=-unconfirmed, discarded=len(rows))
         session.add(IncomingActivation(activation_id=request.activation_id, link_id=link_id, state=CANCELLED,
                                        key_ids="[]", created_at=events.utc_now()))
         events.record(session, f"Activation {request.activation_id} cancelled by KME {link_id} before it arrived: "
@@ -108,8 +116,12 @@ def forget_before(created_before: str) -> None:
         session.execute(delete(IncomingActivation).where(IncomingActivation.created_at < created_before))
 
 
-def _pool_rows(session, link_id: int, parts: list[tuple[str, int]]) -> dict:
-    """The peer-direction pool rows at the given (file name, position) parts, keyed by part.
+def _peer_states(this_kme_id: int, link_id: int) -> tuple[int, ...]:
+    return (PEERS,) if is_arbiter(this_kme_id, link_id) else (PEERS, UNCONFIRMED)
+
+
+def _pool_rows(session, link_id: int, parts: list[tuple[str, int]], states: tuple[int, ...]) -> dict:
+    """The pool rows in ``states`` at the given (file name, position) parts, keyed by part.
 
     One index search per part on (file_id, position), whatever the pool
     size: the link and the state are checked on the rows found, since a
@@ -131,4 +143,4 @@ def _pool_rows(session, link_id: int, parts: list[tuple[str, int]]) -> dict:
         or_(*(and_(PoolKey.file_id == file_id, PoolKey.position.in_(wanted))
               for file_id, wanted in positions.items())))).all()
     return {(by_file[row.file_id], row.position): row for row in rows
-            if row.link_id == link_id and row.state == PEERS}
+            if row.link_id == link_id and row.state in states}

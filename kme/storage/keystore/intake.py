@@ -1,6 +1,7 @@
 """Key files into the pools of the links, resumable and idempotent."""
 import hashlib
 import struct
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -10,7 +11,8 @@ from kme.operations import events
 from kme.storage import sqlite
 from kme.storage.db import FINGERPRINT_SECRET, db, meta, write_transaction
 from kme.storage.keystore.common import KEY_BYTES, update_link
-from kme.storage.models import OURS, PEERS, KeyFile, Link
+from kme.storage.keystore.progress import confirm, next_seq
+from kme.storage.models import OURS, UNCONFIRMED, KeyFile, Link
 
 
 @dataclass(frozen=True)
@@ -23,17 +25,6 @@ class FileProgress:
     length: int
 
 
-def peer_parity(this_kme_id: int, link_id: int) -> int | None:
-    """Parity of the positions that belong to the peer's direction of a link; None inside the zone.
-
-    Both KMEs of a link compute the same split: the KME with the lower ID uses
-    even positions, the other odd ones, so the two never pick the same key.
-    """
-    if link_id == this_kme_id:
-        return None
-    return 1 if this_kme_id < link_id else 0
-
-
 def ensure_links(link_ids) -> None:
     """Create the counter row of every configured link that has none yet."""
     with write_transaction() as session:
@@ -41,7 +32,9 @@ def ensure_links(link_ids) -> None:
         for link_id in link_ids:
             if link_id not in known:
                 session.add(Link(peer_kme_id=link_id, ingested=0, available=0, reserved=0, peer_held=0,
-                                 delivered=0, discarded=0, byte_histogram=entropy.EMPTY))
+                                 delivered=0, discarded=0, unconfirmed=0, set_aside=0, lent=0, borrowed=0,
+                                 progress_sent=0, progress_seen=0, progress_at=0.0, peer_free=0, lease_size=0,
+                                 lease_at=0.0, byte_histogram=entropy.EMPTY))
 
 
 def complete_files(link_id: int) -> dict[str, int]:
@@ -57,20 +50,30 @@ def open_key_file(link_id: int, name: str) -> FileProgress:
     with write_transaction() as session:
         row = session.scalars(select(KeyFile).where(KeyFile.link_id == link_id, KeyFile.name == name)).first()
         if row is None:
-            row = KeyFile(link_id=link_id, name=name, next_position=0, complete=False, length=0, duplicates=0)
+            row = KeyFile(link_id=link_id, name=name, next_position=0, complete=False, length=0, duplicates=0,
+                          decided=0, seq=0, changed_at=0.0)
             session.add(row)
             session.flush()
         return FileProgress(row.id, row.next_position, row.complete, row.length)
 
 
 def retire_files(link_id: int, files: list[tuple[str, int]]) -> int:
-    """Record key files as ingested without taking any of their keys (an operator's decision); how many."""
+    """Record key files as ingested without taking any of their keys (an operator's decision); how many.
+
+    A retired file offers no key to the peer, which sets its own copies aside.
+    """
     with write_transaction() as session:
-        known = set(session.scalars(select(KeyFile.name).where(KeyFile.link_id == link_id)))
-        fresh = [(name, size) for name, size in files if name not in known]
+        known = {row.name: row for row in session.scalars(select(KeyFile).where(KeyFile.link_id == link_id))}
+        # A row with nothing read was only named by the peer so far.
+        fresh = [(name, size) for name, size in files
+                 if name not in known or (known[name].next_position == 0 and not known[name].complete)]
         for name, size in fresh:
-            session.add(KeyFile(link_id=link_id, name=name, next_position=size // KEY_BYTES, complete=True,
-                                length=size, duplicates=0, ingested_at=events.utc_now()))
+            row = known.get(name) or KeyFile(link_id=link_id, name=name, duplicates=0, peer_position=0, decided=0)
+            row.next_position = row.decided = size // KEY_BYTES
+            row.complete, row.length, row.offer_limit = True, size, 0
+            row.ingested_at, row.changed_at, row.seq = events.utc_now(), time.time(), next_seq(session, link_id)
+            session.add(row)
+            session.flush()
             events.record(session, f"Key file {name} on link {link_id} retired by an operator: never ingested")
         return len(fresh)
 
@@ -89,14 +92,16 @@ def fingerprints(materials: list[bytes]) -> list[int]:
     return list(struct.unpack(f">{len(materials)}q", digests))
 
 
-def store_keys(link_id: int, progress: FileProgress, materials: list[bytes], length: int, complete: bool,
-               max_key_count: int, parity_of_peer: int | None) -> tuple[FileProgress, int]:
+def store_keys(this_kme_id: int, link_id: int, progress: FileProgress, materials: list[bytes], length: int,
+               complete: bool, max_key_count: int) -> tuple[FileProgress, int]:
     """Add consecutive keys of a file to the link's pool, from ``progress.next_position`` on.
 
     The file's position advances in the same transaction as the keys, so a
     crash or a second ingestion never adds a key twice; a key whose material
     was ingested before (under any file name, on any link) is refused and its
-    position left unused. Returns the new progress and the number refused.
+    position left unused. Keys of a link with another KME wait, unconfirmed,
+    until the peer says it holds them too (kme.storage.keystore.progress).
+    Returns the new progress and the number refused.
     Raises ValueError if the pool would exceed ``max_key_count``.
     """
     with write_transaction() as session:
@@ -107,7 +112,8 @@ def store_keys(link_id: int, progress: FileProgress, materials: list[bytes], len
             events.record(session, f"Key file {row.name} on link {link_id} grew after it was ingested: "
                                    f"reading on from position {row.next_position}")
         link_row = session.get(Link, link_id)
-        if link_row.available + link_row.reserved + link_row.peer_held + len(materials) > max_key_count:
+        if (link_row.available + link_row.reserved + link_row.peer_held + link_row.unconfirmed + len(materials)
+                > max_key_count):
             raise ValueError(f"the pool of link {link_id} would exceed max_key_count ({max_key_count})")
         # The first occurrence of a material in the batch counts; later ones are duplicates.
         first_at: dict[int, int] = {}
@@ -118,18 +124,23 @@ def store_keys(link_id: int, progress: FileProgress, materials: list[bytes], len
         fresh = [position for fingerprint, position in first_at.items() if fingerprint not in known]
         first, file_id = row.next_position, row.id
         added = [materials[position - first] for position in fresh]
-        rows = [(link_id, file_id, position, PEERS if position % 2 == parity_of_peer else OURS, material)
+        zone = link_id == this_kme_id
+        rows = [(link_id, file_id, position, OURS if zone else UNCONFIRMED, material)
                 for position, material in zip(fresh, added)]
         if rows:
             sqlite.insert_pool_keys(session.connection(), rows)
-        peers = sum(1 for item in rows if item[3] == PEERS)
         refused = len(materials) - len(rows)
         row.next_position += len(materials)
         row.duplicates += refused
         row.length = length
         row.complete = complete
-        update_link(session, link_id, added=added, ingested=len(rows), available=len(rows) - peers,
-                    peer_held=peers)
+        update_link(session, link_id, added=added, ingested=len(rows),
+                    **{"available" if zone else "unconfirmed": len(rows)})
+        if zone:
+            row.decided = row.next_position
+        else:
+            row.seq, row.changed_at = next_seq(session, link_id), time.time()
+            confirm(session, this_kme_id, link_id, row)
         if refused:
             events.record(session, f"Key file {row.name} on link {link_id}: {refused} keys refused, their material "
                                    "was ingested before (a renamed or copied file?)")

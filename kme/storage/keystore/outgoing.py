@@ -112,13 +112,18 @@ def release(activation_id: str) -> None:
         update_link(session, pending.link_id, reserved=-count, available=count)
 
 
-def mark_unknown(activation_id: str) -> None:
-    """The peer may or may not have activated the keys: keep them reserved until settled."""
+def mark_unknown(activation_id: str, why: str) -> None:
+    """Keep the keys reserved until the background worker cancels the activation at the peer and discards them.
+
+    For an unknown outcome (the peer may have activated the keys), and for a
+    refusal because the peer does not hold them (they must never be claimed
+    again). ``why`` completes the event.
+    """
     with write_transaction() as session:
         session.execute(update(OutgoingActivation).where(OutgoingActivation.activation_id == activation_id,
                                                          OutgoingActivation.state == SENDING)
                         .values(state=UNKNOWN))
-        events.record(session, f"Activation {activation_id} has an unknown outcome; its keys are held back")
+        events.record(session, f"Activation {activation_id} {why}")
 
 
 def begin_cancel(activation_id: str) -> bool:

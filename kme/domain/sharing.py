@@ -1,0 +1,114 @@
+"""How the two KMEs of a link share its keys: progress exchange, leases, set-aside and pool samples.
+
+- Progress: each KME tells the other, per file, how many leading positions
+  it holds; only keys both hold are used (kme.storage.keystore.progress).
+  The background worker exchanges progress every housekeeping interval and
+  as soon as it ingested something; the peer answers with its own.
+- Leases: confirmed keys belong to the arbiter's direction (lower KME ID)
+  until it lends some. A master KME short of keys borrows a block from the
+  peer in one round trip before it claims (kme.storage.keystore.leases),
+  sized by its recent rate of leases. So both directions draw on the whole
+  link, as demand decides.
+- Set-aside: keys only one end holds, while the peer keeps answering
+  without them for the grace period, are erased and counted.
+"""
+import logging
+import time
+import uuid
+
+from kme.config import KmeConfig, OtherKme
+from kme.interfaces.peer_client import PeerError, PeerOutcomeUnknown, client_for
+from kme.storage.db import DATABASE_ID, meta
+from kme.storage.keystore import common, leases, progress
+from kme.storage.keystore.progress import Exchange, FileOffer
+
+log = logging.getLogger(__name__)
+
+# Progress messages per exchange at most (each carries up to progress.PAGE files each way).
+MAX_ROUNDS = 20
+
+
+def _database_id() -> str:
+    return meta(DATABASE_ID).decode()
+
+
+def _offers(files: list[dict]) -> list[FileOffer]:
+    return [FileOffer(item["file"], item["offered"], item["seq"]) for item in files]
+
+
+def _wire(files: list[FileOffer]) -> list[dict]:
+    return [{"file": item.name, "offered": item.offered, "seq": item.seq} for item in files]
+
+
+def exchange_progress(config: KmeConfig, peer: OtherKme) -> None:
+    """Exchange ingestion progress with ``peer`` until neither side has more to tell (PeerError if it fails)."""
+    for _ in range(MAX_ROUNDS):
+        push, known = progress.outgoing(peer.id, _database_id())
+        answer = client_for(peer).exchange_progress({
+            "database_ID": push.database_id, "known_database_ID": known, "since": push.seen, "after": push.after,
+            "free": push.free, "files": _wire(push.files)})
+        progress.answered(config.this_kme.id, peer.id, Exchange(answer["database_ID"], _offers(answer["files"]),
+                                                                answer["free"], answer["seen"]))
+        if len(push.files) < progress.PAGE and len(answer["files"]) < progress.PAGE:
+            return
+
+
+def answer_progress(config: KmeConfig, caller: OtherKme, data: dict) -> dict:
+    """Apply the progress a peer KME sent; our own progress, as the answer."""
+    database_id = _database_id()
+    push = Exchange(data["database_ID"], _offers(data["files"]), data["free"], data["since"], data["after"])
+    answer = progress.incoming(config.this_kme.id, caller.id, database_id, push, data["known_database_ID"])
+    return {"database_ID": database_id, "seen": answer.seen, "free": answer.free, "files": _wire(answer.files)}
+
+
+def lend(config: KmeConfig, caller: OtherKme, data: dict) -> tuple[list[dict], int]:
+    """Lend keys of our direction of the link to the calling KME's: (runs, our free keys left)."""
+    return leases.give(caller.id, leases.LeaseRequest(data["lease_ID"], data["minimum"], data["wanted"]))
+
+
+def borrow(peer: OtherKme, minimum: int) -> int:
+    """Borrow at least ``minimum`` keys (else none) from the peer's direction; how many came.
+
+    PeerError if the peer failed; after an unknown outcome the lease stays
+    recorded and the background worker asks again with the same lease ID.
+    """
+    request = leases.ask(peer.id, str(uuid.uuid4()), minimum)
+    return _ask(peer, request)
+
+
+def _ask(peer: OtherKme, request: leases.LeaseRequest) -> int:
+    try:
+        answer = client_for(peer).lease({"lease_ID": request.lease_id, "minimum": request.minimum,
+                                         "wanted": request.wanted})
+    except PeerOutcomeUnknown:
+        raise
+    except PeerError:
+        leases.abandon(request.lease_id)
+        raise
+    return leases.receive(peer.id, request.lease_id, answer["runs"], answer["free"])
+
+
+def settle_leases(config: KmeConfig, asked_before: str) -> None:
+    """Ask again for the leases whose answer was lost, so the keys the peer lent are not stranded."""
+    for link_id, request in leases.unanswered(asked_before):
+        peer = config.other_kmes_by_id.get(link_id)
+        if peer is None:
+            leases.abandon(request.lease_id)
+            continue
+        try:
+            _ask(peer, request)
+        except PeerError as exc:
+            log.info("lease %s not settled yet: %s", request.lease_id, exc)
+
+
+def housekeeping(config: KmeConfig, asked_before: str) -> None:
+    """The link-sharing part of the background worker's periodic work, for every peer."""
+    for peer in config.other_kmes:
+        try:
+            exchange_progress(config, peer)
+        except PeerError as exc:
+            # The peer probe already reports an unreachable peer; this would repeat it every interval.
+            log.debug("progress with KME %s not exchanged: %s", peer.id, exc)
+        progress.set_aside_unmatched(config.this_kme.id, peer.id, config.this_kme.unmatched_key_grace_seconds)
+    settle_leases(config, asked_before)
+    common.sample_levels([peer.id for peer in config.other_kmes], time.time())

@@ -1,0 +1,99 @@
+"""The messages of the inter-KME interface as marshmallow schemas (docs/inter-kme-protocol.md).
+
+Both ends use them: the interface loads requests with them, the peer client
+loads answers with them, and the OpenAPI document is built from them.
+"""
+from marshmallow import validate
+
+from kme.config_schema import Int, List, Nested, Str, StrictSchema
+from kme.interfaces.schemas import KeyIdField
+from kme.storage.keystore.progress import PAGE as PROGRESS_PAGE
+
+_POSITION = validate.Range(0, 2**62)
+_COUNT = validate.Range(0, 2**31)
+_FILE = validate.Length(1, 255)
+_DATABASE_ID = validate.Regexp("^[0-9a-f]{32}$", error="32 lowercase hexadecimal digits")
+
+
+class PartSchema(StrictSchema):
+    file = Str(required=True, validate=_FILE)
+    position = Int(required=True, validate=_POSITION)
+
+
+class WireKeySchema(StrictSchema):
+    key_ID = KeyIdField(required=True)
+    parts = List(Nested(PartSchema), required=True, validate=validate.Length(min=1))
+
+
+class ActivationSchema(StrictSchema):
+    activation_ID = KeyIdField(required=True)
+    master_SAE_ID = Int(required=True)
+    slave_SAE_IDs = List(Int(), required=True, validate=validate.Length(min=1))
+    size = Int(required=True)
+    keys = List(Nested(WireKeySchema), required=True, validate=validate.Length(min=1))
+
+
+class ActivatedSchema(StrictSchema):
+    """The answer to an activation."""
+
+    activation_ID = KeyIdField(required=True)
+    activated = Int(required=True)
+
+
+class CancelledSchema(StrictSchema):
+    """The answer to a cancel."""
+
+    activation_ID = KeyIdField(required=True)
+    state = Str(required=True, validate=validate.OneOf(["cancelled"]))
+
+
+class LeaseSchema(StrictSchema):
+    """A lease asked: at least ``minimum`` keys or none, ``wanted`` if the lender can spare them."""
+
+    lease_ID = KeyIdField(required=True)
+    minimum = Int(required=True, validate=_COUNT)
+    wanted = Int(required=True, validate=_COUNT)
+
+
+class RunSchema(StrictSchema):
+    """Consecutive positions of one file."""
+
+    file = Str(required=True, validate=_FILE)
+    first = Int(required=True, validate=_POSITION)
+    count = Int(required=True, validate=validate.Range(1, 2**31))
+
+
+class LeaseAnswerSchema(StrictSchema):
+    """The keys lent (none if fewer than the minimum were free) and the lender's free keys left."""
+
+    lease_ID = KeyIdField(required=True)
+    runs = List(Nested(RunSchema), required=True)
+    free = Int(required=True, validate=_POSITION)
+
+
+class FileOfferSchema(StrictSchema):
+    """How many leading positions of a file the sender holds, and its change number."""
+
+    file = Str(required=True, validate=_FILE)
+    offered = Int(required=True, validate=_POSITION)
+    seq = Int(required=True, validate=_POSITION)
+
+
+class ProgressSchema(StrictSchema):
+    """The caller's ingestion progress and cursors."""
+
+    database_ID = Str(required=True, validate=_DATABASE_ID)
+    known_database_ID = Str(required=True, allow_none=True, validate=_DATABASE_ID)
+    since = Int(required=True, validate=_POSITION)
+    after = Int(required=True, validate=_POSITION)
+    free = Int(required=True, validate=_POSITION)
+    files = List(Nested(FileOfferSchema), required=True, validate=validate.Length(max=PROGRESS_PAGE))
+
+
+class ProgressAnswerSchema(StrictSchema):
+    """The callee's ingestion progress since the caller's cursor, and how far it has the caller's."""
+
+    database_ID = Str(required=True, validate=_DATABASE_ID)
+    seen = Int(required=True, validate=_POSITION)
+    free = Int(required=True, validate=_POSITION)
+    files = List(Nested(FileOfferSchema), required=True, validate=validate.Length(max=PROGRESS_PAGE))

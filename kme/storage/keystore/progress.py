@@ -1,0 +1,177 @@
+"""Which keys both KMEs of a link hold: ingestion progress exchanged per file, confirmation, set-aside.
+
+A key of a link is used only once both KMEs hold it. Each KME offers, per
+file, how many leading positions it holds (its ingestion progress, capped
+once it set keys aside); a position below both offers is confirmed. A
+confirmed key belongs to the arbiter's direction (the KME with the lower
+ID) until a lease moves it (kme.storage.keystore.leases). Keys only this
+KME holds, while the peer keeps answering without them for longer than the
+grace period, are set aside: erased, counted, never used.
+
+Offers are absolute values, so applying one twice changes nothing; the
+change sequence of each side (``KeyFile.seq``) only saves resending what
+the peer already has.
+"""
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func, select, update
+
+from kme.operations import events
+from kme.storage.db import db, write_transaction
+from kme.storage.keystore.common import update_link
+from kme.storage.models import OURS, PEERS, UNCONFIRMED, KeyFile, Link, PoolKey
+
+# Files per message of the exchange, each way.
+PAGE = 1000
+
+
+@dataclass(frozen=True)
+class FileOffer:
+    """How many leading positions of a file one KME holds, and the change that said so."""
+
+    name: str
+    offered: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One side's message of the progress exchange (a push, or the answer to one)."""
+
+    database_id: str
+    files: list[FileOffer]
+    free: int
+    # Caller: our cursors (peer's changes we have, ours the peer acknowledged). Answer: ``seen`` only.
+    seen: int
+    after: int = 0
+
+
+def is_arbiter(this_kme_id: int, link_id: int) -> bool:
+    """Whether this KME arbitrates the link: it owns every confirmed key until it lends some."""
+    return this_kme_id < link_id
+
+
+def offer(row: KeyFile) -> int:
+    """How many leading positions of the file this KME offers to use."""
+    return row.next_position if row.offer_limit is None else min(row.next_position, row.offer_limit)
+
+
+def next_seq(session, link_id: int) -> int:
+    """The next change number of the link's files (the (link_id, seq) index makes it one search)."""
+    return (session.scalar(select(func.max(KeyFile.seq)).where(KeyFile.link_id == link_id)) or 0) + 1
+
+
+def confirm(session, this_kme_id: int, link_id: int, row: KeyFile) -> int:
+    """Move the file's keys that both sides now hold out of UNCONFIRMED; how many moved."""
+    upto = min(offer(row), row.peer_position)
+    if upto <= row.decided:
+        return 0
+    arbiter = is_arbiter(this_kme_id, link_id)
+    moved = session.execute(update(PoolKey).where(
+        PoolKey.file_id == row.id, PoolKey.position >= row.decided, PoolKey.position < upto,
+        PoolKey.state == UNCONFIRMED).values(state=OURS if arbiter else PEERS)).rowcount
+    row.decided = upto
+    update_link(session, link_id, unconfirmed=-moved, **{"available" if arbiter else "peer_held": moved})
+    return moved
+
+
+def outgoing(link_id: int, database_id: str) -> tuple[Exchange, str | None]:
+    """Our push to the peer (our file changes it has not acknowledged, our cursors) and its database ID we know."""
+    session = db.session
+    link = session.get(Link, link_id)
+    rows = session.scalars(select(KeyFile).where(KeyFile.link_id == link_id, KeyFile.seq > link.progress_sent)
+                           .order_by(KeyFile.seq).limit(PAGE)).all()
+    push = Exchange(database_id, [FileOffer(row.name, offer(row), row.seq) for row in rows], link.available,
+                    link.progress_seen, link.progress_sent)
+    known = link.peer_database
+    session.commit()
+    return push, known
+
+
+def incoming(this_kme_id: int, link_id: int, database_id: str, push: Exchange,
+             known_database: str | None) -> Exchange:
+    """Apply a peer's push; answer with our changes after the peer's cursor (all if it knew another database)."""
+    with write_transaction() as session:
+        link = _peer_database(session, link_id, push.database_id)
+        since = push.seen
+        if known_database != database_id:
+            since = 0
+        else:
+            link.progress_sent = max(link.progress_sent, since)
+        _apply(session, this_kme_id, link_id, link, push.files, push.free, contiguous=link.progress_seen >= push.after)
+        rows = session.scalars(select(KeyFile).where(KeyFile.link_id == link_id, KeyFile.seq > since)
+                               .order_by(KeyFile.seq).limit(PAGE)).all()
+        return Exchange(database_id, [FileOffer(row.name, offer(row), row.seq) for row in rows], link.available,
+                        link.progress_seen)
+
+
+def answered(this_kme_id: int, link_id: int, answer: Exchange) -> None:
+    """Apply the peer's answer to our push."""
+    with write_transaction() as session:
+        link = _peer_database(session, link_id, answer.database_id)
+        _apply(session, this_kme_id, link_id, link, answer.files, answer.free, contiguous=True)
+        link.progress_sent = answer.seen
+
+
+def set_aside_unmatched(this_kme_id: int, link_id: int, grace_seconds: float) -> int:
+    """Erase the keys only this KME holds, once the peer answered without them for ``grace_seconds``.
+
+    Only an answering peer counts: a partition never sets keys aside. Our
+    offer of each such file is capped where the peer stopped, so the peer
+    sets its own surplus aside too and no position is ever confirmed at one
+    end only. Returns how many keys were set aside.
+    """
+    with write_transaction() as session:
+        link = session.get(Link, link_id)
+        if not link.progress_at:
+            return 0
+        rows = session.scalars(select(KeyFile).where(
+            KeyFile.link_id == link_id, KeyFile.complete, KeyFile.decided < KeyFile.next_position,
+            KeyFile.changed_at < link.progress_at - grace_seconds)).all()
+        total = 0
+        for row in rows:
+            erased = session.execute(delete(PoolKey).where(
+                PoolKey.file_id == row.id, PoolKey.position >= row.decided, PoolKey.state == UNCONFIRMED)
+                .returning(PoolKey.material)).scalars().all()
+            row.offer_limit = row.decided if row.offer_limit is None else min(row.offer_limit, row.decided)
+            row.decided = row.next_position
+            row.seq = next_seq(session, link_id)
+            update_link(session, link_id, removed=erased, unconfirmed=-len(erased), set_aside=len(erased))
+            total += len(erased)
+            events.record(session, f"Key file {row.name} on link {link_id}: {len(erased)} keys that KME {link_id} "
+                                   f"does not hold after {grace_seconds:g} s set aside "
+                                   f"(positions from {row.offer_limit})")
+        return total
+
+
+def _peer_database(session, link_id: int, database_id: str) -> Link:
+    """The link row, forgetting what a previous database of the peer said."""
+    link = session.get(Link, link_id)
+    if link.peer_database != database_id:
+        if link.peer_database is not None:
+            session.execute(update(KeyFile).where(KeyFile.link_id == link_id).values(peer_position=0))
+            events.record(session, f"KME {link_id} has a new database: its ingestion progress is learnt again")
+        link.peer_database, link.progress_sent, link.progress_seen = database_id, 0, 0
+    return link
+
+
+def _apply(session, this_kme_id: int, link_id: int, link: Link, files: list[FileOffer], free: int,
+           contiguous: bool) -> None:
+    if files:
+        rows = {row.name: row for row in session.scalars(select(KeyFile).where(
+            KeyFile.link_id == link_id, KeyFile.name.in_([item.name for item in files])))}
+        for item in files:
+            row = rows.get(item.name)
+            if row is None:
+                # Named by the peer before we saw it: our ingestion will find the row.
+                row = KeyFile(link_id=link_id, name=item.name, next_position=0, complete=False, length=0,
+                              duplicates=0, decided=0, seq=0, changed_at=0.0)
+                session.add(row)
+                session.flush()
+            row.peer_position = item.offered
+            confirm(session, this_kme_id, link_id, row)
+        if contiguous:
+            link.progress_seen = max(link.progress_seen, max(item.seq for item in files))
+    link.peer_free = free
+    link.progress_at = time.time()

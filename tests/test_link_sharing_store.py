@@ -1,0 +1,142 @@
+"""The key store's side of link sharing, in process on a temporary database: confirmation, set-aside, leases."""
+import uuid
+
+import pytest
+
+from kme import create_app
+from kme.config import load_config
+from kme.domain.errors import ActivationConflict
+from kme.operations.ingest import ingest_directories
+from kme.storage.db import ensure_schema
+from kme.storage.keystore import incoming, leases, progress
+from kme.storage.keystore.incoming import ActivationRequest
+from tests.support import Ledger, free_port, write_config, write_keys
+
+
+def kme(tmp_path, pki, kme_id: int, peer_id: int, keys: int = 10):
+    """An app of KME ``kme_id`` linked to ``peer_id``, with one ingested file of the link."""
+    peer = {
+        "id": peer_id, "key_directory_to_watch": "keys-peer", "inter_kme_bind_address": f"127.0.0.1:{free_port()}",
+        "https_client_authentication_certificate": str(pki.folder / "kme1" / "kme1-to-kme2.pfx"),
+        "https_client_authentication_certificate_password": "password", "server_ca_cert_path": pki.server_ca,
+    }
+    saes = (1, 2) if kme_id == 1 else (3, 4)
+    config_path = write_config(tmp_path, pki, kme_id=kme_id, local_saes=saes, other_kmes=[peer],
+                               remote_saes=[(5, peer_id)])
+    (tmp_path / "keys-peer").mkdir()
+    write_keys(tmp_path / "keys-peer" / "link.cor", keys)
+    app = create_app(load_config(config_path))
+    with app.app_context():
+        ensure_schema()
+        ingest_directories(app.extensions["kme"])
+    return app, Ledger(tmp_path / "kme.db")
+
+
+def peer_says(this_kme_id: int, link_id: int, offered: int, database: str = "ab" * 16, seq: int = 1) -> None:
+    progress.answered(this_kme_id, link_id, progress.Exchange(database, [progress.FileOffer("link.cor", offered, seq)],
+                                                              0, 0))
+
+
+@pytest.fixture
+def arbiter(tmp_path, pki):
+    return kme(tmp_path, pki, 1, 2)
+
+
+def test_only_keys_both_ends_hold_are_confirmed_and_the_arbiter_owns_them(arbiter):
+    app, ledger = arbiter
+    assert ledger.assert_exact(2)["unconfirmed"] == 10
+    with app.app_context():
+        peer_says(1, 2, 6)
+    counts = ledger.assert_exact(2)
+    assert (counts["available"], counts["peer_held"], counts["unconfirmed"]) == (6, 0, 4)
+
+
+def test_the_other_end_holds_confirmed_keys_for_the_arbiters_direction(tmp_path, pki):
+    app, ledger = kme(tmp_path, pki, 3, 1)
+    with app.app_context():
+        peer_says(3, 1, 10)
+    counts = ledger.assert_exact(1)
+    assert (counts["available"], counts["peer_held"], counts["unconfirmed"]) == (0, 10, 0)
+
+
+def test_keys_only_this_end_holds_are_set_aside_after_the_grace_period_and_no_longer_offered(arbiter):
+    app, ledger = arbiter
+    with app.app_context():
+        peer_says(1, 2, 6)
+        assert progress.set_aside_unmatched(1, 2, 3600) == 0
+        assert progress.set_aside_unmatched(1, 2, 0) == 4
+        assert progress.set_aside_unmatched(1, 2, 0) == 0
+        push, _ = progress.outgoing(2, "cd" * 16)
+        # The peer learns our capped offer, and a later, longer offer of its own confirms nothing more.
+        assert [(item.name, item.offered) for item in push.files] == [("link.cor", 6)]
+        peer_says(1, 2, 10, seq=2)
+    counts = ledger.assert_exact(2)
+    assert (counts["available"], counts["unconfirmed"], counts["set_aside"]) == (6, 0, 4)
+
+
+def test_a_new_database_at_the_peer_is_learnt_afresh(arbiter):
+    app, ledger = arbiter
+    with app.app_context():
+        peer_says(1, 2, 4)
+        peer_says(1, 2, 8, database="ef" * 16)
+        push, known = progress.outgoing(2, "cd" * 16)
+    assert known == "ef" * 16 and push.seen == 1
+    assert ledger.assert_exact(2)["available"] == 8
+    messages = [message for (message,) in ledger._query("SELECT message FROM events")]
+    assert "KME 2 has a new database: its ingestion progress is learnt again" in messages
+
+
+def test_a_lease_is_all_or_nothing_at_most_half_beyond_the_minimum_and_idempotent(arbiter):
+    app, ledger = arbiter
+    with app.app_context():
+        peer_says(1, 2, 10)
+        assert leases.give(2, leases.LeaseRequest(str(uuid.uuid4()), 11, 11)) == ([], 10)
+        request = leases.LeaseRequest(str(uuid.uuid4()), 1, 100)
+        runs, free = leases.give(2, request)
+        assert (sum(run["count"] for run in runs), free) == (5, 5)
+        assert leases.give(2, request) == (runs, 5)
+        runs, free = leases.give(2, leases.LeaseRequest(str(uuid.uuid4()), 4, 4))
+        assert (sum(run["count"] for run in runs), free) == (4, 1)
+        with pytest.raises(ActivationConflict):
+            leases.give(3, request)
+    counts = ledger.assert_exact(2)
+    assert (counts["available"], counts["peer_held"]) == (1, 9)
+
+
+def test_a_lease_received_twice_moves_its_keys_once(tmp_path, pki):
+    app, ledger = kme(tmp_path, pki, 3, 1)
+    with app.app_context():
+        peer_says(3, 1, 10)
+        asked = leases.ask(1, str(uuid.uuid4()), 2)
+        runs = [{"file": "link.cor", "first": 2, "count": 3}, {"file": "unknown.cor", "first": 0, "count": 1}]
+        assert leases.receive(1, asked.lease_id, runs, 7) == 3
+        assert leases.receive(1, asked.lease_id, runs, 7) == 0
+    counts = ledger.assert_exact(1)
+    assert (counts["available"], counts["peer_held"]) == (3, 7)
+
+
+def activation_of(positions: list[int]) -> ActivationRequest:
+    return ActivationRequest(str(uuid.uuid4()), 5, [1], 256,
+                             [(str(uuid.uuid4()), [("link.cor", position)]) for position in positions])
+
+
+def test_the_arbiter_never_lets_its_peer_activate_its_own_or_unconfirmed_keys(arbiter):
+    app, ledger = arbiter
+    with app.app_context():
+        peer_says(1, 2, 6)
+        with pytest.raises(ActivationConflict):
+            incoming.activate(1, 2, activation_of([0]))
+        with pytest.raises(ActivationConflict):
+            incoming.activate(1, 2, activation_of([8]))
+        runs, _ = leases.give(2, leases.LeaseRequest(str(uuid.uuid4()), 1, 1))
+        assert incoming.activate(1, 2, activation_of([runs[0]["first"]])) == 1
+    assert ledger.assert_exact(2)["delivered"] == 1
+
+
+def test_the_other_end_activates_keys_the_arbiter_confirmed_first(tmp_path, pki):
+    app, ledger = kme(tmp_path, pki, 3, 1)
+    with app.app_context():
+        # Nothing heard from KME 1 yet: its activation proves that it holds the keys, and they are its own.
+        assert incoming.activate(3, 1, activation_of([0, 1])) == 2
+    counts = ledger.assert_exact(1)
+    assert (counts["unconfirmed"], counts["delivered"]) == (8, 2)
