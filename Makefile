@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test openapi clean
+.PHONY: run test bench openapi clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ run: $(VENV)/.run-deps
 test: $(VENV)/.test-deps
 	tests/install-tools.sh
 	$(BIN)/python -m pytest -c tests/pytest.ini $(PYTEST_ARGS)
+
+# Speed against the web stack's own ceiling, the abuse scenario, and ingestion against plain sqlite3
+# (docs/performance.md); not part of `make test`.
+bench: $(VENV)/.test-deps
+	$(BIN)/python bench/web_stack.py
+	$(BIN)/python bench/ingest.py
 
 # docs/openapi.json from the marshmallow schemas (a test checks that it is current).
 openapi: $(VENV)/.run-deps

@@ -52,8 +52,8 @@ def plain(folder: Path, pki: Pki, data: bytes) -> float:
     connection = sqlite3.connect(folder / "kme.db", isolation_level=None)
     for pragma in _PRAGMAS:
         connection.execute(pragma)
-    connection.execute("INSERT INTO key_files (id, link_id, name, next_position, complete, length, duplicates) "
-                       "VALUES (1, 1, 'bench.cor', 0, 0, 0, 0)")
+    connection.execute("INSERT INTO key_files (id, link_id, name, next_position, complete, length, duplicates, "
+                       "peer_position, decided, seq, changed_at) VALUES (1, 1, 'bench.cor', 0, 0, 0, 0, 0, 0, 0, 0)")
     keys = len(data) // 32
     started = time.perf_counter()
     for first in range(0, keys, BATCH_KEYS):

@@ -5,18 +5,19 @@ from kme.domain import entropy
 
 
 def test_uniform_bytes_have_eight_bits():
-    assert entropy.shannon(entropy.byte_counts([bytes(range(256))])) == pytest.approx(8.0)
+    assert entropy.shannon(entropy.merge([entropy.apply(entropy.EMPTY, [bytes(range(256))])])) == pytest.approx(8.0)
 
 
 def test_constant_bytes_have_zero_and_nothing_is_zero():
-    assert entropy.shannon(entropy.byte_counts([b"\x00" * 64])) == 0.0
+    assert entropy.shannon(entropy.merge([entropy.apply(entropy.EMPTY, [b"\x00" * 64])])) == 0.0
     assert entropy.shannon([0] * 256) == 0.0
 
 
-def test_adjust_adds_and_removes_and_refuses_negative():
-    counts = entropy.byte_counts([b"ab", b"b"])
-    histogram = entropy.adjust(entropy.EMPTY, counts, 1)
+def test_apply_adds_and_removes_and_refuses_negative():
+    histogram = entropy.apply(entropy.EMPTY, added=[b"ab", b"b"])
     assert entropy.merge([histogram, histogram])[ord("b")] == 4
-    assert entropy.adjust(histogram, counts, -1) == entropy.EMPTY
+    assert entropy.apply(histogram, added=[b"a"], removed=[b"ab", b"ba"]) == entropy.apply(entropy.EMPTY, [b"a"], [b"a"])
+    assert entropy.apply(histogram, removed=[b"ab", b"b"]) == entropy.EMPTY
     with pytest.raises(ValueError):
-        entropy.adjust(entropy.EMPTY, counts, -1)
+        entropy.apply(entropy.EMPTY, removed=[b"a"])
+    assert not entropy.changed([b"ab", b"c"], [b"abc"]) and entropy.changed([b"ab"], [b"abc"])

@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from kme.domain.errors import KEYS_NOT_FOUND
+from kme.interfaces.gunicorn_worker import request_complete
 from tests.support import (
     Ledger,
     run_cli,
@@ -160,3 +161,54 @@ def test_malformed_http_gets_an_etsi_json_body(pki, kme, case, request_bytes, st
     assert headers["Content-Type"] == "application/json"
     assert set(json.loads(body)) == {"message"}
     assert Ledger(kme.parent / "kme.db").assert_exact(1) == before
+
+
+def half_client_hello() -> bytes:
+    """The first half of a real TLS ClientHello."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    return hello[:len(hello) // 2]
+
+
+def test_stalled_connections_do_not_hold_the_threads_an_sae_needs(tmp_path, pki):
+    config = write_config(tmp_path, pki)
+    write_keys(tmp_path / "keys" / "k1.cor", 10)
+    server = start_sae_interface(config, tmp_path / "gunicorn.log", workers=1, threads=2)
+    port = sae_port(config)
+    stalled = []
+    try:
+        # Ten times the threads: silent connections, half handshakes, and slow requests with a valid certificate.
+        for _ in range(20):
+            stalled.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        for _ in range(20):
+            raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+            raw.sendall(half_client_hello())
+            stalled.append(raw)
+        for _ in range(5):
+            slow = tls_client_context(pki, pki.client(1, 1)).wrap_socket(
+                socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="127.0.0.1")
+            slow.sendall(b"GET /api/v1/keys/2/status HTTP/1.1\r\nHost: kme\r\nContent-Length: 10\r\n\r\n{")
+            stalled.append(slow)
+        # Well within the 10 s a stalled connection is given: the SAE is served at once, twice.
+        with sae_session(pki, 1, 1) as session:
+            for _ in range(2):
+                assert session.get(f"https://127.0.0.1:{port}/api/v1/keys/2/status", timeout=5).status_code == 200
+    finally:
+        for raw in stalled:
+            raw.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("data, complete", [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n", False),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", True),
+    (b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\n{}", False),
+    (b"POST / HTTP/1.1\r\ncontent-length:  4\r\n\r\n{\"a", False),
+    (b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\n{\"\"}", True),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", True),
+])
+def test_a_request_is_handed_to_a_thread_only_when_whole(data, complete):
+    assert request_complete(data) is complete

@@ -140,3 +140,4 @@ def test_the_other_end_activates_keys_the_arbiter_confirmed_first(tmp_path, pki)
         assert incoming.activate(3, 1, activation_of([0, 1])) == 2
     counts = ledger.assert_exact(1)
     assert (counts["unconfirmed"], counts["delivered"]) == (8, 2)
+

@@ -2,6 +2,7 @@
 import base64
 import json
 import sqlite3
+import time
 import uuid
 
 import pytest
@@ -9,6 +10,8 @@ import pytest
 from kme import create_app
 from kme.config import load_config
 from kme.domain.errors import EXTENSION_MANDATORY_UNSUPPORTED, KEYS_NOT_FOUND, SIZE_NOT_MULTIPLE_OF_8
+from kme.interfaces.schemas import KeyContainerSchema, key_container
+from kme.storage.keystore.common import DeliveredKeyMaterial
 from tests.conftest import client_with, sae_environ
 from tests.support import Ledger
 
@@ -63,10 +66,13 @@ def test_size_under_256_truncates_one_pool_key(sae1):
     assert sae1.get("/api/v1/keys/2/status").get_json()["stored_key_count"] == 63
 
 
-def test_key_ids_are_random_uuid4(sae1):
+def test_key_ids_are_uuid7_time_and_randomness_only(sae1):
+    before = time.time_ns() // 1_000_000
     keys = sae1.get("/api/v1/keys/2/enc_keys?number=5").get_json()["keys"]
-    assert all(uuid.UUID(key["key_ID"]).version == 4 for key in keys)
-    assert len({key["key_ID"] for key in keys}) == 5
+    ids = [uuid.UUID(key["key_ID"]) for key in keys]
+    assert all(key_id.version == 7 and key_id.variant == uuid.RFC_4122 for key_id in ids)
+    assert all(before <= key_id.int >> 80 <= time.time_ns() // 1_000_000 for key_id in ids)
+    assert len({key_id.int & ((1 << 74) - 1) for key_id in ids}) == 5
 
 
 def test_keys_are_consecutive_pool_keys_in_file_order(sae1, config_path):
@@ -315,3 +321,8 @@ def test_a_database_of_an_older_kme_is_named_not_used(app, config_path, pki):
     assert response.json["message"] == (
         "key data access error: the database was created by an older version of the KME (table links has no "
         "column set_aside); see docs/deployment.md, Upgrading")
+
+
+def test_the_key_container_built_directly_is_what_the_schema_dumps():
+    keys = [DeliveredKeyMaterial(str(uuid.uuid4()), bytes(range(32))), DeliveredKeyMaterial(str(uuid.uuid4()), b"\xff")]
+    assert key_container(keys) == KeyContainerSchema().dump({"keys": keys})

@@ -161,3 +161,4 @@ def housekeeping(config: KmeConfig) -> None:
         pass
     incoming.forget_before(events.utc_now(max(expiry, 86400) * 2))
     leases.forget_given_before(events.utc_now(86400 * 2))
+    events.prune()

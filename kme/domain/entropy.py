@@ -14,19 +14,25 @@ _FORMAT = "<256Q"
 EMPTY = bytes(struct.calcsize(_FORMAT))
 
 
-def byte_counts(blobs) -> list[int]:
-    """How often each byte value 0..255 occurs in the given byte strings."""
-    data = numpy.frombuffer(b"".join(blobs), dtype=numpy.uint8)
-    return numpy.bincount(data, minlength=256).tolist()
+def _counts(data: bytes):
+    return numpy.bincount(numpy.frombuffer(data, dtype=numpy.uint8), minlength=256).astype(numpy.int64)
 
 
-def adjust(histogram: bytes, counts: list[int], sign: int) -> bytes:
-    """The histogram with ``counts`` added (sign 1) or taken away (sign -1)."""
-    current = struct.unpack(_FORMAT, histogram)
-    updated = [have + sign * change for have, change in zip(current, counts)]
-    if min(updated) < 0:
+def changed(added, removed) -> bool:
+    """Whether material added and material removed differ (a key handed out whole changes nothing)."""
+    return b"".join(added) != b"".join(removed)
+
+
+def apply(histogram: bytes, added=(), removed=()) -> bytes:
+    """The histogram with the bytes of ``added`` counted in and those of ``removed`` counted out."""
+    current = numpy.frombuffer(histogram, dtype="<u8").astype(numpy.int64)
+    if added:
+        current = current + _counts(b"".join(added))
+    if removed:
+        current = current - _counts(b"".join(removed))
+    if (current < 0).any():
         raise ValueError("byte histogram would go negative: accounting is broken")
-    return struct.pack(_FORMAT, *updated)
+    return current.astype("<u8").tobytes()
 
 
 def merge(histograms) -> list[int]:

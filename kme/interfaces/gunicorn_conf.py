@@ -99,8 +99,24 @@ def settings(interface_name: str) -> dict:
         "keyfile": str(interface.server_key_path),
         "ca_certs": str(interface.ca_client_cert_path),
         "cert_reqs": ssl.CERT_REQUIRED,
-        "ssl_context": lambda _conf, _default: server_context(interface),
+        "ssl_context": _cached_context(interface),
     }
+
+
+def _cached_context(interface: HttpsInterface):
+    """gunicorn's ssl_context hook, building the context once per worker instead of at every connection.
+
+    Built lazily, after the fork: each worker loads the certificate, key and
+    CA files once (a restart picks up renewed files).
+    """
+    built: list[ssl.SSLContext] = []
+
+    def context(_conf, _default) -> ssl.SSLContext:
+        if not built:
+            built.append(server_context(interface))
+        return built[0]
+
+    return context
 
 
 def debug_settings() -> dict:

@@ -1,15 +1,38 @@
-"""The gunicorn worker of the KME: gthread, with the peer certificate placed in the environ.
+"""The gunicorn worker of the KME: gthread, with a connection stage and the peer certificate in the environ.
+
+Connection stage: gthread hands a new connection to a worker thread at
+once, and the thread then waits for the TLS handshake and the request; a
+client that connects and stays silent, stops mid-handshake or sends its
+request a byte at a time holds the thread (the pool has a few). Here the
+worker's own event loop does the TLS handshake and reads the request head
+and a body of announced length without blocking; a thread gets the
+connection only once the whole request is there. Every connection has
+STAGE_SECONDS for that (a kept-alive connection too, for each request);
+then it is closed.
 
 Requests that gunicorn itself refuses before the app sees them (a bad
 request line, a lowercase method, a URI or headers too long, a broken chunked
 body) are answered with an ETSI Error body in JSON too, never an HTML page.
 """
+import errno
 import json
+import re
+import selectors
+import ssl
+import time
+from collections import deque
+from functools import partial
 
-from gunicorn import util
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn import http, sock, util
+from gunicorn.workers.gthread import ThreadWorker, TConn
 
 from kme.interfaces.identity import PeerCertificateMiddleware
+
+# How long a client has to complete the TLS handshake and send a whole request.
+STAGE_SECONDS = 10.0
+# A request whose head and body exceed this is handed over as it is (gunicorn refuses it).
+STAGE_LIMIT = 1 << 20
+_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*\r\n", re.IGNORECASE)
 
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
@@ -25,9 +48,113 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
 util.write_error = write_json_error
 
 
+def request_complete(data: bytes) -> bool:
+    """Whether ``data`` holds a whole request head, and the whole body its Content-Length announces."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return len(data) >= STAGE_LIMIT
+    length = _LENGTH.search(data, 0, end + 2)
+    return length is None or len(data) >= min(end + 4 + int(length.group(1)), STAGE_LIMIT)
+
+
+class _Staged:
+    """A connection in the connection stage."""
+
+    __slots__ = ("tls", "client", "server", "deadline", "conn", "buffer", "handshaken", "done")
+
+    def __init__(self, tls, client, server, conn: TConn | None):
+        self.tls, self.client, self.server, self.conn = tls, client, server, conn
+        self.deadline = time.monotonic() + STAGE_SECONDS
+        self.buffer = b""
+        # A kept-alive connection did its handshake with its first request.
+        self.handshaken = conn is not None
+        self.done = False
+
+
 class PeerCertificateWorker(ThreadWorker):
-    """A threaded worker whose every request carries SSL_CLIENT_* keys (kme.interfaces.identity)."""
+    """A threaded worker with a connection stage, whose every request carries SSL_CLIENT_* keys."""
+
+    def init_process(self):
+        self.staged: deque[_Staged] = deque()
+        super().init_process()
 
     def load_wsgi(self):
         super().load_wsgi()
         self.wsgi = PeerCertificateMiddleware(self.wsgi)
+
+    def accept(self, listener):
+        """Take a new connection into the stage: non-blocking TLS handshake, then the request."""
+        try:
+            client, address = listener.accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        try:
+            tls = sock.ssl_context(self.cfg).wrap_socket(client, server_side=True, do_handshake_on_connect=False,
+                                                         suppress_ragged_eofs=True)
+            tls.setblocking(False)
+        except OSError:
+            client.close()
+            return
+        self.nr_conns += 1
+        self._stage(_Staged(tls, address, listener.getsockname(), None))
+
+    def on_client_socket_readable(self, conn, client):
+        """A kept-alive connection's next request goes through the stage too."""
+        self.poller.unregister(client)
+        self.keepalived_conns.remove(conn)
+        self._stage(_Staged(conn.sock, conn.client, conn.server, conn))
+
+    def _stage(self, staged: _Staged) -> None:
+        self.staged.append(staged)
+        self.poller.register(staged.tls, selectors.EVENT_READ, partial(self._advance, staged))
+        # Bytes already decrypted are not seen by the poller.
+        if staged.conn is not None and staged.tls.pending():
+            self._advance(staged, staged.tls)
+
+    def _advance(self, staged: _Staged, _fileobj) -> None:
+        try:
+            if not staged.handshaken:
+                staged.tls.do_handshake()
+                staged.handshaken = True
+            while not request_complete(staged.buffer):
+                chunk = staged.tls.recv(65536)
+                if not chunk:
+                    self._drop(staged)
+                    return
+                staged.buffer += chunk
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except (ssl.SSLError, OSError):
+            self._drop(staged)
+            return
+        self._dispatch(staged)
+
+    def _dispatch(self, staged: _Staged) -> None:
+        self.poller.unregister(staged.tls)
+        staged.done = True
+        conn = staged.conn or TConn(self.cfg, staged.tls, staged.client, staged.server)
+        conn.initialized = True
+        conn.data_ready = True
+        conn.parser = http.get_parser(self.cfg, staged.tls, staged.client)
+        conn.parser.unreader.unread(staged.buffer)
+        self.enqueue_req(conn)
+
+    def _drop(self, staged: _Staged) -> None:
+        try:
+            self.poller.unregister(staged.tls)
+        except (KeyError, ValueError, OSError):
+            pass
+        staged.done = True
+        self.nr_conns -= 1
+        util.close(staged.tls)
+
+    def murder_pending(self):
+        """Close the connections whose stage took longer than STAGE_SECONDS."""
+        super().murder_pending()
+        now = time.monotonic()
+        while self.staged and (self.staged[0].done or self.staged[0].deadline <= now):
+            staged = self.staged.popleft()
+            if not staged.done:
+                self._drop(staged)

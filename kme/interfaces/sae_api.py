@@ -11,12 +11,12 @@ from kme.domain.errors import BadRequest, NotAuthorized
 from kme.interfaces.identity import client_serial
 from kme.interfaces.schemas import (
     EntropySchema,
-    KeyContainerSchema,
     KeyIdsSchema,
     KeyRequestSchema,
     SaeInfoSchema,
     StatusSchema,
     json_body,
+    key_container,
     load,
     parse_key_id,
 )
@@ -25,6 +25,9 @@ from kme.operations import metrics
 bp = Blueprint("sae_api", __name__, url_prefix="/api/v1")
 
 _KEY_QUERY = ("number", "size")
+# One instance of each schema per process: building one per request costs more than using it.
+_KEY_REQUEST, _KEY_IDS = KeyRequestSchema(), KeyIdsSchema()
+_STATUS, _SAE_INFO, _ENTROPY = StatusSchema(), SaeInfoSchema(), EntropySchema()
 
 
 def _config():
@@ -63,7 +66,7 @@ def _single_query_values(allowed: tuple[str, ...]) -> dict[str, str]:
 
 def _key_request() -> dict:
     if request.method == "POST":
-        return load(KeyRequestSchema(), json_body(request, empty_default={}))
+        return load(_KEY_REQUEST, json_body(request, empty_default={}))
     values = _single_query_values(_KEY_QUERY)
     query = {}
     for name, text in values.items():
@@ -75,7 +78,7 @@ def _key_request() -> dict:
 
 def _key_ids() -> list[str]:
     if request.method == "POST":
-        return [item["key_ID"] for item in load(KeyIdsSchema(), json_body(request))["key_IDs"]]
+        return [item["key_ID"] for item in load(_KEY_IDS, json_body(request))["key_IDs"]]
     key_id = _single_query_values(("key_ID",)).get("key_ID")
     if key_id is None:
         raise BadRequest("key_ID: missing")
@@ -89,7 +92,7 @@ def _key_ids() -> list[str]:
 def get_status(slave_sae_id: str):
     """Get status (5.2)."""
     master = calling_sae()
-    return StatusSchema().dump(delivery.get_status(_config(), master, slave_sae_id))
+    return _STATUS.dump(delivery.get_status(_config(), master, slave_sae_id))
 
 
 @bp.route("/keys/<slave_sae_id>/enc_keys", methods=["GET", "POST"])
@@ -98,7 +101,7 @@ def get_key(slave_sae_id: str):
     master = calling_sae()
     keys = delivery.get_key(_config(), master, slave_sae_id, _key_request())
     _count_delivered(keys, _config().saes_by_id[int(slave_sae_id)].kme_id, master.id, "master")
-    return KeyContainerSchema().dump({"keys": keys})
+    return key_container(keys)
 
 
 @bp.route("/keys/<master_sae_id>/dec_keys", methods=["GET", "POST"])
@@ -107,17 +110,17 @@ def get_key_with_key_ids(master_sae_id: str):
     slave = calling_sae()
     keys = delivery.get_key_with_key_ids(_config(), slave, master_sae_id, _key_ids())
     _count_delivered(keys, _config().saes_by_id[int(master_sae_id)].kme_id, slave.id, "slave")
-    return KeyContainerSchema().dump({"keys": keys})
+    return key_container(keys)
 
 
 @bp.get("/sae/info/me")
 def sae_info_me():
     """The calling SAE's ID, as this KME knows it."""
-    return SaeInfoSchema().dump({"SAE_ID": calling_sae().id})
+    return _SAE_INFO.dump({"SAE_ID": calling_sae().id})
 
 
 @bp.get("/keys/entropy/total")
 def total_entropy():
     """Shannon entropy (bits per byte) of all key material this KME holds."""
     calling_sae()
-    return EntropySchema().dump({"total_entropy": delivery.total_entropy()})
+    return _ENTROPY.dump({"total_entropy": delivery.total_entropy()})

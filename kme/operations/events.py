@@ -2,14 +2,16 @@
 import logging
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 
 from kme.operations.logs import printable
+from kme.storage import sqlite
+from kme.storage.db import write_transaction
 from kme.storage.models import Event
 
 log = logging.getLogger("kme.events")
 
-# Older events are pruned on write; the debugging page shows the newest.
+# Older events are pruned by the background worker; the debugging page shows the newest.
 KEPT_EVENTS = 10_000
 
 
@@ -22,18 +24,30 @@ def utc_now(seconds_ago: float = 0) -> str:
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def record(session, message: str) -> None:
-    """Add an event in the caller's transaction (so it commits or rolls back with the change), and log it.
+def record(session, *messages: str) -> None:
+    """Add events in the caller's transaction (so they commit or roll back with the change), and log them.
 
-    Control characters and undecodable bytes (from file names, say) are escaped.
+    One statement for all of them, past the ORM's unit of work (this is on
+    the path of every key handed out). Control characters and undecodable
+    bytes (from file names, say) are escaped.
     """
-    message = printable(message)
-    log.info("%s", message)
-    event = Event(created_at=utc_now(), message=message)
-    session.add(event)
-    session.flush()
-    if event.id > KEPT_EVENTS and event.id % 100 == 0:
-        session.execute(delete(Event).where(Event.id <= event.id - KEPT_EVENTS))
+    if not messages:
+        return
+    now = utc_now()
+    rows = []
+    for message in messages:
+        message = printable(message)
+        log.info("%s", message)
+        rows.append((now, message))
+    sqlite.insert_events(session.connection(), rows)
+
+
+def prune() -> None:
+    """Keep the newest KEPT_EVENTS events (the background worker's periodic work)."""
+    with write_transaction() as session:
+        newest = session.scalar(select(func.max(Event.id)))
+        if newest is not None and newest > KEPT_EVENTS:
+            session.execute(delete(Event).where(Event.id <= newest - KEPT_EVENTS))
 
 
 def recent(session, limit: int = 100) -> list[Event]:

@@ -47,13 +47,14 @@ def write_transaction():
     if session.in_transaction():
         raise RuntimeError("write_transaction() started inside an open transaction")
     check_database_file()
-    session.connection(execution_options={sqlite.WRITE_OPTION: True})
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
+    with sqlite.writer_turn(db.engine):
+        session.connection(execution_options={sqlite.WRITE_OPTION: True})
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
 
 
 def ensure_schema() -> bool:

@@ -4,10 +4,12 @@ Pragmas on every connection, BEGIN IMMEDIATE for write transactions (so two
 processes never both read and then both write), the single-statement claim,
 and WAL checkpoints.
 """
+import fcntl
 import os
 import sqlite3
+import threading
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 
 from sqlalchemy import event, text
 
@@ -72,10 +74,79 @@ def install(engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+class _WriterQueue:
+    """Writers of one database file, one at a time, handed over at once.
+
+    SQLite's own busy handler makes a waiting writer sleep in growing steps
+    (up to 100 ms), which makes the tails of every write. Writers here wait
+    on a thread lock, then on an flock of a file beside the database; both
+    wake the next writer as soon as the lock is released (a process that
+    dies releases its flock with it). SQLite's locking stays underneath: a
+    writer that does not queue here (the health probe, another tool) is
+    still excluded by it.
+    """
+
+    def __init__(self, path: str | None):
+        self._threads = threading.Lock()
+        self._path = None if path is None else f"{path}-writers"
+        self._fd: int | None = None
+        self._pid = 0
+
+    @contextmanager
+    def turn(self):
+        with self._threads:
+            fd = self._file()
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _file(self) -> int | None:
+        if self._path is None:
+            return None
+        if self._pid != os.getpid():
+            try:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                # A read-only folder: SQLite's busy handler alone orders the writers.
+                self._fd = None
+            self._pid = os.getpid()
+        return self._fd
+
+
+_queues: dict[int, _WriterQueue] = {}
+_queues_lock = threading.Lock()
+
+
+def writer_turn(engine):
+    """A context manager that waits for this writer's turn on the engine's database (see _WriterQueue)."""
+    with _queues_lock:
+        queue = _queues.get(id(engine))
+        if queue is None:
+            queue = _queues[id(engine)] = _WriterQueue(_path(engine))
+    return queue.turn()
+
+
 def insert_pool_keys(connection, rows: list[tuple]) -> None:
     """Add (link_id, file_id, position, state, material) rows in one executemany, past the ORM (ingestion speed)."""
     connection.exec_driver_sql(
         "INSERT INTO pool_keys (link_id, file_id, position, state, material) VALUES (?, ?, ?, ?, ?)", rows)
+
+
+def insert_delivered(connection, keys: list[tuple], slaves: list[tuple]) -> None:
+    """Add delivered keys (key_id, link_id, master_sae_id, material, created_at) and their slaves
+    (key_id, slave_sae_id), past SQLAlchemy's parameter processing: a request may hand out 128 keys."""
+    connection.exec_driver_sql("INSERT INTO delivered_keys (key_id, link_id, master_sae_id, material, created_at) "
+                               "VALUES (?, ?, ?, ?, ?)", keys)
+    connection.exec_driver_sql("INSERT INTO key_slaves (key_id, slave_sae_id, fetched) VALUES (?, ?, 0)", slaves)
+
+
+def insert_events(connection, rows: list[tuple]) -> None:
+    """Add (created_at, message) event rows in one executemany."""
+    connection.exec_driver_sql("INSERT INTO events (created_at, message) VALUES (?, ?)", rows)
 
 
 def add_fingerprints(connection, fingerprints: list[int]) -> set[int]:

@@ -72,8 +72,8 @@ def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:
         session.add(IncomingActivation(activation_id=request.activation_id, link_id=link_id, state=ACTIVATED,
                                        key_ids=json.dumps([key.key_id for key in keys]), created_at=now))
         slaves = " and ".join(map(str, request.slave_ids))
-        for key in keys:
-            events.record(session, f"Key {key.key_id} activated between SAEs {request.master_sae_id} and {slaves}")
+        events.record(session, *(f"Key {key.key_id} activated between SAEs {request.master_sae_id} and {slaves}"
+                                 for key in keys))
         return len(keys)
 
 

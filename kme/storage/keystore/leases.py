@@ -81,7 +81,7 @@ def give(link_id: int, request: LeaseRequest) -> tuple[list[dict], int]:
         if rows:
             events.record(session, f"Lent {len(rows)} keys to KME {link_id}'s direction of the link "
                                    f"(lease {request.lease_id})")
-        return runs, link.available
+        return runs, free - len(rows)
 
 
 def receive(link_id: int, lease_id: str, runs: list[dict], peer_free: int) -> int:

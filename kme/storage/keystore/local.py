@@ -43,9 +43,8 @@ def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number
         update_link(session, link_id, removed=[row.material for row in taken],
                     added=[key.material for key in keys], available=-needed, delivered=needed)
         slaves = " and ".join(map(str, slave_ids))
-        events.record(session, f"SAE {master_sae_id} requested a key to communicate with {slaves}")
-        for key in keys:
-            events.record(session, f"Key {key.key_id} activated between SAEs {master_sae_id} and {slaves}")
+        events.record(session, f"SAE {master_sae_id} requested a key to communicate with {slaves}",
+                      *(f"Key {key.key_id} activated between SAEs {master_sae_id} and {slaves}" for key in keys))
         return keys
 
 
@@ -57,22 +56,25 @@ def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -
     from another master. Nothing changes unless every key is handed out.
     """
     with write_transaction() as session:
-        keys = {row.key_id: row for row in
-                session.scalars(select(DeliveredKey).where(DeliveredKey.key_id.in_(key_ids)))}
-        slaves = session.execute(select(KeySlave.key_id, KeySlave.slave_sae_id, KeySlave.fetched)
-                                 .where(KeySlave.key_id.in_(list(keys)))).all()
+        connection = session.connection()
+        keys = {row.key_id: row for row in connection.execute(
+            select(DeliveredKey.key_id, DeliveredKey.master_sae_id, DeliveredKey.material)
+            .where(DeliveredKey.key_id.in_(key_ids)))}
+        slaves = connection.execute(select(KeySlave.key_id, KeySlave.slave_sae_id, KeySlave.fetched)
+                                    .where(KeySlave.key_id.in_(list(keys)))).all()
         mine = {row.key_id: row.fetched for row in slaves if row.slave_sae_id == slave_sae_id}
         if any(key_id not in mine for key_id in keys):
             raise NotAuthorized(f"SAE {slave_sae_id} is not a slave SAE of one or more requested keys")
         if (len(keys) != len(key_ids) or any(mine.values())
                 or any(row.master_sae_id != master_sae_id for row in keys.values())):
             raise KeysNotFound()
-        session.execute(update(KeySlave).where(KeySlave.key_id.in_(key_ids), KeySlave.slave_sae_id == slave_sae_id)
-                        .values(fetched=True))
+        connection.execute(update(KeySlave.__table__).where(KeySlave.key_id.in_(key_ids),
+                                                            KeySlave.slave_sae_id == slave_sae_id)
+                           .values(fetched=True))
         waiting = {row.key_id for row in slaves if row.slave_sae_id != slave_sae_id and not row.fetched}
         erase_delivered(session, [key_id for key_id in key_ids if key_id not in waiting])
-        for key_id in key_ids:
-            events.record(session, f"SAE {slave_sae_id} requested key {key_id} (from {master_sae_id})")
+        events.record(session, *(f"SAE {slave_sae_id} requested key {key_id} (from {master_sae_id})"
+                                 for key_id in key_ids))
         return [DeliveredKeyMaterial(key_id, keys[key_id].material) for key_id in key_ids]
 
 
@@ -82,6 +84,7 @@ def expire_delivered(created_before: str, limit: int = 1000) -> int:
         key_ids = session.scalars(select(DeliveredKey.key_id).where(DeliveredKey.created_at < created_before)
                                   .order_by(DeliveredKey.created_at).limit(limit)).all()
         erase_delivered(session, key_ids)
-        for key_id in key_ids:
-            events.record(session, f"Key {key_id} expired before its slave SAEs fetched it, erased")
+        if key_ids:
+            events.record(session, *(f"Key {key_id} expired before its slave SAEs fetched it, erased"
+                                     for key_id in key_ids))
         return len(key_ids)

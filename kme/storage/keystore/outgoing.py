@@ -68,10 +68,9 @@ def reserve(link_id: int, master_sae_id: int, slave_ids: list[int], local_slave_
                                        request=json.dumps({"wire": request, "local_slaves": local_slave_ids})))
         update_link(session, link_id, available=-needed, reserved=needed)
         events.record(session, f"SAE {master_sae_id} requested a key to communicate with "
-                               f"{' and '.join(map(str, slave_ids + local_slave_ids))}")
-        for slave in slave_ids:
-            events.record(session, f"As SAE {slave} belongs to KME {link_id}, "
-                                   "activating it through inter KMEs network")
+                               f"{' and '.join(map(str, slave_ids + local_slave_ids))}",
+                      *(f"As SAE {slave} belongs to KME {link_id}, activating it through inter KMEs network"
+                        for slave in slave_ids))
         return Reservation(activation_id, keys, request)
 
 
@@ -93,8 +92,8 @@ def finalize(reservation: Reservation) -> None:
                     added=[key.material for key in reservation.keys] if local else (),
                     reserved=-len(rows), delivered=len(rows))
         slaves = " and ".join(map(str, wire["slave_SAE_IDs"] + local))
-        for key in reservation.keys:
-            events.record(session, f"Key {key.key_id} activated between SAEs {wire['master_SAE_ID']} and {slaves}")
+        events.record(session, *(f"Key {key.key_id} activated between SAEs {wire['master_SAE_ID']} and {slaves}"
+                                 for key in reservation.keys))
 
 
 def release(activation_id: str) -> None:

@@ -102,7 +102,9 @@ def incoming(this_kme_id: int, link_id: int, database_id: str, push: Exchange,
         _apply(session, this_kme_id, link_id, link, push.files, push.free, contiguous=link.progress_seen >= push.after)
         rows = session.scalars(select(KeyFile).where(KeyFile.link_id == link_id, KeyFile.seq > since)
                                .order_by(KeyFile.seq).limit(PAGE)).all()
-        return Exchange(database_id, [FileOffer(row.name, offer(row), row.seq) for row in rows], link.available,
+        # Confirmation changed the counters past the ORM: read them afresh.
+        free = session.scalar(select(Link.available).where(Link.peer_kme_id == link_id))
+        return Exchange(database_id, [FileOffer(row.name, offer(row), row.seq) for row in rows], free,
                         link.progress_seen)
 
 

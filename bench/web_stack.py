@@ -1,0 +1,289 @@
+"""The SAE path against the ceiling of its own web stack, and the abuse scenario (`make bench`).
+
+Usage: .venv/bin/python bench/web_stack.py [seconds per measurement, default 3] [repetitions, default 5]
+       [seconds of abuse, default 60]
+
+Starts on 127.0.0.1 a KME pair (KME 1's SAE interface with the product's
+defaults: 2 workers x 8 threads) and the ceilings: bench/ceiling_app.py
+served by deploy/sae.py, the same gunicorn configuration, worker class, TLS
+settings and client certificates. For each call, 8 client processes with
+keep-alive sessions (or a new TLS connection per request where said) load
+ours, then its ceiling, interleaved, for each repetition. Prints one table:
+medians over the repetitions of requests/s, p50 and p99 (ms), the ceiling's
+figures and the ratio. Then the abuse scenario: 200 silent TCP connections,
+200 half ClientHellos and 50 slowloris clients with valid certificates held
+for 60 s while one SAE calls Get status ten times a second.
+"""
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import ssl
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kme.operations.certs import generate_pki  # noqa: E402
+from tests.conftest import PKI_LAYOUT  # noqa: E402
+from tests.network import Network  # noqa: E402
+from tests.support import PASSWORD, Pki, Process, free_port, load_json, wait_for_workers  # noqa: E402
+
+CLIENTS = 8
+LOCAL_KEYS = 1_000_000
+LINK_KEYS = 100_000
+
+
+def _environment(threads: int = 8) -> dict:
+    return {"KME_WORKERS": "2", "KME_THREADS": str(threads)}
+
+
+def _gunicorn(config: Path, app: str, log: Path, extra_env: dict | None = None) -> Process:
+    process = Process([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", app], config, log,
+                      {**_environment(), **(extra_env or {})})
+    wait_for_workers(process, 2)
+    return process
+
+
+def _config_copy(source: Path, target: Path) -> tuple[Path, int]:
+    """KME 1's configuration with another SAE port: the ceilings' listeners."""
+    raw = load_json(source)
+    port = free_port()
+    raw["this_kme"]["saes_https_interface"]["listen_address"] = f"127.0.0.1:{port}"
+    target.write_text(json.dumps(raw))
+    return target, port
+
+
+class Stack:
+    """The KME pair and the two ceilings, started once."""
+
+    def __init__(self, folder: Path, pki: Pki):
+        self.pki = pki
+        self.network = Network(folder / "kmes", pki, [(1, 2)], log_level="WARNING")
+        kme1 = self.network[1]
+        local = kme1.folder / "keys" / "local.cor"
+        with open(local, "wb") as handle:
+            for _ in range(LOCAL_KEYS // 10_000):
+                handle.write(os.urandom(32 * 10_000))
+        self.network.write_link_file(1, 2, "link.cor", LINK_KEYS)
+        kme1.start("ingest")
+        kme1.processes["sae"] = _gunicorn(kme1.config, "wsgi:sae_app", kme1.folder / "sae.log")
+        self.network[2].start("ingest", "kme")
+        self.network.wait_for_link(1, 2, LINK_KEYS, timeout=300)
+        kme1_ledger = kme1.ledger
+        deadline = time.monotonic() + 300
+        while kme1_ledger.link(1)["ingested"] < LOCAL_KEYS:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the local keys were not ingested")
+            time.sleep(0.2)
+        self.ours = f"https://127.0.0.1:{kme1.port('saes_https_interface')}"
+        ceiling_config, port = _config_copy(kme1.config, kme1.folder / "ceiling.json")
+        self.ceiling = f"https://127.0.0.1:{port}"
+        self.ceiling_process = _gunicorn(ceiling_config, "bench.ceiling_app:app", folder / "ceiling.log")
+        relay_config, port = _config_copy(kme1.config, kme1.folder / "relay.json")
+        self.relay = f"https://127.0.0.1:{port}"
+        cert, key = pki.client(1, 1)
+        self.relay_process = _gunicorn(relay_config, "bench.ceiling_app:relay_app", folder / "relay.log", {
+            "BENCH_RELAY_URL": f"{self.ceiling}/api/v1/keys/2/enc_keys", "BENCH_RELAY_CERT": cert,
+            "BENCH_RELAY_KEY": key, "BENCH_RELAY_CA": pki.server_ca})
+
+    def stop(self) -> None:
+        self.relay_process.stop()
+        self.ceiling_process.stop()
+        self.network.stop_all()
+
+
+def _session(pki_folder: str, kme: int, sae: int) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False
+    stem = Path(pki_folder) / f"kme{kme}" / f"sae{sae}"
+    session.cert = (str(stem.with_suffix(".crt")), str(stem.with_suffix(".key")))
+    session.verify = str(Path(pki_folder) / "ca_servers.crt")
+    return session
+
+
+def _client(job: dict) -> tuple[float, list[float], int]:
+    """One client process: (requests/s over its own time, latencies in seconds, failures)."""
+    session = _session(job["pki"], 1, job["sae"])
+    urls = [job["url"]]
+    if job.get("dec_keys"):
+        # Key IDs for dec_keys, made before the clock starts: SAE 1 asks, SAE 2 fetches.
+        master = _session(job["pki"], 1, 1)
+        ids = []
+        while len(ids) < job["dec_keys"]:
+            answer = master.get(f"{job['base']}/api/v1/keys/2/enc_keys?number=128", timeout=30)
+            ids += [key["key_ID"] for key in answer.json()["keys"]]
+        master.close()
+        urls = [f"{job['url']}?key_ID={key_id}" for key_id in ids]
+    latencies, failures = [], 0
+    start = time.perf_counter()
+    deadline = start + job["seconds"]
+    # Each key ID is fetched once; the other calls repeat their one URL.
+    limit = len(urls) if job.get("dec_keys") else float("inf")
+    index = 0
+    while time.perf_counter() < deadline and index < limit:
+        url = urls[index % len(urls)]
+        index += 1
+        began = time.perf_counter()
+        try:
+            answer = session.get(url, timeout=30)
+            if answer.status_code != 200:
+                failures += 1
+        except requests.RequestException:
+            failures += 1
+        latencies.append(time.perf_counter() - began)
+        if job.get("new_connection"):
+            session.close()
+    elapsed = time.perf_counter() - start
+    session.close()
+    return len(latencies) / elapsed, latencies, failures
+
+
+def load(pool, pki: Pki, url: str, base: str, seconds: float, **options) -> dict:
+    """8 clients at once: requests/s, p50 and p99 in ms, failures."""
+    jobs = [{"pki": str(pki.folder), "url": url, "base": base, "seconds": seconds, "sae": options.get("sae", 1),
+             **options} for _ in range(CLIENTS)]
+    results = pool.map(_client, jobs)
+    latencies = sorted(latency for _, chunk, _ in results for latency in chunk)
+    return {"rate": sum(rate for rate, _, _ in results), "p50": statistics.median(latencies) * 1e3,
+            "p99": latencies[int(len(latencies) * 0.99)] * 1e3, "failures": sum(f for _, _, f in results)}
+
+
+CALLS = [
+    # name, path at ours, ceiling, options
+    ("enc_keys, number=1", "/api/v1/keys/2/enc_keys", "ceiling", {}),
+    ("enc_keys, number=128", "/api/v1/keys/2/enc_keys?number=128", "ceiling", {}),
+    ("dec_keys", "/api/v1/keys/1/dec_keys", "ceiling", {"sae": 2, "dec_keys": 2560}),
+    ("status", "/api/v1/keys/2/status", "ceiling", {}),
+    ("entropy", "/api/v1/keys/entropy/total", "ceiling", {}),
+    ("enc_keys, remote slave", "/api/v1/keys/3/enc_keys", "relay", {}),
+    ("enc_keys, new TLS connection each", "/api/v1/keys/2/enc_keys", "ceiling", {"new_connection": True}),
+]
+
+
+def measure(stack: Stack, seconds: float, repetitions: int) -> None:
+    figures = {name: {"ours": [], "ceiling": []} for name, *_ in CALLS}
+    context = multiprocessing.get_context("fork")
+    with context.Pool(CLIENTS) as pool:
+        for _ in range(repetitions):
+            for name, path, ceiling, options in CALLS:
+                figures[name]["ours"].append(load(pool, stack.pki, stack.ours + path, stack.ours, seconds,
+                                                  **options))
+                target = stack.ceiling if ceiling == "ceiling" else stack.relay
+                figures[name]["ceiling"].append(load(pool, stack.pki, target + path.split("?")[0], stack.ceiling,
+                                                     seconds, **{k: v for k, v in options.items()
+                                                                 if k == "new_connection"}))
+    print(f"{'call':<36} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} | {'ceiling':>8} {'p50 ms':>7} {'p99 ms':>7} | "
+          f"{'ratio':>5}  failures")
+    for name, _, _, _ in CALLS:
+        ours = {key: statistics.median(run[key] for run in figures[name]["ours"]) for key in ("rate", "p50", "p99")}
+        top = {key: statistics.median(run[key] for run in figures[name]["ceiling"]) for key in ("rate", "p50", "p99")}
+        failures = sum(run["failures"] for run in figures[name]["ours"])
+        extra = f"  ({ours['rate'] * 128:,.0f} keys/s)" if "128" in name else ""
+        print(f"{name:<36} {ours['rate']:>8.0f} {ours['p50']:>7.1f} {ours['p99']:>7.1f} | {top['rate']:>8.0f} "
+              f"{top['p50']:>7.1f} {top['p99']:>7.1f} | {ours['rate'] / top['rate']:>5.2f}  {failures}{extra}",
+              flush=True)
+
+
+def _client_hello_half() -> bytes:
+    """The first half of a real TLS ClientHello."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    return hello[:len(hello) // 2]
+
+
+def abuse(stack: Stack, seconds: float) -> None:
+    """Silent, half-handshake and slowloris clients held for ``seconds``; a legitimate SAE's latencies."""
+    port = int(stack.ours.rsplit(":", 1)[1])
+    stop = threading.Event()
+    half = _client_hello_half()
+    cert, key = stack.pki.client(1, 1)
+
+    def attacker(kind: str) -> None:
+        while not stop.is_set():
+            try:
+                raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+                if kind == "hello":
+                    raw.sendall(half)
+                elif kind == "slowloris":
+                    context = ssl.create_default_context(cafile=stack.pki.server_ca)
+                    context.load_cert_chain(cert, key)
+                    raw = context.wrap_socket(raw, server_hostname="127.0.0.1")
+                    for byte in b"GET /api/v1/keys/2/status HTTP/1.1\r\nHost: x\r\n":
+                        if stop.wait(1):
+                            break
+                        raw.sendall(bytes([byte]))
+                raw.settimeout(1)
+                while not stop.is_set():
+                    try:
+                        if raw.recv(1) == b"":
+                            break
+                    except socket.timeout:
+                        continue
+                raw.close()
+            except OSError:
+                stop.wait(0.2)
+
+    threads = [threading.Thread(target=attacker, args=(kind,), daemon=True)
+               for kind, count in (("silent", 200), ("hello", 200), ("slowloris", 50)) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    session = _session(str(stack.pki.folder), 1, 1)
+    latencies, failures = [], 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        began = time.perf_counter()
+        try:
+            if session.get(f"{stack.ours}/api/v1/keys/2/status", timeout=10).status_code != 200:
+                failures += 1
+        except requests.RequestException:
+            failures += 1
+            session.close()
+        latencies.append(time.perf_counter() - began)
+        time.sleep(0.1)
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+    session.close()
+    latencies.sort()
+    print(f"abuse, {seconds:g} s of 200 silent + 200 half-ClientHello + 50 slowloris connections: legitimate "
+          f"status p50 {statistics.median(latencies) * 1e3:.1f} ms, p99 {latencies[int(len(latencies) * 0.99)] * 1e3:.1f}"
+          f" ms, worst {latencies[-1] * 1e3:.0f} ms, {failures} of {len(latencies)} calls failed", flush=True)
+
+
+def main() -> int:
+    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 3.0
+    repetitions = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    abuse_seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 60.0
+    folder = Path(tempfile.mkdtemp(prefix="kme-bench-"))
+    try:
+        pki = Pki(folder / "pki", generate_pki(folder / "pki", PKI_LAYOUT, PASSWORD))
+        stack = Stack(folder, pki)
+        try:
+            print(f"{CLIENTS} clients, {seconds:g} s per measurement, medians of {repetitions} interleaved "
+                  f"repetitions, {os.cpu_count()} cores", flush=True)
+            measure(stack, seconds, repetitions)
+            abuse(stack, abuse_seconds)
+        finally:
+            stack.stop()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
