@@ -209,6 +209,21 @@ def test_stalled_connections_do_not_hold_the_threads_an_sae_needs(tmp_path, pki)
     (b"POST / HTTP/1.1\r\ncontent-length:  4\r\n\r\n{\"a", False),
     (b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\n{\"\"}", True),
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", True),
+    (b"POST / HTTP/1.1\r\nContent-Length: 4000\r\nExpect: 100-continue\r\n\r\n", True),
 ])
 def test_a_request_is_handed_to_a_thread_only_when_whole(data, complete):
     assert request_complete(data) is complete
+
+
+def test_a_client_expecting_100_continue_sends_its_body_after_it(pki, kme):
+    body = json.dumps({"key_IDs": [{"key_ID": str(uuid.uuid4())}]}).encode()
+    raw = socket.create_connection(("127.0.0.1", sae_port(kme)), timeout=5)
+    with tls_client_context(pki, pki.client(1, 2)).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(b"POST /api/v1/keys/1/dec_keys HTTP/1.1\r\nHost: kme\r\nContent-Type: application/json\r\n"
+                    b"Expect: 100-continue\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert tls.recv(64).startswith(b"HTTP/1.1 100 Continue")
+        tls.sendall(body)
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400") and KEYS_NOT_FOUND.encode() in answer

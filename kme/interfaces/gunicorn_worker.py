@@ -33,6 +33,8 @@ STAGE_SECONDS = 10.0
 # A request whose head and body exceed this is handed over as it is (gunicorn refuses it).
 STAGE_LIMIT = 1 << 20
 _LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*\r\n", re.IGNORECASE)
+# A client that sends "Expect: 100-continue" waits for the server before it sends the body.
+_EXPECT = re.compile(rb"\r\nexpect:", re.IGNORECASE)
 
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
@@ -49,12 +51,18 @@ util.write_error = write_json_error
 
 
 def request_complete(data: bytes) -> bool:
-    """Whether ``data`` holds a whole request head, and the whole body its Content-Length announces."""
+    """Whether ``data`` holds a whole request head, and the whole body its Content-Length announces.
+
+    A request that expects "100 Continue" is whole with its head: its body
+    comes only once the thread's gunicorn parser has answered.
+    """
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return len(data) >= STAGE_LIMIT
     length = _LENGTH.search(data, 0, end + 2)
-    return length is None or len(data) >= min(end + 4 + int(length.group(1)), STAGE_LIMIT)
+    if length is None or _EXPECT.search(data, 0, end + 2):
+        return True
+    return len(data) >= min(end + 4 + int(length.group(1)), STAGE_LIMIT)
 
 
 class _Staged:
