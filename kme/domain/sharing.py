@@ -80,10 +80,10 @@ def _ask(peer: OtherKme, request: leases.LeaseRequest) -> int:
     try:
         answer = client_for(peer).lease({"lease_ID": request.lease_id, "minimum": request.minimum,
                                          "wanted": request.wanted})
-    except PeerOutcomeUnknown:
-        raise
-    except PeerError:
-        leases.abandon(request.lease_id)
+    except PeerError as exc:
+        # Only a failure that proves the peer lent nothing lets us forget the lease.
+        if not isinstance(exc, PeerOutcomeUnknown):
+            leases.abandon(request.lease_id)
         raise
     return leases.receive(peer.id, request.lease_id, answer["runs"], answer["free"])
 
