@@ -111,7 +111,7 @@ def answer(status: int, body: dict):
 def init_app(app) -> None:
     """Register the handlers that turn every failure into an ETSI Error body."""
     from kme.storage.db import db, reset_connections
-    from kme.storage.sqlite import failure_cause
+    from kme.storage.sqlite import DRIVER_ERRORS, failure_cause
 
     @app.errorhandler(KmeError)
     def handle_kme_error(error: KmeError):
@@ -128,15 +128,18 @@ def init_app(app) -> None:
             response.headers["Allow"] = ", ".join(error.valid_methods)
         return response
 
-    @app.errorhandler(DBAPIError)
-    def handle_storage_error(error: DBAPIError):
+    def handle_storage_error(error: Exception):
         db.session.rollback()
         failure = StorageFailure(failure_cause(error))
-        log.error("storage failure: %s (%s)", failure.cause, error.orig.__class__.__name__)
+        log.error("storage failure: %s (%s)", failure.cause, getattr(error, "orig", error).__class__.__name__)
         # Pooled connections may be stuck in the failed state (a file opened
         # read-only stays read-only): new ones are opened once the fault clears.
         reset_connections()
         return answer(503, failure.body())
+
+    # Through SQLAlchemy, or straight from the driver (the hot path's statements).
+    for kind in (DBAPIError, *DRIVER_ERRORS):
+        app.register_error_handler(kind, handle_storage_error)
 
     @app.errorhandler(Exception)
     def handle_unexpected(error: Exception):

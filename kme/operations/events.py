@@ -24,10 +24,10 @@ def utc_now(seconds_ago: float = 0) -> str:
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def record(session, *messages: str) -> None:
-    """Add events in the caller's transaction (so they commit or roll back with the change), and log them.
+def record(transaction, *messages: str) -> None:
+    """Add events in the caller's transaction (a Session, or the connection of a group commit), and log them.
 
-    One statement for all of them, past the ORM's unit of work (this is on
+    They commit or roll back with the change. One statement for all of them, past the ORM's unit of work (this is on
     the path of every key handed out). Control characters and undecodable
     bytes (from file names, say) are escaped.
     """
@@ -39,7 +39,7 @@ def record(session, *messages: str) -> None:
         message = printable(message)
         log.info("%s", message)
         rows.append((now, message))
-    sqlite.insert_events(session.connection(), rows)
+    sqlite.insert_events(transaction, rows)
 
 
 def prune() -> None:

@@ -57,6 +57,24 @@ def write_transaction():
             raise
 
 
+def grouped_write(work):
+    """``work(connection)`` in a write transaction shared with this process's concurrent callers; its value.
+
+    Group commit, for the SAE hot path: one transaction and one fsync for
+    every request waiting at that moment, each undone alone if it raises.
+    ``work`` gets a driver connection (use the kme.storage.sqlite functions)
+    and may run on another caller's thread; the value comes back only once
+    the transaction holding it has committed.
+    """
+    check_database_file()
+    return sqlite.group_commit(db.engine, work)
+
+
+def read_connection():
+    """A context manager giving a pooled driver connection for reads past SQLAlchemy (the hot path)."""
+    return sqlite.read_connection(db.engine)
+
+
 def ensure_schema() -> bool:
     """Create missing tables, the database's identity and link rows once per process; True the first time.
 

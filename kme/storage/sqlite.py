@@ -1,8 +1,9 @@
 """Everything specific to SQLite, in one place so that PostgreSQL can take its place.
 
 Pragmas on every connection, BEGIN IMMEDIATE for write transactions (so two
-processes never both read and then both write), the single-statement claim,
-and WAL checkpoints.
+processes never both read and then both write), the writers' queue and group
+commit, the single-statement claim, the statements of the SAE hot path in
+sqlite3's own dialect, and WAL checkpoints.
 """
 import fcntl
 import os
@@ -14,6 +15,8 @@ from contextlib import closing, contextmanager
 from sqlalchemy import event, text
 
 WRITE_OPTION = "kme_write"
+# Errors of the driver itself, raised by the statements that run past SQLAlchemy.
+DRIVER_ERRORS = (sqlite3.Error,)
 
 _PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -34,7 +37,7 @@ _PRAGMAS = (
 _LOOKUP_CHUNK = 4096
 
 _FREE = "SELECT id FROM pool_keys WHERE link_id = :link_id AND state = 0 ORDER BY id LIMIT :count"
-_TAKE = text(f"DELETE FROM pool_keys WHERE id IN ({_FREE}) RETURNING id, file_id, position, material")
+_TAKE = f"DELETE FROM pool_keys WHERE id IN ({_FREE}) RETURNING id, material"
 _RESERVE = text(
     f"UPDATE pool_keys SET state = 2, reservation = :reservation WHERE id IN ({_FREE}) "
     "RETURNING id, file_id, position, material"
@@ -130,23 +133,209 @@ def writer_turn(engine):
     return queue.turn()
 
 
+class _Work:
+    """One caller's unit of work in a group commit, and its outcome."""
+
+    __slots__ = ("work", "value", "error", "done", "wake")
+
+    def __init__(self, work):
+        self.work = work
+        self.value = self.error = None
+        self.done = False
+        self.wake = threading.Event()
+
+
+class _GroupCommit:
+    """Write transactions of one process's threads, run together in one transaction and one fsync.
+
+    The first caller to arrive leads: it takes the writers' turn, runs every
+    unit of work waiting at that moment, each inside its own savepoint (a
+    unit that raises is undone alone and gets its exception), commits once,
+    and wakes the others with their outcome. Callers that arrived meanwhile
+    wait for the next leader, the first of them. A caller's answer therefore
+    always follows the commit of its own work.
+    """
+
+    def __init__(self, engine):
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._waiting: list[_Work] = []
+        self._leading = False
+
+    def run(self, work):
+        item = _Work(work)
+        with self._lock:
+            self._waiting.append(item)
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            item.wake.wait()
+        if not item.done:
+            self._lead()
+        if item.error is not None:
+            raise item.error
+        return item.value
+
+    def _lead(self) -> None:
+        with self._lock:
+            batch, self._waiting = self._waiting, []
+        try:
+            with writer_turn(self._engine):
+                raw = self._engine.raw_connection()
+                try:
+                    _run_batch(raw.driver_connection, batch)
+                finally:
+                    raw.close()
+        except BaseException as exc:
+            for item in batch:
+                if item.error is None:
+                    item.value, item.error = None, exc
+        finally:
+            with self._lock:
+                for item in batch:
+                    item.done = True
+                    item.wake.set()
+                if self._waiting:
+                    self._waiting[0].wake.set()
+                else:
+                    self._leading = False
+
+
+def _run_batch(connection, batch: list[_Work]) -> None:
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        for item in batch:
+            connection.execute("SAVEPOINT unit")
+            try:
+                item.value = item.work(connection)
+            except Exception as exc:
+                item.error = exc
+                connection.execute("ROLLBACK TO unit")
+            connection.execute("RELEASE unit")
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
+_groups: dict[int, _GroupCommit] = {}
+
+
+def group_commit(engine, work):
+    """``work(connection)`` on a sqlite3 connection in a write transaction shared with this process's
+    concurrent callers (see _GroupCommit); its value once committed, or its exception (nothing of it kept)."""
+    with _queues_lock:
+        group = _groups.get(id(engine))
+        if group is None:
+            group = _groups[id(engine)] = _GroupCommit(engine)
+    return group.run(work)
+
+
+@contextmanager
+def read_connection(engine):
+    """A pooled sqlite3 connection for reads past SQLAlchemy; each statement is its own read transaction."""
+    raw = engine.raw_connection()
+    try:
+        yield raw.driver_connection
+    finally:
+        raw.close()
+
+
+def driver(target) -> sqlite3.Connection:
+    """The sqlite3 connection of ``target``: a Session inside a write transaction, or such a connection itself."""
+    if isinstance(target, sqlite3.Connection):
+        return target
+    return target.connection().connection.driver_connection
+
+
 def insert_pool_keys(connection, rows: list[tuple]) -> None:
     """Add (link_id, file_id, position, state, material) rows in one executemany, past the ORM (ingestion speed)."""
     connection.exec_driver_sql(
         "INSERT INTO pool_keys (link_id, file_id, position, state, material) VALUES (?, ?, ?, ?, ?)", rows)
 
 
-def insert_delivered(connection, keys: list[tuple], slaves: list[tuple]) -> None:
+def insert_delivered(target, keys: list[tuple], slaves: list[tuple]) -> None:
     """Add delivered keys (key_id, link_id, master_sae_id, material, created_at) and their slaves
-    (key_id, slave_sae_id), past SQLAlchemy's parameter processing: a request may hand out 128 keys."""
-    connection.exec_driver_sql("INSERT INTO delivered_keys (key_id, link_id, master_sae_id, material, created_at) "
-                               "VALUES (?, ?, ?, ?, ?)", keys)
-    connection.exec_driver_sql("INSERT INTO key_slaves (key_id, slave_sae_id, fetched) VALUES (?, ?, 0)", slaves)
+    (key_id, slave_sae_id), past SQLAlchemy: a request may hand out 128 keys."""
+    connection = driver(target)
+    connection.executemany("INSERT INTO delivered_keys (key_id, link_id, master_sae_id, material, created_at) "
+                           "VALUES (?, ?, ?, ?, ?)", keys)
+    connection.executemany("INSERT INTO key_slaves (key_id, slave_sae_id, fetched) VALUES (?, ?, 0)", slaves)
 
 
-def insert_events(connection, rows: list[tuple]) -> None:
+def _chunks(values: list):
+    for start in range(0, len(values), _LOOKUP_CHUNK):
+        chunk = values[start:start + _LOOKUP_CHUNK]
+        yield chunk, ",".join("?" * len(chunk))
+
+
+def delivered_keys(connection, key_ids: list[str]) -> list[tuple]:
+    """(key_id, master_sae_id, material) of the delivered keys among ``key_ids``."""
+    rows = []
+    for chunk, marks in _chunks(key_ids):
+        rows += connection.execute(f"SELECT key_id, master_sae_id, material FROM delivered_keys "
+                                   f"WHERE key_id IN ({marks})", chunk).fetchall()
+    return rows
+
+
+def key_slaves(connection, key_ids: list[str]) -> list[tuple]:
+    """(key_id, slave_sae_id, fetched) of every slave of ``key_ids``."""
+    rows = []
+    for chunk, marks in _chunks(key_ids):
+        rows += connection.execute(f"SELECT key_id, slave_sae_id, fetched FROM key_slaves WHERE key_id IN ({marks})",
+                                   chunk).fetchall()
+    return rows
+
+
+def mark_fetched(connection, key_ids: list[str], slave_sae_id: int) -> None:
+    """Record that one slave SAE has fetched ``key_ids``."""
+    for chunk, marks in _chunks(key_ids):
+        connection.execute(f"UPDATE key_slaves SET fetched = 1 WHERE slave_sae_id = ? AND key_id IN ({marks})",
+                           [slave_sae_id, *chunk])
+
+
+def delete_delivered(target, key_ids: list[str]) -> list[tuple]:
+    """Delete delivered keys and their slave rows; (link_id, material) of each key that was still there."""
+    connection = driver(target)
+    erased = []
+    for chunk, marks in _chunks(key_ids):
+        connection.execute(f"DELETE FROM key_slaves WHERE key_id IN ({marks})", chunk)
+        erased += connection.execute(f"DELETE FROM delivered_keys WHERE key_id IN ({marks}) "
+                                     f"RETURNING link_id, material", chunk).fetchall()
+    return erased
+
+
+def link_histogram(target, link_id: int) -> bytes:
+    """The stored byte histogram of a link."""
+    return driver(target).execute("SELECT byte_histogram FROM links WHERE peer_kme_id = ?", (link_id,)).fetchone()[0]
+
+
+def link_histograms(connection) -> list[bytes]:
+    """The byte histograms of every link."""
+    return [row[0] for row in connection.execute("SELECT byte_histogram FROM links")]
+
+
+def update_link(target, link_id: int, deltas: dict[str, int], histogram: bytes | None) -> None:
+    """Add ``deltas`` to a link's counters (column names from the code, never from input); store ``histogram``."""
+    assignments = [f"{name} = {name} + ?" for name in deltas]
+    values = list(deltas.values())
+    if histogram is not None:
+        assignments.append("byte_histogram = ?")
+        values.append(histogram)
+    if assignments:
+        driver(target).execute(f"UPDATE links SET {', '.join(assignments)} WHERE peer_kme_id = ?",
+                               [*values, link_id])
+
+
+def link_row(connection, link_id: int, columns: tuple[str, ...]) -> tuple | None:
+    """The named columns (from the code) of one link's row."""
+    return connection.execute(f"SELECT {', '.join(columns)} FROM links WHERE peer_kme_id = ?", (link_id,)).fetchone()
+
+
+def insert_events(target, rows: list[tuple]) -> None:
     """Add (created_at, message) event rows in one executemany."""
-    connection.exec_driver_sql("INSERT INTO events (created_at, message) VALUES (?, ?)", rows)
+    driver(target).executemany("INSERT INTO events (created_at, message) VALUES (?, ?)", rows)
 
 
 def add_fingerprints(connection, fingerprints: list[int]) -> set[int]:
@@ -179,10 +368,11 @@ def add_fingerprints(connection, fingerprints: list[int]) -> set[int]:
     return known
 
 
-def take_pool_keys(connection, link_id: int, count: int) -> list:
-    """Remove up to ``count`` free keys of the link's pool, lowest ids first; returns them in id order."""
-    rows = connection.execute(_TAKE, {"link_id": link_id, "count": count}).all()
-    return sorted(rows, key=lambda row: row.id)
+def take_pool_keys(connection, link_id: int, count: int) -> list[bytes]:
+    """Remove up to ``count`` free keys of the link's pool, lowest ids first; returns their material in id order."""
+    rows = connection.execute(_TAKE, {"link_id": link_id, "count": count}).fetchall()
+    rows.sort()
+    return [material for _id, material in rows]
 
 
 def reserve_pool_keys(connection, link_id: int, count: int, reservation: str) -> list:

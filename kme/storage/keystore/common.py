@@ -2,19 +2,17 @@
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select
 
 from kme.config import KEY_BITS
 from kme.domain import entropy
 from kme.storage import sqlite
-from kme.storage.db import db, write_transaction
-from kme.storage.models import DeliveredKey, KeySlave, Link, PoolLevel
+from kme.storage.db import db, read_connection, write_transaction
+from kme.storage.models import Link, PoolLevel
 
 KEY_BYTES = KEY_BITS // 8
-# The tables the hot path writes with Core statements.
-_LINKS, _DELIVERED, _SLAVES = Link.__table__, DeliveredKey.__table__, KeySlave.__table__
 # The debugging page's chart: one sample of each link's pool per minute, for an hour.
 LEVEL_SECONDS = 60.0
 LEVEL_HISTORY_SECONDS = 3600.0
@@ -64,62 +62,56 @@ def new_key_id() -> str:
     return str(uuid.UUID(int=value))
 
 
-def build_keys(key_ids: list[str], rows: list, size_bits: int) -> list[DeliveredKeyMaterial]:
-    """Keys of ``size_bits`` from consecutive pool rows; the unused bits of each last row are dropped."""
+def build_keys(key_ids: list[str], materials: list[bytes], size_bits: int) -> list[DeliveredKeyMaterial]:
+    """Keys of ``size_bits`` from the material of consecutive pool keys; the unused bits of each last one are dropped."""
     per_key = pool_keys_per_key(size_bits)
     return [
-        DeliveredKeyMaterial(key_id, b"".join(row.material for row in rows[i * per_key:(i + 1) * per_key])[
-            : size_bits // 8])
+        DeliveredKeyMaterial(key_id, b"".join(materials[i * per_key:(i + 1) * per_key])[: size_bits // 8])
         for i, key_id in enumerate(key_ids)
     ]
 
 
-def update_link(session, link_id: int, added=(), removed=(), **deltas: int) -> None:
+def update_link(transaction, link_id: int, added=(), removed=(), **deltas: int) -> None:
     """Apply counter deltas and histogram changes (material added to / removed from the link).
 
-    Core statements on the table, past the ORM: this runs for every key
-    handed out. A Link object the caller loaded keeps its old counters.
+    ``transaction``: a Session in a write transaction, or the connection of a
+    group commit (kme.storage.db.grouped_write). The statements run past
+    SQLAlchemy: this runs for every key handed out. A Link object the caller
+    loaded keeps its old counters.
     """
-    connection = session.connection()
-    values = {name: _LINKS.c[name] + delta for name, delta in deltas.items() if delta}
+    histogram = None
     if entropy.changed(added, removed):
-        histogram = connection.scalar(select(_LINKS.c.byte_histogram).where(_LINKS.c.peer_kme_id == link_id))
-        values["byte_histogram"] = entropy.apply(histogram, added, removed)
-    if values:
-        connection.execute(update(_LINKS).where(_LINKS.c.peer_kme_id == link_id).values(values))
+        histogram = entropy.apply(sqlite.link_histogram(transaction, link_id), added, removed)
+    sqlite.update_link(transaction, link_id, {name: delta for name, delta in deltas.items() if delta}, histogram)
 
 
-def store_delivered(session, link_id: int, master_sae_id: int, slave_ids: list[int],
+def store_delivered(transaction, link_id: int, master_sae_id: int, slave_ids: list[int],
                     keys: list[DeliveredKeyMaterial], now: str) -> None:
     """Keep keys for their slave SAEs at this KME (the caller updates the counters)."""
-    sqlite.insert_delivered(session.connection(),
-                            [(key.key_id, link_id, master_sae_id, key.material, now) for key in keys],
+    sqlite.insert_delivered(transaction, [(key.key_id, link_id, master_sae_id, key.material, now) for key in keys],
                             [(key.key_id, slave) for key in keys for slave in slave_ids])
 
 
-def erase_delivered(session, key_ids: list[str]) -> int:
+def erase_delivered(transaction, key_ids: list[str]) -> int:
     """Erase delivered keys (and their slave rows) wherever they stand; how many were still there."""
     if not key_ids:
         return 0
-    connection = session.connection()
-    connection.execute(delete(_SLAVES).where(_SLAVES.c.key_id.in_(key_ids)))
-    erased = connection.execute(delete(_DELIVERED).where(_DELIVERED.c.key_id.in_(key_ids))
-                                .returning(_DELIVERED.c.link_id, _DELIVERED.c.material)).all()
+    erased = sqlite.delete_delivered(transaction, key_ids)
     by_link: dict[int, list[bytes]] = {}
-    for row in erased:
-        by_link.setdefault(row.link_id, []).append(row.material)
+    for link_id, material in erased:
+        by_link.setdefault(link_id, []).append(material)
     for link_id, materials in by_link.items():
-        update_link(session, link_id, removed=materials)
+        update_link(transaction, link_id, removed=materials)
     return len(erased)
 
 
+_COUNTERS = tuple(field.name for field in fields(LinkCounts))
+
+
 def link_counts(link_id: int) -> LinkCounts:
-    """The counters of one link."""
-    row = db.session.get(Link, link_id)
-    counts = LinkCounts(row.ingested, row.available, row.reserved, row.peer_held, row.delivered, row.discarded,
-                        row.unconfirmed, row.set_aside, row.lent, row.borrowed, row.peer_free)
-    db.session.commit()
-    return counts
+    """The counters of one link (one statement, past SQLAlchemy: every Get status reads them)."""
+    with read_connection() as connection:
+        return LinkCounts(*sqlite.link_row(connection, link_id, _COUNTERS))
 
 
 def sample_levels(link_ids: list[int], now: float) -> None:
@@ -144,6 +136,5 @@ def level_history(link_id: int) -> list[tuple[float, int, int]]:
 
 def total_byte_counts() -> list[int]:
     """Byte-value histogram of all key material the KME holds, over every link."""
-    counts = entropy.merge(db.session.scalars(select(Link.byte_histogram)))
-    db.session.commit()
-    return counts
+    with read_connection() as connection:
+        return entropy.merge(sqlite.link_histograms(connection))

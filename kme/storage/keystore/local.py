@@ -1,11 +1,11 @@
 """Keys for SAEs of this KME: delivery inside the zone, fetch by key ID, expiry."""
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from kme.config import KEY_BITS
 from kme.domain.errors import KeysNotFound, NotAuthorized, NotEnoughKeys
 from kme.operations import events
 from kme.storage import sqlite
-from kme.storage.db import write_transaction
+from kme.storage.db import grouped_write, write_transaction
 from kme.storage.keystore.common import (
     DeliveredKeyMaterial,
     build_keys,
@@ -15,7 +15,7 @@ from kme.storage.keystore.common import (
     store_delivered,
     update_link,
 )
-from kme.storage.models import DeliveredKey, KeySlave
+from kme.storage.models import DeliveredKey
 
 
 def not_enough_keys(number: int, size_bits: int, available: int):
@@ -31,21 +31,26 @@ def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number
     All or nothing: without enough pool keys nothing is taken (503). Each key
     is built from consecutive pool keys; the unused bits of the last one are
     discarded with it, never reused. The keys wait for their slave SAEs under
-    fresh random key IDs.
+    fresh random key IDs. Committed with concurrent requests (group commit)
+    before this returns.
     """
     needed = number * pool_keys_per_key(size_bits)
-    with write_transaction() as session:
-        taken = sqlite.take_pool_keys(session.connection(), link_id, needed)
+    key_ids = [new_key_id() for _ in range(number)]
+    slaves = " and ".join(map(str, slave_ids))
+
+    def deliver(connection) -> list[DeliveredKeyMaterial]:
+        taken = sqlite.take_pool_keys(connection, link_id, needed)
         if len(taken) < needed:
             raise not_enough_keys(number, size_bits, len(taken))
-        keys = build_keys([new_key_id() for _ in range(number)], taken, size_bits)
-        store_delivered(session, link_id, master_sae_id, slave_ids, keys, events.utc_now())
-        update_link(session, link_id, removed=[row.material for row in taken],
-                    added=[key.material for key in keys], available=-needed, delivered=needed)
-        slaves = " and ".join(map(str, slave_ids))
-        events.record(session, f"SAE {master_sae_id} requested a key to communicate with {slaves}",
+        keys = build_keys(key_ids, taken, size_bits)
+        store_delivered(connection, link_id, master_sae_id, slave_ids, keys, events.utc_now())
+        update_link(connection, link_id, removed=taken, added=[key.material for key in keys],
+                    available=-needed, delivered=needed)
+        events.record(connection, f"SAE {master_sae_id} requested a key to communicate with {slaves}",
                       *(f"Key {key.key_id} activated between SAEs {master_sae_id} and {slaves}" for key in keys))
         return keys
+
+    return grouped_write(deliver)
 
 
 def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -> list[DeliveredKeyMaterial]:
@@ -54,28 +59,26 @@ def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -
     401 if any requested key was made for other slave SAEs only; 400 with the
     standard's message if any is unknown, already fetched by this slave, or
     from another master. Nothing changes unless every key is handed out.
+    Committed with concurrent requests (group commit) before this returns.
     """
-    with write_transaction() as session:
-        connection = session.connection()
-        keys = {row.key_id: row for row in connection.execute(
-            select(DeliveredKey.key_id, DeliveredKey.master_sae_id, DeliveredKey.material)
-            .where(DeliveredKey.key_id.in_(key_ids)))}
-        slaves = connection.execute(select(KeySlave.key_id, KeySlave.slave_sae_id, KeySlave.fetched)
-                                    .where(KeySlave.key_id.in_(list(keys)))).all()
-        mine = {row.key_id: row.fetched for row in slaves if row.slave_sae_id == slave_sae_id}
+
+    def fetch(connection) -> list[DeliveredKeyMaterial]:
+        keys = {key_id: (master, material) for key_id, master, material in sqlite.delivered_keys(connection, key_ids)}
+        slaves = sqlite.key_slaves(connection, list(keys))
+        mine = {key_id: fetched for key_id, slave, fetched in slaves if slave == slave_sae_id}
         if any(key_id not in mine for key_id in keys):
             raise NotAuthorized(f"SAE {slave_sae_id} is not a slave SAE of one or more requested keys")
         if (len(keys) != len(key_ids) or any(mine.values())
-                or any(row.master_sae_id != master_sae_id for row in keys.values())):
+                or any(master != master_sae_id for master, _material in keys.values())):
             raise KeysNotFound()
-        connection.execute(update(KeySlave.__table__).where(KeySlave.key_id.in_(key_ids),
-                                                            KeySlave.slave_sae_id == slave_sae_id)
-                           .values(fetched=True))
-        waiting = {row.key_id for row in slaves if row.slave_sae_id != slave_sae_id and not row.fetched}
-        erase_delivered(session, [key_id for key_id in key_ids if key_id not in waiting])
-        events.record(session, *(f"SAE {slave_sae_id} requested key {key_id} (from {master_sae_id})"
-                                 for key_id in key_ids))
-        return [DeliveredKeyMaterial(key_id, keys[key_id].material) for key_id in key_ids]
+        sqlite.mark_fetched(connection, key_ids, slave_sae_id)
+        waiting = {key_id for key_id, slave, fetched in slaves if slave != slave_sae_id and not fetched}
+        erase_delivered(connection, [key_id for key_id in key_ids if key_id not in waiting])
+        events.record(connection, *(f"SAE {slave_sae_id} requested key {key_id} (from {master_sae_id})"
+                                    for key_id in key_ids))
+        return [DeliveredKeyMaterial(key_id, keys[key_id][1]) for key_id in key_ids]
+
+    return grouped_write(fetch)
 
 
 def expire_delivered(created_before: str, limit: int = 1000) -> int:

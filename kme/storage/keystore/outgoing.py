@@ -51,7 +51,7 @@ def reserve(link_id: int, master_sae_id: int, slave_ids: list[int], local_slave_
             raise not_enough_keys(number, size_bits, len(rows))
         names = dict(session.execute(select(KeyFile.id, KeyFile.name).where(
             KeyFile.id.in_({row.file_id for row in rows}))).all())
-        keys = build_keys([new_key_id() for _ in range(number)], rows, size_bits)
+        keys = build_keys([new_key_id() for _ in range(number)], [row.material for row in rows], size_bits)
         per_key = pool_keys_per_key(size_bits)
         request = {
             "activation_ID": activation_id,

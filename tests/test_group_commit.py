@@ -1,0 +1,129 @@
+"""Group commit (kme.storage.sqlite.group_commit) on a real SQLite file, with real threads."""
+import sqlite3
+import threading
+import time
+
+import pytest
+from sqlalchemy import create_engine
+
+from kme.storage import sqlite
+
+THREADS = 8
+
+
+@pytest.fixture
+def engine(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'group.db'}")
+    sqlite.install(engine)
+    with sqlite.read_connection(engine) as connection:
+        connection.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        connection.execute("CREATE TABLE rows (id INTEGER PRIMARY KEY, parent INTEGER "
+                           "REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)")
+    yield engine
+    engine.dispose()
+
+
+def _stored(engine) -> list[int]:
+    with sqlite.read_connection(engine) as connection:
+        return [row[0] for row in connection.execute("SELECT id FROM rows ORDER BY id")]
+
+
+def _insert(value: int, then=None):
+    def work(connection):
+        connection.execute("INSERT INTO rows (id) VALUES (?)", (value,))
+        if then is not None:
+            then()
+        return value, threading.get_ident()
+    return work
+
+
+def _wait_until(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.005)
+
+
+def _start(engine, works) -> tuple[list[threading.Thread], dict]:
+    outcomes = {}
+
+    def call(index, work):
+        try:
+            outcomes[index] = sqlite.group_commit(engine, work)
+        except Exception as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=call, args=(index, work)) for index, work in works]
+    for thread in threads:
+        thread.start()
+    return threads, outcomes
+
+
+def _waiting(engine) -> int:
+    return len(sqlite._groups[id(engine)]._waiting)
+
+
+def test_callers_waiting_during_a_commit_are_committed_together_by_one_leader(engine):
+    release = threading.Event()
+    first, first_outcome = _start(engine, [(0, _insert(0, then=release.wait))])
+    _wait_until(lambda: id(engine) in sqlite._groups and sqlite._groups[id(engine)]._leading)
+    others, outcomes = _start(engine, [(index, _insert(index)) for index in range(1, THREADS)])
+    _wait_until(lambda: _waiting(engine) == THREADS - 1)
+    release.set()
+    for thread in first + others:
+        thread.join(10)
+    assert first_outcome[0][0] == 0
+    assert sorted(value for value, _ in outcomes.values()) == list(range(1, THREADS))
+    # Every waiting caller ran in the second leader's one transaction.
+    assert len({thread for _, thread in outcomes.values()}) == 1
+    assert _stored(engine) == list(range(THREADS))
+    assert not sqlite._groups[id(engine)]._leading
+
+
+def test_a_unit_that_raises_is_undone_alone_and_gets_its_own_exception(engine):
+    release = threading.Event()
+    first, _ = _start(engine, [(0, _insert(0, then=release.wait))])
+    _wait_until(lambda: id(engine) in sqlite._groups and sqlite._groups[id(engine)]._leading)
+
+    def refuse():
+        raise ValueError("refused")
+
+    others, outcomes = _start(engine, [(1, _insert(1)), (2, _insert(2, then=refuse)), (3, _insert(3))])
+    _wait_until(lambda: _waiting(engine) == 3)
+    release.set()
+    for thread in first + others:
+        thread.join(10)
+    assert isinstance(outcomes[2], ValueError) and str(outcomes[2]) == "refused"
+    assert outcomes[1][0] == 1 and outcomes[3][0] == 3
+    assert _stored(engine) == [0, 1, 3]
+
+
+def test_a_failed_commit_fails_every_unit_of_the_batch_and_keeps_nothing(engine):
+    release = threading.Event()
+    first, _ = _start(engine, [(0, _insert(0, then=release.wait))])
+    _wait_until(lambda: id(engine) in sqlite._groups and sqlite._groups[id(engine)]._leading)
+
+    def orphan(connection):
+        # A deferred foreign key: the unit itself succeeds, the COMMIT fails.
+        connection.execute("INSERT INTO rows (id, parent) VALUES (99, 12345)")
+
+    others, outcomes = _start(engine, [(1, _insert(1)), (2, orphan), (3, _insert(3))])
+    _wait_until(lambda: _waiting(engine) == 3)
+    release.set()
+    for thread in first + others:
+        thread.join(10)
+    assert all(isinstance(outcomes[index], sqlite3.IntegrityError) for index in (1, 2, 3))
+    assert _stored(engine) == [0]
+    # The next caller leads a fresh transaction.
+    assert sqlite.group_commit(engine, _insert(4))[0] == 4
+    assert _stored(engine) == [0, 4]
+
+
+def test_a_value_is_returned_only_once_its_transaction_is_committed(engine):
+    for value in range(5):
+        sqlite.group_commit(engine, _insert(value))
+        # A separate connection sees it: committed, not just written.
+        with sqlite3.connect(engine.url.database) as other:
+            assert other.execute("SELECT COUNT(*) FROM rows WHERE id = ?", (value,)).fetchone()[0] == 1
+        other.close()
