@@ -2,6 +2,7 @@
 
 Usage: .venv/bin/python bench/web_stack.py [seconds per measurement, default 3] [repetitions, default 5]
        [seconds of abuse, default 60]
+BENCH_CALLS="status,entropy" (names of the table, by prefix) measures only those calls.
 
 Starts on 127.0.0.1 a KME pair (KME 1's SAE interface with the product's
 defaults: 2 workers x 8 threads) and the ceilings: bench/ceiling_app.py
@@ -169,12 +170,18 @@ CALLS = [
 ]
 
 
+def _chosen_calls() -> list:
+    wanted = [name.strip() for name in os.environ.get("BENCH_CALLS", "").split(",") if name.strip()]
+    return [call for call in CALLS if not wanted or any(call[0].startswith(name) for name in wanted)]
+
+
 def measure(stack: Stack, seconds: float, repetitions: int) -> None:
-    figures = {name: {"ours": [], "ceiling": []} for name, *_ in CALLS}
+    calls = _chosen_calls()
+    figures = {name: {"ours": [], "ceiling": []} for name, *_ in calls}
     context = multiprocessing.get_context("fork")
     with context.Pool(CLIENTS) as pool:
         for _ in range(repetitions):
-            for name, path, ceiling, options in CALLS:
+            for name, path, ceiling, options in calls:
                 figures[name]["ours"].append(load(pool, stack.pki, stack.ours + path, stack.ours, seconds,
                                                   **options))
                 target = stack.ceiling if ceiling == "ceiling" else stack.relay
@@ -183,7 +190,7 @@ def measure(stack: Stack, seconds: float, repetitions: int) -> None:
                                                                  if k == "new_connection"}))
     print(f"{'call':<36} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} | {'ceiling':>8} {'p50 ms':>7} {'p99 ms':>7} | "
           f"{'ratio':>5}  failures")
-    for name, _, _, _ in CALLS:
+    for name, _, _, _ in calls:
         ours = {key: statistics.median(run[key] for run in figures[name]["ours"]) for key in ("rate", "p50", "p99")}
         top = {key: statistics.median(run[key] for run in figures[name]["ceiling"]) for key in ("rate", "p50", "p99")}
         failures = sum(run["failures"] for run in figures[name]["ours"])

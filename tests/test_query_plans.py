@@ -15,10 +15,10 @@ from kme import create_app
 from kme.config import load_config
 from kme.operations.ingest import ingest_directories
 from kme.storage.db import db, ensure_schema
-from kme.storage.keystore import incoming, leases, outgoing, progress
+from kme.storage.keystore import common, incoming, leases, local, outgoing, progress
 from kme.storage.keystore.incoming import ActivationRequest
 from tests.network import Network
-from tests.support import confirm_link
+from tests.support import confirm_link, write_keys
 
 KEY_TABLES = ("pool_keys", "delivered_keys", "key_slaves", "key_files", "key_fingerprints")
 
@@ -28,6 +28,7 @@ def kme1(tmp_path, pki):
     network = Network(tmp_path, pki, [(1, 2)])
     network.write_link_file(1, 2, "a.cor", 5000)
     network.write_link_file(1, 2, "b.cor", 5000)
+    write_keys(network[1].folder / "keys" / "local.cor", 5000)
     app = create_app(load_config(network[1].config))
     with app.app_context():
         ensure_schema()
@@ -37,24 +38,33 @@ def kme1(tmp_path, pki):
 
 
 def explained(app, action) -> list[str]:
-    """The query plan lines of every statement ``action`` runs (executemany inserts aside)."""
+    """The query plan lines of every statement ``action`` runs, through SQLAlchemy or on the driver connection.
+
+    Traced by sqlite3 itself on fresh connections, with the parameters
+    expanded into the text (inserts aside).
+    """
     statements = []
 
-    def record(_connection, _cursor, statement, parameters, _context, executemany):
-        if not executemany and re.match(r"\s*(SELECT|UPDATE|DELETE)", statement, re.I):
-            statements.append((statement, parameters))
+    def trace(statement):
+        if re.match(r"\s*(SELECT|UPDATE|DELETE)", statement, re.I):
+            statements.append(statement)
+
+    def on_connect(dbapi_connection, _record):
+        dbapi_connection.set_trace_callback(trace)
 
     engine = db.engine
-    event.listen(engine, "before_cursor_execute", record)
+    engine.dispose()
+    event.listen(engine, "connect", on_connect)
     try:
         action()
     finally:
-        event.remove(engine, "before_cursor_execute", record)
+        event.remove(engine, "connect", on_connect)
+        engine.dispose()
     plans = []
     raw = engine.raw_connection()
     try:
-        for statement, parameters in statements:
-            rows = raw.cursor().execute(f"EXPLAIN QUERY PLAN {statement}", parameters).fetchall()
+        for statement in statements:
+            rows = raw.cursor().execute(f"EXPLAIN QUERY PLAN {statement}").fetchall()
             plans += [f"{row[3]}  <-  {statement.split(chr(10))[0][:80]}" for row in rows]
     finally:
         raw.close()
@@ -63,6 +73,20 @@ def explained(app, action) -> list[str]:
 
 def full_scans(plans: list[str]) -> list[str]:
     return [plan for plan in plans for table in KEY_TABLES if re.match(rf"SCAN {table}\b", plan)]
+
+
+def test_the_sae_hot_path_searches_indexes(kme1):
+    # Its statements run on the driver connection, past SQLAlchemy: the trace sees them too.
+    def hot_path():
+        keys = local.deliver_local(1, 1, [2], 2, 512)
+        local.fetch_delivered(1, 2, [key.key_id for key in keys])
+        common.link_counts(1)
+        common.total_byte_counts()
+
+    plans = explained(kme1, hot_path)
+    assert any("ix_pool_keys_link_id_state_id" in plan for plan in plans), plans
+    assert any("delivered_keys" in plan for plan in plans), plans
+    assert not full_scans(plans), full_scans(plans)
 
 
 def test_a_peers_activation_searches_by_file_and_position(kme1):

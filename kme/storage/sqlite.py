@@ -38,10 +38,8 @@ _LOOKUP_CHUNK = 4096
 
 _FREE = "SELECT id FROM pool_keys WHERE link_id = :link_id AND state = 0 ORDER BY id LIMIT :count"
 _TAKE = f"DELETE FROM pool_keys WHERE id IN ({_FREE}) RETURNING id, material"
-_RESERVE = text(
-    f"UPDATE pool_keys SET state = 2, reservation = :reservation WHERE id IN ({_FREE}) "
-    "RETURNING id, file_id, position, material"
-)
+_RESERVE = (f"UPDATE pool_keys SET state = 2, reservation = :reservation WHERE id IN ({_FREE}) "
+            "RETURNING id, file_id, position, material")
 
 # Lent keys come from the tail of the pool: the lender keeps its oldest keys.
 _LEND = text(
@@ -375,10 +373,85 @@ def take_pool_keys(connection, link_id: int, count: int) -> list[bytes]:
     return [material for _id, material in rows]
 
 
-def reserve_pool_keys(connection, link_id: int, count: int, reservation: str) -> list:
-    """Mark up to ``count`` free keys of the link as reserved for ``reservation``; returns them in id order."""
-    rows = connection.execute(_RESERVE, {"link_id": link_id, "count": count, "reservation": reservation}).all()
-    return sorted(rows, key=lambda row: row.id)
+def reserve_pool_keys(target, link_id: int, count: int, reservation: str) -> list[tuple]:
+    """Mark up to ``count`` free keys of the link as reserved for ``reservation``;
+    (id, file_id, position, material) of each, in id order."""
+    rows = driver(target).execute(_RESERVE, {"link_id": link_id, "count": count,
+                                             "reservation": reservation}).fetchall()
+    rows.sort()
+    return rows
+
+
+def remove_reserved(target, reservation: str) -> list[bytes]:
+    """Delete the pool keys reserved for ``reservation``; their material."""
+    return [row[0] for row in driver(target).execute("DELETE FROM pool_keys WHERE reservation = ? RETURNING material",
+                                                     (reservation,))]
+
+
+def file_names(target, file_ids) -> dict[int, str]:
+    """The names of key files by ID."""
+    ids = list(file_ids)
+    return dict(row for chunk, marks in _chunks(ids) for row in driver(target).execute(
+        f"SELECT id, name FROM key_files WHERE id IN ({marks})", chunk))
+
+
+def file_ids(target, link_id: int, names) -> dict[str, int]:
+    """The IDs of the link's key files by name (names not found are left out)."""
+    wanted = list(names)
+    return dict(row for chunk, marks in _chunks(wanted) for row in driver(target).execute(
+        f"SELECT name, id FROM key_files WHERE link_id = ? AND name IN ({marks})", [link_id, *chunk]))
+
+
+def pool_keys_at(target, positions: dict[int, list[int]]) -> list[tuple]:
+    """(id, link_id, state, file_id, position, material) of the pool keys at the given positions of each file.
+
+    One index search on (file_id, position) per position (row values in IN
+    lists are not indexable in SQLite), whatever the pool size.
+    """
+    connection = driver(target)
+    rows = []
+    for file_id, wanted in positions.items():
+        for chunk, marks in _chunks(wanted):
+            rows += connection.execute(f"SELECT id, link_id, state, file_id, position, material FROM pool_keys "
+                                       f"WHERE file_id = ? AND position IN ({marks})", [file_id, *chunk]).fetchall()
+    return rows
+
+
+def delete_pool_keys(target, ids: list[int]) -> None:
+    """Delete pool keys by ID."""
+    for chunk, marks in _chunks(ids):
+        driver(target).execute(f"DELETE FROM pool_keys WHERE id IN ({marks})", chunk)
+
+
+def any_delivered(target, key_ids: list[str]) -> bool:
+    """Whether a delivered key has one of ``key_ids``."""
+    return any(driver(target).execute(f"SELECT 1 FROM delivered_keys WHERE key_id IN ({marks}) LIMIT 1",
+                                      chunk).fetchone() for chunk, marks in _chunks(key_ids))
+
+
+def insert_outgoing(target, activation_id: str, link_id: int, state: str, created_at: str, request: str) -> None:
+    """Record an activation this KME asks of a peer."""
+    driver(target).execute("INSERT INTO outgoing_activations (activation_id, link_id, state, created_at, request) "
+                           "VALUES (?, ?, ?, ?, ?)", (activation_id, link_id, state, created_at, request))
+
+
+def take_outgoing(target, activation_id: str, states: tuple[str, ...]) -> tuple | None:
+    """Delete an outgoing activation if it is in one of ``states``; its (link_id, request), or None."""
+    return driver(target).execute(
+        f"DELETE FROM outgoing_activations WHERE activation_id = ? AND state IN ({','.join('?' * len(states))}) "
+        "RETURNING link_id, request", (activation_id, *states)).fetchone()
+
+
+def incoming_activation(target, activation_id: str) -> tuple | None:
+    """(link_id, state, key_ids) of an activation a peer asked of this KME, or None."""
+    return driver(target).execute("SELECT link_id, state, key_ids FROM incoming_activations WHERE activation_id = ?",
+                                  (activation_id,)).fetchone()
+
+
+def insert_incoming(target, activation_id: str, link_id: int, state: str, key_ids: str, created_at: str) -> None:
+    """Remember an activation a peer asked of this KME."""
+    driver(target).execute("INSERT INTO incoming_activations (activation_id, link_id, state, key_ids, created_at) "
+                           "VALUES (?, ?, ?, ?, ?)", (activation_id, link_id, state, key_ids, created_at))
 
 
 def lend_pool_keys(connection, link_id: int, count: int) -> list:

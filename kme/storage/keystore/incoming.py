@@ -7,12 +7,14 @@ confirmed them first; they can only ever be its own or lent to us by it).
 """
 import json
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import delete, select
 
 from kme.domain.errors import ActivationConflict, BadRequest
 from kme.operations import events
-from kme.storage.db import write_transaction
+from kme.storage import sqlite
+from kme.storage.db import grouped_write, write_transaction
 from kme.storage.keystore.common import (
     DeliveredKeyMaterial,
     erase_delivered,
@@ -21,7 +23,7 @@ from kme.storage.keystore.common import (
     update_link,
 )
 from kme.storage.keystore.progress import is_arbiter
-from kme.storage.models import PEERS, UNCONFIRMED, DeliveredKey, IncomingActivation, KeyFile, KeySlave, PoolKey
+from kme.storage.models import PEERS, UNCONFIRMED, DeliveredKey, IncomingActivation, KeySlave
 
 ACTIVATED = "activated"
 CANCELLED = "cancelled"
@@ -39,42 +41,49 @@ class ActivationRequest:
 
 
 def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:
-    """Activate the keys for our slave SAEs; the number of keys. Refused whole (409) if any part is missing."""
-    with write_transaction() as session:
-        known = session.get(IncomingActivation, request.activation_id)
+    """Activate the keys for our slave SAEs; the number of keys. Refused whole (409) if any part is missing.
+
+    Committed with concurrent requests (group commit) before this returns.
+    """
+    per_key = pool_keys_per_key(request.size_bits)
+    if any(len(parts) != per_key for _, parts in request.keys):
+        raise BadRequest(f"each key of {request.size_bits} bits has {per_key} parts")
+    wanted = [part for _, parts in request.keys for part in parts]
+    states = _peer_states(this_kme_id, link_id)
+
+    def work(connection) -> int:
+        known = sqlite.incoming_activation(connection, request.activation_id)
         if known is not None:
-            if known.link_id != link_id or known.state != ACTIVATED:
+            known_link, state, key_ids = known
+            if known_link != link_id or state != ACTIVATED:
                 raise ActivationConflict(f"activation {request.activation_id} was cancelled or belongs to another link")
-            return len(json.loads(known.key_ids))
-        per_key = pool_keys_per_key(request.size_bits)
-        if any(len(parts) != per_key for _, parts in request.keys):
-            raise BadRequest(f"each key of {request.size_bits} bits has {per_key} parts")
-        wanted = [part for _, parts in request.keys for part in parts]
-        rows = _pool_rows(session, link_id, wanted, _peer_states(this_kme_id, link_id))
+            return len(json.loads(key_ids))
+        rows = _pool_rows(connection, link_id, wanted, states)
         if len(rows) != len(wanted) or len(set(wanted)) != len(wanted):
             raise ActivationConflict(f"{len(set(wanted)) - len(rows)} of the {len(wanted)} keys named are not "
                                      f"available on this KME's link with KME {link_id} (used, set aside, "
                                      "or never held here)")
-        if session.scalars(select(DeliveredKey.key_id).where(
-                DeliveredKey.key_id.in_([key_id for key_id, _ in request.keys]))).first():
+        if sqlite.any_delivered(connection, [key_id for key_id, _ in request.keys]):
             raise ActivationConflict("a key ID of this activation is already in use")
-        session.execute(delete(PoolKey).where(PoolKey.id.in_([row.id for row in rows.values()])))
+        sqlite.delete_pool_keys(connection, [row.id for row in rows.values()])
         keys = [
             DeliveredKeyMaterial(key_id, b"".join(rows[part].material for part in parts)[: request.size_bits // 8])
             for key_id, parts in request.keys
         ]
         now = events.utc_now()
-        store_delivered(session, link_id, request.master_sae_id, request.slave_ids, keys, now)
+        store_delivered(connection, link_id, request.master_sae_id, request.slave_ids, keys, now)
         unconfirmed = sum(1 for row in rows.values() if row.state == UNCONFIRMED)
-        update_link(session, link_id, removed=[row.material for row in rows.values()],
+        update_link(connection, link_id, removed=[row.material for row in rows.values()],
                     added=[key.material for key in keys], peer_held=unconfirmed - len(rows),
                     unconfirmed=-unconfirmed, delivered=len(rows))
-        session.add(IncomingActivation(activation_id=request.activation_id, link_id=link_id, state=ACTIVATED,
-                                       key_ids=json.dumps([key.key_id for key in keys]), created_at=now))
+        sqlite.insert_incoming(connection, request.activation_id, link_id, ACTIVATED,
+                               json.dumps([key.key_id for key in keys]), now)
         slaves = " and ".join(map(str, request.slave_ids))
-        events.record(session, *(f"Key {key.key_id} activated between SAEs {request.master_sae_id} and {slaves}"
-                                 for key in keys))
+        events.record(connection, *(f"Key {key.key_id} activated between SAEs {request.master_sae_id} and "
+                                    f"{slaves}" for key in keys))
         return len(keys)
+
+    return grouped_write(work)
 
 
 def cancel(this_kme_id: int, link_id: int, request: ActivationRequest) -> None:
@@ -100,7 +109,7 @@ def cancel(this_kme_id: int, link_id: int, request: ActivationRequest) -> None:
             return
         rows = _pool_rows(session, link_id, [part for _, parts in request.keys for part in parts],
                           _peer_states(this_kme_id, link_id))
-        session.execute(delete(PoolKey).where(PoolKey.id.in_([row.id for row in rows.values()])))
+        sqlite.delete_pool_keys(session, [row.id for row in rows.values()])
         unconfirmed = sum(1 for row in rows.values() if row.state == UNCONFIRMED)
         update_link(session, link_id, removed=[row.material for row in rows.values()],
                     peer_held=unconfirmed - len(rows), unconfirmed=-unconfirmed, discarded=len(rows))
@@ -120,7 +129,16 @@ def _peer_states(this_kme_id: int, link_id: int) -> tuple[int, ...]:
     return (PEERS,) if is_arbiter(this_kme_id, link_id) else (PEERS, UNCONFIRMED)
 
 
-def _pool_rows(session, link_id: int, parts: list[tuple[str, int]], states: tuple[int, ...]) -> dict:
+class _PoolRow(NamedTuple):
+    id: int
+    link_id: int
+    state: int
+    file_id: int
+    position: int
+    material: bytes
+
+
+def _pool_rows(transaction, link_id: int, parts: list[tuple[str, int]], states: tuple[int, ...]) -> dict:
     """The pool rows in ``states`` at the given (file name, position) parts, keyed by part.
 
     One index search per part on (file_id, position), whatever the pool
@@ -128,9 +146,7 @@ def _pool_rows(session, link_id: int, parts: list[tuple[str, int]], states: tupl
     condition on them would steer SQLite to the (link_id, state) index and
     a scan of every key of the link.
     """
-    names = {name for name, _ in parts}
-    files = dict(session.execute(select(KeyFile.name, KeyFile.id).where(
-        KeyFile.link_id == link_id, KeyFile.name.in_(names))).all())
+    files = sqlite.file_ids(transaction, link_id, {name for name, _ in parts})
     positions: dict[int, list[int]] = {}
     for name, position in parts:
         if name in files:
@@ -138,9 +154,6 @@ def _pool_rows(session, link_id: int, parts: list[tuple[str, int]], states: tupl
     if not positions:
         return {}
     by_file = {file_id: name for name, file_id in files.items()}
-    rows = session.execute(select(PoolKey.id, PoolKey.link_id, PoolKey.state, PoolKey.file_id, PoolKey.position,
-                                  PoolKey.material).where(
-        or_(*(and_(PoolKey.file_id == file_id, PoolKey.position.in_(wanted))
-              for file_id, wanted in positions.items())))).all()
+    rows = map(_PoolRow._make, sqlite.pool_keys_at(transaction, positions))
     return {(by_file[row.file_id], row.position): row for row in rows
             if row.link_id == link_id and row.state in states}

@@ -8,12 +8,12 @@ another key ID.
 import json
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 
 from kme.domain.errors import PeerFailure
 from kme.operations import events
 from kme.storage import sqlite
-from kme.storage.db import db, write_transaction
+from kme.storage.db import db, grouped_write, write_transaction
 from kme.storage.keystore.common import (
     DeliveredKeyMaterial,
     build_keys,
@@ -23,7 +23,7 @@ from kme.storage.keystore.common import (
     update_link,
 )
 from kme.storage.keystore.local import not_enough_keys
-from kme.storage.models import OURS, KeyFile, OutgoingActivation, PoolKey
+from kme.storage.models import OURS, OutgoingActivation, PoolKey
 
 SENDING = "sending"
 UNKNOWN = "unknown"
@@ -42,58 +42,68 @@ class Reservation:
 
 def reserve(link_id: int, master_sae_id: int, slave_ids: list[int], local_slave_ids: list[int], number: int,
             size_bits: int) -> Reservation:
-    """Reserve keys of our direction of the link and record the pending activation (503 if too few)."""
+    """Reserve keys of our direction of the link and record the pending activation (503 if too few).
+
+    Committed with concurrent requests (group commit) before this returns.
+    """
     activation_id = new_key_id()
+    key_ids = [new_key_id() for _ in range(number)]
     needed = number * pool_keys_per_key(size_bits)
-    with write_transaction() as session:
-        rows = sqlite.reserve_pool_keys(session.connection(), link_id, needed, activation_id)
+    per_key = pool_keys_per_key(size_bits)
+
+    def work(connection) -> Reservation:
+        rows = sqlite.reserve_pool_keys(connection, link_id, needed, activation_id)
         if len(rows) < needed:
             raise not_enough_keys(number, size_bits, len(rows))
-        names = dict(session.execute(select(KeyFile.id, KeyFile.name).where(
-            KeyFile.id.in_({row.file_id for row in rows}))).all())
-        keys = build_keys([new_key_id() for _ in range(number)], [row.material for row in rows], size_bits)
-        per_key = pool_keys_per_key(size_bits)
+        names = sqlite.file_names(connection, {file_id for _id, file_id, _position, _material in rows})
+        keys = build_keys(key_ids, [material for *_, material in rows], size_bits)
         request = {
             "activation_ID": activation_id,
             "master_SAE_ID": master_sae_id,
             "slave_SAE_IDs": slave_ids,
             "size": size_bits,
             "keys": [{"key_ID": key.key_id,
-                      "parts": [{"file": names[row.file_id], "position": row.position}
-                                for row in rows[i * per_key:(i + 1) * per_key]]}
+                      "parts": [{"file": names[file_id], "position": position}
+                                for _id, file_id, position, _material in rows[i * per_key:(i + 1) * per_key]]}
                      for i, key in enumerate(keys)],
         }
-        session.add(OutgoingActivation(activation_id=activation_id, link_id=link_id, state=SENDING,
-                                       created_at=events.utc_now(),
-                                       request=json.dumps({"wire": request, "local_slaves": local_slave_ids})))
-        update_link(session, link_id, available=-needed, reserved=needed)
-        events.record(session, f"SAE {master_sae_id} requested a key to communicate with "
-                               f"{' and '.join(map(str, slave_ids + local_slave_ids))}",
+        sqlite.insert_outgoing(connection, activation_id, link_id, SENDING, events.utc_now(),
+                               json.dumps({"wire": request, "local_slaves": local_slave_ids}))
+        update_link(connection, link_id, available=-needed, reserved=needed)
+        events.record(connection, f"SAE {master_sae_id} requested a key to communicate with "
+                                  f"{' and '.join(map(str, slave_ids + local_slave_ids))}",
                       *(f"As SAE {slave} belongs to KME {link_id}, activating it through inter KMEs network"
                         for slave in slave_ids))
         return Reservation(activation_id, keys, request)
 
+    return grouped_write(work)
+
 
 def finalize(reservation: Reservation) -> None:
-    """The peer activated the keys: they leave the pool; slaves of this KME (multicast) may fetch them here."""
-    with write_transaction() as session:
-        pending = _take_pending(session, reservation.activation_id, states=(SENDING,))
+    """The peer activated the keys: they leave the pool; slaves of this KME (multicast) may fetch them here.
+
+    Committed with concurrent requests (group commit) before this returns.
+    """
+
+    def work(connection) -> None:
+        pending = sqlite.take_outgoing(connection, reservation.activation_id, (SENDING,))
         if pending is None:
             raise PeerFailure("the peer KME answered after the activation was cancelled; its keys are discarded, "
                               "try again")
-        stored = json.loads(pending.request)
-        rows = _remove_reserved(session, reservation.activation_id)
+        link_id, stored = pending[0], json.loads(pending[1])
+        materials = sqlite.remove_reserved(connection, reservation.activation_id)
         wire = stored["wire"]
         local = stored["local_slaves"]
         if local:
-            store_delivered(session, pending.link_id, wire["master_SAE_ID"], local, reservation.keys,
-                            events.utc_now())
-        update_link(session, pending.link_id, removed=[row.material for row in rows],
+            store_delivered(connection, link_id, wire["master_SAE_ID"], local, reservation.keys, events.utc_now())
+        update_link(connection, link_id, removed=materials,
                     added=[key.material for key in reservation.keys] if local else (),
-                    reserved=-len(rows), delivered=len(rows))
+                    reserved=-len(materials), delivered=len(materials))
         slaves = " and ".join(map(str, wire["slave_SAE_IDs"] + local))
-        events.record(session, *(f"Key {key.key_id} activated between SAEs {wire['master_SAE_ID']} and {slaves}"
-                                 for key in reservation.keys))
+        events.record(connection, *(f"Key {key.key_id} activated between SAEs {wire['master_SAE_ID']} and "
+                                    f"{slaves}" for key in reservation.keys))
+
+    grouped_write(work)
 
 
 def release(activation_id: str) -> None:
@@ -103,12 +113,12 @@ def release(activation_id: str) -> None:
     cancels it, the peer discards the parts, and so must we.
     """
     with write_transaction() as session:
-        pending = _take_pending(session, activation_id, states=(SENDING,))
+        pending = sqlite.take_outgoing(session, activation_id, (SENDING,))
         if pending is None:
             return
         count = session.execute(update(PoolKey).where(PoolKey.reservation == activation_id)
                                 .values(state=OURS, reservation=None)).rowcount
-        update_link(session, pending.link_id, reserved=-count, available=count)
+        update_link(session, pending[0], reserved=-count, available=count)
 
 
 def mark_unknown(activation_id: str, why: str) -> None:
@@ -140,13 +150,12 @@ def begin_cancel(activation_id: str) -> bool:
 def discard(activation_id: str) -> None:
     """Settle an activation whose keys may never be used again (the peer cancelled it)."""
     with write_transaction() as session:
-        pending = _take_pending(session, activation_id, states=(SENDING, UNKNOWN, CANCELLING))
+        pending = sqlite.take_outgoing(session, activation_id, (SENDING, UNKNOWN, CANCELLING))
         if pending is None:
             return
-        rows = _remove_reserved(session, activation_id)
-        update_link(session, pending.link_id, removed=[row.material for row in rows], reserved=-len(rows),
-                    discarded=len(rows))
-        events.record(session, f"Activation {activation_id} settled: {len(rows)} reserved keys discarded")
+        materials = sqlite.remove_reserved(session, activation_id)
+        update_link(session, pending[0], removed=materials, reserved=-len(materials), discarded=len(materials))
+        events.record(session, f"Activation {activation_id} settled: {len(materials)} reserved keys discarded")
 
 
 def to_settle(sending_before: str) -> list[tuple[str, int, dict]]:
@@ -162,16 +171,3 @@ def to_settle(sending_before: str) -> list[tuple[str, int, dict]]:
     pending = [(row.activation_id, row.link_id, json.loads(row.request)["wire"]) for row in rows]
     db.session.commit()
     return pending
-
-
-def _take_pending(session, activation_id: str, states: tuple[str, ...]) -> OutgoingActivation | None:
-    pending = session.get(OutgoingActivation, activation_id)
-    if pending is None or pending.state not in states:
-        return None
-    session.execute(delete(OutgoingActivation).where(OutgoingActivation.activation_id == activation_id))
-    return pending
-
-
-def _remove_reserved(session, activation_id: str) -> list:
-    return session.execute(delete(PoolKey).where(PoolKey.reservation == activation_id)
-                           .returning(PoolKey.id, PoolKey.material)).all()
