@@ -47,7 +47,7 @@ def ingest_keys_command(keep_watching: bool) -> None:
         try:
             ensure_schema()
             _print_summary(ingest_directories(config, show_progress=sys.stdout.isatty()))
-        except (DBAPIError, StorageFailure) as exc:
+        except (DBAPIError, *sqlite.DRIVER_ERRORS, StorageFailure) as exc:
             cause = exc.cause if isinstance(exc, StorageFailure) else sqlite.failure_cause(exc)
             raise click.ClickException(f"ingestion stopped: {cause}") from None
         return
