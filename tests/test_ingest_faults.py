@@ -64,6 +64,15 @@ def test_a_file_that_repeats_a_key_gives_it_once(kme):
     assert kme.ledger.assert_exact(1)["available"] == 1
 
 
+def test_repeats_inside_a_file_keep_each_materials_first_position(kme):
+    a, b, c = (bytes([value]) * 32 for value in (1, 2, 3))
+    (keys_folder(kme) / "mixed.cor").write_bytes(a + b + a + c + b + b)
+    summary = kme.ingest()
+    assert (summary.keys, summary.duplicates) == (3, 3)
+    rows = kme.ledger._query("SELECT position, material FROM pool_keys ORDER BY position")
+    assert [tuple(row) for row in rows] == [(0, a), (1, b), (3, c)]
+
+
 def test_a_file_copied_into_another_links_folder_adds_nothing(tmp_path, pki):
     network = Network(tmp_path, pki, [(1, 2)])
     kme1 = InProcess(network[1].config)

@@ -247,9 +247,9 @@ def driver(target) -> sqlite3.Connection:
     return target.connection().connection.driver_connection
 
 
-def insert_pool_keys(connection, rows: list[tuple]) -> None:
-    """Add (link_id, file_id, position, state, material) rows in one executemany, past the ORM (ingestion speed)."""
-    connection.exec_driver_sql(
+def insert_pool_keys(target, rows) -> None:
+    """Add (link_id, file_id, position, state, material) rows (any iterable) in one executemany (ingestion speed)."""
+    driver(target).executemany(
         "INSERT INTO pool_keys (link_id, file_id, position, state, material) VALUES (?, ?, ?, ?, ?)", rows)
 
 
@@ -336,33 +336,32 @@ def insert_events(target, rows: list[tuple]) -> None:
     driver(target).executemany("INSERT INTO events (created_at, message) VALUES (?, ?)", rows)
 
 
-def add_fingerprints(connection, fingerprints: list[int]) -> set[int]:
-    """Store distinct fingerprints; returns those stored before (whose keys must be refused).
+def add_fingerprints(target, fingerprints) -> set[int]:
+    """Store distinct fingerprints (any collection); returns those stored before (whose keys must be refused).
 
     The usual case costs one executemany: INSERT OR IGNORE, whose row count
     says whether any fingerprint was known. Only then is it undone to a
     savepoint, the known ones looked up, and the others inserted. Sorted,
     the inserts fill the index's pages one after another.
     """
-    rows = [(fingerprint,) for fingerprint in sorted(fingerprints)]
-    if not rows:
+    ordered = sorted(fingerprints)
+    if not ordered:
         return set()
-    connection.exec_driver_sql("SAVEPOINT fingerprints")
-    inserted = connection.exec_driver_sql("INSERT OR IGNORE INTO key_fingerprints (fingerprint) VALUES (?)",
-                                          rows).rowcount
-    if inserted == len(rows):
-        connection.exec_driver_sql("RELEASE fingerprints")
+    connection = driver(target)
+    connection.execute("SAVEPOINT fingerprints")
+    inserted = connection.executemany("INSERT OR IGNORE INTO key_fingerprints (fingerprint) VALUES (?)",
+                                      zip(ordered)).rowcount
+    if inserted == len(ordered):
+        connection.execute("RELEASE fingerprints")
         return set()
-    connection.exec_driver_sql("ROLLBACK TO fingerprints")
-    connection.exec_driver_sql("RELEASE fingerprints")
+    connection.execute("ROLLBACK TO fingerprints")
+    connection.execute("RELEASE fingerprints")
     known = set()
-    for start in range(0, len(rows), _LOOKUP_CHUNK):
-        chunk = tuple(row[0] for row in rows[start:start + _LOOKUP_CHUNK])
-        known.update(row[0] for row in connection.exec_driver_sql(
-            f"SELECT fingerprint FROM key_fingerprints WHERE fingerprint IN ({','.join('?' * len(chunk))})", chunk))
-    fresh = [row for row in rows if row[0] not in known]
-    if fresh:
-        connection.exec_driver_sql("INSERT INTO key_fingerprints (fingerprint) VALUES (?)", fresh)
+    for chunk, marks in _chunks(ordered):
+        known.update(row[0] for row in connection.execute(
+            f"SELECT fingerprint FROM key_fingerprints WHERE fingerprint IN ({marks})", chunk))
+    connection.executemany("INSERT INTO key_fingerprints (fingerprint) VALUES (?)",
+                           zip(fingerprint for fingerprint in ordered if fingerprint not in known))
     return known
 
 

@@ -2,6 +2,7 @@
 import hashlib
 import struct
 import time
+from itertools import repeat
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -85,11 +86,17 @@ def fingerprints(materials: list[bytes]) -> list[int]:
     against guessed keys without the secret; BLAKE2b's own keyed mode is a
     MAC like HMAC, at a third of HMAC-SHA256's cost per key. 64 bits keep the
     index small; a collision (about 3 % odds over 10^9 keys) would only
-    refuse one key, never hand one out twice.
+    refuse one key, never hand one out twice. Each key's MAC starts from a
+    copy of the state that has absorbed the secret, which costs less than
+    absorbing it again.
     """
-    secret = meta(FINGERPRINT_SECRET)
-    digests = b"".join([hashlib.blake2b(material, key=secret, digest_size=8).digest() for material in materials])
-    return list(struct.unpack(f">{len(materials)}q", digests))
+    keyed = hashlib.blake2b(key=meta(FINGERPRINT_SECRET), digest_size=8)
+    digests = []
+    for material in materials:
+        mac = keyed.copy()
+        mac.update(material)
+        digests.append(mac.digest())
+    return list(struct.unpack(f">{len(materials)}q", b"".join(digests)))
 
 
 def store_keys(this_kme_id: int, link_id: int, progress: FileProgress, materials: list[bytes], length: int,
@@ -115,27 +122,28 @@ def store_keys(this_kme_id: int, link_id: int, progress: FileProgress, materials
         if (link_row.available + link_row.reserved + link_row.peer_held + link_row.unconfirmed + len(materials)
                 > max_key_count):
             raise ValueError(f"the pool of link {link_id} would exceed max_key_count ({max_key_count})")
-        # The first occurrence of a material in the batch counts; later ones are duplicates.
-        first_at: dict[int, int] = {}
-        for position, fingerprint in enumerate(fingerprints(materials), start=row.next_position):
-            first_at.setdefault(fingerprint, position)
-        known = sqlite.add_fingerprints(session.connection(), list(first_at))
-        # first_at keeps the order of first occurrence: position order.
-        fresh = [position for fingerprint, position in first_at.items() if fingerprint not in known]
         first, file_id = row.next_position, row.id
-        added = [materials[position - first] for position in fresh]
+        prints = fingerprints(materials)
+        # The first occurrence of a material in the batch counts; later ones are duplicates. Built backwards,
+        # each fingerprint ends up with its lowest position.
+        first_at = dict(zip(reversed(prints), range(first + len(prints) - 1, first - 1, -1)))
+        known = sqlite.add_fingerprints(session, first_at)
+        if known or len(first_at) < len(prints):
+            fresh = sorted(position for fingerprint, position in first_at.items() if fingerprint not in known)
+            added = [materials[position - first] for position in fresh]
+        else:
+            fresh, added = range(first, first + len(materials)), materials
         zone = link_id == this_kme_id
-        rows = [(link_id, file_id, position, OURS if zone else UNCONFIRMED, material)
-                for position, material in zip(fresh, added)]
-        if rows:
-            sqlite.insert_pool_keys(session.connection(), rows)
-        refused = len(materials) - len(rows)
+        if added:
+            sqlite.insert_pool_keys(session, zip(repeat(link_id), repeat(file_id), fresh,
+                                                 repeat(OURS if zone else UNCONFIRMED), added))
+        refused = len(materials) - len(added)
         row.next_position += len(materials)
         row.duplicates += refused
         row.length = length
         row.complete = complete
-        update_link(session, link_id, added=added, ingested=len(rows),
-                    **{"available" if zone else "unconfirmed": len(rows)})
+        update_link(session, link_id, added=added, ingested=len(added),
+                    **{"available" if zone else "unconfirmed": len(added)})
         if zone:
             row.decided = row.next_position
         else:

@@ -10,7 +10,7 @@ from kme.storage.keystore.common import (
     DeliveredKeyMaterial,
     build_keys,
     erase_delivered,
-    new_key_id,
+    new_key_ids,
     pool_keys_per_key,
     store_delivered,
     update_link,
@@ -35,7 +35,7 @@ def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number
     before this returns.
     """
     needed = number * pool_keys_per_key(size_bits)
-    key_ids = [new_key_id() for _ in range(number)]
+    key_ids = new_key_ids(number)
     slaves = " and ".join(map(str, slave_ids))
 
     def deliver(connection) -> list[DeliveredKeyMaterial]:

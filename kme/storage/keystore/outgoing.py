@@ -18,6 +18,7 @@ from kme.storage.keystore.common import (
     DeliveredKeyMaterial,
     build_keys,
     new_key_id,
+    new_key_ids,
     pool_keys_per_key,
     store_delivered,
     update_link,
@@ -47,7 +48,7 @@ def reserve(link_id: int, master_sae_id: int, slave_ids: list[int], local_slave_
     Committed with concurrent requests (group commit) before this returns.
     """
     activation_id = new_key_id()
-    key_ids = [new_key_id() for _ in range(number)]
+    key_ids = new_key_ids(number)
     needed = number * pool_keys_per_key(size_bits)
     per_key = pool_keys_per_key(size_bits)
 
