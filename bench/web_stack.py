@@ -2,7 +2,7 @@
 
 Usage: .venv/bin/python bench/web_stack.py [seconds per measurement, default 3] [repetitions, default 5]
        [seconds of abuse, default 60]
-BENCH_CALLS="status,entropy" (names of the table, by prefix) measures only those calls.
+BENCH_CALLS="status;entropy" (names of the table, by prefix, separated by ";") measures only those calls.
 
 Starts on 127.0.0.1 a KME pair (KME 1's SAE interface with the product's
 defaults: 2 workers x 8 threads) and the ceilings: bench/ceiling_app.py
@@ -171,7 +171,7 @@ CALLS = [
 
 
 def _chosen_calls() -> list:
-    wanted = [name.strip() for name in os.environ.get("BENCH_CALLS", "").split(",") if name.strip()]
+    wanted = [name.strip() for name in os.environ.get("BENCH_CALLS", "").split(";") if name.strip()]
     return [call for call in CALLS if not wanted or any(call[0].startswith(name) for name in wanted)]
 
 

@@ -12,6 +12,7 @@ class FakeTlsSocket(ssl.SSLSocket):
         self._der, self._info = der, info
 
     def getpeercert(self, binary_form=False):
+        self.reads = getattr(self, "reads", 0) + 1
         return self._der if binary_form else self._info
 
 
@@ -33,6 +34,16 @@ def test_plain_socket_gives_no_identity():
 def test_unverified_certificate_gives_no_identity():
     assert peer_certificate_keys(FakeTlsSocket(b"\x30\x00", {}))["SSL_CLIENT_VERIFY"] == "NONE"
     assert peer_certificate_keys(FakeTlsSocket(None, None))["SSL_CLIENT_VERIFY"] == "NONE"
+
+
+def test_a_connections_certificate_is_read_once_and_replaces_forged_keys_on_every_request():
+    sock = FakeTlsSocket(b"\x30\x00", {"serialNumber": "0A", "subject": ((("commonName", "sae1"),),)})
+    seen = []
+    middleware = PeerCertificateMiddleware(lambda env, start_response: seen.append(dict(env)) or [])
+    for forged in ({}, {"SSL_CLIENT_M_SERIAL": "FF", "SSL_CLIENT_S_DN": "CN=forged"}):
+        middleware({"gunicorn.socket": sock, **forged}, None)
+    assert [(env["SSL_CLIENT_M_SERIAL"], env["SSL_CLIENT_S_DN"]) for env in seen] == [("0A", "commonName=sae1")] * 2
+    assert sock.reads == 2  # one handshake's certificate: its DER and its decoded form, once
 
 
 def test_forged_environ_keys_are_replaced():

@@ -26,9 +26,15 @@ class _BoundedHandshakeContext(ssl.SSLContext):
 
 
 def server_context(interface: HttpsInterface) -> ssl.SSLContext:
-    """TLS 1.2 or higher, our server certificate, client certificates required from one CA."""
+    """TLS 1.2 or higher, our server certificate, client certificates required from one CA, no renegotiation.
+
+    Without renegotiation a connection keeps the client certificate of its
+    handshake, which the identity middleware may therefore read once per
+    connection.
+    """
     context = _BoundedHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION
     context.load_cert_chain(str(interface.server_cert_path), str(interface.server_key_path))
     context.load_verify_locations(cafile=str(interface.ca_client_cert_path))
     context.verify_mode = ssl.CERT_REQUIRED

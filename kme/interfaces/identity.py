@@ -5,6 +5,7 @@ the app reads only the environ, so it runs behind any server that sets them.
 Clients cannot forge these keys: HTTP headers arrive as HTTP_* keys.
 """
 import ssl
+import weakref
 
 VERIFY = "SSL_CLIENT_VERIFY"
 SERIAL = "SSL_CLIENT_M_SERIAL"
@@ -27,15 +28,28 @@ def peer_certificate_keys(sock) -> dict[str, str]:
 
 
 class PeerCertificateMiddleware:
-    """WSGI middleware: replaces any SSL_CLIENT_* keys by those of the gunicorn socket."""
+    """WSGI middleware: replaces any SSL_CLIENT_* keys by those of the gunicorn socket.
+
+    Read once per connection: the server context refuses renegotiation
+    (kme.interfaces.gunicorn_conf), so a connection's certificate never
+    changes; keep-alive requests reuse what its first request read.
+    """
 
     def __init__(self, app):
         self.app = app
+        self._by_socket: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
     def __call__(self, environ, start_response):
         for key in _KEYS:
             environ.pop(key, None)
-        environ.update(peer_certificate_keys(environ.get("gunicorn.socket")))
+        sock = environ.get("gunicorn.socket")
+        if isinstance(sock, ssl.SSLSocket):
+            keys = self._by_socket.get(sock)
+            if keys is None:
+                keys = self._by_socket[sock] = peer_certificate_keys(sock)
+        else:
+            keys = peer_certificate_keys(sock)
+        environ.update(keys)
         return self.app(environ, start_response)
 
 

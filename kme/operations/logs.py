@@ -6,9 +6,9 @@ keys by their IDs only.
 """
 import json
 import logging
+import os
 import sys
 import time
-import uuid
 
 from flask import g, request
 
@@ -80,7 +80,7 @@ def _request_id() -> str:
     # A caller's ID is kept if it is short and plain, so it can be traced across KMEs.
     if 0 < len(given) <= 64 and _REQUEST_ID_CHARACTERS.issuperset(given):
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 # Routes whose successful requests are logged at DEBUG only.
@@ -99,13 +99,15 @@ def init_app(app, interface: str, observe) -> None:
     def log_request(response):
         duration = time.perf_counter() - g.get("started", time.perf_counter())
         route = request.url_rule.rule if request.url_rule else "(no route)"
-        caller = g.get("caller", "-")
-        response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
+        request_id = g.get("request_id", "")
+        response.headers[REQUEST_ID_HEADER] = request_id
         observe(interface, route, request.method, response.status_code, duration)
-        fields = {"method": request.method, "route": route, "status": response.status_code, "caller": caller,
-                  "duration_ms": round(duration * 1000, 1), "request_id": g.get("request_id", "")}
         # The peers' periodic progress exchanges would drown the log at INFO.
         level = logging.DEBUG if route in QUIET_ROUTES and response.status_code == 200 else logging.INFO
-        log.log(level, "%s %s %s %s %.1fms %s", request.method, route, response.status_code, caller,
-                duration * 1000, fields["request_id"], extra={"fields": fields})
+        if log.isEnabledFor(level):
+            caller = g.get("caller", "-")
+            fields = {"method": request.method, "route": route, "status": response.status_code, "caller": caller,
+                      "duration_ms": round(duration * 1000, 1), "request_id": request_id}
+            log.log(level, "%s %s %s %s %.1fms %s", request.method, route, response.status_code, caller,
+                    duration * 1000, request_id, extra={"fields": fields})
         return response
