@@ -23,6 +23,8 @@ from urllib3.exceptions import NewConnectionError
 from kme.config import OtherKme
 from kme.interfaces.kme_wire import LeaseAnswerSchema, ProgressAnswerSchema
 
+_LEASE_ANSWER, _PROGRESS_ANSWER = LeaseAnswerSchema(), ProgressAnswerSchema()
+
 log = logging.getLogger(__name__)
 
 
@@ -127,11 +129,11 @@ class PeerClient:
 
     def lease(self, request: dict) -> dict:
         """Ask the peer to lend keys of its direction to ours; its answer (runs of positions, its free keys)."""
-        return self._checked(LeaseAnswerSchema(), self._post("/leases", request, "lease_ID"))
+        return self._checked(_LEASE_ANSWER, self._post("/leases", request, "lease_ID"))
 
     def exchange_progress(self, push: dict) -> dict:
         """Tell the peer our ingestion progress; its answer carries its own."""
-        return self._checked(ProgressAnswerSchema(), self._post("/progress", push, "database_ID", echoed=False))
+        return self._checked(_PROGRESS_ANSWER, self._post("/progress", push, "database_ID", echoed=False))
 
     def _checked(self, schema, answer: dict) -> dict:
         try:
