@@ -227,3 +227,4 @@ def test_a_client_expecting_100_continue_sends_its_body_after_it(pki, kme):
         while chunk := tls.recv(4096):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 400") and KEYS_NOT_FOUND.encode() in answer
+

@@ -13,6 +13,8 @@ then it is closed.
 Requests that gunicorn itself refuses before the app sees them (a bad
 request line, a lowercase method, a URI or headers too long, a broken chunked
 body) are answered with an ETSI Error body in JSON too, never an HTML page.
+
+Garbage collection is tuned once the app is loaded (kme.operations.collector).
 """
 import errno
 import json
@@ -27,6 +29,7 @@ from gunicorn import http, sock, util
 from gunicorn.workers.gthread import ThreadWorker, TConn
 
 from kme.interfaces.identity import PeerCertificateMiddleware
+from kme.operations import collector
 
 # How long a client has to complete the TLS handshake and send a whole request.
 STAGE_SECONDS = 10.0
@@ -89,6 +92,7 @@ class PeerCertificateWorker(ThreadWorker):
     def load_wsgi(self):
         super().load_wsgi()
         self.wsgi = PeerCertificateMiddleware(self.wsgi)
+        collector.tune()
 
     def accept(self, listener):
         """Take a new connection into the stage: non-blocking TLS handshake, then the request."""
