@@ -24,7 +24,6 @@ sys.path.insert(0, str(ROOT))
 
 from kme import create_app  # noqa: E402
 from kme.config import load_config  # noqa: E402
-from kme.operations import collector  # noqa: E402
 from kme.operations.certs import generate_pki  # noqa: E402
 from kme.operations.ingest import BATCH_KEYS, ingest_directories  # noqa: E402
 from kme.storage.db import ensure_schema  # noqa: E402
@@ -83,8 +82,6 @@ def plain_with_fingerprints(folder: Path, pki: Pki, data: bytes) -> float:
 
 
 def main() -> int:
-    # As in `flask ingest-keys`, which the "ours" figure stands for; the baselines run with it too.
-    collector.tune()
     keys = int(sys.argv[1]) if len(sys.argv) > 1 else 400_000
     repetitions = int(sys.argv[2]) if len(sys.argv) > 2 else 5
     with tempfile.TemporaryDirectory() as tmp:

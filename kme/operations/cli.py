@@ -10,7 +10,7 @@ from flask import current_app
 from sqlalchemy.exc import DBAPIError
 
 from kme.domain.errors import StorageFailure
-from kme.operations import certs, collector, key_folders, status
+from kme.operations import certs, key_folders, status
 from kme.operations.ingest import KEY_FILE_SUFFIX, ingest_directories
 from kme.operations.watch import watch
 from kme.storage import sqlite
@@ -43,7 +43,6 @@ def ingest_keys_command(keep_watching: bool) -> None:
     for link_id, directory in config.key_directories().items():
         if not directory.is_dir():
             raise click.ClickException(f"key directory of link {link_id} does not exist: {directory}")
-    collector.tune()
     if not keep_watching:
         try:
             ensure_schema()

@@ -1,4 +1,5 @@
 """The database handle, schema creation and identity, and the write transaction every writer uses."""
+import gc
 import os
 import uuid
 import weakref
@@ -134,8 +135,18 @@ def meta(name: str) -> bytes | None:
 
 
 def reset_connections() -> None:
-    """Drop pooled connections, so that the next use opens fresh ones (after a storage fault)."""
+    """Drop pooled connections, so that the next use opens fresh ones (after a storage fault).
+
+    A connection that is not closed explicitly (one checked out by another
+    thread while the pool is disposed) is freed only by the garbage
+    collector: each sqlite3 connection is in a reference cycle with its
+    statement cache. SQLite shares its state of a file among all of a
+    process's connections to it, so one such connection left open on a file
+    opened read-only keeps new ones read-only. Collecting now closes those
+    (the collector runs seldom in the web workers, kme.operations.collector).
+    """
     db.engine.dispose()
+    gc.collect()
 
 
 def check_database_file() -> None:
