@@ -5,12 +5,11 @@ entropy of all held material costs 256 additions whatever the pool size.
 Counting uses numpy's bincount: thirty times faster than a Counter on the
 megabytes of an ingestion batch, and faster on a few keys too.
 """
-import struct
-
 import numpy
 
-_FORMAT = "<256Q"
-EMPTY = bytes(struct.calcsize(_FORMAT))
+# A stored histogram: 256 little-endian unsigned 64-bit counts, one per byte value.
+_COUNT = numpy.dtype("<u8")
+EMPTY = bytes(256 * _COUNT.itemsize)
 
 
 def _counts(data: bytes):
@@ -24,21 +23,21 @@ def changed(added, removed) -> bool:
 
 def apply(histogram: bytes, added=(), removed=()) -> bytes:
     """The histogram with the bytes of ``added`` counted in and those of ``removed`` counted out."""
-    current = numpy.frombuffer(histogram, dtype="<u8").astype(numpy.int64)
+    current = numpy.frombuffer(histogram, dtype=_COUNT).astype(numpy.int64)
     if added:
         current = current + _counts(b"".join(added))
     if removed:
         current = current - _counts(b"".join(removed))
     if (current < 0).any():
         raise ValueError("byte histogram would go negative: accounting is broken")
-    return current.astype("<u8").tobytes()
+    return current.astype(_COUNT).tobytes()
 
 
 def merge(histograms) -> list[int]:
     """Element-wise sum of stored histograms."""
     total = numpy.zeros(256, dtype=numpy.uint64)
     for histogram in histograms:
-        total += numpy.frombuffer(histogram, dtype="<u8")
+        total += numpy.frombuffer(histogram, dtype=_COUNT)
     return total.tolist()
 
 

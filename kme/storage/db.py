@@ -65,9 +65,10 @@ def grouped_write(work):
     every request waiting at that moment, each undone alone if it raises.
     ``work`` gets a driver connection (use the kme.storage.sqlite functions)
     and may run on another caller's thread; the value comes back only once
-    the transaction holding it has committed.
+    the transaction holding it has committed. Only for requests: the app's
+    before_request hook has checked the database file for this request
+    (check_database_file), so it is not checked again here.
     """
-    check_database_file()
     return sqlite.group_commit(db.engine, work)
 
 
