@@ -20,7 +20,7 @@ def engine(tmp_path):
         connection.execute("CREATE TABLE rows (id INTEGER PRIMARY KEY, parent INTEGER "
                            "REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)")
     yield engine
-    engine.dispose()
+    sqlite.dispose(engine)
 
 
 def _stored(engine) -> list[int]:
@@ -35,6 +35,14 @@ def _insert(value: int, then=None):
             then()
         return value, threading.get_ident()
     return work
+
+
+def _running(started: threading.Event, release: threading.Event):
+    """A unit's last step: say it is running (its batch taken, its transaction open), then wait for ``release``."""
+    def then():
+        started.set()
+        release.wait(10)
+    return then
 
 
 def _wait_until(condition, seconds: float = 10) -> None:
@@ -65,9 +73,9 @@ def _waiting(engine) -> int:
 
 
 def test_callers_waiting_during_a_commit_are_committed_together_by_one_leader(engine):
-    release = threading.Event()
-    first, first_outcome = _start(engine, [(0, _insert(0, then=release.wait))])
-    _wait_until(lambda: id(engine) in sqlite._groups and sqlite._groups[id(engine)]._leading)
+    release, started = threading.Event(), threading.Event()
+    first, first_outcome = _start(engine, [(0, _insert(0, then=_running(started, release)))])
+    started.wait(10)
     others, outcomes = _start(engine, [(index, _insert(index)) for index in range(1, THREADS)])
     _wait_until(lambda: _waiting(engine) == THREADS - 1)
     release.set()
@@ -82,9 +90,9 @@ def test_callers_waiting_during_a_commit_are_committed_together_by_one_leader(en
 
 
 def test_a_unit_that_raises_is_undone_alone_and_gets_its_own_exception(engine):
-    release = threading.Event()
-    first, _ = _start(engine, [(0, _insert(0, then=release.wait))])
-    _wait_until(lambda: id(engine) in sqlite._groups and sqlite._groups[id(engine)]._leading)
+    release, started = threading.Event(), threading.Event()
+    first, _ = _start(engine, [(0, _insert(0, then=_running(started, release)))])
+    started.wait(10)
 
     def refuse():
         raise ValueError("refused")
@@ -100,9 +108,9 @@ def test_a_unit_that_raises_is_undone_alone_and_gets_its_own_exception(engine):
 
 
 def test_a_failed_commit_fails_every_unit_of_the_batch_and_keeps_nothing(engine):
-    release = threading.Event()
-    first, _ = _start(engine, [(0, _insert(0, then=release.wait))])
-    _wait_until(lambda: id(engine) in sqlite._groups and sqlite._groups[id(engine)]._leading)
+    release, started = threading.Event(), threading.Event()
+    first, _ = _start(engine, [(0, _insert(0, then=_running(started, release)))])
+    started.wait(10)
 
     def orphan(connection):
         # A deferred foreign key: the unit itself succeeds, the COMMIT fails.
@@ -127,3 +135,46 @@ def test_a_value_is_returned_only_once_its_transaction_is_committed(engine):
         with sqlite3.connect(engine.url.database) as other:
             assert other.execute("SELECT COUNT(*) FROM rows WHERE id = ?", (value,)).fetchone()[0] == 1
         other.close()
+
+
+def test_a_unit_alone_that_raises_keeps_nothing_and_the_next_caller_starts_fresh(engine):
+    def half_then_refuse(connection):
+        connection.execute("INSERT INTO rows (id) VALUES (7)")
+        raise ValueError("refused")
+
+    with pytest.raises(ValueError, match="refused"):
+        sqlite.group_commit(engine, half_then_refuse)
+    assert _stored(engine) == []
+    assert sqlite.group_commit(engine, _insert(8))[0] == 8
+    assert _stored(engine) == [8]
+
+
+def test_a_unit_alone_whose_commit_fails_keeps_nothing(engine):
+    def orphan(connection):
+        connection.execute("INSERT INTO rows (id, parent) VALUES (9, 12345)")
+
+    with pytest.raises(sqlite3.IntegrityError):
+        sqlite.group_commit(engine, orphan)
+    assert _stored(engine) == []
+    assert sqlite.group_commit(engine, _insert(10))[0] == 10
+    assert _stored(engine) == [10]
+
+
+def test_callers_arriving_while_the_leader_waits_for_the_turn_join_its_batch(engine):
+    # Another writer (here: this test, as another process would) holds the writers' turn.
+    turn = sqlite.writer_turn(engine)
+    turn.__enter__()
+    try:
+        first, first_outcome = _start(engine, [(0, _insert(0))])
+        _wait_until(lambda: id(engine) in sqlite._groups and sqlite._groups[id(engine)]._leading)
+        others, outcomes = _start(engine, [(index, _insert(index)) for index in range(1, THREADS)])
+        _wait_until(lambda: _waiting(engine) == THREADS)
+    finally:
+        turn.__exit__(None, None, None)
+    for thread in first + others:
+        thread.join(10)
+    outcomes.update(first_outcome)
+    assert sorted(value for value, _ in outcomes.values()) == list(range(THREADS))
+    # One leader ran them all, in one transaction.
+    assert len({thread for _, thread in outcomes.values()}) == 1
+    assert _stored(engine) == list(range(THREADS))

@@ -10,7 +10,7 @@ import pytest
 from kme import create_app
 from kme.config import load_config
 from kme.domain.errors import EXTENSION_MANDATORY_UNSUPPORTED, KEYS_NOT_FOUND, SIZE_NOT_MULTIPLE_OF_8
-from kme.interfaces.schemas import KeyContainerSchema, key_container
+from kme.interfaces.schemas import EntropySchema, KeyContainerSchema, StatusSchema, key_container, status_body
 from kme.storage.keystore.common import DeliveredKeyMaterial
 from tests.conftest import client_with, sae_environ
 from tests.support import Ledger
@@ -326,3 +326,19 @@ def test_a_database_of_an_older_kme_is_named_not_used(app, config_path, pki):
 def test_the_key_container_built_directly_is_what_the_schema_dumps():
     keys = [DeliveredKeyMaterial(str(uuid.uuid4()), bytes(range(32))), DeliveredKeyMaterial(str(uuid.uuid4()), b"\xff")]
     assert key_container(keys) == KeyContainerSchema().dump({"keys": keys})
+
+
+def test_the_status_built_directly_is_what_the_schema_dumps(app):
+    from kme.config import Sae
+    from kme.domain import delivery
+
+    with app.app_context():
+        status = delivery.get_status(app.extensions["kme"], Sae(id=1, kme_id=1, certificate_serial=None), "2")
+    body = status_body(status)
+    assert body == StatusSchema().dump(status)
+    assert list(body) == list(StatusSchema().dump(status))
+
+
+def test_the_entropy_answered_is_what_the_schema_dumps(sae1):
+    body = sae1.get("/api/v1/keys/entropy/total").json
+    assert body == EntropySchema().dump(body) and isinstance(body["total_entropy"], float)

@@ -91,6 +91,16 @@ def key_container(keys) -> dict:
     return {"keys": [{"key_ID": key.key_id, "key": base64.b64encode(key.material).decode("ascii")} for key in keys]}
 
 
+# The Status fields that the standard defines as strings; the domain gives them as integers.
+_STATUS_IDS = frozenset({"source_KME_ID", "target_KME_ID", "master_SAE_ID", "slave_SAE_ID"})
+
+
+def status_body(status: dict) -> dict:
+    """What StatusSchema dumps, built directly: Get status is the most frequent call, and the schema's walk over
+    eleven fields was a tenth of its cost. A test checks that the two agree."""
+    return {name: str(value) if name in _STATUS_IDS else value for name, value in status.items()}
+
+
 class StatusSchema(Schema):
     """Status (6.1); IDs are strings as the standard defines them. Every field is always present."""
 

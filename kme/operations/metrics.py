@@ -22,10 +22,23 @@ PEER_FAILURES = Counter("kme_peer_activation_failures", "Activations at a peer K
                         ["peer", "outcome"])
 
 
+# Labelled children by label values: labels() takes a lock and builds its key on every call.
+_children: dict[tuple, object] = {}
+
+
+def child(metric, *values: str):
+    """``metric.labels(*values)``, looked up once per process."""
+    key = (metric, values)
+    found = _children.get(key)
+    if found is None:
+        found = _children[key] = metric.labels(*values)
+    return found
+
+
 def observe_request(interface: str, route: str, method: str, status_code: int, seconds: float) -> None:
     """Count one answered request and its duration."""
-    REQUESTS.labels(interface, route, method, str(status_code)).inc()
-    LATENCY.labels(interface, route).observe(seconds)
+    child(REQUESTS, interface, route, method, str(status_code)).inc()
+    child(LATENCY, interface, route).observe(seconds)
 
 
 class _PoolCollector:

@@ -73,7 +73,7 @@ def grouped_write(work):
 
 
 def read_connection():
-    """A context manager giving a pooled driver connection for reads past SQLAlchemy (the hot path)."""
+    """A context manager giving this thread's driver connection for reads past SQLAlchemy (the hot path)."""
     return sqlite.read_connection(db.engine)
 
 
@@ -136,7 +136,8 @@ def meta(name: str) -> bytes | None:
 
 
 def reset_connections() -> None:
-    """Drop pooled connections, so that the next use opens fresh ones (after a storage fault).
+    """Drop pooled connections and those kept per thread, so that the next use opens fresh ones (after a storage
+    fault).
 
     A connection that is not closed explicitly (one checked out by another
     thread while the pool is disposed) is freed only by the garbage
@@ -146,7 +147,7 @@ def reset_connections() -> None:
     opened read-only keeps new ones read-only. Collecting now closes those
     (the collector runs seldom in the web workers, kme.operations.collector).
     """
-    db.engine.dispose()
+    sqlite.dispose(db.engine)
     gc.collect()
 
 

@@ -35,6 +35,8 @@ _PRAGMAS = (
 # on (link_id, state, id) makes the inner SELECT a range scan of n rows.
 # Host parameters per lookup, well under SQLite's limit of 32766.
 _LOOKUP_CHUNK = 4096
+# Rows of one multi-row INSERT: 5 columns x 500 stays far below SQLite's 32766 bound parameters.
+_ROWS_PER_INSERT = 500
 
 _FREE = "SELECT id FROM pool_keys WHERE link_id = :link_id AND state = 0 ORDER BY id LIMIT :count"
 _TAKE = f"DELETE FROM pool_keys WHERE id IN ({_FREE}) RETURNING id, material"
@@ -146,7 +148,7 @@ class _Work:
 class _GroupCommit:
     """Write transactions of one process's threads, run together in one transaction and one fsync.
 
-    The first caller to arrive leads: it takes the writers' turn, runs every
+    The first caller to arrive leads: it takes the writers' turn, then runs every
     unit of work waiting at that moment, each inside its own savepoint (a
     unit that raises is undone alone and gets its exception), commits once,
     and wakes the others with their outcome. Callers that arrived meanwhile
@@ -174,17 +176,21 @@ class _GroupCommit:
             raise item.error
         return item.value
 
-    def _lead(self) -> None:
+    def _take(self) -> list[_Work]:
         with self._lock:
             batch, self._waiting = self._waiting, []
+        return batch
+
+    def _lead(self) -> None:
+        batch: list[_Work] = []
         try:
-            with writer_turn(self._engine):
-                raw = self._engine.raw_connection()
-                try:
-                    _run_batch(raw.driver_connection, batch)
-                finally:
-                    raw.close()
+            with writer_turn(self._engine), _driver_connection(self._engine, _Kept.writer) as connection:
+                # Taken once the turn is ours: callers that arrived while another
+                # process committed join this batch instead of waiting for the next.
+                batch = self._take()
+                _run_batch(connection, batch)
         except BaseException as exc:
+            batch = batch or self._take()
             for item in batch:
                 if item.error is None:
                     item.value, item.error = None, exc
@@ -202,6 +208,9 @@ class _GroupCommit:
 def _run_batch(connection, batch: list[_Work]) -> None:
     connection.execute("BEGIN IMMEDIATE")
     try:
+        if len(batch) == 1:
+            _run_alone(connection, batch[0])
+            return
         for item in batch:
             connection.execute("SAVEPOINT unit")
             try:
@@ -217,6 +226,18 @@ def _run_batch(connection, batch: list[_Work]) -> None:
         raise
 
 
+def _run_alone(connection, item: _Work) -> None:
+    """A batch of one: the transaction is the unit's, so no savepoint (each statement lets other threads run,
+    and this one holds the writers' turn meanwhile)."""
+    try:
+        item.value = item.work(connection)
+    except Exception as exc:
+        item.error = exc
+        connection.execute("ROLLBACK")
+        return
+    connection.execute("COMMIT")
+
+
 _groups: dict[int, _GroupCommit] = {}
 
 
@@ -230,14 +251,88 @@ def group_commit(engine, work):
     return group.run(work)
 
 
+class _Kept:
+    """Driver connections of one database file kept out of SQLAlchemy's pool: one per thread for reads, one for
+    the leader of the group commit.
+
+    A checkout from the pool and back cost more than Get status' one
+    statement, and under concurrent threads twice that. dispose() closes them
+    all (after a storage fault); each is opened again at its next use.
+    """
+
+    def __init__(self, engine):
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._open: list[sqlite3.Connection] = []
+        self._generation = 0
+        self._writer: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        raw = self._engine.raw_connection()
+        connection = raw.driver_connection
+        # Out of the pool for good: closed only by dispose().
+        raw.detach()
+        with self._lock:
+            self._open.append(connection)
+        return connection
+
+    def reader(self) -> sqlite3.Connection:
+        local = self._local
+        if getattr(local, "generation", -1) != self._generation:
+            local.connection, local.generation = self._connect(), self._generation
+        return local.connection
+
+    def writer(self) -> sqlite3.Connection:
+        """The leader's connection (leaders take turns, so one is enough); a fresh one if the last batch left it
+        inside a transaction (its ROLLBACK failed)."""
+        if self._writer is None or self._writer.in_transaction:
+            self._writer = self._connect()
+        return self._writer
+
+    def dispose(self) -> None:
+        with self._lock:
+            connections, self._open = self._open, []
+            self._generation += 1
+            self._writer = None
+        for connection in connections:
+            connection.close()
+
+
+_kept_connections: dict[int, _Kept] = {}
+
+
+def _kept(engine) -> _Kept:
+    with _queues_lock:
+        kept = _kept_connections.get(id(engine))
+        if kept is None:
+            kept = _kept_connections[id(engine)] = _Kept(engine)
+    return kept
+
+
 @contextmanager
-def read_connection(engine):
-    """A pooled sqlite3 connection for reads past SQLAlchemy; each statement is its own read transaction."""
+def _driver_connection(engine, kept):
+    """``kept(_Kept)`` of a file database; of an in-memory one, the pool's connection (the database itself)."""
+    if _path(engine) is not None:
+        yield kept(_kept(engine))
+        return
     raw = engine.raw_connection()
     try:
         yield raw.driver_connection
     finally:
         raw.close()
+
+
+def read_connection(engine):
+    """A context manager giving this thread's sqlite3 connection for reads past SQLAlchemy; each statement is its
+    own read transaction."""
+    return _driver_connection(engine, _Kept.reader)
+
+
+def dispose(engine) -> None:
+    """Close every connection to the engine's database, kept ones included; new ones are opened at next use."""
+    _kept(engine).dispose()
+    engine.dispose()
 
 
 def driver(target) -> sqlite3.Connection:
@@ -257,9 +352,20 @@ def insert_delivered(target, keys: list[tuple], slaves: list[tuple]) -> None:
     """Add delivered keys (key_id, link_id, master_sae_id, material, created_at) and their slaves
     (key_id, slave_sae_id), past SQLAlchemy: a request may hand out 128 keys."""
     connection = driver(target)
-    connection.executemany("INSERT INTO delivered_keys (key_id, link_id, master_sae_id, material, created_at) "
-                           "VALUES (?, ?, ?, ?, ?)", keys)
-    connection.executemany("INSERT INTO key_slaves (key_id, slave_sae_id, fetched) VALUES (?, ?, 0)", slaves)
+    insert_rows(connection, "INSERT INTO delivered_keys (key_id, link_id, master_sae_id, material, created_at)",
+                "(?, ?, ?, ?, ?)", keys)
+    insert_rows(connection, "INSERT INTO key_slaves (key_id, slave_sae_id, fetched)", "(?, ?, 0)", slaves)
+
+
+def insert_rows(connection, head: str, row: str, rows: list[tuple]) -> None:
+    """``head VALUES row, row, ...``: one statement per _ROWS_PER_INSERT rows, where executemany steps once a row.
+
+    Every step releases the GIL, and the writer holds the writers' turn while
+    other threads run: fewer steps, shorter turns.
+    """
+    for start in range(0, len(rows), _ROWS_PER_INSERT):
+        chunk = rows[start:start + _ROWS_PER_INSERT]
+        connection.execute(f"{head} VALUES {','.join([row] * len(chunk))}", [value for item in chunk for value in item])
 
 
 def _chunks(values: list):
@@ -332,8 +438,8 @@ def link_row(connection, link_id: int, columns: tuple[str, ...]) -> tuple | None
 
 
 def insert_events(target, rows: list[tuple]) -> None:
-    """Add (created_at, message) event rows in one executemany."""
-    driver(target).executemany("INSERT INTO events (created_at, message) VALUES (?, ?)", rows)
+    """Add (created_at, message) event rows in one statement."""
+    insert_rows(driver(target), "INSERT INTO events (created_at, message)", "(?, ?)", rows)
 
 
 def add_fingerprints(target, fingerprints) -> set[int]:
