@@ -11,9 +11,14 @@ settings and client certificates. For each call, 8 client processes with
 keep-alive sessions (or a new TLS connection per request where said) load
 ours, then its ceiling, interleaved, for each repetition. Prints one table:
 medians over the repetitions of requests/s, p50 and p99 (ms), the ceiling's
-figures and the ratio. Then the abuse scenario: 200 silent TCP connections,
-200 half ClientHellos and 50 slowloris clients with valid certificates held
-for 60 s while one SAE calls Get status ten times a second.
+figures and the ratio, and the CPU time the servers' worker processes spent
+per request (ours: KME 1's SAE interface, with KME 2's inter-KME interface
+for a remote slave; the ceiling's: its workers, with the relay's). The row
+"Flask alone" is bench/ceiling_app.py's flask_app, the constant answer from a
+Flask view, against the ceiling: what the framework itself costs. Then the
+abuse scenario: 200 silent TCP connections, 200 half ClientHellos and 50
+slowloris clients with valid certificates held for 60 s while one SAE calls
+Get status ten times a second.
 """
 import json
 import multiprocessing
@@ -95,8 +100,20 @@ class Stack:
         self.relay_process = _gunicorn(relay_config, "bench.ceiling_app:relay_app", folder / "relay.log", {
             "BENCH_RELAY_URL": f"{self.ceiling}/api/v1/keys/2/enc_keys", "BENCH_RELAY_CERT": cert,
             "BENCH_RELAY_KEY": key, "BENCH_RELAY_CA": pki.server_ca})
+        flask_config, port = _config_copy(kme1.config, kme1.folder / "flask.json")
+        self.flask = f"https://127.0.0.1:{port}"
+        self.flask_process = _gunicorn(flask_config, "bench.ceiling_app:flask_app", folder / "flask.log")
+        sae, peer = kme1.processes["sae"], self.network[2].processes["kme"]
+        # Whose worker processes serve each kind of target (their CPU time is what the table shows).
+        self.servers = {"ours": [sae], "remote": [sae, peer], "ceiling": [self.ceiling_process],
+                        "relay": [self.relay_process, self.ceiling_process], "flask": [self.flask_process]}
+
+    def target(self, kind: str) -> str:
+        return {"ours": self.ours, "remote": self.ours, "ceiling": self.ceiling, "relay": self.relay,
+                "flask": self.flask}[kind]
 
     def stop(self) -> None:
+        self.flask_process.stop()
         self.relay_process.stop()
         self.ceiling_process.stop()
         self.network.stop_all()
@@ -148,25 +165,55 @@ def _client(job: dict) -> tuple[float, list[float], int]:
     return len(latencies) / elapsed, latencies, failures
 
 
-def load(pool, pki: Pki, url: str, base: str, seconds: float, **options) -> dict:
-    """8 clients at once: requests/s, p50 and p99 in ms, failures."""
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _workers(masters: list[Process]) -> list[int]:
+    """The pids of the worker processes of these gunicorn masters."""
+    parents = {str(master.proc.pid) for master in masters}
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] in parents:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time of these processes, all their threads."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / _TICKS
+
+
+def load(pool, pki: Pki, url: str, base: str, seconds: float, servers: list[int], **options) -> dict:
+    """8 clients at once: requests/s, p50 and p99 in ms, failures, and the servers' CPU ms per request."""
     jobs = [{"pki": str(pki.folder), "url": url, "base": base, "seconds": seconds, "sae": options.get("sae", 1),
              **options} for _ in range(CLIENTS)]
+    cpu = _cpu_seconds(servers)
     results = pool.map(_client, jobs)
+    cpu = _cpu_seconds(servers) - cpu
     latencies = sorted(latency for _, chunk, _ in results for latency in chunk)
     return {"rate": sum(rate for rate, _, _ in results), "p50": statistics.median(latencies) * 1e3,
-            "p99": latencies[int(len(latencies) * 0.99)] * 1e3, "failures": sum(f for _, _, f in results)}
+            "p99": latencies[int(len(latencies) * 0.99)] * 1e3, "failures": sum(f for _, _, f in results),
+            "cpu": cpu * 1e3 / len(latencies)}
 
 
 CALLS = [
-    # name, path at ours, ceiling, options
-    ("enc_keys, number=1", "/api/v1/keys/2/enc_keys", "ceiling", {}),
-    ("enc_keys, number=128", "/api/v1/keys/2/enc_keys?number=128", "ceiling", {}),
-    ("dec_keys", "/api/v1/keys/1/dec_keys", "ceiling", {"sae": 2, "dec_keys": 2560}),
-    ("status", "/api/v1/keys/2/status", "ceiling", {}),
-    ("entropy", "/api/v1/keys/entropy/total", "ceiling", {}),
-    ("enc_keys, remote slave", "/api/v1/keys/3/enc_keys", "relay", {}),
-    ("enc_keys, new TLS connection each", "/api/v1/keys/2/enc_keys", "ceiling", {"new_connection": True}),
+    # name, path, what serves it, its ceiling, options
+    ("enc_keys, number=1", "/api/v1/keys/2/enc_keys", "ours", "ceiling", {}),
+    ("enc_keys, number=128", "/api/v1/keys/2/enc_keys?number=128", "ours", "ceiling", {}),
+    ("dec_keys", "/api/v1/keys/1/dec_keys", "ours", "ceiling", {"sae": 2, "dec_keys": 2560}),
+    ("status", "/api/v1/keys/2/status", "ours", "ceiling", {}),
+    ("entropy", "/api/v1/keys/entropy/total", "ours", "ceiling", {}),
+    ("enc_keys, remote slave", "/api/v1/keys/3/enc_keys", "remote", "relay", {}),
+    ("enc_keys, new TLS connection each", "/api/v1/keys/2/enc_keys", "ours", "ceiling", {"new_connection": True}),
+    ("Flask alone, constant answer", "/api/v1/keys/2/enc_keys", "flask", "ceiling", {}),
 ]
 
 
@@ -178,26 +225,28 @@ def _chosen_calls() -> list:
 def measure(stack: Stack, seconds: float, repetitions: int) -> None:
     calls = _chosen_calls()
     figures = {name: {"ours": [], "ceiling": []} for name, *_ in calls}
+    workers = {kind: _workers(masters) for kind, masters in stack.servers.items()}
     context = multiprocessing.get_context("fork")
     with context.Pool(CLIENTS) as pool:
         for _ in range(repetitions):
-            for name, path, ceiling, options in calls:
-                figures[name]["ours"].append(load(pool, stack.pki, stack.ours + path, stack.ours, seconds,
+            for name, path, served, ceiling, options in calls:
+                base = stack.target(served)
+                figures[name]["ours"].append(load(pool, stack.pki, base + path, base, seconds, workers[served],
                                                   **options))
-                target = stack.ceiling if ceiling == "ceiling" else stack.relay
-                figures[name]["ceiling"].append(load(pool, stack.pki, target + path.split("?")[0], stack.ceiling,
-                                                     seconds, **{k: v for k, v in options.items()
-                                                                 if k == "new_connection"}))
-    print(f"{'call':<36} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} | {'ceiling':>8} {'p50 ms':>7} {'p99 ms':>7} | "
-          f"{'ratio':>5}  failures")
-    for name, _, _, _ in calls:
-        ours = {key: statistics.median(run[key] for run in figures[name]["ours"]) for key in ("rate", "p50", "p99")}
-        top = {key: statistics.median(run[key] for run in figures[name]["ceiling"]) for key in ("rate", "p50", "p99")}
+                figures[name]["ceiling"].append(load(pool, stack.pki, stack.target(ceiling) + path.split("?")[0],
+                                                     stack.ceiling, seconds, workers[ceiling],
+                                                     **{k: v for k, v in options.items() if k == "new_connection"}))
+    print(f"{'call':<36} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'cpu ms':>6} | {'ceiling':>8} {'p50 ms':>7} "
+          f"{'p99 ms':>7} {'cpu ms':>6} | {'ratio':>5}  failures")
+    keys = ("rate", "p50", "p99", "cpu")
+    for name, *_ in calls:
+        ours = {key: statistics.median(run[key] for run in figures[name]["ours"]) for key in keys}
+        top = {key: statistics.median(run[key] for run in figures[name]["ceiling"]) for key in keys}
         failures = sum(run["failures"] for run in figures[name]["ours"])
         extra = f"  ({ours['rate'] * 128:,.0f} keys/s)" if "128" in name else ""
-        print(f"{name:<36} {ours['rate']:>8.0f} {ours['p50']:>7.1f} {ours['p99']:>7.1f} | {top['rate']:>8.0f} "
-              f"{top['p50']:>7.1f} {top['p99']:>7.1f} | {ours['rate'] / top['rate']:>5.2f}  {failures}{extra}",
-              flush=True)
+        print(f"{name:<36} {ours['rate']:>8.0f} {ours['p50']:>7.1f} {ours['p99']:>7.1f} {ours['cpu']:>6.3f} | "
+              f"{top['rate']:>8.0f} {top['p50']:>7.1f} {top['p99']:>7.1f} {top['cpu']:>6.3f} | "
+              f"{ours['rate'] / top['rate']:>5.2f}  {failures}{extra}", flush=True)
 
 
 def _client_hello_half() -> bytes:
