@@ -44,7 +44,8 @@ from tests.network import Network  # noqa: E402
 from tests.support import PASSWORD, Pki, Process, free_port, load_json, wait_for_workers  # noqa: E402
 
 CLIENTS = 8
-LOCAL_KEYS = 1_000_000
+# number=128 at its rate takes about 10^6 keys over the 5 repetitions.
+LOCAL_KEYS = 2_000_000
 LINK_KEYS = 100_000
 
 
@@ -138,6 +139,8 @@ def _client(job: dict) -> tuple[float, list[float], int]:
         ids = []
         while len(ids) < job["dec_keys"]:
             answer = master.get(f"{job['base']}/api/v1/keys/2/enc_keys?number=128", timeout=30)
+            if answer.status_code != 200:
+                raise RuntimeError(f"no keys for dec_keys: {answer.status_code} {answer.text}")
             ids += [key["key_ID"] for key in answer.json()["keys"]]
         master.close()
         urls = [f"{job['url']}?key_ID={key_id}" for key_id in ids]
