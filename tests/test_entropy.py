@@ -21,3 +21,12 @@ def test_apply_adds_and_removes_and_refuses_negative():
     with pytest.raises(ValueError):
         entropy.apply(entropy.EMPTY, removed=[b"a"])
     assert not entropy.changed([b"ab", b"c"], [b"abc"]) and entropy.changed([b"ab"], [b"abc"])
+
+
+def test_the_entropy_of_stored_histograms_follows_every_change():
+    uniform = entropy.apply(entropy.EMPTY, [bytes(range(256))])
+    constant = entropy.apply(entropy.EMPTY, [b"\x00" * 256])
+    assert entropy.of_histograms((uniform,)) == pytest.approx(8.0)
+    assert entropy.of_histograms((uniform, constant)) == entropy.shannon(entropy.merge([uniform, constant]))
+    assert entropy.of_histograms((constant,)) == 0.0
+    assert entropy.of_histograms((uniform,)) == pytest.approx(8.0)

@@ -72,7 +72,7 @@ def _waiting(engine) -> int:
     return len(sqlite._groups[id(engine)]._waiting)
 
 
-def test_callers_waiting_during_a_commit_are_committed_together_by_one_leader(engine):
+def test_callers_arriving_while_a_batch_runs_join_its_transaction(engine):
     release, started = threading.Event(), threading.Event()
     first, first_outcome = _start(engine, [(0, _insert(0, then=_running(started, release)))])
     started.wait(10)
@@ -81,10 +81,10 @@ def test_callers_waiting_during_a_commit_are_committed_together_by_one_leader(en
     release.set()
     for thread in first + others:
         thread.join(10)
-    assert first_outcome[0][0] == 0
-    assert sorted(value for value, _ in outcomes.values()) == list(range(1, THREADS))
-    # Every waiting caller ran in the second leader's one transaction.
-    assert len({thread for _, thread in outcomes.values()}) == 1
+    outcomes.update(first_outcome)
+    assert sorted(value for value, _ in outcomes.values()) == list(range(THREADS))
+    # The first caller's leader ran every one of them, in its one transaction.
+    assert {thread for _, thread in outcomes.values()} == {first_outcome[0][1]}
     assert _stored(engine) == list(range(THREADS))
     assert not sqlite._groups[id(engine)]._leading
 
@@ -109,7 +109,7 @@ def test_a_unit_that_raises_is_undone_alone_and_gets_its_own_exception(engine):
 
 def test_a_failed_commit_fails_every_unit_of_the_batch_and_keeps_nothing(engine):
     release, started = threading.Event(), threading.Event()
-    first, _ = _start(engine, [(0, _insert(0, then=_running(started, release)))])
+    first, first_outcome = _start(engine, [(0, _insert(0, then=_running(started, release)))])
     started.wait(10)
 
     def orphan(connection):
@@ -121,11 +121,13 @@ def test_a_failed_commit_fails_every_unit_of_the_batch_and_keeps_nothing(engine)
     release.set()
     for thread in first + others:
         thread.join(10)
-    assert all(isinstance(outcomes[index], sqlite3.IntegrityError) for index in (1, 2, 3))
-    assert _stored(engine) == [0]
+    outcomes.update(first_outcome)
+    # Units 1 to 3 joined unit 0's transaction, whose COMMIT failed: nothing of any of them is kept.
+    assert all(isinstance(outcomes[index], sqlite3.IntegrityError) for index in (0, 1, 2, 3))
+    assert _stored(engine) == []
     # The next caller leads a fresh transaction.
     assert sqlite.group_commit(engine, _insert(4))[0] == 4
-    assert _stored(engine) == [0, 4]
+    assert _stored(engine) == [4]
 
 
 def test_a_value_is_returned_only_once_its_transaction_is_committed(engine):
@@ -178,3 +180,24 @@ def test_callers_arriving_while_the_leader_waits_for_the_turn_join_its_batch(eng
     # One leader ran them all, in one transaction.
     assert len({thread for _, thread in outcomes.values()}) == 1
     assert _stored(engine) == list(range(THREADS))
+
+
+def test_a_first_unit_that_raises_is_undone_and_the_others_of_its_batch_commit(engine):
+    def half_then_refuse(connection):
+        connection.execute("INSERT INTO rows (id) VALUES (5)")
+        raise ValueError("refused")
+
+    turn = sqlite.writer_turn(engine)
+    turn.__enter__()
+    try:
+        first, first_outcome = _start(engine, [(0, half_then_refuse)])
+        _wait_until(lambda: id(engine) in sqlite._groups and sqlite._groups[id(engine)]._leading)
+        others, outcomes = _start(engine, [(1, _insert(1)), (2, _insert(2))])
+        _wait_until(lambda: _waiting(engine) == 3)
+    finally:
+        turn.__exit__(None, None, None)
+    for thread in first + others:
+        thread.join(10)
+    assert isinstance(first_outcome[0], ValueError)
+    assert outcomes[1][0] == 1 and outcomes[2][0] == 2
+    assert _stored(engine) == [1, 2]

@@ -81,7 +81,7 @@ def test_the_sae_hot_path_searches_indexes(kme1):
         keys = local.deliver_local(1, 1, [2], 2, 512)
         local.fetch_delivered(1, 2, [key.key_id for key in keys])
         common.link_counts(1)
-        common.total_byte_counts()
+        common.link_histograms()
 
     plans = explained(kme1, hot_path)
     assert any("ix_pool_keys_link_id_state_id" in plan for plan in plans), plans

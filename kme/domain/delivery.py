@@ -116,4 +116,4 @@ def get_key_with_key_ids(config: KmeConfig, slave: Sae, master_id: str, key_ids:
 
 def total_entropy() -> float:
     """Shannon entropy, in bits per byte, of all key material the KME holds."""
-    return entropy.shannon(common.total_byte_counts())
+    return entropy.of_histograms(common.link_histograms())

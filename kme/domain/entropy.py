@@ -5,6 +5,8 @@ entropy of all held material costs 256 additions whatever the pool size.
 Counting uses numpy's bincount: thirty times faster than a Counter on the
 megabytes of an ingestion batch, and faster on a few keys too.
 """
+from functools import lru_cache
+
 import numpy
 
 # A stored histogram: 256 little-endian unsigned 64-bit counts, one per byte value.
@@ -48,3 +50,10 @@ def shannon(counts: list[int]) -> float:
         return 0.0
     shares = present / present.sum()
     return max(0.0, float(-(shares * numpy.log2(shares)).sum()))
+
+
+@lru_cache(maxsize=16)
+def of_histograms(histograms: tuple[bytes, ...]) -> float:
+    """Shannon entropy of stored histograms merged; remembered, since they change only with the material held
+    (Get entropy then costs the read of the histograms alone)."""
+    return shannon(merge(histograms))

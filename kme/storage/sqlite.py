@@ -149,10 +149,10 @@ class _GroupCommit:
     """Write transactions of one process's threads, run together in one transaction and one fsync.
 
     The first caller to arrive leads: it takes the writers' turn, then runs every
-    unit of work waiting at that moment, each inside its own savepoint (a
-    unit that raises is undone alone and gets its exception), commits once,
-    and wakes the others with their outcome. Callers that arrived meanwhile
-    wait for the next leader, the first of them. A caller's answer therefore
+    unit of work waiting, in rounds until none is (_run_batch; a unit that
+    raises is undone alone and gets its exception), commits once, and wakes
+    the others with their outcome. Callers that arrive during the commit wait
+    for the next leader, the first of them. A caller's answer therefore
     always follows the commit of its own work.
     """
 
@@ -185,10 +185,7 @@ class _GroupCommit:
         batch: list[_Work] = []
         try:
             with writer_turn(self._engine), _driver_connection(self._engine, _Kept.writer) as connection:
-                # Taken once the turn is ours: callers that arrived while another
-                # process committed join this batch instead of waiting for the next.
-                batch = self._take()
-                _run_batch(connection, batch)
+                _run_batch(connection, self._take, batch)
         except BaseException as exc:
             batch = batch or self._take()
             for item in batch:
@@ -205,20 +202,33 @@ class _GroupCommit:
                     self._leading = False
 
 
-def _run_batch(connection, batch: list[_Work]) -> None:
+def _run_batch(connection, take, ran: list[_Work]) -> None:
+    """Run the units ``take()`` gives, again until it gives none, in one transaction; commit once.
+
+    Units are taken once the writers' turn is held, and again after each
+    round, so callers that arrived while another process committed, or while
+    this batch ran, share its fsync. A caller waits for its one unit, so at
+    most one unit per thread joins. Each unit but the transaction's first
+    runs in a savepoint; a first that raises is undone with the whole (still
+    empty) transaction, which begins again.
+    """
     connection.execute("BEGIN IMMEDIATE")
     try:
-        if len(batch) == 1:
-            _run_alone(connection, batch[0])
-            return
-        for item in batch:
-            connection.execute("SAVEPOINT unit")
-            try:
-                item.value = item.work(connection)
-            except Exception as exc:
-                item.error = exc
-                connection.execute("ROLLBACK TO unit")
-            connection.execute("RELEASE unit")
+        empty = True
+        while pending := take():
+            # Recorded before any runs: if the transaction fails, every unit taken learns it.
+            ran.extend(pending)
+            for item in pending:
+                if empty:
+                    empty = _run_first(connection, item)
+                    continue
+                connection.execute("SAVEPOINT unit")
+                try:
+                    item.value = item.work(connection)
+                except Exception as exc:
+                    item.error = exc
+                    connection.execute("ROLLBACK TO unit")
+                connection.execute("RELEASE unit")
         connection.execute("COMMIT")
     except BaseException:
         if connection.in_transaction:
@@ -226,16 +236,16 @@ def _run_batch(connection, batch: list[_Work]) -> None:
         raise
 
 
-def _run_alone(connection, item: _Work) -> None:
-    """A batch of one: the transaction is the unit's, so no savepoint (each statement lets other threads run,
-    and this one holds the writers' turn meanwhile)."""
+def _run_first(connection, item: _Work) -> bool:
+    """The transaction's first unit, without a savepoint; whether the transaction is still empty after it."""
     try:
         item.value = item.work(connection)
     except Exception as exc:
         item.error = exc
         connection.execute("ROLLBACK")
-        return
-    connection.execute("COMMIT")
+        connection.execute("BEGIN IMMEDIATE")
+        return True
+    return False
 
 
 _groups: dict[int, _GroupCommit] = {}

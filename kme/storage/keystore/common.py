@@ -143,7 +143,7 @@ def level_history(link_id: int) -> list[tuple[float, int, int]]:
     return [tuple(row) for row in rows]
 
 
-def total_byte_counts() -> list[int]:
-    """Byte-value histogram of all key material the KME holds, over every link."""
+def link_histograms() -> tuple[bytes, ...]:
+    """The stored byte-value histograms of every link (kme.domain.entropy merges them)."""
     with read_connection() as connection:
-        return entropy.merge(sqlite.link_histograms(connection))
+        return tuple(sqlite.link_histograms(connection))
