@@ -74,6 +74,8 @@ def test_multicast_to_two_slaves_at_the_peer(network):
     assert kme2.ledger.waiting() == 2
     assert fetch(kme2, 4, 1, keys).json()["keys"] == keys
     assert kme2.ledger.waiting() == 0
+    # Erasing a delivered key erases its slave rows with it.
+    assert kme2.ledger._query("SELECT COUNT(*) FROM key_slaves") == [(0,)]
     third = fetch(kme2, 3, 1, keys)
     assert third.status_code == 400 and third.json() == {"message": KEYS_NOT_FOUND}
 

@@ -384,21 +384,14 @@ def _chunks(values: list):
         yield chunk, ",".join("?" * len(chunk))
 
 
-def delivered_keys(connection, key_ids: list[str]) -> list[tuple]:
-    """(key_id, master_sae_id, material) of the delivered keys among ``key_ids``."""
+def delivered_keys_and_slaves(connection, key_ids: list[str]) -> list[tuple]:
+    """(key_id, master_sae_id, material, slave_sae_id, fetched) for each slave of each delivered key among
+    ``key_ids``: one statement where Get key with key IDs needs both."""
     rows = []
     for chunk, marks in _chunks(key_ids):
-        rows += connection.execute(f"SELECT key_id, master_sae_id, material FROM delivered_keys "
-                                   f"WHERE key_id IN ({marks})", chunk).fetchall()
-    return rows
-
-
-def key_slaves(connection, key_ids: list[str]) -> list[tuple]:
-    """(key_id, slave_sae_id, fetched) of every slave of ``key_ids``."""
-    rows = []
-    for chunk, marks in _chunks(key_ids):
-        rows += connection.execute(f"SELECT key_id, slave_sae_id, fetched FROM key_slaves WHERE key_id IN ({marks})",
-                                   chunk).fetchall()
+        rows += connection.execute(
+            f"SELECT d.key_id, d.master_sae_id, d.material, s.slave_sae_id, s.fetched FROM delivered_keys AS d "
+            f"JOIN key_slaves AS s ON s.key_id = d.key_id WHERE d.key_id IN ({marks})", chunk).fetchall()
     return rows
 
 
@@ -410,11 +403,11 @@ def mark_fetched(connection, key_ids: list[str], slave_sae_id: int) -> None:
 
 
 def delete_delivered(target, key_ids: list[str]) -> list[tuple]:
-    """Delete delivered keys and their slave rows; (link_id, material) of each key that was still there."""
+    """Delete delivered keys, and so their slave rows (ON DELETE CASCADE, foreign_keys=ON on every connection);
+    (link_id, material) of each key that was still there."""
     connection = driver(target)
     erased = []
     for chunk, marks in _chunks(key_ids):
-        connection.execute(f"DELETE FROM key_slaves WHERE key_id IN ({marks})", chunk)
         erased += connection.execute(f"DELETE FROM delivered_keys WHERE key_id IN ({marks}) "
                                      f"RETURNING link_id, material", chunk).fetchall()
     return erased

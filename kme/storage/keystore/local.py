@@ -63,16 +63,22 @@ def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -
     """
 
     def fetch(connection) -> list[DeliveredKeyMaterial]:
-        keys = {key_id: (master, material) for key_id, master, material in sqlite.delivered_keys(connection, key_ids)}
-        slaves = sqlite.key_slaves(connection, list(keys))
-        mine = {key_id: fetched for key_id, slave, fetched in slaves if slave == slave_sae_id}
+        keys, mine, waiting = {}, {}, set()
+        for key_id, master, material, slave, fetched in sqlite.delivered_keys_and_slaves(connection, key_ids):
+            keys[key_id] = (master, material)
+            if slave == slave_sae_id:
+                mine[key_id] = fetched
+            elif not fetched:
+                waiting.add(key_id)
         if any(key_id not in mine for key_id in keys):
             raise NotAuthorized(f"SAE {slave_sae_id} is not a slave SAE of one or more requested keys")
         if (len(keys) != len(key_ids) or any(mine.values())
                 or any(master != master_sae_id for master, _material in keys.values())):
             raise KeysNotFound()
-        sqlite.mark_fetched(connection, key_ids, slave_sae_id)
-        waiting = {key_id for key_id, slave, fetched in slaves if slave != slave_sae_id and not fetched}
+        # Keys that other slaves still wait for are marked fetched by this one; the others are erased.
+        kept = [key_id for key_id in key_ids if key_id in waiting]
+        if kept:
+            sqlite.mark_fetched(connection, kept, slave_sae_id)
         erase_delivered(connection, [key_id for key_id in key_ids if key_id not in waiting])
         events.record(connection, *(f"SAE {slave_sae_id} requested key {key_id} (from {master_sae_id})"
                                     for key_id in key_ids))
