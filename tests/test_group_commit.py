@@ -1,4 +1,4 @@
-"""Group commit (kme.storage.sqlite.group_commit) on a real SQLite file, with real threads."""
+"""Group commit (kme.storage.sqlite_connections.group_commit) on a real SQLite file, with real threads."""
 import sqlite3
 import threading
 import time
@@ -6,7 +6,7 @@ import time
 import pytest
 from sqlalchemy import create_engine
 
-from kme.storage import sqlite
+from kme.storage import sqlite, sqlite_connections
 
 THREADS = 8
 
@@ -15,16 +15,16 @@ THREADS = 8
 def engine(tmp_path):
     engine = create_engine(f"sqlite:///{tmp_path / 'group.db'}")
     sqlite.install(engine)
-    with sqlite.read_connection(engine) as connection:
+    with sqlite_connections.read_connection(engine) as connection:
         connection.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
         connection.execute("CREATE TABLE rows (id INTEGER PRIMARY KEY, parent INTEGER "
                            "REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)")
     yield engine
-    sqlite.dispose(engine)
+    sqlite_connections.dispose(engine)
 
 
 def _stored(engine) -> list[int]:
-    with sqlite.read_connection(engine) as connection:
+    with sqlite_connections.read_connection(engine) as connection:
         return [row[0] for row in connection.execute("SELECT id FROM rows ORDER BY id")]
 
 
@@ -58,7 +58,7 @@ def _start(engine, works) -> tuple[list[threading.Thread], dict]:
 
     def call(index, work):
         try:
-            outcomes[index] = sqlite.group_commit(engine, work)
+            outcomes[index] = sqlite_connections.group_commit(engine, work)
         except Exception as exc:
             outcomes[index] = exc
 
@@ -69,7 +69,7 @@ def _start(engine, works) -> tuple[list[threading.Thread], dict]:
 
 
 def _waiting(engine) -> int:
-    return len(sqlite._groups[id(engine)]._waiting)
+    return len(sqlite_connections._groups[id(engine)]._waiting)
 
 
 def test_callers_arriving_while_a_batch_runs_join_its_transaction(engine):
@@ -86,7 +86,7 @@ def test_callers_arriving_while_a_batch_runs_join_its_transaction(engine):
     # The first caller's leader ran every one of them, in its one transaction.
     assert {thread for _, thread in outcomes.values()} == {first_outcome[0][1]}
     assert _stored(engine) == list(range(THREADS))
-    assert not sqlite._groups[id(engine)]._leading
+    assert not sqlite_connections._groups[id(engine)]._leading
 
 
 def test_a_unit_that_raises_is_undone_alone_and_gets_its_own_exception(engine):
@@ -126,13 +126,13 @@ def test_a_failed_commit_fails_every_unit_of_the_batch_and_keeps_nothing(engine)
     assert all(isinstance(outcomes[index], sqlite3.IntegrityError) for index in (0, 1, 2, 3))
     assert _stored(engine) == []
     # The next caller leads a fresh transaction.
-    assert sqlite.group_commit(engine, _insert(4))[0] == 4
+    assert sqlite_connections.group_commit(engine, _insert(4))[0] == 4
     assert _stored(engine) == [4]
 
 
 def test_a_value_is_returned_only_once_its_transaction_is_committed(engine):
     for value in range(5):
-        sqlite.group_commit(engine, _insert(value))
+        sqlite_connections.group_commit(engine, _insert(value))
         # A separate connection sees it: committed, not just written.
         with sqlite3.connect(engine.url.database) as other:
             assert other.execute("SELECT COUNT(*) FROM rows WHERE id = ?", (value,)).fetchone()[0] == 1
@@ -145,9 +145,9 @@ def test_a_unit_alone_that_raises_keeps_nothing_and_the_next_caller_starts_fresh
         raise ValueError("refused")
 
     with pytest.raises(ValueError, match="refused"):
-        sqlite.group_commit(engine, half_then_refuse)
+        sqlite_connections.group_commit(engine, half_then_refuse)
     assert _stored(engine) == []
-    assert sqlite.group_commit(engine, _insert(8))[0] == 8
+    assert sqlite_connections.group_commit(engine, _insert(8))[0] == 8
     assert _stored(engine) == [8]
 
 
@@ -156,19 +156,19 @@ def test_a_unit_alone_whose_commit_fails_keeps_nothing(engine):
         connection.execute("INSERT INTO rows (id, parent) VALUES (9, 12345)")
 
     with pytest.raises(sqlite3.IntegrityError):
-        sqlite.group_commit(engine, orphan)
+        sqlite_connections.group_commit(engine, orphan)
     assert _stored(engine) == []
-    assert sqlite.group_commit(engine, _insert(10))[0] == 10
+    assert sqlite_connections.group_commit(engine, _insert(10))[0] == 10
     assert _stored(engine) == [10]
 
 
 def test_callers_arriving_while_the_leader_waits_for_the_turn_join_its_batch(engine):
     # Another writer (here: this test, as another process would) holds the writers' turn.
-    turn = sqlite.writer_turn(engine)
+    turn = sqlite_connections.writer_turn(engine)
     turn.__enter__()
     try:
         first, first_outcome = _start(engine, [(0, _insert(0))])
-        _wait_until(lambda: id(engine) in sqlite._groups and sqlite._groups[id(engine)]._leading)
+        _wait_until(lambda: id(engine) in sqlite_connections._groups and sqlite_connections._groups[id(engine)]._leading)
         others, outcomes = _start(engine, [(index, _insert(index)) for index in range(1, THREADS)])
         _wait_until(lambda: _waiting(engine) == THREADS)
     finally:
@@ -187,11 +187,11 @@ def test_a_first_unit_that_raises_is_undone_and_the_others_of_its_batch_commit(e
         connection.execute("INSERT INTO rows (id) VALUES (5)")
         raise ValueError("refused")
 
-    turn = sqlite.writer_turn(engine)
+    turn = sqlite_connections.writer_turn(engine)
     turn.__enter__()
     try:
         first, first_outcome = _start(engine, [(0, half_then_refuse)])
-        _wait_until(lambda: id(engine) in sqlite._groups and sqlite._groups[id(engine)]._leading)
+        _wait_until(lambda: id(engine) in sqlite_connections._groups and sqlite_connections._groups[id(engine)]._leading)
         others, outcomes = _start(engine, [(1, _insert(1)), (2, _insert(2))])
         _wait_until(lambda: _waiting(engine) == 3)
     finally:

@@ -11,7 +11,7 @@ from sqlalchemy import insert, inspect, select
 from sqlalchemy.orm import DeclarativeBase
 
 from kme.domain.errors import StorageFailure
-from kme.storage import sqlite
+from kme.storage import sqlite, sqlite_connections
 
 DATABASE_ID = "database_id"
 FINGERPRINT_SECRET = "fingerprint_secret"
@@ -48,7 +48,7 @@ def write_transaction():
     if session.in_transaction():
         raise RuntimeError("write_transaction() started inside an open transaction")
     check_database_file()
-    with sqlite.writer_turn(db.engine):
+    with sqlite_connections.writer_turn(db.engine):
         session.connection(execution_options={sqlite.WRITE_OPTION: True})
         try:
             yield session
@@ -69,12 +69,12 @@ def grouped_write(work):
     before_request hook has checked the database file for this request
     (check_database_file), so it is not checked again here.
     """
-    return sqlite.group_commit(db.engine, work)
+    return sqlite_connections.group_commit(db.engine, work)
 
 
 def read_connection():
     """A context manager giving this thread's driver connection for reads past SQLAlchemy (the hot path)."""
-    return sqlite.read_connection(db.engine)
+    return sqlite_connections.read_connection(db.engine)
 
 
 def ensure_schema() -> bool:
@@ -147,7 +147,7 @@ def reset_connections() -> None:
     opened read-only keeps new ones read-only. Collecting now closes those
     (the collector runs seldom in the web workers, kme.operations.collector).
     """
-    sqlite.dispose(db.engine)
+    sqlite_connections.dispose(db.engine)
     gc.collect()
 
 

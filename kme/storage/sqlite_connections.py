@@ -1,0 +1,280 @@
+"""How the threads and processes of a KME share one SQLite file: the writers' turn, group commit, and the
+connections of the hot path kept out of SQLAlchemy's pool.
+
+The statements themselves are in kme.storage.sqlite.
+"""
+import fcntl
+import os
+import sqlite3
+import threading
+from contextlib import contextmanager
+
+from kme.storage.sqlite import database_path
+
+
+class _WriterQueue:
+    """Writers of one database file, one at a time, handed over at once.
+
+    SQLite's own busy handler makes a waiting writer sleep in growing steps
+    (up to 100 ms), which makes the tails of every write. Writers here wait
+    on a thread lock, then on an flock of a file beside the database; both
+    wake the next writer as soon as the lock is released (a process that
+    dies releases its flock with it). SQLite's locking stays underneath: a
+    writer that does not queue here (the health probe, another tool) is
+    still excluded by it.
+    """
+
+    def __init__(self, path: str | None):
+        self._threads = threading.Lock()
+        self._path = None if path is None else f"{path}-writers"
+        self._fd: int | None = None
+        self._pid = 0
+
+    @contextmanager
+    def turn(self):
+        with self._threads:
+            fd = self._file()
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _file(self) -> int | None:
+        if self._path is None:
+            return None
+        if self._pid != os.getpid():
+            try:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                # A read-only folder: SQLite's busy handler alone orders the writers.
+                self._fd = None
+            self._pid = os.getpid()
+        return self._fd
+
+
+_queues: dict[int, _WriterQueue] = {}
+_queues_lock = threading.Lock()
+
+
+def writer_turn(engine):
+    """A context manager that waits for this writer's turn on the engine's database (see _WriterQueue)."""
+    with _queues_lock:
+        queue = _queues.get(id(engine))
+        if queue is None:
+            queue = _queues[id(engine)] = _WriterQueue(database_path(engine))
+    return queue.turn()
+
+
+class _Work:
+    """One caller's unit of work in a group commit, and its outcome."""
+
+    __slots__ = ("work", "value", "error", "done", "wake")
+
+    def __init__(self, work):
+        self.work = work
+        self.value = self.error = None
+        self.done = False
+        self.wake = threading.Event()
+
+
+class _GroupCommit:
+    """Write transactions of one process's threads, run together in one transaction and one fsync.
+
+    The first caller to arrive leads: it takes the writers' turn, then runs every
+    unit of work waiting, in rounds until none is (_run_batch; a unit that
+    raises is undone alone and gets its exception), commits once, and wakes
+    the others with their outcome. Callers that arrive during the commit wait
+    for the next leader, the first of them. A caller's answer therefore
+    always follows the commit of its own work.
+    """
+
+    def __init__(self, engine):
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._waiting: list[_Work] = []
+        self._leading = False
+
+    def run(self, work):
+        item = _Work(work)
+        with self._lock:
+            self._waiting.append(item)
+            lead = not self._leading
+            self._leading = True
+        if not lead:
+            item.wake.wait()
+        if not item.done:
+            self._lead()
+        if item.error is not None:
+            raise item.error
+        return item.value
+
+    def _take(self) -> list[_Work]:
+        with self._lock:
+            batch, self._waiting = self._waiting, []
+        return batch
+
+    def _lead(self) -> None:
+        batch: list[_Work] = []
+        try:
+            with writer_turn(self._engine), _driver_connection(self._engine, _Kept.writer) as connection:
+                _run_batch(connection, self._take, batch)
+        except BaseException as exc:
+            batch = batch or self._take()
+            for item in batch:
+                if item.error is None:
+                    item.value, item.error = None, exc
+        finally:
+            with self._lock:
+                for item in batch:
+                    item.done = True
+                    item.wake.set()
+                if self._waiting:
+                    self._waiting[0].wake.set()
+                else:
+                    self._leading = False
+
+
+def _run_batch(connection, take, ran: list[_Work]) -> None:
+    """Run the units ``take()`` gives, again until it gives none, in one transaction; commit once.
+
+    Units are taken once the writers' turn is held, and again after each
+    round, so callers that arrived while another process committed, or while
+    this batch ran, share its fsync. A caller waits for its one unit, so at
+    most one unit per thread joins. Each unit but the transaction's first
+    runs in a savepoint; a first that raises is undone with the whole (still
+    empty) transaction, which begins again.
+    """
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        empty = True
+        while pending := take():
+            # Recorded before any runs: if the transaction fails, every unit taken learns it.
+            ran.extend(pending)
+            for item in pending:
+                if empty:
+                    empty = _run_first(connection, item)
+                    continue
+                connection.execute("SAVEPOINT unit")
+                try:
+                    item.value = item.work(connection)
+                except Exception as exc:
+                    item.error = exc
+                    connection.execute("ROLLBACK TO unit")
+                connection.execute("RELEASE unit")
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+
+
+def _run_first(connection, item: _Work) -> bool:
+    """The transaction's first unit, without a savepoint; whether the transaction is still empty after it."""
+    try:
+        item.value = item.work(connection)
+    except Exception as exc:
+        item.error = exc
+        connection.execute("ROLLBACK")
+        connection.execute("BEGIN IMMEDIATE")
+        return True
+    return False
+
+
+_groups: dict[int, _GroupCommit] = {}
+
+
+def group_commit(engine, work):
+    """``work(connection)`` on a sqlite3 connection in a write transaction shared with this process's
+    concurrent callers (see _GroupCommit); its value once committed, or its exception (nothing of it kept)."""
+    with _queues_lock:
+        group = _groups.get(id(engine))
+        if group is None:
+            group = _groups[id(engine)] = _GroupCommit(engine)
+    return group.run(work)
+
+
+class _Kept:
+    """Driver connections of one database file kept out of SQLAlchemy's pool: one per thread for reads, one for
+    the leader of the group commit.
+
+    A checkout from the pool and back cost more than Get status' one
+    statement, and under concurrent threads twice that. dispose() closes them
+    all (after a storage fault); each is opened again at its next use.
+    """
+
+    def __init__(self, engine):
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._open: list[sqlite3.Connection] = []
+        self._generation = 0
+        self._writer: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        raw = self._engine.raw_connection()
+        connection = raw.driver_connection
+        # Out of the pool for good: closed only by dispose().
+        raw.detach()
+        with self._lock:
+            self._open.append(connection)
+        return connection
+
+    def reader(self) -> sqlite3.Connection:
+        local = self._local
+        if getattr(local, "generation", -1) != self._generation:
+            local.connection, local.generation = self._connect(), self._generation
+        return local.connection
+
+    def writer(self) -> sqlite3.Connection:
+        """The leader's connection (leaders take turns, so one is enough); a fresh one if the last batch left it
+        inside a transaction (its ROLLBACK failed)."""
+        if self._writer is None or self._writer.in_transaction:
+            self._writer = self._connect()
+        return self._writer
+
+    def dispose(self) -> None:
+        with self._lock:
+            connections, self._open = self._open, []
+            self._generation += 1
+            self._writer = None
+        for connection in connections:
+            connection.close()
+
+
+_kept_connections: dict[int, _Kept] = {}
+
+
+def _kept(engine) -> _Kept:
+    with _queues_lock:
+        kept = _kept_connections.get(id(engine))
+        if kept is None:
+            kept = _kept_connections[id(engine)] = _Kept(engine)
+    return kept
+
+
+@contextmanager
+def _driver_connection(engine, kept):
+    """``kept(_Kept)`` of a file database; of an in-memory one, the pool's connection (the database itself)."""
+    if database_path(engine) is not None:
+        yield kept(_kept(engine))
+        return
+    raw = engine.raw_connection()
+    try:
+        yield raw.driver_connection
+    finally:
+        raw.close()
+
+
+def read_connection(engine):
+    """A context manager giving this thread's sqlite3 connection for reads past SQLAlchemy; each statement is its
+    own read transaction."""
+    return _driver_connection(engine, _Kept.reader)
+
+
+def dispose(engine) -> None:
+    """Close every connection to the engine's database, kept ones included; new ones are opened at next use."""
+    _kept(engine).dispose()
+    engine.dispose()
