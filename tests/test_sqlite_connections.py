@@ -1,21 +1,207 @@
-"""Connections kept out of SQLAlchemy's pool (kme.storage.sqlite_connections._Kept) on a real SQLite file, with real threads."""
+"""kme.storage.sqlite_connections on a real SQLite file, with real threads: group commit, and the connections kept
+out of SQLAlchemy's pool."""
 import sqlite3
 import threading
+import time
 
 import pytest
 from sqlalchemy import create_engine
 
 from kme.storage import sqlite, sqlite_connections
 
+THREADS = 8
+
 
 @pytest.fixture
 def engine(tmp_path):
-    engine = create_engine(f"sqlite:///{tmp_path / 'kept.db'}")
+    engine = create_engine(f"sqlite:///{tmp_path / 'shared.db'}")
     sqlite.install(engine)
     with sqlite_connections.read_connection(engine) as connection:
-        connection.execute("CREATE TABLE rows (id INTEGER PRIMARY KEY)")
+        connection.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        connection.execute("CREATE TABLE rows (id INTEGER PRIMARY KEY, parent INTEGER "
+                           "REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)")
     yield engine
     sqlite_connections.dispose(engine)
+
+
+def _stored(engine) -> list[int]:
+    with sqlite_connections.read_connection(engine) as connection:
+        return [row[0] for row in connection.execute("SELECT id FROM rows ORDER BY id")]
+
+
+def _insert(value: int, then=None):
+    def work(connection):
+        connection.execute("INSERT INTO rows (id) VALUES (?)", (value,))
+        if then is not None:
+            then()
+        return value, threading.get_ident()
+    return work
+
+
+def _running(started: threading.Event, release: threading.Event):
+    """A unit's last step: say it is running (its batch taken, its transaction open), then wait for ``release``."""
+    def then():
+        started.set()
+        release.wait(10)
+    return then
+
+
+def _wait_until(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.005)
+
+
+def _start(engine, works) -> tuple[list[threading.Thread], dict]:
+    outcomes = {}
+
+    def call(index, work):
+        try:
+            outcomes[index] = sqlite_connections.group_commit(engine, work)
+        except Exception as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=call, args=(index, work)) for index, work in works]
+    for thread in threads:
+        thread.start()
+    return threads, outcomes
+
+
+def _waiting(engine) -> int:
+    return len(sqlite_connections._groups[id(engine)]._waiting)
+
+
+def test_callers_arriving_while_a_batch_runs_join_its_transaction(engine):
+    release, started = threading.Event(), threading.Event()
+    first, first_outcome = _start(engine, [(0, _insert(0, then=_running(started, release)))])
+    started.wait(10)
+    others, outcomes = _start(engine, [(index, _insert(index)) for index in range(1, THREADS)])
+    _wait_until(lambda: _waiting(engine) == THREADS - 1)
+    release.set()
+    for thread in first + others:
+        thread.join(10)
+    outcomes.update(first_outcome)
+    assert sorted(value for value, _ in outcomes.values()) == list(range(THREADS))
+    # The first caller's leader ran every one of them, in its one transaction.
+    assert {thread for _, thread in outcomes.values()} == {first_outcome[0][1]}
+    assert _stored(engine) == list(range(THREADS))
+    assert not sqlite_connections._groups[id(engine)]._leading
+
+
+def test_a_unit_that_raises_is_undone_alone_and_gets_its_own_exception(engine):
+    release, started = threading.Event(), threading.Event()
+    first, _ = _start(engine, [(0, _insert(0, then=_running(started, release)))])
+    started.wait(10)
+
+    def refuse():
+        raise ValueError("refused")
+
+    others, outcomes = _start(engine, [(1, _insert(1)), (2, _insert(2, then=refuse)), (3, _insert(3))])
+    _wait_until(lambda: _waiting(engine) == 3)
+    release.set()
+    for thread in first + others:
+        thread.join(10)
+    assert isinstance(outcomes[2], ValueError) and str(outcomes[2]) == "refused"
+    assert outcomes[1][0] == 1 and outcomes[3][0] == 3
+    assert _stored(engine) == [0, 1, 3]
+
+
+def test_a_failed_commit_fails_every_unit_of_the_batch_and_keeps_nothing(engine):
+    release, started = threading.Event(), threading.Event()
+    first, first_outcome = _start(engine, [(0, _insert(0, then=_running(started, release)))])
+    started.wait(10)
+
+    def orphan(connection):
+        # A deferred foreign key: the unit itself succeeds, the COMMIT fails.
+        connection.execute("INSERT INTO rows (id, parent) VALUES (99, 12345)")
+
+    others, outcomes = _start(engine, [(1, _insert(1)), (2, orphan), (3, _insert(3))])
+    _wait_until(lambda: _waiting(engine) == 3)
+    release.set()
+    for thread in first + others:
+        thread.join(10)
+    outcomes.update(first_outcome)
+    # Units 1 to 3 joined unit 0's transaction, whose COMMIT failed: nothing of any of them is kept.
+    assert all(isinstance(outcomes[index], sqlite3.IntegrityError) for index in (0, 1, 2, 3))
+    assert _stored(engine) == []
+    # The next caller leads a fresh transaction.
+    assert sqlite_connections.group_commit(engine, _insert(4))[0] == 4
+    assert _stored(engine) == [4]
+
+
+def test_a_value_is_returned_only_once_its_transaction_is_committed(engine):
+    for value in range(5):
+        sqlite_connections.group_commit(engine, _insert(value))
+        # A separate connection sees it: committed, not just written.
+        with sqlite3.connect(engine.url.database) as other:
+            assert other.execute("SELECT COUNT(*) FROM rows WHERE id = ?", (value,)).fetchone()[0] == 1
+        other.close()
+
+
+def test_a_unit_alone_that_raises_keeps_nothing_and_the_next_caller_starts_fresh(engine):
+    def half_then_refuse(connection):
+        connection.execute("INSERT INTO rows (id) VALUES (7)")
+        raise ValueError("refused")
+
+    with pytest.raises(ValueError, match="refused"):
+        sqlite_connections.group_commit(engine, half_then_refuse)
+    assert _stored(engine) == []
+    assert sqlite_connections.group_commit(engine, _insert(8))[0] == 8
+    assert _stored(engine) == [8]
+
+
+def test_a_unit_alone_whose_commit_fails_keeps_nothing(engine):
+    def orphan(connection):
+        connection.execute("INSERT INTO rows (id, parent) VALUES (9, 12345)")
+
+    with pytest.raises(sqlite3.IntegrityError):
+        sqlite_connections.group_commit(engine, orphan)
+    assert _stored(engine) == []
+    assert sqlite_connections.group_commit(engine, _insert(10))[0] == 10
+    assert _stored(engine) == [10]
+
+
+def test_callers_arriving_while_the_leader_waits_for_the_turn_join_its_batch(engine):
+    # Another writer (here: this test, as another process would) holds the writers' turn.
+    turn = sqlite_connections.writer_turn(engine)
+    turn.__enter__()
+    try:
+        first, first_outcome = _start(engine, [(0, _insert(0))])
+        _wait_until(lambda: id(engine) in sqlite_connections._groups and sqlite_connections._groups[id(engine)]._leading)
+        others, outcomes = _start(engine, [(index, _insert(index)) for index in range(1, THREADS)])
+        _wait_until(lambda: _waiting(engine) == THREADS)
+    finally:
+        turn.__exit__(None, None, None)
+    for thread in first + others:
+        thread.join(10)
+    outcomes.update(first_outcome)
+    assert sorted(value for value, _ in outcomes.values()) == list(range(THREADS))
+    # One leader ran them all, in one transaction.
+    assert len({thread for _, thread in outcomes.values()}) == 1
+    assert _stored(engine) == list(range(THREADS))
+
+
+def test_a_first_unit_that_raises_is_undone_and_the_others_of_its_batch_commit(engine):
+    def half_then_refuse(connection):
+        connection.execute("INSERT INTO rows (id) VALUES (5)")
+        raise ValueError("refused")
+
+    turn = sqlite_connections.writer_turn(engine)
+    turn.__enter__()
+    try:
+        first, first_outcome = _start(engine, [(0, half_then_refuse)])
+        _wait_until(lambda: id(engine) in sqlite_connections._groups and sqlite_connections._groups[id(engine)]._leading)
+        others, outcomes = _start(engine, [(1, _insert(1)), (2, _insert(2))])
+        _wait_until(lambda: _waiting(engine) == 3)
+    finally:
+        turn.__exit__(None, None, None)
+    for thread in first + others:
+        thread.join(10)
+    assert isinstance(first_outcome[0], ValueError)
+    assert outcomes[1][0] == 1 and outcomes[2][0] == 2
+    assert _stored(engine) == [1, 2]
 
 
 def _reader(engine) -> sqlite3.Connection:

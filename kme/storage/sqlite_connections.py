@@ -155,14 +155,10 @@ def _run_batch(connection, take, ran: list[_Work]) -> None:
             ran.extend(pending)
             for item in pending:
                 if empty:
-                    empty = _run_first(connection, item)
+                    empty = not _run_unit(connection, item, "ROLLBACK", "BEGIN IMMEDIATE")
                     continue
                 connection.execute("SAVEPOINT unit")
-                try:
-                    item.value = item.work(connection)
-                except Exception as exc:
-                    item.error = exc
-                    connection.execute("ROLLBACK TO unit")
+                _run_unit(connection, item, "ROLLBACK TO unit")
                 connection.execute("RELEASE unit")
         connection.execute("COMMIT")
     except BaseException:
@@ -171,16 +167,16 @@ def _run_batch(connection, take, ran: list[_Work]) -> None:
         raise
 
 
-def _run_first(connection, item: _Work) -> bool:
-    """The transaction's first unit, without a savepoint; whether the transaction is still empty after it."""
+def _run_unit(connection, item: _Work, *undo: str) -> bool:
+    """Run one unit; if it raises, keep its exception for its caller and run ``undo``. Whether it succeeded."""
     try:
         item.value = item.work(connection)
     except Exception as exc:
         item.error = exc
-        connection.execute("ROLLBACK")
-        connection.execute("BEGIN IMMEDIATE")
-        return True
-    return False
+        for statement in undo:
+            connection.execute(statement)
+        return False
+    return True
 
 
 _groups: dict[int, _GroupCommit] = {}
