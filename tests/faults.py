@@ -56,6 +56,27 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def kill_family(process) -> None:
+    """SIGKILL a process the test started (a gunicorn master, say) and its children, by pid.
+
+    It is stopped first: a gunicorn master that sees a worker die forks
+    another at once, and a worker forked between listing the children and
+    killing the master would live on, holding the listening socket.
+    """
+    pid = process.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    wait_until(lambda: _stopped(pid), timeout=10)
+    for child in children(pid):
+        os.kill(child, signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
+    process.proc.wait()
+
+
 class FaultInjector:
     """Kills processes of the pair in turn (each by its own pid, all started by the test) and restarts them."""
 
@@ -73,8 +94,7 @@ class FaultInjector:
         else:
             name = "kme" if fault == "inter-KME interface" else "ingest"
             process = kme.processes.pop(name)
-            for pid in children(process.proc.pid) + [process.proc.pid]:
-                os.kill(pid, signal.SIGKILL)
+            kill_family(process)
             process.stop()
             kme.start(name)
         return f"{fault} of KME {kme.id}"

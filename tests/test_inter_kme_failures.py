@@ -1,8 +1,6 @@
 """Inter-KME failures: peer down, hanging, garbage, refusing; master killed mid-activation."""
 import base64
 import json
-import os
-import signal
 import sqlite3
 import threading
 from contextlib import closing
@@ -11,6 +9,7 @@ import pytest
 import requests
 
 from tests.fake_peer import FakePeer
+from tests.faults import kill_family
 from tests.network import Network
 from tests.support import wait_until
 
@@ -126,15 +125,6 @@ def test_unknown_outcome_holds_keys_back_until_settled(network, mode):
     assert_never_handed_out(network, held)
 
 
-def gunicorn_family(pid: int) -> list[int]:
-    """The gunicorn master and its workers (processes this test started)."""
-    children = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as handle:
-            children += [int(child) for child in handle.read().split()]
-    return [pid] + children
-
-
 def test_master_killed_between_claim_and_answer_is_settled_after_restart(network):
     kme1, kme2 = network[1], network[2]
     kme2.stop("kme")
@@ -154,8 +144,7 @@ def test_master_killed_between_claim_and_answer_is_settled_after_restart(network
         held = reserved_material(kme1.ledger)
         assert len(held) == 2
         sae = kme1.processes.pop("sae")
-        for pid in gunicorn_family(sae.proc.pid):
-            os.kill(pid, signal.SIGKILL)
+        kill_family(sae)
         sae.stop()
         caller.join(30)
         assert errors

@@ -7,14 +7,13 @@ no position may serve two keys, and the slave's copy must be the master's.
 import base64
 import json
 import os
-import signal
 import sqlite3
 import threading
 
 import pytest
 import requests
 
-from tests.faults import children
+from tests.faults import kill_family
 from tests.network import Network
 from tests.support import wait_until
 
@@ -232,10 +231,7 @@ def test_a_lease_whose_answer_was_lost_is_asked_again_and_nothing_is_lost(networ
 def crash(kme, name: str) -> None:
     """SIGKILL a gunicorn master the test started, and its workers, by pid."""
     process = kme.processes.pop(name)
-    for pid in children(process.proc.pid):
-        os.kill(pid, signal.SIGKILL)
-    process.proc.kill()
-    process.proc.wait()
+    kill_family(process)
     process.log.close()
 
 
