@@ -65,21 +65,15 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
     if interface in ("sae", "kme"):
         logs.init_app(app, interface, metrics.observe_request)
 
-    schema_ready = False
-
     @app.before_request
     def prepare_database():
-        nonlocal schema_ready
         # /healthz reports storage faults in its own body, on its own connection.
         if request.blueprint == health_api.bp.name and not config.in_memory:
             return
         db.check_database_file()
-        if schema_ready:
-            return
         # An in-memory database lives and dies with this process, which
         # therefore ingests the key files itself.
         if db.ensure_schema() and config.in_memory:
             ingest_directories(config)
-        schema_ready = True
 
     return app
