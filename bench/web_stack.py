@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from kme.operations.certs import generate_pki  # noqa: E402
 from tests.conftest import PKI_LAYOUT  # noqa: E402
+from tests.faults import children  # noqa: E402
 from tests.network import Network  # noqa: E402
 from tests.support import PASSWORD, Pki, Process, free_port, load_json, wait_for_workers  # noqa: E402
 
@@ -70,7 +71,7 @@ def _config_copy(source: Path, target: Path) -> tuple[Path, int]:
 
 
 class Stack:
-    """The KME pair and the two ceilings, started once."""
+    """The KME pair, the two ceilings and Flask alone, started once."""
 
     def __init__(self, folder: Path, pki: Pki):
         self.pki = pki
@@ -173,16 +174,7 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 def _workers(masters: list[Process]) -> list[int]:
     """The pids of the worker processes of these gunicorn masters."""
-    parents = {str(master.proc.pid) for master in masters}
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[1] in parents:
-            pids.append(int(stat.parent.name))
-    return pids
+    return [pid for master in masters for pid in children(master.proc.pid)]
 
 
 def _cpu_seconds(pids: list[int]) -> float:

@@ -55,17 +55,22 @@ class _WriterQueue:
         return self._fd
 
 
+_registry_lock = threading.Lock()
 _queues: dict[int, _WriterQueue] = {}
-_queues_lock = threading.Lock()
+
+
+def _per_engine(registry: dict, engine, make):
+    """The object of ``registry`` for this engine, made by ``make()`` on first use."""
+    with _registry_lock:
+        found = registry.get(id(engine))
+        if found is None:
+            found = registry[id(engine)] = make()
+    return found
 
 
 def writer_turn(engine):
     """A context manager that waits for this writer's turn on the engine's database (see _WriterQueue)."""
-    with _queues_lock:
-        queue = _queues.get(id(engine))
-        if queue is None:
-            queue = _queues[id(engine)] = _WriterQueue(database_path(engine))
-    return queue.turn()
+    return _per_engine(_queues, engine, lambda: _WriterQueue(database_path(engine))).turn()
 
 
 class _Work:
@@ -185,11 +190,7 @@ _groups: dict[int, _GroupCommit] = {}
 def group_commit(engine, work):
     """``work(connection)`` on a sqlite3 connection in a write transaction shared with this process's
     concurrent callers (see _GroupCommit); its value once committed, or its exception (nothing of it kept)."""
-    with _queues_lock:
-        group = _groups.get(id(engine))
-        if group is None:
-            group = _groups[id(engine)] = _GroupCommit(engine)
-    return group.run(work)
+    return _per_engine(_groups, engine, lambda: _GroupCommit(engine)).run(work)
 
 
 class _Kept:
@@ -244,11 +245,7 @@ _kept_connections: dict[int, _Kept] = {}
 
 
 def _kept(engine) -> _Kept:
-    with _queues_lock:
-        kept = _kept_connections.get(id(engine))
-        if kept is None:
-            kept = _kept_connections[id(engine)] = _Kept(engine)
-    return kept
+    return _per_engine(_kept_connections, engine, lambda: _Kept(engine))
 
 
 @contextmanager
