@@ -1,5 +1,6 @@
 """kme.storage.sqlite_connections on a real SQLite file, with real threads: group commit, and the connections kept
 out of SQLAlchemy's pool."""
+import gc
 import sqlite3
 import threading
 import time
@@ -70,7 +71,7 @@ def _start(engine, works) -> tuple[list[threading.Thread], dict]:
 
 
 def _waiting(engine) -> int:
-    return len(sqlite_connections._groups[id(engine)]._waiting)
+    return len(sqlite_connections._groups[engine]._waiting)
 
 
 def test_callers_arriving_while_a_batch_runs_join_its_transaction(engine):
@@ -87,7 +88,7 @@ def test_callers_arriving_while_a_batch_runs_join_its_transaction(engine):
     # The first caller's leader ran every one of them, in its one transaction.
     assert {thread for _, thread in outcomes.values()} == {first_outcome[0][1]}
     assert _stored(engine) == list(range(THREADS))
-    assert not sqlite_connections._groups[id(engine)]._leading
+    assert not sqlite_connections._groups[engine]._leading
 
 
 def test_a_unit_that_raises_is_undone_alone_and_gets_its_own_exception(engine):
@@ -169,7 +170,7 @@ def test_callers_arriving_while_the_leader_waits_for_the_turn_join_its_batch(eng
     turn.__enter__()
     try:
         first, first_outcome = _start(engine, [(0, _insert(0))])
-        _wait_until(lambda: id(engine) in sqlite_connections._groups and sqlite_connections._groups[id(engine)]._leading)
+        _wait_until(lambda: engine in sqlite_connections._groups and sqlite_connections._groups[engine]._leading)
         others, outcomes = _start(engine, [(index, _insert(index)) for index in range(1, THREADS)])
         _wait_until(lambda: _waiting(engine) == THREADS)
     finally:
@@ -192,7 +193,7 @@ def test_a_first_unit_that_raises_is_undone_and_the_others_of_its_batch_commit(e
     turn.__enter__()
     try:
         first, first_outcome = _start(engine, [(0, half_then_refuse)])
-        _wait_until(lambda: id(engine) in sqlite_connections._groups and sqlite_connections._groups[id(engine)]._leading)
+        _wait_until(lambda: engine in sqlite_connections._groups and sqlite_connections._groups[engine]._leading)
         others, outcomes = _start(engine, [(1, _insert(1)), (2, _insert(2))])
         _wait_until(lambda: _waiting(engine) == 3)
     finally:
@@ -241,3 +242,18 @@ def test_an_in_memory_database_is_read_through_the_pool(tmp_path):
     with sqlite_connections.read_connection(engine) as connection:
         assert connection.execute("SELECT id FROM rows").fetchall() == [(3,)]
     sqlite_connections.dispose(engine)
+
+
+def test_state_of_a_collected_engine_never_passes_to_a_new_one(tmp_path):
+    # A new engine often gets the id of one collected just before: per-engine state must not follow the id.
+    for index in range(30):
+        engine = create_engine(f"sqlite:///{tmp_path / f'{index}.db'}")
+        sqlite.install(engine)
+        with engine.connect() as connection:
+            connection.exec_driver_sql("CREATE TABLE rows (id INTEGER PRIMARY KEY)")
+        assert sqlite.file_problem(engine) is None
+        with sqlite_connections.writer_turn(engine):
+            assert (tmp_path / f"{index}.db-writers").exists()
+        engine.dispose()
+        del engine
+        gc.collect()

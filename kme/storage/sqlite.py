@@ -9,6 +9,7 @@ file's identity, and WAL checkpoints.
 import os
 import sqlite3
 import time
+import weakref
 from contextlib import closing
 
 from sqlalchemy import event, text
@@ -50,7 +51,8 @@ _LEND = text(
 
 
 # (device, inode) of the database file each engine of this process opened first.
-_opened: dict[int, tuple[int, int]] = {}
+# By engine, never by id(): an engine collected in a test process leaves its id to the next one.
+_opened: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def install(engine) -> None:
@@ -66,9 +68,9 @@ def install(engine) -> None:
             cursor.execute(pragma)
         cursor.close()
         path = database_path(engine)
-        if path and id(engine) not in _opened:
+        if path and engine not in _opened:
             found = os.stat(path)
-            _opened[id(engine)] = (found.st_dev, found.st_ino)
+            _opened[engine] = (found.st_dev, found.st_ino)
 
     @event.listens_for(engine, "begin")
     def on_begin(connection):
@@ -322,7 +324,7 @@ def file_problem(engine) -> str | None:
     nobody will ever read again, or hand out keys again from a fresh file.
     """
     path = database_path(engine)
-    opened = _opened.get(id(engine))
+    opened = _opened.get(engine)
     if path is None or opened is None:
         return None
     try:

@@ -7,6 +7,7 @@ import fcntl
 import os
 import sqlite3
 import threading
+import weakref
 from contextlib import contextmanager
 
 from kme.storage.sqlite import database_path
@@ -56,15 +57,19 @@ class _WriterQueue:
 
 
 _registry_lock = threading.Lock()
-_queues: dict[int, _WriterQueue] = {}
+_queues: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _per_engine(registry: dict, engine, make):
-    """The object of ``registry`` for this engine, made by ``make()`` on first use."""
+    """The object of ``registry`` for this engine, made by ``make()`` on first use.
+
+    Keyed by the engine itself (weakly), never by id(): a new engine may get
+    the id of one collected before it, and would inherit its state.
+    """
     with _registry_lock:
-        found = registry.get(id(engine))
+        found = registry.get(engine)
         if found is None:
-            found = registry[id(engine)] = make()
+            found = registry[engine] = make()
     return found
 
 
@@ -184,7 +189,7 @@ def _run_unit(connection, item: _Work, *undo: str) -> bool:
     return True
 
 
-_groups: dict[int, _GroupCommit] = {}
+_groups: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def group_commit(engine, work):
@@ -241,7 +246,7 @@ class _Kept:
             connection.close()
 
 
-_kept_connections: dict[int, _Kept] = {}
+_kept_connections: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _kept(engine) -> _Kept:
