@@ -35,4 +35,4 @@ openapi: $(VENV)/.run-deps
 	$(BIN)/python -c "import json, kme.interfaces.openapi as o; print(json.dumps(o.document('all'), indent=2))" > docs/openapi.json
 
 clean:
-	rm -rf $(VENV) instance/*.db instance/*.db-wal instance/*.db-shm keys/*/.kme-database
+	rm -rf $(VENV) instance/*.db instance/*.db-wal instance/*.db-shm instance/*.kek keys/*/.kme-database

@@ -1,10 +1,11 @@
 """A Key Management Entity (KME) for QKD networks, following ETSI GS QKD 014."""
+import logging
 import os
 import sys
 
 from flask import Flask, request
 
-from kme.config import KmeConfig, load_config
+from kme.config import ConfigError, KmeConfig, load_config
 
 # Key requests and key ID lists are small; anything bigger is refused with 413.
 MAX_REQUEST_BYTES = 64 * 1024
@@ -41,7 +42,8 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
     from kme.interfaces import debug_page, health_api, kme_api, openapi, sae_api
     from kme.operations import cli, logs, metrics
     from kme.operations.ingest import ingest_directories
-    from kme.storage import db
+    from kme.storage import db, kek
+    from kme.storage.kek import KekError
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
@@ -55,6 +57,11 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
     config = kme_config
     app.extensions["kme"] = config
     logs.configure(config.this_kme.log_level, config.this_kme.log_format == "json")
+    try:
+        app.extensions["kme_kek"] = kek.open_at_start(config, logging.getLogger("kme").warning,
+                                                      check=interface != "cli")
+    except KekError as exc:
+        raise ConfigError(f"this_kme.key_encryption_key: {exc}") from None
     db.init_app(app, config.this_kme.database_uri)
     errors.init_app(app)
     app.extensions["kme_interface"] = interface

@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from urllib.parse import unquote
 
 import json5
 from cryptography import x509
@@ -62,10 +63,39 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class KekSource:
+    """Where the key-encryption key comes from (kme.storage.kek opens it); never the key itself.
+
+    ``kind``: "file", "credential" (a systemd credential), "pkcs11" (a key on a token),
+    "generated" (the file created beside the configuration when the field is absent)
+    or "ephemeral" (an in-memory database: a random key that dies with the process).
+    """
+
+    kind: str
+    path: Path | None = None
+    name: str = ""
+    module: str = ""
+    token: str = ""
+    pin_source: Path | None = None
+    pin_value: str = field(default="", repr=False)
+
+    def describe(self) -> str:
+        """One line for operators: the kind and place, never a PIN or a key."""
+        return {
+            "file": f"file {self.path}",
+            "credential": f"systemd credential {self.name}",
+            "pkcs11": f"PKCS#11 key {self.name!r} on token {self.token!r} (module {self.module})",
+            "generated": f"generated file {self.path} (move it to other storage, see docs/security.md)",
+            "ephemeral": "random key in memory (in-memory database)",
+        }[self.kind]
+
+
+@dataclass(frozen=True)
 class ThisKme:
     id: int
     nickname: str
     database_uri: str
+    key_encryption_key: KekSource
     key_directory_to_watch: Path
     saes_https_interface: HttpsInterface
     kmes_https_interface: HttpsInterface | None
@@ -174,7 +204,7 @@ def parse_config(raw, base_dir: Path, source: Path | None = None) -> KmeConfig:
     except ValidationError as exc:
         where, message = first_error(exc.messages)
         raise ConfigError(f"{where}: {message}") from None
-    this_kme = _this_kme(data["this_kme"], base_dir)
+    this_kme = _this_kme(data["this_kme"], base_dir, source)
     other_kmes = tuple(_other_kme(i, item, base_dir) for i, item in enumerate(data["other_kmes"]))
     saes = tuple(_sae(i, item, this_kme.id) for i, item in enumerate(data["saes"]))
     _check_ids(this_kme, other_kmes, saes)
@@ -259,13 +289,59 @@ def _limits(data: dict) -> Limits:
     return limits
 
 
-def _this_kme(data: dict, base_dir: Path) -> ThisKme:
+def kek_source(value: str | None, base_dir: Path, source: Path | None, database_uri: str) -> KekSource:
+    """``this_kme.key_encryption_key``: a file path, ``credential:NAME`` or a ``pkcs11:`` URI (RFC 7512)."""
+    if value is None:
+        if database_uri == IN_MEMORY_URI:
+            return KekSource("ephemeral")
+        stem = source.stem if source is not None else "kme"
+        return KekSource("generated", path=base_dir / f"{stem}.kek")
+    if value.startswith("credential:"):
+        name = value[len("credential:"):]
+        if not name or "/" in name or name in (".", ".."):
+            raise ConfigError("this_kme.key_encryption_key: credential: needs the name of a systemd credential")
+        return KekSource("credential", name=name)
+    if value.startswith("pkcs11:"):
+        return _pkcs11_source(value, base_dir)
+    return KekSource("file", path=(base_dir / value).resolve())
+
+
+def _pkcs11_source(uri: str, base_dir: Path) -> KekSource:
+    """The attributes of a PKCS#11 URI that name an AES key: token, object, module-path, pin-source or pin-value."""
+    where = "this_kme.key_encryption_key"
+    path, _, query = uri[len("pkcs11:"):].partition("?")
+    attributes = {}
+    for part in (item for chunk in (path.split(";"), query.split("&")) for item in chunk if item):
+        name, equals, value = part.partition("=")
+        if not equals:
+            raise ConfigError(f"{where}: {part!r} is not an attribute=value of a PKCS#11 URI")
+        attributes[name] = unquote(value)
+    unknown = sorted(set(attributes) - {"token", "object", "type", "module-path", "pin-source", "pin-value"})
+    if unknown:
+        raise ConfigError(f"{where}: PKCS#11 URI attribute {unknown[0]} is not supported "
+                          "(token, object, type, module-path, pin-source, pin-value)")
+    for required in ("token", "object", "module-path"):
+        if not attributes.get(required):
+            raise ConfigError(f"{where}: the PKCS#11 URI needs {required}=")
+    if attributes.get("type", "secret-key") != "secret-key":
+        raise ConfigError(f"{where}: the PKCS#11 URI must name a secret key (type=secret-key)")
+    if "pin-source" in attributes and "pin-value" in attributes:
+        raise ConfigError(f"{where}: give pin-source or pin-value, not both")
+    pin_source = attributes.get("pin-source")
+    if pin_source is not None:
+        pin_source = (base_dir / pin_source.removeprefix("file:")).resolve()
+    return KekSource("pkcs11", name=attributes["object"], module=attributes["module-path"],
+                     token=attributes["token"], pin_source=pin_source, pin_value=attributes.get("pin-value", ""))
+
+
+def _this_kme(data: dict, base_dir: Path, source: Path | None) -> ThisKme:
     kmes = data.get("kmes_https_interface")
     database_uri = _database_uri(data, base_dir)
     return ThisKme(
         id=data["id"],
         nickname=data.get("nickname") or f"KME {data['id']}",
         database_uri=database_uri,
+        key_encryption_key=kek_source(data.get("key_encryption_key"), base_dir, source, database_uri),
         key_directory_to_watch=(base_dir / data["key_directory_to_watch"]).resolve(),
         saes_https_interface=_https_interface(data["saes_https_interface"], base_dir, "this_kme.saes_https_interface"),
         kmes_https_interface=kmes and _https_interface(kmes, base_dir, "this_kme.kmes_https_interface"),

@@ -124,6 +124,7 @@ class ThisKmeSchema(StrictSchema):
     nickname = Str(validate=validate.Length(1, 64))
     sqlite_db_path = Str(validate=validate.Length(min=1))
     db_uri = Str(validate=validate.Length(min=1))
+    key_encryption_key = Str(validate=validate.Length(min=1))
     key_directory_to_watch = Str(required=True)
     saes_https_interface = Nested(HttpsInterfaceSchema, required=True)
     debugging_http_interface = Str(validate=_address)

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages some tests drive, unless they are there already:
 # chromium and chromium-driver (browser test), systemd (systemd-analyze verify of the unit files),
-# curl (the README's examples).
+# curl (the README's examples), softhsm2 (a PKCS#11 token for the key-encryption key).
 set -euo pipefail
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v curl >/dev/null || missing+=(curl)
+[ -f /usr/lib/softhsm/libsofthsm2.so ] && command -v softhsm2-util >/dev/null || missing+=(softhsm2)
 [ ${#missing[@]} -eq 0 ] && exit 0
 SUDO=
 [ "$(id -u)" -eq 0 ] || SUDO=sudo

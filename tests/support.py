@@ -93,6 +93,17 @@ def write_keys(path: Path, count: int) -> bytes:
     return data
 
 
+def stored_bytes(db_path: Path) -> bytes:
+    """Every byte SQLite keeps of a database: the file, and its WAL if there is one."""
+    wal = db_path.with_name(db_path.name + "-wal")
+    return db_path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+
+
+def keys_found(raw: bytes, data: bytes) -> list[int]:
+    """The positions of the 32-byte keys of ``data`` whose bytes appear in ``raw``."""
+    return [i // 32 for i in range(0, len(data) - 31, 32) if data[i:i + 32] in raw]
+
+
 def wait_until(predicate, timeout: float = 10, interval: float = 0.02):
     """Poll ``predicate`` until it returns a true value (returned), or fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -180,7 +191,8 @@ def start_ingest_worker(config: Path, log: Path) -> Process:
     """Start `flask ingest-keys --watch` and wait until it watches."""
     process = Process([sys.executable, "-m", "flask", "ingest-keys", "--watch"], config, log)
     try:
-        process.wait_for_output("watching")
+        # "watching N key directories"; a path in an earlier line may hold the word "watching".
+        process.wait_for_output(" key directories")
     except BaseException:
         process.stop()
         raise
@@ -212,10 +224,37 @@ def run_cli(args: list[str], config: Path | None, timeout: float = 60) -> subpro
 
 
 class Ledger:
-    """Read-only view of a KME database file, for accounting checks."""
+    """Read-only view of a KME database file, for accounting checks.
 
-    def __init__(self, db_path: Path):
+    Key material is read through the KME's own key-encryption key: by
+    default the file the KME generates beside its configuration (config.kek
+    beside the database in these tests).
+    """
+
+    def __init__(self, db_path: Path, kek_path: Path | None = None):
         self.db_path = db_path
+        self.kek_path = kek_path or db_path.parent / "config.kek"
+
+    def sealer(self):
+        """A Sealer with the database's data key, unwrapped with the KEK file."""
+        from kme.config import KekSource
+        from kme.storage.kek import context, open_kek
+        from kme.storage.sealing import Sealer
+
+        facts = dict(self._query("SELECT name, value FROM kme_meta"))
+        kek, _created = open_kek(KekSource("file", path=self.kek_path))
+        return Sealer(kek.unwrap(facts["data_key"], context(facts["database_id"])))
+
+    def pool_keys(self, where: str = "1", *args) -> list[tuple[int, bytes]]:
+        """(position, material) of the pool keys matching ``where``, in position order, opened."""
+        from kme.storage.sealing import pool_place
+
+        sealer = self.sealer()
+        rows = self._query(f"SELECT link_id, file_id, position, material FROM pool_keys WHERE {where} "
+                           "ORDER BY file_id, position", *args)
+        return [(position, material if len(material) == 32 else
+                 sealer.open(material, pool_place(link_id, file_id, position), lambda: "a pool key"))
+                for link_id, file_id, position, material in rows]
 
     def _query(self, sql: str, *args):
         with sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True) as conn:

@@ -38,7 +38,7 @@ def test_ingests_whole_keys_and_warns_about_trailing_bytes(setup):
     assert (summary.files, summary.keys) == (2, 13)
     assert any("5 trailing bytes" in warning for warning in summary.warnings)
     assert ledger.assert_exact(1)["available"] == 13
-    assert data[:32] in {row[0] for row in ledger._query("SELECT material FROM pool_keys WHERE position = 0")}
+    assert data[:32] in {material for _position, material in ledger.pool_keys("position = 0")}
 
 
 def test_ingesting_again_adds_nothing(setup):
@@ -106,7 +106,7 @@ def test_interrupted_ingestion_resumes_without_duplicates(setup, monkeypatch):
     monkeypatch.setattr(intake, "store_keys", real_store)
     summary = run(app)
     assert summary.keys == 15
-    rows = ledger._query("SELECT position, material FROM pool_keys ORDER BY position")
+    rows = ledger.pool_keys()
     assert [position for position, _ in rows] == list(range(35))
     assert b"".join(material for _, material in rows) == data
 

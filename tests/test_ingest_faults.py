@@ -53,7 +53,7 @@ def test_a_renamed_or_copied_file_adds_no_key_twice(kme):
     assert any("c.cor on link 1: 10 keys refused" in event for event in kme.events())
     counts = kme.ledger.assert_exact(1)
     assert counts["ingested"] == 10
-    materials = [row[0] for row in kme.ledger._query("SELECT material FROM pool_keys")]
+    materials = [material for _position, material in kme.ledger.pool_keys()]
     assert sorted(materials) == sorted(data[i:i + 32] for i in range(0, len(data), 32))
 
 
@@ -69,7 +69,7 @@ def test_repeats_inside_a_file_keep_each_materials_first_position(kme):
     (keys_folder(kme) / "mixed.cor").write_bytes(a + b + a + c + b + b)
     summary = kme.ingest()
     assert (summary.keys, summary.duplicates) == (3, 3)
-    rows = kme.ledger._query("SELECT position, material FROM pool_keys ORDER BY position")
+    rows = kme.ledger.pool_keys()
     assert [tuple(row) for row in rows] == [(0, a), (1, b), (3, c)]
 
 
@@ -110,7 +110,7 @@ def test_bytes_appended_to_an_ingested_file_are_ingested_as_more_keys(kme):
     positions = [row[0] for row in kme.ledger._query("SELECT position FROM pool_keys ORDER BY position")]
     assert positions == list(range(15))
     # The key that straddles the old end is made of the old trailing bytes and the new ones.
-    straddling = kme.ledger._query("SELECT material FROM pool_keys WHERE position = 10")[0][0]
+    straddling = kme.ledger.pool_keys("position = 10")[0][1]
     assert straddling[:5] == first[-5:]
     assert kme.ingest().keys == 0
 

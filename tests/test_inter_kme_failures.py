@@ -39,7 +39,7 @@ def fake_peer(network, mode):
 
 
 def reserved_material(ledger) -> set[bytes]:
-    return {row[0] for row in ledger._query("SELECT material FROM pool_keys WHERE state = 2")}
+    return {material for _position, material in ledger.pool_keys("state = 2")}
 
 
 def assert_never_handed_out(network, held: set[bytes], rounds=5):

@@ -42,6 +42,8 @@ def test_unit_runs_an_entry_point_unprivileged_and_hardened(unit):
     assert service["RuntimeDirectory"] == "kme" and service["RuntimeDirectoryPreserve"] == "yes"
     assert service["User"] == "kme" and service["Restart"] == "on-failure"
     assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
+    # Every process opens the key store: each gets the key-encryption key as a credential.
+    assert service["LoadCredential"] == "kek:/etc/kme/%i.kek"
 
 
 def test_systemd_analyze_verify_accepts_the_units(tmp_path):

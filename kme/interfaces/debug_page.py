@@ -1,10 +1,10 @@
 """The debugging web page (plain HTTP, loopback): live events, pool figures, health, metrics.
 
-It shows IDs, counts and file names only, never key material.
+It shows IDs, counts, file names and where the key-encryption key comes from, never key material or a key.
 """
 from flask import Blueprint, Response, current_app, render_template
 
-from kme.operations import events, metrics, status
+from kme.operations import events, health, metrics, status
 from kme.storage.db import db
 
 bp = Blueprint("debug_page", __name__)
@@ -21,7 +21,8 @@ def _config():
 def page():
     """The live page; static/debug.js refreshes it from /messages and /links."""
     config = _config()
-    return render_template("debug.html", kme=config.this_kme)
+    return render_template("debug.html", kme=config.this_kme,
+                           encryption=health.encryption(config, current_app.extensions["kme_kek"].source))
 
 
 @bp.get("/messages")

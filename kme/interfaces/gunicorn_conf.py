@@ -2,7 +2,8 @@
 
 deploy/sae.py, deploy/kme.py and deploy/debug.py are one-line gunicorn config
 files over this module. It never imports the Flask app: workers create it after fork, so no
-database connection is shared across processes.
+database connection is shared across processes. It checks the key-encryption key before any
+worker starts (a read-only look at the database, closed at once).
 """
 import ipaddress
 import os
@@ -11,6 +12,7 @@ import sys
 import tempfile
 
 from kme.config import ConfigError, HttpsInterface, load_config
+from kme.storage import kek
 
 # A client that opens a connection and stalls mid-handshake (or mid-request)
 # must not hold a worker thread for longer than this.
@@ -64,6 +66,12 @@ def _load():
         sys.exit(f"kme: {exc}")
     if config.in_memory:
         sys.exit("kme: this_kme.sqlite_db_path: ':memory:' cannot be shared by gunicorn workers; use a file")
+    # A PKCS#11 library must not be loaded before the fork: the workers open the token themselves.
+    if config.this_kme.key_encryption_key.kind != "pkcs11":
+        try:
+            kek.open_at_start(config, lambda line: print(f"kme: warning: {line}", file=sys.stderr))
+        except kek.KekError as exc:
+            sys.exit(f"kme: this_kme.key_encryption_key: {exc}")
     return config
 
 

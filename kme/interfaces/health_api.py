@@ -8,6 +8,8 @@ bp = Blueprint("health_api", __name__)
 
 @bp.get("/healthz")
 def healthz():
-    """Database reachable, key directories readable, ingestion worker alive."""
-    healthy, report = health.check(current_app.extensions["kme"])
+    """Database reachable, key directories readable, ingestion worker alive; encryption at rest."""
+    config = current_app.extensions["kme"]
+    healthy, report = health.check(config)
+    report["encryption_at_rest"] = health.encryption(config, current_app.extensions["kme_kek"].source)
     return report, 200 if healthy else 503

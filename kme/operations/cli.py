@@ -1,4 +1,5 @@
-"""Flask CLI commands: ingest-keys (one shot or --watch), kme-status, adopt-key-folders and gen-certs."""
+"""Flask CLI commands: ingest-keys (one shot or --watch), kme-status, adopt-key-folders and gen-certs
+(rotate-kek and encrypt-db are in kme.operations.key_encryption_cli)."""
 import os
 import signal
 import sys
@@ -10,19 +11,29 @@ from flask import current_app
 from sqlalchemy.exc import DBAPIError
 
 from kme.domain.errors import StorageFailure
-from kme.operations import certs, key_folders, status
+from kme.operations import certs, health, key_folders, status
 from kme.operations.ingest import KEY_FILE_SUFFIX, ingest_directories
 from kme.operations.watch import watch
-from kme.storage import sqlite
+from kme.storage import kek, sqlite
 from kme.storage.db import DATABASE_ID, ensure_schema, meta
 from kme.storage.keystore import intake
 
 
-def _config():
+def command_config():
+    """The configuration of the KME a command works on; a one-line error without one."""
     config = current_app.extensions.get("kme")
     if config is None:
         raise click.ClickException("KME_CONFIG: not set (it names the configuration file)")
     return config
+
+
+def open_database() -> None:
+    """Open the database (schema, data key) for a command; a one-line error if it cannot be used (a wrong KEK)."""
+    try:
+        ensure_schema()
+    except (DBAPIError, *sqlite.DRIVER_ERRORS, StorageFailure) as exc:
+        raise click.ClickException(exc.cause if isinstance(exc, StorageFailure) else sqlite.failure_cause(exc)) \
+            from None
 
 
 def _print_summary(summary) -> None:
@@ -36,7 +47,7 @@ def _print_summary(summary) -> None:
               help="Keep running: ingest every key file as soon as it is complete.")
 def ingest_keys_command(keep_watching: bool) -> None:
     """Ingest the .cor key files of every configured key directory."""
-    config = _config()
+    config = command_config()
     if config.in_memory:
         raise click.ClickException(
             "this_kme.sqlite_db_path: ':memory:' lives in one process; the KME server ingests keys itself then")
@@ -44,13 +55,18 @@ def ingest_keys_command(keep_watching: bool) -> None:
         if not directory.is_dir():
             raise click.ClickException(f"key directory of link {link_id} does not exist: {directory}")
     if not keep_watching:
+        open_database()
         try:
-            ensure_schema()
             _print_summary(ingest_directories(config, show_progress=sys.stdout.isatty()))
         except (DBAPIError, *sqlite.DRIVER_ERRORS, StorageFailure) as exc:
             cause = exc.cause if isinstance(exc, StorageFailure) else sqlite.failure_cause(exc)
             raise click.ClickException(f"ingestion stopped: {cause}") from None
         return
+    # The watcher outlives a database it cannot use yet, but not a key-encryption key that does not open it.
+    try:
+        kek.check_database(sqlite.path_of_uri(config.this_kme.database_uri), current_app.extensions["kme_kek"])
+    except kek.KekError as exc:
+        raise click.ClickException(str(exc)) from None
     stop = threading.Event()
     for number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(number, lambda *_: stop.set())
@@ -70,8 +86,8 @@ def ingest_keys_command(keep_watching: bool) -> None:
                    "new: they are ingested as new keys (only if no key of theirs was ever used).")
 def adopt_key_folders_command(existing: str) -> None:
     """Bind key folders marked by another database to this one, after an operator's decision."""
-    config = _config()
-    ensure_schema()
+    config = command_config()
+    open_database()
     database_id = meta(DATABASE_ID).decode()
     adopted = 0
     for link_id, directory in config.key_directories().items():
@@ -130,10 +146,13 @@ def _table(headers: list[str], rows: list[list]) -> str:
 @click.command("kme-status")
 def kme_status_command() -> None:
     """Print each link's key pool and the registered SAEs."""
-    config = _config()
-    ensure_schema()
+    config = command_config()
+    open_database()
     links = status.links(config)
-    click.echo(f"{config.this_kme.nickname} (KME {config.this_kme.id})\n")
+    click.echo(f"{config.this_kme.nickname} (KME {config.this_kme.id})")
+    encryption = health.encryption(config, current_app.extensions["kme_kek"].source)
+    click.echo(f"encryption at rest: on, keys {encryption['keys']}; key-encryption key: "
+               f"{encryption['key_encryption_key']}\n")
     click.echo(_table(
         ["link", "available", "delivered", "waiting", "peer's", "reserved", "unconfirmed", "discarded", "set aside",
          "files", "last file", "peer"],
@@ -158,3 +177,7 @@ def init_app(app) -> None:
     app.cli.add_command(gen_certs_command)
     app.cli.add_command(kme_status_command)
     app.cli.add_command(adopt_key_folders_command)
+    from kme.operations import key_encryption_cli
+
+    app.cli.add_command(key_encryption_cli.rotate_kek_command)
+    app.cli.add_command(key_encryption_cli.encrypt_db_command)

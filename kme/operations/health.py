@@ -9,10 +9,11 @@ import time
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
-from kme.config import KmeConfig
+from kme.config import KekSource, KmeConfig
 from kme.operations import events, key_folders
 from kme.storage import sqlite
 from kme.storage.db import DATABASE_ID, db, meta, reset_connections, write_transaction
+from kme.storage.meta_names import CLEAR_POOL, DATA_KEY
 from kme.storage.models import Heartbeat, PeerStatus
 
 WORKER = "ingest-worker"
@@ -90,6 +91,21 @@ def _worker_problem(config: KmeConfig) -> str | None:
     if silent > limit:
         return f"ingestion worker: no heartbeat for {silent:.0f} s"
     return None
+
+
+def encryption(config: KmeConfig, kek_source: KekSource) -> dict:
+    """Encryption at rest as operators see it: on, where the key-encryption key comes from (never the key), and
+    whether pool keys from before encryption at rest are still in clear."""
+    keys = "sealed"
+    if not config.in_memory:
+        try:
+            if sqlite.has_meta(db.engine, CLEAR_POOL):
+                keys = "pool keys from before encryption at rest are still in clear: run flask encrypt-db"
+            elif not sqlite.has_meta(db.engine, DATA_KEY):
+                keys = "sealed from the first use of the database on (it has no data key yet)"
+        except (DBAPIError, *sqlite.DRIVER_ERRORS):
+            keys = "unknown (database unavailable)"
+    return {"on": True, "key_encryption_key": kek_source.describe(), "keys": keys}
 
 
 def check(config: KmeConfig) -> tuple[bool, dict]:

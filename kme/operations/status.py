@@ -4,6 +4,7 @@ from sqlalchemy import func, select
 from kme.config import KmeConfig
 from kme.domain import entropy
 from kme.operations import health
+from kme.storage import at_rest
 from kme.storage.db import db
 from kme.storage.keystore import common
 from kme.storage.models import DeliveredKey, KeyFile, Link
@@ -40,7 +41,7 @@ def links(config: KmeConfig) -> list[dict]:
             "duplicates": duplicates.get(row.peer_kme_id) or 0,
             "last_file": last.name if last else None,
             "last_file_at": last.ingested_at if last else None,
-            "byte_counts": entropy.merge([row.byte_histogram]),
+            "byte_counts": entropy.merge([at_rest.open_histogram(row.peer_kme_id, row.byte_histogram)]),
             "peer": None if local else peers.get(row.peer_kme_id, {"reachable": False, "checked_at": None,
                                                                      "detail": "not probed yet"}),
         })

@@ -11,10 +11,9 @@ from sqlalchemy import insert, inspect, select
 from sqlalchemy.orm import DeclarativeBase
 
 from kme.domain.errors import StorageFailure
-from kme.storage import sqlite, sqlite_connections
+from kme.storage import at_rest, sqlite, sqlite_connections
+from kme.storage.meta_names import DATABASE_ID, FINGERPRINT_SECRET
 
-DATABASE_ID = "database_id"
-FINGERPRINT_SECRET = "fingerprint_secret"
 
 
 class Base(DeclarativeBase):
@@ -78,9 +77,11 @@ def read_connection():
 
 
 def ensure_schema() -> bool:
-    """Create missing tables, the database's identity and link rows once per process; True the first time.
+    """Create missing tables, the database's identity and data key, and link rows once per process, and open the
+    data key; True the first time.
 
     Runs under the write lock, so processes starting together do not race.
+    StorageFailure if the process's KEK does not open the data key.
     """
     from kme.storage.keystore import intake
     from kme.storage.models import Meta
@@ -96,6 +97,8 @@ def ensure_schema() -> bool:
             for name, value in ((DATABASE_ID, uuid.uuid4().hex.encode()), (FINGERPRINT_SECRET, os.urandom(32))):
                 if name not in known:
                     connection.execute(insert(Meta).values(name=name, value=value))
+            facts = dict(connection.execute(select(Meta.name, Meta.value)).all())
+            at_rest.establish(connection, engine, current_app.extensions["kme_kek"], facts)
             _meta[engine] = dict(connection.execute(select(Meta.name, Meta.value)).all())
     intake.ensure_links(current_app.extensions["kme"].key_directories())
     _schema_ready.add(engine)

@@ -39,7 +39,7 @@ _LOOKUP_CHUNK = 4096
 _ROWS_PER_INSERT = 500
 
 _FREE = "SELECT id FROM pool_keys WHERE link_id = :link_id AND state = 0 ORDER BY id LIMIT :count"
-_TAKE = f"DELETE FROM pool_keys WHERE id IN ({_FREE}) RETURNING id, material"
+_TAKE = f"DELETE FROM pool_keys WHERE id IN ({_FREE}) RETURNING id, file_id, position, material"
 _RESERVE = (f"UPDATE pool_keys SET state = 2, reservation = :reservation WHERE id IN ({_FREE}) "
             "RETURNING id, file_id, position, material")
 
@@ -118,12 +118,13 @@ def _chunks(values: list):
 
 
 def delivered_keys_and_slaves(connection, key_ids: list[str]) -> list[tuple]:
-    """(key_id, master_sae_id, material, slave_sae_id, fetched) for each slave of each delivered key among
-    ``key_ids``: one statement where Get key with key IDs needs both."""
+    """(key_id, link_id, master_sae_id, material, slave_sae_id, fetched) for each slave of each delivered key
+    among ``key_ids``: one statement where Get key with key IDs needs both."""
     rows = []
     for chunk, marks in _chunks(key_ids):
         rows += connection.execute(
-            f"SELECT d.key_id, d.master_sae_id, d.material, s.slave_sae_id, s.fetched FROM delivered_keys AS d "
+            f"SELECT d.key_id, d.link_id, d.master_sae_id, d.material, s.slave_sae_id, s.fetched "
+            f"FROM delivered_keys AS d "
             f"JOIN key_slaves AS s ON s.key_id = d.key_id WHERE d.key_id IN ({marks})", chunk).fetchall()
     return rows
 
@@ -137,23 +138,18 @@ def mark_fetched(connection, key_ids: list[str], slave_sae_id: int) -> None:
 
 def delete_delivered(target, key_ids: list[str]) -> list[tuple]:
     """Delete delivered keys, and so their slave rows (ON DELETE CASCADE, foreign_keys=ON on every connection);
-    (link_id, material) of each key that was still there."""
+    (key_id, link_id, master_sae_id, material) of each key that was still there."""
     connection = driver(target)
     erased = []
     for chunk, marks in _chunks(key_ids):
         erased += connection.execute(f"DELETE FROM delivered_keys WHERE key_id IN ({marks}) "
-                                     f"RETURNING link_id, material", chunk).fetchall()
+                                     f"RETURNING key_id, link_id, master_sae_id, material", chunk).fetchall()
     return erased
 
 
 def link_histogram(target, link_id: int) -> bytes:
     """The stored byte histogram of a link."""
     return driver(target).execute("SELECT byte_histogram FROM links WHERE peer_kme_id = ?", (link_id,)).fetchone()[0]
-
-
-def link_histograms(connection) -> list[bytes]:
-    """The byte histograms of every link."""
-    return [row[0] for row in connection.execute("SELECT byte_histogram FROM links")]
 
 
 def update_link(target, link_id: int, deltas: dict[str, int], histogram: bytes | None) -> None:
@@ -207,11 +203,12 @@ def add_fingerprints(target, fingerprints) -> set[int]:
     return known
 
 
-def take_pool_keys(connection, link_id: int, count: int) -> list[bytes]:
-    """Remove up to ``count`` free keys of the link's pool, lowest ids first; returns their material in id order."""
+def take_pool_keys(connection, link_id: int, count: int) -> list[tuple]:
+    """Remove up to ``count`` free keys of the link's pool, lowest ids first; (file_id, position, material) of
+    each in id order."""
     rows = connection.execute(_TAKE, {"link_id": link_id, "count": count}).fetchall()
     rows.sort()
-    return [material for _id, material in rows]
+    return [row[1:] for row in rows]
 
 
 def reserve_pool_keys(target, link_id: int, count: int, reservation: str) -> list[tuple]:
@@ -223,10 +220,10 @@ def reserve_pool_keys(target, link_id: int, count: int, reservation: str) -> lis
     return rows
 
 
-def remove_reserved(target, reservation: str) -> list[bytes]:
-    """Delete the pool keys reserved for ``reservation``; their material."""
-    return [row[0] for row in driver(target).execute("DELETE FROM pool_keys WHERE reservation = ? RETURNING material",
-                                                     (reservation,))]
+def remove_reserved(target, reservation: str) -> list[tuple]:
+    """Delete the pool keys reserved for ``reservation``; (file_id, position, material) of each."""
+    return driver(target).execute("DELETE FROM pool_keys WHERE reservation = ? RETURNING file_id, position, material",
+                                  (reservation,)).fetchall()
 
 
 def file_names(target, file_ids) -> dict[int, str]:
@@ -300,6 +297,68 @@ def lend_pool_keys(connection, link_id: int, count: int) -> list:
     return connection.execute(_LEND, {"link_id": link_id, "count": count}).all()
 
 
+def any_pool_key(connection) -> bool:
+    """Whether the pool holds any key."""
+    return connection.execute("SELECT 1 FROM pool_keys LIMIT 1").fetchone() is not None
+
+
+def all_delivered(connection) -> list[tuple]:
+    """(key_id, link_id, master_sae_id, material) of every delivered key (once, when a data key is made)."""
+    return connection.execute("SELECT key_id, link_id, master_sae_id, material FROM delivered_keys").fetchall()
+
+
+def replace_delivered_material(connection, rows: list[tuple]) -> None:
+    """Store (material, key_id) rows' material."""
+    connection.executemany("UPDATE delivered_keys SET material = ? WHERE key_id = ?", rows)
+
+
+def all_histograms(connection) -> list[tuple]:
+    """(link_id, byte_histogram) of every link."""
+    return connection.execute("SELECT peer_kme_id, byte_histogram FROM links").fetchall()
+
+
+def store_histogram(connection, link_id: int, histogram: bytes) -> None:
+    """Store a link's byte histogram."""
+    connection.execute("UPDATE links SET byte_histogram = ? WHERE peer_kme_id = ?", (histogram, link_id))
+
+
+def clear_pool_keys(connection, after_id: int, limit: int) -> list[tuple]:
+    """(id, link_id, file_id, position, material) of up to ``limit`` pool keys stored in clear (32 bytes) with
+    IDs above ``after_id``, in ID order: a range scan of the primary key."""
+    return connection.execute("SELECT id, link_id, file_id, position, material FROM pool_keys "
+                              "WHERE id > ? AND length(material) = 32 ORDER BY id LIMIT ?",
+                              (after_id, limit)).fetchall()
+
+
+def count_clear_pool_keys(connection) -> int:
+    """How many pool keys are stored in clear (a scan of the pool: for flask encrypt-db's progress only)."""
+    return connection.execute("SELECT count(*) FROM pool_keys WHERE length(material) = 32").fetchone()[0]
+
+
+def replace_pool_material(connection, rows: list[tuple]) -> None:
+    """Store (material, id) rows' material."""
+    connection.executemany("UPDATE pool_keys SET material = ? WHERE id = ?", rows)
+
+
+def has_meta(engine, name: str) -> bool:
+    """Whether kme_meta holds ``name`` as committed now (a connection outside the caller's transaction)."""
+    raw = engine.raw_connection()
+    try:
+        return raw.cursor().execute("SELECT 1 FROM kme_meta WHERE name = ?", (name,)).fetchone() is not None
+    finally:
+        raw.close()
+
+
+def read_meta(path: str) -> dict[str, bytes]:
+    """The kme_meta rows of the database file at ``path``, read-only; empty before the schema exists, and when the
+    file cannot be read now (the process's first use of the database reports why)."""
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as raw:
+            return dict(raw.execute("SELECT name, value FROM kme_meta").fetchall())
+    except sqlite3.Error:
+        return {}
+
+
 def checkpoint(engine) -> None:
     """Copy the WAL into the database and truncate it, so erased key bytes leave the -wal file.
 
@@ -313,7 +372,14 @@ def checkpoint(engine) -> None:
 
 
 def database_path(engine) -> str | None:
+    """The database file of ``engine`` (None in memory)."""
     database = engine.url.database
+    return None if not database or database == ":memory:" else database
+
+
+def path_of_uri(uri: str) -> str | None:
+    """The database file a ``sqlite:///path`` URI names (None in memory)."""
+    database = uri.removeprefix("sqlite:///")
     return None if not database or database == ":memory:" else database
 
 

@@ -7,7 +7,7 @@ from sqlalchemy import delete, func, select
 
 from kme.config import KEY_BITS
 from kme.domain import entropy
-from kme.storage import sqlite
+from kme.storage import at_rest, sqlite
 from kme.storage.db import db, read_connection, write_transaction
 from kme.storage.models import Link, PoolLevel
 
@@ -90,14 +90,17 @@ def update_link(transaction, link_id: int, added=(), removed=(), **deltas: int) 
     """
     histogram = None
     if entropy.changed(added, removed):
-        histogram = entropy.apply(sqlite.link_histogram(transaction, link_id), added, removed)
+        stored = at_rest.open_histogram(link_id, sqlite.link_histogram(transaction, link_id))
+        histogram = at_rest.seal_histogram(link_id, entropy.apply(stored, added, removed))
     sqlite.update_link(transaction, link_id, {name: delta for name, delta in deltas.items() if delta}, histogram)
 
 
 def store_delivered(transaction, link_id: int, master_sae_id: int, slave_ids: list[int],
                     keys: list[DeliveredKeyMaterial], now: str) -> None:
     """Keep keys for their slave SAEs at this KME (the caller updates the counters)."""
-    sqlite.insert_delivered(transaction, [(key.key_id, link_id, master_sae_id, key.material, now) for key in keys],
+    sealed = at_rest.seal_delivered(link_id, master_sae_id, keys)
+    sqlite.insert_delivered(transaction, [(key.key_id, link_id, master_sae_id, material, now)
+                                          for key, material in zip(keys, sealed)],
                             [(key.key_id, slave) for key in keys for slave in slave_ids])
 
 
@@ -107,8 +110,8 @@ def erase_delivered(transaction, key_ids: list[str]) -> int:
         return 0
     erased = sqlite.delete_delivered(transaction, key_ids)
     by_link: dict[int, list[bytes]] = {}
-    for link_id, material in erased:
-        by_link.setdefault(link_id, []).append(material)
+    for key_id, link_id, master_sae_id, stored in erased:
+        by_link.setdefault(link_id, []).append(at_rest.open_delivered(key_id, link_id, master_sae_id, stored))
     for link_id, materials in by_link.items():
         update_link(transaction, link_id, removed=materials)
     return len(erased)
@@ -144,6 +147,7 @@ def level_history(link_id: int) -> list[tuple[float, int, int]]:
 
 
 def link_histograms() -> tuple[bytes, ...]:
-    """The stored byte-value histograms of every link (kme.domain.entropy merges them)."""
+    """The byte-value histograms of every link (kme.domain.entropy merges them)."""
     with read_connection() as connection:
-        return tuple(sqlite.link_histograms(connection))
+        stored = sqlite.all_histograms(connection)
+    return tuple(at_rest.open_histogram(link_id, histogram) for link_id, histogram in stored)

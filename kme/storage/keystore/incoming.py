@@ -13,7 +13,7 @@ from sqlalchemy import delete, select
 
 from kme.domain.errors import ActivationConflict, BadRequest
 from kme.operations import events
-from kme.storage import sqlite
+from kme.storage import at_rest, sqlite
 from kme.storage.db import grouped_write, write_transaction
 from kme.storage.keystore.common import (
     DeliveredKeyMaterial,
@@ -154,6 +154,8 @@ def _pool_rows(transaction, link_id: int, parts: list[tuple[str, int]], states: 
     if not positions:
         return {}
     by_file = {file_id: name for name, file_id in files.items()}
-    rows = map(_PoolRow._make, sqlite.pool_keys_at(transaction, positions))
-    return {(by_file[row.file_id], row.position): row for row in rows
-            if row.link_id == link_id and row.state in states}
+    rows = [row for row in map(_PoolRow._make, sqlite.pool_keys_at(transaction, positions))
+            if row.link_id == link_id and row.state in states]
+    materials = at_rest.open_pool(link_id, [(row.file_id, row.position, row.material) for row in rows])
+    return {(by_file[row.file_id], row.position): row._replace(material=material)
+            for row, material in zip(rows, materials)}

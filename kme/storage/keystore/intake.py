@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from kme.domain import entropy
 from kme.operations import events
-from kme.storage import sqlite
+from kme.storage import at_rest, sqlite
 from kme.storage.db import FINGERPRINT_SECRET, db, meta, write_transaction
 from kme.storage.keystore.common import KEY_BYTES, update_link
 from kme.storage.keystore.progress import confirm, next_seq
@@ -135,8 +135,9 @@ def store_keys(this_kme_id: int, link_id: int, progress: FileProgress, materials
             fresh, added = range(first, first + len(materials)), materials
         zone = link_id == this_kme_id
         if added:
+            sealed = at_rest.seal_pool(link_id, file_id, fresh, added)
             sqlite.insert_pool_keys(session, zip(repeat(link_id), repeat(file_id), fresh,
-                                                 repeat(OURS if zone else UNCONFIRMED), added))
+                                                 repeat(OURS if zone else UNCONFIRMED), sealed))
         refused = len(materials) - len(added)
         row.next_position += len(materials)
         row.duplicates += refused

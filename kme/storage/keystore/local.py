@@ -4,7 +4,7 @@ from sqlalchemy import select
 from kme.config import KEY_BITS
 from kme.domain.errors import KeysNotFound, NotAuthorized, NotEnoughKeys
 from kme.operations import events
-from kme.storage import sqlite
+from kme.storage import at_rest, sqlite
 from kme.storage.db import grouped_write, write_transaction
 from kme.storage.keystore.common import (
     DeliveredKeyMaterial,
@@ -39,7 +39,7 @@ def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number
     slaves = " and ".join(map(str, slave_ids))
 
     def deliver(connection) -> list[DeliveredKeyMaterial]:
-        taken = sqlite.take_pool_keys(connection, link_id, needed)
+        taken = at_rest.open_pool(link_id, sqlite.take_pool_keys(connection, link_id, needed))
         if len(taken) < needed:
             raise not_enough_keys(number, size_bits, len(taken))
         keys = build_keys(key_ids, taken, size_bits)
@@ -64,8 +64,9 @@ def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -
 
     def fetch(connection) -> list[DeliveredKeyMaterial]:
         keys, mine, waiting = {}, {}, set()
-        for key_id, master, material, slave, fetched in sqlite.delivered_keys_and_slaves(connection, key_ids):
-            keys[key_id] = (master, material)
+        for key_id, link_id, master, material, slave, fetched in sqlite.delivered_keys_and_slaves(connection,
+                                                                                                 key_ids):
+            keys[key_id] = (link_id, master, material)
             if slave == slave_sae_id:
                 mine[key_id] = fetched
             elif not fetched:
@@ -73,7 +74,7 @@ def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -
         if any(key_id not in mine for key_id in keys):
             raise NotAuthorized(f"SAE {slave_sae_id} is not a slave SAE of one or more requested keys")
         if (len(keys) != len(key_ids) or any(mine.values())
-                or any(master != master_sae_id for master, _material in keys.values())):
+                or any(master != master_sae_id for _link, master, _material in keys.values())):
             raise KeysNotFound()
         # Keys that other slaves still wait for are marked fetched by this one; the others are erased.
         kept = [key_id for key_id in key_ids if key_id in waiting]
@@ -82,7 +83,7 @@ def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -
         erase_delivered(connection, [key_id for key_id in key_ids if key_id not in waiting])
         events.record(connection, *(f"SAE {slave_sae_id} requested key {key_id} (from {master_sae_id})"
                                     for key_id in key_ids))
-        return [DeliveredKeyMaterial(key_id, keys[key_id][1]) for key_id in key_ids]
+        return [DeliveredKeyMaterial(key_id, at_rest.open_delivered(key_id, *keys[key_id])) for key_id in key_ids]
 
     return grouped_write(fetch)
 

@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 
 from kme.domain.errors import PeerFailure
 from kme.operations import events
-from kme.storage import sqlite
+from kme.storage import at_rest, sqlite
 from kme.storage.db import db, grouped_write, write_transaction
 from kme.storage.keystore.common import (
     DeliveredKeyMaterial,
@@ -57,7 +57,7 @@ def reserve(link_id: int, master_sae_id: int, slave_ids: list[int], local_slave_
         if len(rows) < needed:
             raise not_enough_keys(number, size_bits, len(rows))
         names = sqlite.file_names(connection, {file_id for _id, file_id, _position, _material in rows})
-        keys = build_keys(key_ids, [material for *_, material in rows], size_bits)
+        keys = build_keys(key_ids, at_rest.open_pool(link_id, [row[1:] for row in rows]), size_bits)
         request = {
             "activation_ID": activation_id,
             "master_SAE_ID": master_sae_id,
@@ -92,7 +92,7 @@ def finalize(reservation: Reservation) -> None:
             raise PeerFailure("the peer KME answered after the activation was cancelled; its keys are discarded, "
                               "try again")
         link_id, stored = pending[0], json.loads(pending[1])
-        materials = sqlite.remove_reserved(connection, reservation.activation_id)
+        materials = at_rest.open_pool(link_id, sqlite.remove_reserved(connection, reservation.activation_id))
         wire = stored["wire"]
         local = stored["local_slaves"]
         if local:
@@ -154,7 +154,7 @@ def discard(activation_id: str) -> None:
         pending = sqlite.take_outgoing(session, activation_id, (SENDING, UNKNOWN, CANCELLING))
         if pending is None:
             return
-        materials = sqlite.remove_reserved(session, activation_id)
+        materials = at_rest.open_pool(pending[0], sqlite.remove_reserved(session, activation_id))
         update_link(session, pending[0], removed=materials, reserved=-len(materials), discarded=len(materials))
         events.record(session, f"Activation {activation_id} settled: {len(materials)} reserved keys discarded")
 

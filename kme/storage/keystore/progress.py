@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, func, select, update
 
 from kme.operations import events
+from kme.storage import at_rest
 from kme.storage.db import db, write_transaction
 from kme.storage.keystore.common import update_link
 from kme.storage.models import OURS, PEERS, UNCONFIRMED, KeyFile, Link, PoolKey
@@ -133,9 +134,9 @@ def set_aside_unmatched(this_kme_id: int, link_id: int, grace_seconds: float) ->
             KeyFile.changed_at < link.progress_at - grace_seconds)).all()
         total = 0
         for row in rows:
-            erased = session.execute(delete(PoolKey).where(
+            erased = at_rest.open_pool(link_id, session.execute(delete(PoolKey).where(
                 PoolKey.file_id == row.id, PoolKey.position >= row.decided, PoolKey.state == UNCONFIRMED)
-                .returning(PoolKey.material)).scalars().all()
+                .returning(PoolKey.file_id, PoolKey.position, PoolKey.material)).all())
             row.offer_limit = row.decided if row.offer_limit is None else min(row.offer_limit, row.decided)
             row.decided = row.next_position
             row.seq = next_seq(session, link_id)

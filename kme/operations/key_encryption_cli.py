@@ -1,0 +1,84 @@
+"""Flask CLI commands of encryption at rest: rotate-kek (a new key-encryption key) and encrypt-db (a database
+from before encryption at rest)."""
+import os
+from pathlib import Path
+
+import click
+from flask import current_app
+
+from kme.config import ConfigError, kek_source
+from kme.operations.cli import command_config, open_database
+from kme.storage import at_rest, kek, sqlite
+from kme.storage.db import db, meta, read_connection
+from kme.storage.meta_names import DATA_KEY, DATABASE_ID
+
+
+@click.command("rotate-kek")
+@click.option("--new-kek", "new_kek", required=True, metavar="SOURCE",
+              help="The new key-encryption key, named as this_kme.key_encryption_key names one: a file path, "
+                   "credential:NAME or a pkcs11: URI.")
+def rotate_kek_command(new_kek: str) -> None:
+    """Wrap the database's data key under a new key-encryption key; the key rows are not touched.
+
+    The KME's running processes keep serving. Then name the new key in
+    this_kme.key_encryption_key (or put it where the old one was) and
+    restart them when convenient. Running it again changes nothing.
+    """
+    config = command_config()
+    path = sqlite.path_of_uri(config.this_kme.database_uri)
+    if path is None:
+        raise click.ClickException("an in-memory database has no key-encryption key to rotate")
+    try:
+        source = kek_source(new_kek, Path.cwd(), None, config.this_kme.database_uri)
+        new, _created = kek.open_kek(source)
+    except (ConfigError, kek.KekError) as exc:
+        raise click.ClickException(f"--new-kek: {exc}") from None
+    if _opens(new, path):
+        # Done before (perhaps the configuration names the new key already): the old one is not needed.
+        click.echo(f"the data key is already wrapped under {source.describe()}; nothing to do")
+        return
+    open_database()
+    try:
+        at_rest.rewrap(current_app.extensions["kme_kek"], new, meta(DATABASE_ID))
+    except kek.KekError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"the data key is now wrapped under {source.describe()}; the previous key-encryption key no longer "
+               "opens this database")
+    click.echo("next: name the new key in this_kme.key_encryption_key (or put it where the old one was), then restart "
+               "the KME's processes when convenient; the running ones keep serving")
+
+
+def _opens(candidate: kek.Kek, path: str) -> bool:
+    """Whether the database at ``path`` has a data key and ``candidate`` opens it."""
+    if not os.path.exists(path) or DATA_KEY not in sqlite.read_meta(path):
+        return False
+    try:
+        kek.check_database(path, candidate)
+    except kek.KekError:
+        return False
+    return True
+
+
+@click.command("encrypt-db")
+def encrypt_db_command() -> None:
+    """Seal the pool keys a KME from before encryption at rest left in clear, in place, while the KME serves.
+
+    Resumable: stopped at any point, it goes on where it stood when run again;
+    when nothing is in clear it says so and changes nothing.
+    """
+    command_config()
+    open_database()
+    if not at_rest.store().clear_pool:
+        click.echo("every key of the database is sealed; nothing to do")
+        return
+    with read_connection() as connection:
+        total = sqlite.count_clear_pool_keys(connection)
+    sealed, after = 0, 0
+    with click.progressbar(length=total, label="sealing pool keys", show_pos=True) as bar:
+        while after is not None:
+            count, after = at_rest.encrypt_pool_batch(after)
+            sealed += count
+            bar.update(count)
+    # The clear bytes the updates replaced leave the WAL too.
+    sqlite.checkpoint(db.engine)
+    click.echo(f"{sealed} pool keys sealed; no key of the database is in clear")

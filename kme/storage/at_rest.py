@@ -1,0 +1,220 @@
+"""Encryption at rest: the data key of a database, wrapped by the KEK, and the material of its rows.
+
+The data key (32 random bytes) is made with the database and stored in
+kme_meta wrapped by the KEK (kme.storage.kek), bound to the database's ID:
+a database written under one KEK never opens under another, and a wrapped
+key copied into another database does not open there either. Every process
+unwraps it once, at its first use of the database (kme.storage.db.ensure_schema),
+after checking at start that its KEK opens it (check_database).
+
+A database made by a KME before encryption at rest holds its pool in
+clear. Its first open by this version makes the data key, seals the keys
+waiting for their slaves and the histograms in the same transaction, and
+marks the database as still holding clear pool keys, which
+``flask encrypt-db`` seals in batches (encrypt_pool_batch); until then new
+keys are sealed and clear ones still served. Once the mark is gone a clear
+pool key is refused as an alteration.
+"""
+import logging
+import os
+import weakref
+from dataclasses import dataclass
+
+from sqlalchemy import delete, insert, select
+
+from kme.config import KEY_BITS, KekSource
+from kme.domain.errors import StorageFailure
+from kme.storage import sealing, sqlite
+from kme.storage.kek import Kek, KekError, context
+from kme.storage.meta_names import CLEAR_POOL, DATA_KEY, DATABASE_ID
+from kme.storage.sealing import Sealer
+
+log = logging.getLogger(__name__)
+
+DATA_KEY_BYTES = 32
+CLEAR_KEY_BYTES = KEY_BITS // 8
+HISTOGRAM_BYTES = 256 * 8
+# Rows sealed per transaction by flask encrypt-db: short enough that SAE requests barely wait.
+ENCRYPT_BATCH = 2000
+
+
+@dataclass
+class Store:
+    """What a process knows of its database's encryption: the sealer, the KEK's source, clear keys left."""
+
+    sealer: Sealer
+    kek_source: KekSource
+    clear_pool: bool
+
+
+_stores: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def establish(connection, engine, kek: Kek, facts: dict[str, bytes]) -> Store:
+    """Unwrap the database's data key, or make it (sealing what a database from before held in clear).
+
+    ``connection``: a SQLAlchemy connection inside the schema's write
+    transaction; ``facts``: the kme_meta rows. StorageFailure if the KEK
+    does not open the data key.
+    """
+    from kme.storage.models import Meta
+
+    bound = context(facts[DATABASE_ID])
+    wrapped = facts.get(DATA_KEY)
+    if wrapped is not None:
+        try:
+            opened = Store(Sealer(kek.unwrap(wrapped, bound)), kek.source, CLEAR_POOL in facts)
+        except KekError as exc:
+            raise StorageFailure(str(exc)) from None
+    else:
+        data_key = os.urandom(DATA_KEY_BYTES)
+        connection.execute(insert(Meta).values(name=DATA_KEY, value=kek.wrap(data_key, bound)))
+        opened = Store(Sealer(data_key), kek.source, False)
+        raw = connection.connection.driver_connection
+        _seal_delivered_and_histograms(raw, opened.sealer)
+        if sqlite.any_pool_key(raw):
+            connection.execute(insert(Meta).values(name=CLEAR_POOL, value=b"1"))
+            opened.clear_pool = True
+    if opened.clear_pool:
+        log.warning("the database holds pool keys in clear, written by a KME from before encryption at rest: they "
+                    "are served, new keys are sealed; run flask encrypt-db to seal them")
+    _stores[engine] = opened
+    return opened
+
+
+def _seal_delivered_and_histograms(raw, sealer: Sealer) -> None:
+    """Seal the keys waiting for their slaves and the histograms a database from before held in clear."""
+    rows = sqlite.all_delivered(raw)
+    sealed = sealer.seal([material for *_, material in rows],
+                         [sealing.delivered_place(key_id, link_id, master) for key_id, link_id, master, _m in rows])
+    sqlite.replace_delivered_material(raw, [(value, row[0]) for value, row in zip(sealed, rows)])
+    for link_id, histogram in sqlite.all_histograms(raw):
+        if len(histogram) == HISTOGRAM_BYTES:
+            sqlite.store_histogram(raw, link_id, seal_histogram(link_id, histogram, sealer))
+
+
+def store() -> Store:
+    """The encryption state of the app's database: established by ensure_schema, or opened here from the data key
+    another process made (StorageFailure if the KEK does not open it)."""
+    from flask import current_app
+
+    from kme.storage.db import db, meta
+
+    engine = db.engine
+    found = _stores.get(engine)
+    if found is None:
+        wrapped = meta(DATA_KEY)
+        if wrapped is None:
+            raise RuntimeError("the database has no data key yet (ensure_schema makes it)")
+        kek = current_app.extensions["kme_kek"]
+        try:
+            data_key = kek.unwrap(wrapped, context(meta(DATABASE_ID)))
+        except KekError as exc:
+            raise StorageFailure(str(exc)) from None
+        found = _stores.setdefault(engine, Store(Sealer(data_key), kek.source, meta(CLEAR_POOL) is not None))
+    return found
+
+
+def rewrap(kek: Kek, new: Kek, database_id: bytes) -> bool:
+    """Wrap the data key under ``new`` instead of ``kek``; False if it already was (nothing changed).
+
+    One compare-and-set of the kme_meta row: the key rows are not touched
+    and processes that have the data key open go on serving.
+    """
+    from kme.storage.db import write_transaction
+    from kme.storage.models import Meta
+
+    bound = context(database_id)
+    with write_transaction() as session:
+        wrapped = session.scalar(select(Meta.value).where(Meta.name == DATA_KEY))
+        if wrapped is None:
+            raise KekError("the database has no data key yet (start the KME once, or run flask encrypt-db)")
+        try:
+            new.unwrap(wrapped, bound)
+            return False
+        except KekError:
+            data_key = kek.unwrap(wrapped, bound)
+        session.query(Meta).filter(Meta.name == DATA_KEY, Meta.value == wrapped).update(
+            {Meta.value: new.wrap(data_key, bound)})
+    return True
+
+
+def encrypt_pool_batch(after_id: int) -> tuple[int, int | None]:
+    """Seal up to ENCRYPT_BATCH clear pool keys with IDs above ``after_id``, in one transaction.
+
+    (keys sealed, last ID seen); the last ID is None once no clear key is
+    left, and then the database's clear mark is removed in the same
+    transaction.
+    """
+    from kme.storage.db import write_transaction
+    from kme.storage.models import Meta
+
+    found = store()
+    with write_transaction() as session:
+        raw = sqlite.driver(session)
+        rows = sqlite.clear_pool_keys(raw, after_id, ENCRYPT_BATCH)
+        if not rows:
+            session.execute(delete(Meta).where(Meta.name == CLEAR_POOL))
+            found.clear_pool = False
+            return 0, None
+        sealed = found.sealer.seal([material for *_, material in rows],
+                                   [sealing.pool_place(link_id, file_id, position)
+                                    for _id, link_id, file_id, position, _m in rows])
+        sqlite.replace_pool_material(raw, [(value, row[0]) for value, row in zip(sealed, rows)])
+        return len(rows), rows[-1][0]
+
+
+def open_pool(link_id: int, rows) -> list[bytes]:
+    """The material of pool keys given as (file_id, position, stored) rows of one link, in their order."""
+    found = store()
+    sealer = found.sealer
+    opened = []
+    for file_id, position, stored in rows:
+        if len(stored) == CLEAR_KEY_BYTES:
+            _clear_allowed(found, f"pool key {position} of key file {file_id} on link {link_id}")
+            opened.append(stored)
+        else:
+            opened.append(sealer.open(stored, sealing.pool_place(link_id, file_id, position),
+                                      lambda: f"pool key {position} of key file {file_id} on link {link_id}"))
+    return opened
+
+
+def _clear_allowed(found: Store, where: str) -> None:
+    """A clear pool key is served only while the database still holds keys from before encryption at rest."""
+    from kme.storage.db import db
+
+    if found.clear_pool and not sqlite.has_meta(db.engine, CLEAR_POOL):
+        found.clear_pool = False
+    if not found.clear_pool:
+        raise StorageFailure(f"{where} is stored in clear in an encrypted database: the database was altered "
+                             "outside the KME")
+
+
+def seal_pool(link_id: int, file_id: int, positions, materials: list[bytes]) -> list[bytes]:
+    """Keys of one key file sealed for their places."""
+    return store().sealer.seal_pool(link_id, file_id, positions, materials)
+
+
+def seal_delivered(link_id: int, master_sae_id: int, keys) -> list[bytes]:
+    """The material of delivered keys (key_id, material) sealed for their places."""
+    return store().sealer.seal([key.material for key in keys],
+                                     [sealing.delivered_place(key.key_id, link_id, master_sae_id) for key in keys])
+
+
+def open_delivered(key_id: str, link_id: int, master_sae_id: int, stored: bytes) -> bytes:
+    """The material of a delivered key."""
+    return store().sealer.open(stored, sealing.delivered_place(key_id, link_id, master_sae_id),
+                                     lambda: f"delivered key {key_id}")
+
+
+def seal_histogram(link_id: int, histogram: bytes, sealer: Sealer | None = None) -> bytes:
+    """A link's byte histogram sealed for its link (by this process's sealer unless one is given)."""
+    return (sealer or store().sealer).seal([histogram], [sealing.histogram_place(link_id)])[0]
+
+
+def open_histogram(link_id: int, stored: bytes) -> bytes:
+    """A link's byte histogram (a clear one is the empty histogram of a new link)."""
+    if len(stored) == HISTOGRAM_BYTES:
+        return stored
+    return store().sealer.open(stored, sealing.histogram_place(link_id),
+                                     lambda: f"the byte histogram of link {link_id}")

@@ -1,0 +1,119 @@
+"""Key material at rest: every stored key sealed with AES-256-GCM under the database's data key.
+
+A sealed value is ``salt (16) || counter (8) || ciphertext || tag (16)``.
+Each process, the first time it seals, draws a random 128-bit salt and
+derives its own subkey, HKDF-SHA256(data key, salt); its nonces are a
+counter under that subkey, so no nonce ever repeats under a key: within a
+process the counter only grows, and two processes (or one restarted) have
+different subkeys unless two random 128-bit salts collide. A database
+restored from a backup cannot make a process reuse a nonce either, since no
+nonce state is kept in the database. The associated data is the value's
+place, so a value copied to another row does not open:
+
+- a pool key: its link, key file (row ID) and position;
+- a delivered key: its key ID, link and master SAE;
+- a link's byte histogram (which tells the byte frequencies of the keys held): its link.
+
+Values that do not open raise StorageFailure naming the place: the
+database was altered outside the KME, and the transaction that read them
+changes nothing.
+"""
+import itertools
+import os
+import struct
+import threading
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from kme.domain.errors import StorageFailure
+
+SALT_BYTES = 16
+COUNTER_BYTES = 8
+TAG_BYTES = 16
+OVERHEAD = SALT_BYTES + COUNTER_BYTES + TAG_BYTES
+_NONCE_PAD = bytes(12 - COUNTER_BYTES)
+_INFO = b"kme key material at rest v1"
+_PLACE = struct.Struct(">qqq")
+_DELIVERED = struct.Struct(">qq")
+# Subkeys of other processes kept for opening; a KME sees a few per restart of a process.
+_OPENERS_KEPT = 4096
+
+
+class Sealer:
+    """Seals and opens the key material of one database with its data key; safe across threads, not forks."""
+
+    def __init__(self, data_key: bytes):
+        self._data_key = data_key
+        self._lock = threading.Lock()
+        self._session: tuple[int, bytes, object, itertools.count] | None = None
+        self._openers: dict[bytes, object] = {}
+
+    def _subkey(self, salt: bytes):
+        return AESGCM(HKDF(hashes.SHA256(), 32, salt, _INFO).derive(self._data_key))
+
+    def _counters(self, count: int) -> tuple[bytes, object, int]:
+        """(salt, subkey, first counter) for ``count`` new nonces of this process."""
+        with self._lock:
+            # A forked child must not reuse its parent's subkey and counter.
+            if self._session is None or self._session[0] != os.getpid():
+                salt = os.urandom(SALT_BYTES)
+                self._session = (os.getpid(), salt, self._subkey(salt), 0)
+            pid, salt, cipher, first = self._session
+            self._session = (pid, salt, cipher, first + count)
+        return salt, cipher, first
+
+    def _opener(self, salt: bytes):
+        cipher = self._openers.get(salt)
+        if cipher is None:
+            if len(self._openers) >= _OPENERS_KEPT:
+                self._openers.clear()
+            cipher = self._openers[salt] = self._subkey(salt)
+        return cipher
+
+    def seal(self, values: list[bytes], places: list[bytes]) -> list[bytes]:
+        """Each value sealed for its place (see the place functions below)."""
+        salt, cipher, first = self._counters(len(values))
+        encrypt = cipher.encrypt
+        sealed = []
+        for counter, value, place in zip(itertools.count(first), values, places):
+            stamp = counter.to_bytes(COUNTER_BYTES, "big")
+            sealed.append(salt + stamp + encrypt(_NONCE_PAD + stamp, value, place))
+        return sealed
+
+    def seal_pool(self, link_id: int, file_id: int, positions, values: list[bytes]) -> list[bytes]:
+        """Keys of one key file, for ingestion (the places built here: a million keys a file is common)."""
+        salt, cipher, first = self._counters(len(values))
+        encrypt = cipher.encrypt
+        head = b"P" + _PLACE.pack(link_id, file_id, 0)[:16]
+        return [salt + (stamp := counter.to_bytes(COUNTER_BYTES, "big"))
+                + encrypt(_NONCE_PAD + stamp, value, head + position.to_bytes(8, "big", signed=True))
+                for counter, position, value in zip(itertools.count(first), positions, values)]
+
+    def open(self, sealed: bytes, place: bytes, where) -> bytes:
+        """The value sealed for ``place``; StorageFailure naming ``where()`` if it does not open there."""
+        if len(sealed) < OVERHEAD:
+            raise StorageFailure(f"{where()} is stored truncated: the database was altered outside the KME")
+        salt, stamp = sealed[:SALT_BYTES], sealed[SALT_BYTES:SALT_BYTES + COUNTER_BYTES]
+        try:
+            return self._opener(salt).decrypt(_NONCE_PAD + stamp, sealed[SALT_BYTES + COUNTER_BYTES:], place)
+        except InvalidTag:
+            raise StorageFailure(f"{where()} does not open under this database's data key (moved, altered or "
+                                 "truncated outside the KME)") from None
+
+
+def pool_place(link_id: int, file_id: int, position: int) -> bytes:
+    """The associated data of a pool key."""
+    return b"P" + _PLACE.pack(link_id, file_id, position)
+
+
+def delivered_place(key_id: str, link_id: int, master_sae_id: int) -> bytes:
+    """The associated data of a delivered key."""
+    return b"D" + _DELIVERED.pack(link_id, master_sae_id) + key_id.encode("ascii")
+
+
+def histogram_place(link_id: int) -> bytes:
+    """The associated data of a link's byte histogram."""
+    return b"H" + link_id.to_bytes(8, "big", signed=True)
