@@ -1,15 +1,17 @@
-"""Ingestion speed against plain sqlite3 executemany of the same rows.
+"""Ingestion speed against the same build with encryption at rest off, and against plain sqlite3 executemany.
 
 Usage: .venv/bin/python bench/ingest.py [keys, default 400000] [repetitions, default 5]
 
 Ours: `ingest_directories` of one key file into a fresh database (reading,
-fingerprints, duplicate check, pool rows, counters, histogram, events). Two
-baselines with sqlite3's executemany alone, into the same schema with the
-same pragmas, one transaction per batch of BATCH_KEYS keys as ingestion
-does: "plain", the same pool rows; "plain+fp", the same pool rows and the
-same fingerprint rows (every row ingestion writes; the fingerprints are
-computed before the clock starts). Prints keys per second, interleaved, and
-the ratios of the medians.
+fingerprints, duplicate check, sealing, pool rows, counters, histogram,
+events). "clear": the same with sealing turned off (bench/clear_store.py).
+Two baselines with sqlite3's executemany alone, into the same schema with
+the same pragmas, one transaction per batch of BATCH_KEYS keys as ingestion
+does: "plain", pool rows as ingestion writes them (72-byte sealed
+material); "plain+fp", those and the same fingerprint rows (every row
+ingestion writes; the fingerprints and the material are made before the
+clock starts). Prints keys per second, interleaved, and the ratios of the
+medians.
 """
 import os
 import sqlite3
@@ -28,7 +30,9 @@ from kme.operations.certs import generate_pki  # noqa: E402
 from kme.operations.ingest import BATCH_KEYS, ingest_directories  # noqa: E402
 from kme.storage.db import ensure_schema  # noqa: E402
 from kme.storage.keystore.intake import fingerprints  # noqa: E402
+from kme.storage.sealing import OVERHEAD  # noqa: E402
 from kme.storage.sqlite import _PRAGMAS  # noqa: E402
+from bench.clear_store import keys_in_clear  # noqa: E402
 from tests.support import Pki, write_config  # noqa: E402
 
 
@@ -46,6 +50,12 @@ def ours(folder: Path, pki: Pki, data: bytes) -> float:
     return summary.keys / seconds
 
 
+def clear(folder: Path, pki: Pki, data: bytes) -> float:
+    """Ours with encryption at rest off."""
+    with keys_in_clear():
+        return ours(folder, pki, data)
+
+
 def plain(folder: Path, pki: Pki, data: bytes, with_fingerprints: bool = False) -> float:
     """The same rows with sqlite3 alone, into a schema made by the KME itself."""
     config = write_config(folder, pki, log_level="WARNING")
@@ -55,6 +65,7 @@ def plain(folder: Path, pki: Pki, data: bytes, with_fingerprints: bool = False) 
         ensure_schema()
         prints = fingerprints([data[position * 32:(position + 1) * 32] for position in range(keys)]) \
             if with_fingerprints else []
+    sealed = os.urandom((32 + OVERHEAD) * keys)
     connection = sqlite3.connect(folder / "kme.db", isolation_level=None)
     for pragma in _PRAGMAS:
         connection.execute(pragma)
@@ -63,7 +74,8 @@ def plain(folder: Path, pki: Pki, data: bytes, with_fingerprints: bool = False) 
     started = time.perf_counter()
     for first in range(0, keys, BATCH_KEYS):
         last = min(first + BATCH_KEYS, keys)
-        rows = [(1, 1, position, 0, data[position * 32:(position + 1) * 32]) for position in range(first, last)]
+        rows = [(1, 1, position, 0, sealed[position * (32 + OVERHEAD):(position + 1) * (32 + OVERHEAD)])
+                for position in range(first, last)]
         connection.execute("BEGIN IMMEDIATE")
         if with_fingerprints:
             connection.executemany("INSERT OR IGNORE INTO key_fingerprints (fingerprint) VALUES (?)",
@@ -87,7 +99,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pki = Pki(tmp / "pki", generate_pki(tmp / "pki", {1: [1, 2]}, "password"))
-        measures = {"ours": ours, "plain": plain, "plain+fp": plain_with_fingerprints}
+        measures = {"ours": ours, "clear": clear, "plain": plain, "plain+fp": plain_with_fingerprints}
         runs = {name: [] for name in measures}
         for repetition in range(repetitions):
             data = os.urandom(32 * keys)
@@ -96,7 +108,8 @@ def main() -> int:
                 runs[name].append(rate)
                 print(f"{name:>8} run {repetition + 1}: {rate:>9.0f} keys/s", flush=True)
         medians = {name: statistics.median(rates) for name, rates in runs.items()}
-        print(f"median: ours {medians['ours']:.0f} keys/s; plain sqlite3 executemany of the pool rows "
+        print(f"median: ours {medians['ours']:.0f} keys/s; the same in clear {medians['clear']:.0f} keys/s, ratio "
+              f"{medians['ours'] / medians['clear']:.2f}; plain sqlite3 executemany of the pool rows "
               f"{medians['plain']:.0f} keys/s, ratio {medians['ours'] / medians['plain']:.2f}; of the pool and "
               f"fingerprint rows {medians['plain+fp']:.0f} keys/s, ratio {medians['ours'] / medians['plain+fp']:.2f}")
     return 0

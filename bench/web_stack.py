@@ -15,7 +15,11 @@ figures and the ratio, and the CPU time the servers' worker processes spent
 per request (ours: KME 1's SAE interface, with KME 2's inter-KME interface
 for a remote slave; the ceiling's: its workers, with the relay's). The row
 "Flask alone" is bench/ceiling_app.py's flask_app, the constant answer from a
-Flask view, against the ceiling: what the framework itself costs. Then the
+Flask view, against the ceiling: what the framework itself costs. The rows
+"keys in clear" are KME 1's zone as a KME of its own with encryption at rest
+turned off (bench/clear_store.py), measured in the same interleaved run; the
+lines after the table give the sealed calls' throughput as a share of theirs.
+Then the
 abuse scenario: 200 silent TCP connections, 200 half ClientHellos and 50
 slowloris clients with valid certificates held for 60 s while one SAE calls
 Get status ten times a second.
@@ -27,6 +31,7 @@ import shutil
 import socket
 import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -66,6 +71,8 @@ def _config_copy(source: Path, target: Path) -> tuple[Path, int]:
     raw = load_json(source)
     port = free_port()
     raw["this_kme"]["saes_https_interface"]["listen_address"] = f"127.0.0.1:{port}"
+    # The KEK generated beside KME 1's configuration, not a new one beside the copy.
+    raw["this_kme"].setdefault("key_encryption_key", str(source.with_suffix(".kek")))
     target.write_text(json.dumps(raw))
     return target, port
 
@@ -105,20 +112,50 @@ class Stack:
         flask_config, port = _config_copy(kme1.config, kme1.folder / "flask.json")
         self.flask = f"https://127.0.0.1:{port}"
         self.flask_process = _gunicorn(flask_config, "bench.ceiling_app:flask_app", folder / "flask.log")
+        self.clear, self.clear_process = _clear_kme(kme1.config, folder / "clear")
         sae, peer = kme1.processes["sae"], self.network[2].processes["kme"]
         # Whose worker processes serve each kind of target (their CPU time is what the table shows).
         self.servers = {"ours": [sae], "remote": [sae, peer], "ceiling": [self.ceiling_process],
-                        "relay": [self.relay_process, self.ceiling_process], "flask": [self.flask_process]}
+                        "relay": [self.relay_process, self.ceiling_process], "flask": [self.flask_process],
+                        "clear": [self.clear_process]}
 
     def target(self, kind: str) -> str:
         return {"ours": self.ours, "remote": self.ours, "ceiling": self.ceiling, "relay": self.relay,
-                "flask": self.flask}[kind]
+                "flask": self.flask, "clear": self.clear}[kind]
 
     def stop(self) -> None:
+        self.clear_process.stop()
         self.flask_process.stop()
         self.relay_process.stop()
         self.ceiling_process.stop()
         self.network.stop_all()
+
+
+def _clear_kme(source: Path, folder: Path) -> tuple[str, Process]:
+    """KME 1's zone as a KME of its own whose keys are stored in clear (bench/clear_store.py): the same build
+    with encryption at rest off, its own database and LOCAL_KEYS keys, served like ours."""
+    raw = load_json(source)
+    folder.mkdir()
+    (folder / "keys").mkdir()
+    with open(folder / "keys" / "local.cor", "wb") as handle:
+        for _ in range(LOCAL_KEYS // 10_000):
+            handle.write(os.urandom(32 * 10_000))
+    port = free_port()
+    raw["this_kme"].update(sqlite_db_path=str(folder / "clear.db"), key_directory_to_watch=str(folder / "keys"),
+                           key_encryption_key=str(folder / "clear.kek"))
+    raw["this_kme"].pop("kmes_https_interface", None)
+    raw["this_kme"]["saes_https_interface"]["listen_address"] = f"127.0.0.1:{port}"
+    raw["other_kmes"], raw["saes"] = [], [sae for sae in raw["saes"] if sae["kme_id"] == raw["this_kme"]["id"]]
+    config = folder / "clear.json"
+    config.write_text(json.dumps(raw))
+    (folder / "clear.kek").write_text(os.urandom(32).hex())
+    (folder / "clear.kek").chmod(0o600)
+    ingest = subprocess.run([sys.executable, str(ROOT / "bench" / "clear_store.py")], cwd=ROOT,
+                            env=dict(os.environ, KME_CONFIG=str(config)), capture_output=True, text=True,
+                            timeout=600)
+    if ingest.returncode != 0:
+        raise RuntimeError(f"the clear KME did not ingest its keys: {ingest.stderr}")
+    return f"https://127.0.0.1:{port}", _gunicorn(config, "bench.clear_app:app", folder / "sae.log")
 
 
 def _session(pki_folder: str, kme: int, sae: int) -> requests.Session:
@@ -209,7 +246,15 @@ CALLS = [
     ("enc_keys, remote slave", "/api/v1/keys/3/enc_keys", "remote", "relay", {}),
     ("enc_keys, new TLS connection each", "/api/v1/keys/2/enc_keys", "ours", "ceiling", {"new_connection": True}),
     ("Flask alone, constant answer", "/api/v1/keys/2/enc_keys", "flask", "ceiling", {}),
+    # The same build with encryption at rest off (bench/clear_store.py): what sealing costs.
+    ("enc_keys, number=1, keys in clear", "/api/v1/keys/2/enc_keys", "clear", "ceiling", {}),
+    ("enc_keys, number=128, keys in clear", "/api/v1/keys/2/enc_keys?number=128", "clear", "ceiling", {}),
+    ("dec_keys, keys in clear", "/api/v1/keys/1/dec_keys", "clear", "ceiling", {"sae": 2, "dec_keys": 2560}),
 ]
+# Sealed call -> the same call in clear, for the cost of encryption at rest.
+ENCRYPTION_PAIRS = {"enc_keys, number=1": "enc_keys, number=1, keys in clear",
+                    "enc_keys, number=128": "enc_keys, number=128, keys in clear",
+                    "dec_keys": "dec_keys, keys in clear"}
 
 
 def _chosen_calls() -> list:
@@ -234,14 +279,20 @@ def measure(stack: Stack, seconds: float, repetitions: int) -> None:
     print(f"{'call':<36} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'cpu ms':>6} | {'ceiling':>8} {'p50 ms':>7} "
           f"{'p99 ms':>7} {'cpu ms':>6} | {'ratio':>5}  failures")
     keys = ("rate", "p50", "p99", "cpu")
+    rates = {}
     for name, *_ in calls:
         ours = {key: statistics.median(run[key] for run in figures[name]["ours"]) for key in keys}
+        rates[name] = ours["rate"]
         top = {key: statistics.median(run[key] for run in figures[name]["ceiling"]) for key in keys}
         failures = sum(run["failures"] for run in figures[name]["ours"])
         extra = f"  ({ours['rate'] * 128:,.0f} keys/s)" if "128" in name else ""
         print(f"{name:<36} {ours['rate']:>8.0f} {ours['p50']:>7.1f} {ours['p99']:>7.1f} {ours['cpu']:>6.3f} | "
               f"{top['rate']:>8.0f} {top['p50']:>7.1f} {top['p99']:>7.1f} {top['cpu']:>6.3f} | "
               f"{ours['rate'] / top['rate']:>5.2f}  {failures}{extra}", flush=True)
+    for sealed, clear in ENCRYPTION_PAIRS.items():
+        if sealed in rates and clear in rates:
+            print(f"encryption at rest, {sealed}: {rates[sealed]:.0f} req/s sealed, {rates[clear]:.0f} in clear, "
+                  f"{rates[sealed] / rates[clear]:.2f} of the clear throughput", flush=True)
 
 
 def _client_hello_half() -> bytes:

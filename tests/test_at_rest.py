@@ -318,6 +318,14 @@ def test_a_database_from_before_is_sealed_in_place_under_load_and_resumably(tmp_
         assert "encryption at rest: on, keys sealed" in run_cli(["kme-status"], kme.config).stdout
         assert sae_session(pki, 1, 1).get(f"{kme.url}/healthz", timeout=10).json()[
             "encryption_at_rest"]["keys"] == "sealed"
+        # The workers served clear keys until now; once the database is sealed, a clear key is an alteration.
+        with sqlite3.connect(kme.db) as connection:
+            (first, sealed), = connection.execute("SELECT id, material FROM pool_keys ORDER BY id LIMIT 1")
+        clear_first(kme.db)
+        answer = kme.enc()
+        assert answer.status_code == 503 and "is stored in clear in an encrypted database" in answer.json()["message"]
+        with sqlite3.connect(kme.db) as connection:
+            connection.execute("UPDATE pool_keys SET material = ? WHERE id = ?", (sealed, first))
     finally:
         kme.stop()
     checkpoint(kme.db)
@@ -345,3 +353,29 @@ def test_sealing_stopped_half_way_goes_on_where_it_stood(tmp_path, pki):
     assert keys_found(stored_bytes(kme.db), kme.data) == []
     assert sorted(material for _position, material in kme.ledger.pool_keys()) == sorted(
         kme.data[i:i + 32] for i in range(0, len(kme.data), 32))
+
+
+def test_rotate_kek_refuses_what_it_cannot_use_and_changes_nothing(kme, tmp_path):
+    kme.ingest()
+    before = kme.snapshot()
+    loose = tmp_path / "loose.kek"
+    loose.write_text(os.urandom(32).hex())
+    loose.chmod(0o644)
+    for new, expected in ((tmp_path / "missing.kek", "--new-kek: the key-encryption key file"),
+                          (loose, "may be read by others"),
+                          ("pkcs11:token=t;object=k", "--new-kek: this_kme.key_encryption_key: the PKCS#11 URI "
+                                                      "needs module-path=")):
+        result = run_cli(["rotate-kek", "--new-kek", str(new)], kme.config)
+        assert result.returncode != 0 and expected in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    # Neither the configured KEK nor the new one opens the database: nothing to rewrap with.
+    new = tmp_path / "new.kek"
+    new.write_text(os.urandom(32).hex())
+    new.chmod(0o600)
+    kme.kek.write_text(os.urandom(32).hex())
+    result = run_cli(["rotate-kek", "--new-kek", str(new)], kme.config)
+    assert result.returncode != 0 and "does not open this database's data key" in result.stderr
+    assert kme.snapshot() == before
+    memory = write_config(tmp_path / "memory", kme.pki, sqlite_db_path=":memory:")
+    result = run_cli(["rotate-kek", "--new-kek", str(new)], memory)
+    assert result.returncode != 0 and "an in-memory database has no key-encryption key to rotate" in result.stderr

@@ -75,3 +75,23 @@ def test_a_delivered_key_is_bound_to_its_id_link_and_master(sealer):
     for other in (delivered_place("0190-b", 2, 9), delivered_place("0190-a", 3, 9), delivered_place("0190-a", 2, 8)):
         with pytest.raises(StorageFailure):
             sealer.open(sealed, other, where)
+
+
+def test_open_pool_opens_a_request_of_rows_and_names_the_first_that_does_not_open(sealer):
+    keys = [os.urandom(32) for _ in range(4)]
+    sealed = sealer.seal_pool(3, 9, range(4), keys)
+    assert sealer.open_pool(3, [(9, position, value) for position, value in enumerate(sealed)]) == keys
+    swapped = [(9, 0, sealed[0]), (9, 1, sealed[1]), (9, 2, sealed[3]), (9, 3, sealed[2])]
+    with pytest.raises(StorageFailure, match="pool key 2 of key file 9 on link 3 does not open"):
+        sealer.open_pool(3, swapped)
+    with pytest.raises(StorageFailure, match="pool key 1 of key file 9 on link 3 is stored truncated"):
+        sealer.open_pool(3, [(9, 0, sealed[0]), (9, 1, sealed[1][:10])])
+
+
+def test_seal_delivered_builds_the_same_places_as_delivered_place(sealer):
+    from kme.storage.keystore.common import DeliveredKeyMaterial
+
+    keys = [DeliveredKeyMaterial(f"id-{n}", os.urandom(64)) for n in range(3)]
+    sealed = sealer.seal_delivered(5, 7, keys)
+    assert [sealer.open(value, delivered_place(key.key_id, 5, 7), where) for value, key in zip(sealed, keys)] == \
+        [key.material for key in keys]

@@ -167,15 +167,15 @@ def encrypt_pool_batch(after_id: int) -> tuple[int, int | None]:
 def open_pool(link_id: int, rows) -> list[bytes]:
     """The material of pool keys given as (file_id, position, stored) rows of one link, in their order."""
     found = store()
-    sealer = found.sealer
+    if not any(len(stored) == CLEAR_KEY_BYTES for _file_id, _position, stored in rows):
+        return found.sealer.open_pool(link_id, rows)
     opened = []
     for file_id, position, stored in rows:
         if len(stored) == CLEAR_KEY_BYTES:
             _clear_allowed(found, f"pool key {position} of key file {file_id} on link {link_id}")
             opened.append(stored)
         else:
-            opened.append(sealer.open(stored, sealing.pool_place(link_id, file_id, position),
-                                      lambda: f"pool key {position} of key file {file_id} on link {link_id}"))
+            opened.extend(found.sealer.open_pool(link_id, [(file_id, position, stored)]))
     return opened
 
 
@@ -197,8 +197,7 @@ def seal_pool(link_id: int, file_id: int, positions, materials: list[bytes]) -> 
 
 def seal_delivered(link_id: int, master_sae_id: int, keys) -> list[bytes]:
     """The material of delivered keys (key_id, material) sealed for their places."""
-    return store().sealer.seal([key.material for key in keys],
-                                     [sealing.delivered_place(key.key_id, link_id, master_sae_id) for key in keys])
+    return store().sealer.seal_delivered(link_id, master_sae_id, keys)
 
 
 def open_delivered(key_id: str, link_id: int, master_sae_id: int, stored: bytes) -> bytes:
