@@ -15,7 +15,7 @@ README = (ROOT / "README.md").read_text()
 @pytest.fixture
 def demo(tmp_path):
     for folder in ("instance", "certs", "keys"):
-        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("*.db*"))
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("*.db*", "*.kek"))
     # Marks left by an earlier `make run`: each demo starts afresh all the same.
     for keys in (tmp_path / "keys").iterdir():
         (keys / ".kme-database").write_text("an-earlier-run\n")
@@ -54,6 +54,10 @@ def run_curl(command: str, cwd) -> str:
 
 def test_readme_examples_against_the_demo(demo):
     folder, output = demo
+    # Each KME's key-encryption key, generated beside its configuration, owner-only, with a warning.
+    for name in ("kme1", "kme2"):
+        assert (folder / "instance" / f"{name}.kek").stat().st_mode & 0o777 == 0o600
+        assert f"generated the key-encryption key file {folder / 'instance' / name}.kek" in output()
     assert "debugging page http://127.0.0.1:18080/" in output()
     sessions = curl_sessions()
     assert len(sessions) == 2

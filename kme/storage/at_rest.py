@@ -5,7 +5,7 @@ kme_meta wrapped by the KEK (kme.storage.kek), bound to the database's ID:
 a database written under one KEK never opens under another, and a wrapped
 key copied into another database does not open there either. Every process
 unwraps it once, at its first use of the database (kme.storage.db.ensure_schema),
-after checking at start that its KEK opens it (check_database).
+after checking at start that its KEK opens it (kme.storage.kek.check_database).
 
 A database made by a KME before encryption at rest holds its pool in
 clear. Its first open by this version makes the data key, seals the keys
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, insert, select
 
-from kme.config import KEY_BITS, KekSource
+from kme.config import KEY_BITS
 from kme.domain.errors import StorageFailure
 from kme.storage import sealing, sqlite
 from kme.storage.kek import Kek, KekError, context
@@ -40,10 +40,9 @@ ENCRYPT_BATCH = 2000
 
 @dataclass
 class Store:
-    """What a process knows of its database's encryption: the sealer, the KEK's source, clear keys left."""
+    """What a process knows of its database's encryption: the sealer, and whether clear keys may be left."""
 
     sealer: Sealer
-    kek_source: KekSource
     clear_pool: bool
 
 
@@ -63,13 +62,13 @@ def establish(connection, engine, kek: Kek, facts: dict[str, bytes]) -> Store:
     wrapped = facts.get(DATA_KEY)
     if wrapped is not None:
         try:
-            opened = Store(Sealer(kek.unwrap(wrapped, bound)), kek.source, CLEAR_POOL in facts)
+            opened = Store(Sealer(kek.unwrap(wrapped, bound)), CLEAR_POOL in facts)
         except KekError as exc:
             raise StorageFailure(str(exc)) from None
     else:
         data_key = os.urandom(DATA_KEY_BYTES)
         connection.execute(insert(Meta).values(name=DATA_KEY, value=kek.wrap(data_key, bound)))
-        opened = Store(Sealer(data_key), kek.source, False)
+        opened = Store(Sealer(data_key), False)
         raw = connection.connection.driver_connection
         _seal_delivered_and_histograms(raw, opened.sealer)
         if sqlite.any_pool_key(raw):
@@ -111,7 +110,7 @@ def store() -> Store:
             data_key = kek.unwrap(wrapped, context(meta(DATABASE_ID)))
         except KekError as exc:
             raise StorageFailure(str(exc)) from None
-        found = _stores.setdefault(engine, Store(Sealer(data_key), kek.source, meta(CLEAR_POOL) is not None))
+        found = _stores.setdefault(engine, Store(Sealer(data_key), meta(CLEAR_POOL) is not None))
     return found
 
 
