@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kme.config import ConfigError, load_config  # noqa: E402
+from kme.storage.sqlite import path_of_uri  # noqa: E402
 from kme.operations.key_folders import MARK_NAME  # noqa: E402
 
 STARTUP_SECONDS = 30
@@ -51,7 +52,7 @@ def _wait_for_ingestion(config, processes: list[subprocess.Popen]) -> None:
     Only then does the README's first call find its keys: a key is used only
     once the peer KME said it holds it too.
     """
-    database = config.this_kme.database_uri.removeprefix("sqlite:///")
+    database = path_of_uri(config.this_kme.database_uri)
     expected = {link: len(list(folder.glob("*.cor"))) for link, folder in config.key_directories().items()}
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
@@ -92,7 +93,7 @@ def _fresh_state(config) -> None:
     Removing the marks is the demo's own decision that the shipped keys count
     as new (what `flask adopt-key-folders --existing new` does for an operator).
     """
-    database = Path(config.this_kme.database_uri.removeprefix("sqlite:///"))
+    database = Path(path_of_uri(config.this_kme.database_uri))
     for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm"),
                  *(directory / MARK_NAME for directory in config.key_directories().values())):
         path.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from kme.storage.db import db
+from kme.storage.pool_states import OURS, PEERS, RESERVED, UNCONFIRMED  # noqa: F401 (re-exported)
 
 # SQLite only aliases ROWID (cheap, monotonic ids) for "INTEGER PRIMARY KEY".
 Id = BigInteger().with_variant(Integer, "sqlite")
@@ -118,11 +119,7 @@ class KeyFile(db.Model):
     changed_at: Mapped[float] = mapped_column(Float, default=0.0)
 
 
-# PoolKey.state: which side may use a key of the pool.
-OURS = 0         # free for masters of this KME
-PEERS = 1        # belongs to the other direction of the link: only the peer KME activates it
-RESERVED = 2     # claimed by an activation at the peer KME whose answer is pending
-UNCONFIRMED = 3  # held here, not yet known to be held by the peer: nobody uses it
+# PoolKey.state: the values of kme.storage.pool_states (imported from here by the key store).
 
 
 class PoolKey(db.Model):

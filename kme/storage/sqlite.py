@@ -14,6 +14,8 @@ from contextlib import closing
 
 from sqlalchemy import event, text
 
+from kme.storage.pool_states import OURS, PEERS, RESERVED
+
 WRITE_OPTION = "kme_write"
 # Errors of the driver itself, raised by the statements that run past SQLAlchemy.
 DRIVER_ERRORS = (sqlite3.Error,)
@@ -38,15 +40,15 @@ _LOOKUP_CHUNK = 4096
 # Rows of one multi-row INSERT: 5 columns x 500 stays far below SQLite's 32766 bound parameters.
 _ROWS_PER_INSERT = 500
 
-_FREE = "SELECT id FROM pool_keys WHERE link_id = :link_id AND state = 0 ORDER BY id LIMIT :count"
+_FREE = f"SELECT id FROM pool_keys WHERE link_id = :link_id AND state = {OURS} ORDER BY id LIMIT :count"
 _TAKE = f"DELETE FROM pool_keys WHERE id IN ({_FREE}) RETURNING id, file_id, position, material"
-_RESERVE = (f"UPDATE pool_keys SET state = 2, reservation = :reservation WHERE id IN ({_FREE}) "
+_RESERVE = (f"UPDATE pool_keys SET state = {RESERVED}, reservation = :reservation WHERE id IN ({_FREE}) "
             "RETURNING id, file_id, position, material")
 
 # Lent keys come from the tail of the pool: the lender keeps its oldest keys.
 _LEND = text(
-    "UPDATE pool_keys SET state = 1 WHERE id IN (SELECT id FROM pool_keys WHERE link_id = :link_id AND state = 0 "
-    "ORDER BY id DESC LIMIT :count) RETURNING file_id, position"
+    f"UPDATE pool_keys SET state = {PEERS} WHERE id IN (SELECT id FROM pool_keys WHERE link_id = :link_id "
+    f"AND state = {OURS} ORDER BY id DESC LIMIT :count) RETURNING file_id, position"
 )
 
 
