@@ -78,11 +78,21 @@ def _config_copy(source: Path, target: Path) -> tuple[Path, int]:
 
 
 class Stack:
-    """The KME pair, the two ceilings and Flask alone, started once."""
+    """The KME pair, the two ceilings, Flask alone and the KME in clear, started once; a start that fails
+    stops what it started."""
 
     def __init__(self, folder: Path, pki: Pki):
         self.pki = pki
         self.network = Network(folder / "kmes", pki, [(1, 2)], log_level="WARNING")
+        # The servers started here besides the network's, stopped in reverse order.
+        self.started: list[Process] = []
+        try:
+            self._start(folder, pki)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, folder: Path, pki: Pki) -> None:
         kme1 = self.network[1]
         local = kme1.folder / "keys" / "local.cor"
         with open(local, "wb") as handle:
@@ -102,17 +112,18 @@ class Stack:
         self.ours = f"https://127.0.0.1:{kme1.port('saes_https_interface')}"
         ceiling_config, port = _config_copy(kme1.config, kme1.folder / "ceiling.json")
         self.ceiling = f"https://127.0.0.1:{port}"
-        self.ceiling_process = _gunicorn(ceiling_config, "bench.ceiling_app:app", folder / "ceiling.log")
+        self.ceiling_process = self._keep(_gunicorn(ceiling_config, "bench.ceiling_app:app", folder / "ceiling.log"))
         relay_config, port = _config_copy(kme1.config, kme1.folder / "relay.json")
         self.relay = f"https://127.0.0.1:{port}"
         cert, key = pki.client(1, 1)
-        self.relay_process = _gunicorn(relay_config, "bench.ceiling_app:relay_app", folder / "relay.log", {
+        self.relay_process = self._keep(_gunicorn(relay_config, "bench.ceiling_app:relay_app", folder / "relay.log", {
             "BENCH_RELAY_URL": f"{self.ceiling}/api/v1/keys/2/enc_keys", "BENCH_RELAY_CERT": cert,
-            "BENCH_RELAY_KEY": key, "BENCH_RELAY_CA": pki.server_ca})
+            "BENCH_RELAY_KEY": key, "BENCH_RELAY_CA": pki.server_ca}))
         flask_config, port = _config_copy(kme1.config, kme1.folder / "flask.json")
         self.flask = f"https://127.0.0.1:{port}"
-        self.flask_process = _gunicorn(flask_config, "bench.ceiling_app:flask_app", folder / "flask.log")
-        self.clear, self.clear_process = _clear_kme(kme1.config, folder / "clear")
+        self.flask_process = self._keep(_gunicorn(flask_config, "bench.ceiling_app:flask_app", folder / "flask.log"))
+        self.clear, clear_process = _clear_kme(kme1.config, folder / "clear")
+        self.clear_process = self._keep(clear_process)
         sae, peer = kme1.processes["sae"], self.network[2].processes["kme"]
         # Whose worker processes serve each kind of target (their CPU time is what the table shows).
         self.servers = {"ours": [sae], "remote": [sae, peer], "ceiling": [self.ceiling_process],
@@ -123,11 +134,13 @@ class Stack:
         return {"ours": self.ours, "remote": self.ours, "ceiling": self.ceiling, "relay": self.relay,
                 "flask": self.flask, "clear": self.clear}[kind]
 
+    def _keep(self, process: Process) -> Process:
+        self.started.append(process)
+        return process
+
     def stop(self) -> None:
-        self.clear_process.stop()
-        self.flask_process.stop()
-        self.relay_process.stop()
-        self.ceiling_process.stop()
+        for process in reversed(self.started):
+            process.stop()
         self.network.stop_all()
 
 

@@ -3,6 +3,7 @@ refusals, and the wrapping of the data key."""
 import base64
 import os
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from kme.config import ConfigError, KekSource, load_config
 from kme.storage import kek
 from kme.storage.kek import KekError, open_kek, read_key_file, write_key_file
-from tests.support import keys_found, run_cli, sae_port, sae_session, start_sae_interface, stored_bytes, write_config, \
+from tests.support import ROOT, keys_found, run_cli, sae_port, sae_session, start_sae_interface, stored_bytes, write_config, \
     write_keys
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -194,12 +195,23 @@ def test_a_kme_under_gunicorn_keeps_its_keys_under_a_softhsm2_key(softhsm, tmp_p
     assert not keys_found(stored_bytes(tmp_path / "kme.db"), data)
 
 
-def test_workers_that_cannot_open_the_token_stop_gunicorn_with_one_line(softhsm, tmp_path, pki):
-    """The master leaves PKCS#11 to the workers (not fork-safe); a worker that fails stops the master too."""
+def test_a_token_that_refuses_stops_gunicorn_with_one_line_before_any_worker(softhsm, tmp_path, pki):
+    """The master tries the token in a spawned process (PKCS#11 is not fork-safe), so no worker is ever forked."""
     uri = f"pkcs11:token=kme;object=kme-kek?module-path={SOFTHSM_MODULE}&pin-value=0000"
     config = write_config(tmp_path, pki, key_encryption_key=uri)
     with pytest.raises(RuntimeError) as caught:
         start_sae_interface(config, tmp_path / "sae.log")
     output = str(caught.value)
     assert "kme: this_kme.key_encryption_key: the PKCS#11 token 'kme' refused the PIN" in output
-    assert "Traceback" not in output and "Worker failed to boot" in output
+    assert "Traceback" not in output and "Booting worker" not in output
+
+
+def test_a_worker_that_cannot_open_the_token_exits_with_gunicorns_boot_error(softhsm, tmp_path, pki, monkeypatch):
+    """Should the token refuse a worker after the master's check, the worker stops gunicorn instead of looping."""
+    uri = f"pkcs11:token=kme;object=kme-kek?module-path={SOFTHSM_MODULE}&pin-value=0000"
+    config = write_config(tmp_path, pki, key_encryption_key=uri)
+    monkeypatch.setenv("KME_CONFIG", str(config))
+    result = subprocess.run([sys.executable, "-c", "import wsgi; wsgi.sae_app"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 3
+    assert result.stderr.strip() == "kme: this_kme.key_encryption_key: the PKCS#11 token 'kme' refused the PIN"

@@ -6,10 +6,12 @@ database connection is shared across processes. It checks the key-encryption key
 worker starts (a read-only look at the database, closed at once).
 """
 import ipaddress
+import multiprocessing
 import os
 import ssl
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 
 from kme.config import ConfigError, HttpsInterface, load_config
 from kme.storage import kek
@@ -66,13 +68,26 @@ def _load():
         sys.exit(f"kme: {exc}")
     if config.in_memory:
         sys.exit("kme: this_kme.sqlite_db_path: ':memory:' cannot be shared by gunicorn workers; use a file")
-    # A PKCS#11 library must not be loaded before the fork: the workers open the token themselves.
-    if config.this_kme.key_encryption_key.kind != "pkcs11":
-        try:
-            kek.open_at_start(config, lambda line: print(f"kme: warning: {line}", file=sys.stderr))
-        except kek.KekError as exc:
-            sys.exit(f"kme: this_kme.key_encryption_key: {exc}")
+    if config.this_kme.key_encryption_key.kind == "pkcs11":
+        # A PKCS#11 library must not be loaded in a process that forks afterwards: the token is tried in a
+        # process of its own, spawned; each worker opens it again after the fork.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            problem = pool.submit(_kek_problem, str(config.source)).result()
+    else:
+        problem = _kek_problem(str(config.source))
+    if problem:
+        sys.exit(f"kme: this_kme.key_encryption_key: {problem}")
     return config
+
+
+def _kek_problem(config_path: str) -> str | None:
+    """Why the configured KEK cannot be opened or does not open the database, or None (before any worker starts,
+    so that gunicorn stops with one line instead of forking workers that fail)."""
+    try:
+        kek.open_at_start(load_config(config_path), lambda line: print(f"kme: warning: {line}", file=sys.stderr))
+    except kek.KekError as exc:
+        return str(exc)
+    return None
 
 
 def _bind(host: str, port: int) -> list[str]:
