@@ -20,7 +20,7 @@ import os
 import weakref
 from dataclasses import dataclass
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert
 
 from kme.config import KEY_BITS
 from kme.domain.errors import StorageFailure
@@ -117,24 +117,21 @@ def store() -> Store:
 def rewrap(kek: Kek, new: Kek, database_id: bytes) -> bool:
     """Wrap the data key under ``new`` instead of ``kek``; False if it already was (nothing changed).
 
-    One compare-and-set of the kme_meta row: the key rows are not touched
-    and processes that have the data key open go on serving.
+    The database is open (ensure_schema made its data key). One update of
+    the kme_meta row, read and written under the write lock: the key rows
+    are not touched and processes that have the data key open go on serving.
     """
     from kme.storage.db import write_transaction
     from kme.storage.models import Meta
 
     bound = context(database_id)
     with write_transaction() as session:
-        wrapped = session.scalar(select(Meta.value).where(Meta.name == DATA_KEY))
-        if wrapped is None:
-            raise KekError("the database has no data key yet (start the KME once, or run flask encrypt-db)")
+        row = session.get(Meta, DATA_KEY)
         try:
-            new.unwrap(wrapped, bound)
+            new.unwrap(row.value, bound)
             return False
         except KekError:
-            data_key = kek.unwrap(wrapped, bound)
-        session.query(Meta).filter(Meta.name == DATA_KEY, Meta.value == wrapped).update(
-            {Meta.value: new.wrap(data_key, bound)})
+            row.value = new.wrap(kek.unwrap(row.value, bound), bound)
     return True
 
 
