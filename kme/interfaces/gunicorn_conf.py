@@ -72,22 +72,27 @@ def _load():
         # A PKCS#11 library must not be loaded in a process that forks afterwards: the token is tried in a
         # process of its own, spawned; each worker opens it again after the fork.
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            problem = pool.submit(_kek_problem, str(config.source)).result()
+            problem = pool.submit(_kek_problem_of_file, str(config.source)).result()
     else:
-        problem = _kek_problem(str(config.source))
+        problem = _kek_problem(config)
     if problem:
         sys.exit(f"kme: this_kme.key_encryption_key: {problem}")
     return config
 
 
-def _kek_problem(config_path: str) -> str | None:
+def _kek_problem(config) -> str | None:
     """Why the configured KEK cannot be opened or does not open the database, or None (before any worker starts,
     so that gunicorn stops with one line instead of forking workers that fail)."""
     try:
-        kek.open_at_start(load_config(config_path), lambda line: print(f"kme: warning: {line}", file=sys.stderr))
+        kek.open_at_start(config, lambda line: print(f"kme: warning: {line}", file=sys.stderr))
     except kek.KekError as exc:
         return str(exc)
     return None
+
+
+def _kek_problem_of_file(config_path: str) -> str | None:
+    """_kek_problem in a spawned process, which loads the configuration itself."""
+    return _kek_problem(load_config(config_path))
 
 
 def _bind(host: str, port: int) -> list[str]:

@@ -27,13 +27,20 @@ def command_config():
     return config
 
 
+_STORAGE_ERRORS = (DBAPIError, *sqlite.DRIVER_ERRORS, StorageFailure)
+
+
+def _cause(error: Exception) -> str:
+    """A storage failure in one line, without key material."""
+    return error.cause if isinstance(error, StorageFailure) else sqlite.failure_cause(error)
+
+
 def open_database() -> None:
     """Open the database (schema, data key) for a command; a one-line error if it cannot be used (a wrong KEK)."""
     try:
         ensure_schema()
-    except (DBAPIError, *sqlite.DRIVER_ERRORS, StorageFailure) as exc:
-        raise click.ClickException(exc.cause if isinstance(exc, StorageFailure) else sqlite.failure_cause(exc)) \
-            from None
+    except _STORAGE_ERRORS as exc:
+        raise click.ClickException(_cause(exc)) from None
 
 
 def _print_summary(summary) -> None:
@@ -58,9 +65,8 @@ def ingest_keys_command(keep_watching: bool) -> None:
         open_database()
         try:
             _print_summary(ingest_directories(config, show_progress=sys.stdout.isatty()))
-        except (DBAPIError, *sqlite.DRIVER_ERRORS, StorageFailure) as exc:
-            cause = exc.cause if isinstance(exc, StorageFailure) else sqlite.failure_cause(exc)
-            raise click.ClickException(f"ingestion stopped: {cause}") from None
+        except _STORAGE_ERRORS as exc:
+            raise click.ClickException(f"ingestion stopped: {_cause(exc)}") from None
         return
     # The watcher outlives a database it cannot use yet, but not a key-encryption key that does not open it.
     try:

@@ -99,12 +99,15 @@ def encryption(config: KmeConfig, kek_source: KekSource) -> dict:
     keys = "sealed"
     if not config.in_memory:
         try:
-            if sqlite.has_meta(db.engine, CLEAR_POOL):
-                keys = "pool keys from before encryption at rest are still in clear: run flask encrypt-db"
-            elif not sqlite.has_meta(db.engine, DATA_KEY):
-                keys = "sealed from the first use of the database on (it has no data key yet)"
+            names = sqlite.meta_names(db.engine)
         except (DBAPIError, *sqlite.DRIVER_ERRORS):
+            names = None
+        if names is None:
             keys = "unknown (database unavailable)"
+        elif CLEAR_POOL in names:
+            keys = "pool keys from before encryption at rest are still in clear: run flask encrypt-db"
+        elif DATA_KEY not in names:
+            keys = "sealed from the first use of the database on (it has no data key yet)"
     return {"on": True, "key_encryption_key": kek_source.describe(), "keys": keys}
 
 

@@ -1,6 +1,5 @@
 """Flask CLI commands of encryption at rest: rotate-kek (a new key-encryption key) and encrypt-db (a database
 from before encryption at rest)."""
-import os
 from pathlib import Path
 
 import click
@@ -10,7 +9,7 @@ from kme.config import ConfigError, kek_source
 from kme.operations.cli import command_config, open_database
 from kme.storage import at_rest, kek, sqlite
 from kme.storage.db import db, meta, read_connection
-from kme.storage.meta_names import DATA_KEY, DATABASE_ID
+from kme.storage.meta_names import DATABASE_ID
 
 
 @click.command("rotate-kek")
@@ -50,13 +49,10 @@ def rotate_kek_command(new_kek: str) -> None:
 
 def _opens(candidate: kek.Kek, path: str) -> bool:
     """Whether the database at ``path`` has a data key and ``candidate`` opens it."""
-    if not os.path.exists(path) or DATA_KEY not in sqlite.read_meta(path):
-        return False
     try:
-        kek.check_database(path, candidate)
+        return kek.check_database(path, candidate)
     except kek.KekError:
         return False
-    return True
 
 
 @click.command("encrypt-db")

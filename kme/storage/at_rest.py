@@ -58,16 +58,12 @@ def establish(connection, engine, kek: Kek, facts: dict[str, bytes]) -> Store:
     """
     from kme.storage.models import Meta
 
-    bound = context(facts[DATABASE_ID])
     wrapped = facts.get(DATA_KEY)
     if wrapped is not None:
-        try:
-            opened = Store(Sealer(kek.unwrap(wrapped, bound)), CLEAR_POOL in facts)
-        except KekError as exc:
-            raise StorageFailure(str(exc)) from None
+        opened = _opened(kek, wrapped, facts[DATABASE_ID], CLEAR_POOL in facts)
     else:
         data_key = os.urandom(DATA_KEY_BYTES)
-        connection.execute(insert(Meta).values(name=DATA_KEY, value=kek.wrap(data_key, bound)))
+        connection.execute(insert(Meta).values(name=DATA_KEY, value=kek.wrap(data_key, context(facts[DATABASE_ID]))))
         opened = Store(Sealer(data_key), False)
         raw = connection.connection.driver_connection
         _seal_delivered_and_histograms(raw, opened.sealer)
@@ -105,13 +101,17 @@ def store() -> Store:
         wrapped = meta(DATA_KEY)
         if wrapped is None:
             raise RuntimeError("the database has no data key yet (ensure_schema makes it)")
-        kek = current_app.extensions["kme_kek"]
-        try:
-            data_key = kek.unwrap(wrapped, context(meta(DATABASE_ID)))
-        except KekError as exc:
-            raise StorageFailure(str(exc)) from None
-        found = _stores.setdefault(engine, Store(Sealer(data_key), meta(CLEAR_POOL) is not None))
+        found = _stores.setdefault(engine, _opened(current_app.extensions["kme_kek"], wrapped, meta(DATABASE_ID),
+                                                   meta(CLEAR_POOL) is not None))
     return found
+
+
+def _opened(kek: Kek, wrapped: bytes, database_id: bytes, clear_pool: bool) -> Store:
+    """The store of a data key wrapped under ``kek``; StorageFailure (the KEK's one line) if it does not open."""
+    try:
+        return Store(Sealer(kek.unwrap(wrapped, context(database_id))), clear_pool)
+    except KekError as exc:
+        raise StorageFailure(str(exc)) from None
 
 
 def rewrap(kek: Kek, new: Kek, database_id: bytes) -> bool:
@@ -179,7 +179,7 @@ def _clear_allowed(found: Store, where: str) -> None:
     """A clear pool key is served only while the database still holds keys from before encryption at rest."""
     from kme.storage.db import db
 
-    if found.clear_pool and not sqlite.has_meta(db.engine, CLEAR_POOL):
+    if found.clear_pool and CLEAR_POOL not in sqlite.meta_names(db.engine):
         found.clear_pool = False
     if not found.clear_pool:
         raise StorageFailure(f"{where} is stored in clear in an encrypted database: the database was altered "

@@ -98,13 +98,16 @@ def open_at_start(config, warn, check: bool = True) -> Kek:
     return kek
 
 
-def check_database(path: str | None, kek: Kek) -> None:
-    """KekError unless ``kek`` opens the data key of the database file at ``path`` (nothing to check if none yet)."""
+def check_database(path: str | None, kek: Kek) -> bool:
+    """KekError unless ``kek`` opens the data key of the database file at ``path``; False if there is none to open
+    (no file, or no data key yet)."""
     if path is None or not os.path.exists(path):
-        return
+        return False
     facts = read_meta(path)
-    if DATA_KEY in facts and DATABASE_ID in facts:
-        kek.unwrap(facts[DATA_KEY], context(facts[DATABASE_ID]))
+    if DATA_KEY not in facts or DATABASE_ID not in facts:
+        return False
+    kek.unwrap(facts[DATA_KEY], context(facts[DATABASE_ID]))
+    return True
 
 
 def context(database_id: bytes) -> bytes:

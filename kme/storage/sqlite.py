@@ -342,11 +342,11 @@ def replace_pool_material(connection, rows: list[tuple]) -> None:
     connection.executemany("UPDATE pool_keys SET material = ? WHERE id = ?", rows)
 
 
-def has_meta(engine, name: str) -> bool:
-    """Whether kme_meta holds ``name`` as committed now (a connection outside the caller's transaction)."""
+def meta_names(engine) -> set[str]:
+    """The names kme_meta holds as committed now (a connection outside the caller's transaction)."""
     raw = engine.raw_connection()
     try:
-        return raw.cursor().execute("SELECT 1 FROM kme_meta WHERE name = ?", (name,)).fetchone() is not None
+        return {row[0] for row in raw.cursor().execute("SELECT name FROM kme_meta")}
     finally:
         raw.close()
 
