@@ -1,4 +1,4 @@
-"""kme.storage.sqlite_connections on a real SQLite file, with real threads: group commit, and the connections kept
+"""kme.storage.backends.sqlite_connections on a real SQLite file, with real threads: group commit, and the connections kept
 out of SQLAlchemy's pool."""
 import gc
 import sqlite3
@@ -8,7 +8,7 @@ import time
 import pytest
 from sqlalchemy import create_engine
 
-from kme.storage import sqlite, sqlite_connections
+from kme.storage.backends import sqlite, sqlite_connections
 
 THREADS = 8
 

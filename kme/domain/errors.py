@@ -111,7 +111,7 @@ def answer(status: int, body: dict):
 def init_app(app) -> None:
     """Register the handlers that turn every failure into an ETSI Error body."""
     from kme.storage.db import db, reset_connections
-    from kme.storage.sqlite import DRIVER_ERRORS, failure_cause
+    from kme.storage.backends.sqlite import DRIVER_ERRORS, failure_cause
 
     @app.errorhandler(KmeError)
     def handle_kme_error(error: KmeError):

@@ -14,7 +14,8 @@ from kme.domain.errors import StorageFailure
 from kme.operations import certs, health, key_folders, status
 from kme.operations.ingest import KEY_FILE_SUFFIX, ingest_directories
 from kme.operations.watch import watch
-from kme.storage import kek, sqlite
+from kme.storage import kek
+from kme.storage.backends import sqlite
 from kme.storage.db import DATABASE_ID, ensure_schema, meta
 from kme.storage.keystore import intake
 

@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import delete, func, select
 
 from kme.operations.logs import printable
-from kme.storage import sqlite
+from kme.storage.backends import sqlite
 from kme.storage.db import write_transaction
 from kme.storage.models import Event
 

@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError
 
 from kme.config import KekSource, KmeConfig
 from kme.operations import events, key_folders
-from kme.storage import sqlite
+from kme.storage.backends import sqlite
 from kme.storage.db import DATABASE_ID, db, meta, reset_connections, write_transaction
 from kme.storage.meta_names import CLEAR_POOL, DATA_KEY
 from kme.storage.models import Heartbeat, PeerStatus

@@ -7,7 +7,8 @@ from flask import current_app
 
 from kme.config import ConfigError, kek_source
 from kme.operations.cli import command_config, open_database
-from kme.storage import at_rest, kek, sqlite
+from kme.storage import at_rest, kek
+from kme.storage.backends import sqlite
 from kme.storage.db import db, meta, read_connection
 from kme.storage.meta_names import DATABASE_ID
 

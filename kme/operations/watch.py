@@ -26,7 +26,7 @@ from watchdog.observers.inotify import InotifyObserver
 from kme.config import KmeConfig
 from kme.domain import activation
 from kme.operations.ingest import IngestSummary, ingest_directories, ingest_file, link_of
-from kme.storage import sqlite
+from kme.storage.backends import sqlite
 from kme.storage.db import db, ensure_schema
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from sqlalchemy import delete, insert
 
 from kme.config import KEY_BITS
 from kme.domain.errors import StorageFailure
-from kme.storage import sealing, sqlite
+from kme.storage import sealing
+from kme.storage.backends import sqlite
 from kme.storage.kek import Kek, KekError, context
 from kme.storage.meta_names import CLEAR_POOL, DATA_KEY, DATABASE_ID
 from kme.storage.sealing import Sealer

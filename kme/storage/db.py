@@ -11,7 +11,8 @@ from sqlalchemy import insert, inspect, select
 from sqlalchemy.orm import DeclarativeBase
 
 from kme.domain.errors import StorageFailure
-from kme.storage import at_rest, sqlite, sqlite_connections
+from kme.storage import at_rest
+from kme.storage.backends import sqlite, sqlite_connections
 from kme.storage.meta_names import DATABASE_ID, FINGERPRINT_SECRET
 
 
@@ -62,7 +63,7 @@ def grouped_write(work):
 
     Group commit, for the SAE hot path: one transaction and one fsync for
     every request waiting at that moment, each undone alone if it raises.
-    ``work`` gets a driver connection (use the kme.storage.sqlite functions)
+    ``work`` gets a driver connection (use the kme.storage.backends.sqlite functions)
     and may run on another caller's thread; the value comes back only once
     the transaction holding it has committed. Only for requests: the app's
     before_request hook has checked the database file for this request

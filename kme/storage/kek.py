@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kme.config import KekSource
 from kme.storage.meta_names import DATA_KEY, DATABASE_ID
-from kme.storage.sqlite import path_of_uri, read_meta
+from kme.storage.backends.sqlite import path_of_uri, read_meta
 
 KEK_BYTES = 32
 _NONCE_BYTES = 12

@@ -7,7 +7,8 @@ from sqlalchemy import delete, func, select
 
 from kme.config import KEY_BITS
 from kme.domain import entropy
-from kme.storage import at_rest, sqlite
+from kme.storage import at_rest
+from kme.storage.backends import sqlite
 from kme.storage.db import db, read_connection, write_transaction
 from kme.storage.models import Link, PoolLevel
 

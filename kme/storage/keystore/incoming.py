@@ -13,7 +13,8 @@ from sqlalchemy import delete, select
 
 from kme.domain.errors import ActivationConflict, BadRequest
 from kme.operations import events
-from kme.storage import at_rest, sqlite
+from kme.storage import at_rest
+from kme.storage.backends import sqlite
 from kme.storage.db import grouped_write, write_transaction
 from kme.storage.keystore.common import (
     DeliveredKeyMaterial,

@@ -9,7 +9,8 @@ from sqlalchemy import select
 
 from kme.domain import entropy
 from kme.operations import events
-from kme.storage import at_rest, sqlite
+from kme.storage import at_rest
+from kme.storage.backends import sqlite
 from kme.storage.db import FINGERPRINT_SECRET, db, meta, write_transaction
 from kme.storage.keystore.common import KEY_BYTES, update_link
 from kme.storage.keystore.progress import confirm, next_seq

@@ -16,7 +16,7 @@ from sqlalchemy import delete, select, update
 
 from kme.domain.errors import ActivationConflict
 from kme.operations import events
-from kme.storage import sqlite
+from kme.storage.backends import sqlite
 from kme.storage.db import db, write_transaction
 from kme.storage.keystore.common import update_link
 from kme.storage.models import OURS, PEERS, UNCONFIRMED, KeyFile, Lease, Link, PoolKey

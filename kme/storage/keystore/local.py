@@ -4,7 +4,8 @@ from sqlalchemy import select
 from kme.config import KEY_BITS
 from kme.domain.errors import KeysNotFound, NotAuthorized, NotEnoughKeys
 from kme.operations import events
-from kme.storage import at_rest, sqlite
+from kme.storage import at_rest
+from kme.storage.backends import sqlite
 from kme.storage.db import grouped_write, write_transaction
 from kme.storage.keystore.common import (
     DeliveredKeyMaterial,

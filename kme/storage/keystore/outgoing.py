@@ -12,7 +12,8 @@ from sqlalchemy import select, update
 
 from kme.domain.errors import PeerFailure
 from kme.operations import events
-from kme.storage import at_rest, sqlite
+from kme.storage import at_rest
+from kme.storage.backends import sqlite
 from kme.storage.db import db, grouped_write, write_transaction
 from kme.storage.keystore.common import (
     DeliveredKeyMaterial,

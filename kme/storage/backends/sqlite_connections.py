@@ -1,7 +1,7 @@
 """How the threads and processes of a KME share one SQLite file: the writers' turn, group commit, and the
 connections of the hot path kept out of SQLAlchemy's pool.
 
-The statements themselves are in kme.storage.sqlite.
+The statements themselves are in kme.storage.backends.sqlite.
 """
 import fcntl
 import os
@@ -10,7 +10,7 @@ import threading
 import weakref
 from contextlib import contextmanager
 
-from kme.storage.sqlite import database_path
+from kme.storage.backends.sqlite import database_path
 
 
 class _WriterQueue:

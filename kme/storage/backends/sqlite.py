@@ -1,4 +1,4 @@
-"""Everything specific to SQLite, in one place (with kme.storage.sqlite_connections) so that PostgreSQL can take
+"""Everything specific to SQLite, in one place (with kme.storage.backends.sqlite_connections) so that PostgreSQL can take
 its place.
 
 Pragmas on every connection, BEGIN IMMEDIATE for write transactions (so two

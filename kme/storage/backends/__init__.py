@@ -1,0 +1,1 @@
+"""The database engines the KME runs on, one module each."""
