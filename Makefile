@@ -20,9 +20,11 @@ $(VENV)/.test-deps: requirements.txt tests/requirements.txt | $(BIN)/python
 run: $(VENV)/.run-deps
 	$(BIN)/python deploy/demo.py
 
+# The suite on SQLite and on PostgreSQL (tests/run-engines.sh); KME_TEST_ENGINE=sqlite or postgresql and
+# `$(BIN)/python -m pytest -c tests/pytest.ini` run one of them.
 test: $(VENV)/.test-deps
 	tests/install-tools.sh
-	$(BIN)/python -m pytest -c tests/pytest.ini $(PYTEST_ARGS)
+	tests/run-engines.sh $(BIN)/python $(PYTEST_ARGS)
 
 # Speed against the web stack's own ceiling, the abuse scenario, and ingestion against plain sqlite3
 # (docs/performance.md); not part of `make test`.

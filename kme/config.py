@@ -19,9 +19,11 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from marshmallow import ValidationError
 
 from kme.config_schema import ConfigSchema, first_error
+from kme.storage import backends
+from kme.storage.backends import sqlite
+from kme.storage.backends.sqlite import IN_MEMORY_URI
 
 KEY_BITS = 256
-IN_MEMORY_URI = "sqlite:///:memory:"
 DEFAULT_KEY_EXPIRY_SECONDS = 3600.0
 DEFAULT_HOUSEKEEPING_SECONDS = 5.0
 DEFAULT_RESCAN_SECONDS = 10.0
@@ -246,19 +248,16 @@ def _database_uri(data: dict, base_dir: Path) -> str:
     if "sqlite_db_path" in data and "db_uri" in data:
         raise ConfigError("this_kme.db_uri: give either sqlite_db_path or db_uri, not both")
     if "db_uri" in data:
-        uri = data["db_uri"]
-        if uri == ":memory:":
-            return IN_MEMORY_URI
-        if not uri.startswith("sqlite:///"):
-            raise ConfigError("this_kme.db_uri: only sqlite:///path or :memory: is supported")
-        path = uri[len("sqlite:///"):]
-    elif "sqlite_db_path" in data:
-        path = data["sqlite_db_path"]
-    else:
-        raise ConfigError("this_kme.sqlite_db_path: missing")
-    if path == ":memory:":
-        return IN_MEMORY_URI
-    return "sqlite:///" + str((base_dir / path).resolve())
+        value = data["db_uri"]
+        try:
+            backend = backends.for_uri(value)
+        except KeyError:
+            raise ConfigError(f"this_kme.db_uri: the KME runs on {' or '.join(backends.known())}, not "
+                              f"{backends.scheme_of(value)}") from None
+        return backend.database_uri(value, base_dir)
+    if "sqlite_db_path" in data:
+        return sqlite.database_uri(data["sqlite_db_path"], base_dir)
+    raise ConfigError("this_kme.sqlite_db_path: missing")
 
 
 def _metrics_directory(data: dict, base_dir: Path, kme_id: int, database_uri: str) -> Path | None:

@@ -1,14 +1,54 @@
-"""Shared fixtures: a PKI generated for the session, configured apps, SAE environs."""
+"""Shared fixtures: a PKI generated for the session, the session's PostgreSQL cluster (KME_TEST_ENGINE=postgresql),
+configured apps, SAE environs."""
 import pytest
 
 from kme import create_app
 from kme.config import load_config
 from kme.operations.certs import generate_pki
-from tests.support import PASSWORD, Pki, write_config, write_keys
+from tests import support
+from tests.support import PASSWORD, Pki, free_port, write_config, write_keys
 
 # KME 1 has SAEs 1 and 2 registered, and SAE 9 whose certificate is valid
 # but never registered; KME 2 has SAEs 3 and 4, KME 3 has SAE 5.
 PKI_LAYOUT = {1: [1, 2, 9], 2: [3, 4], 3: [5]}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def database_engine():
+    """On PostgreSQL, a throwaway cluster for the session; every configuration a test writes gets a database."""
+    if support.ENGINE != "postgresql":
+        yield support.ENGINE
+        return
+    from tests.postgres import Cluster
+
+    cluster = Cluster(free_port())
+    cluster.start()
+    support.cluster = cluster
+    try:
+        yield support.ENGINE
+    finally:
+        support.cluster = None
+        cluster.stop()
+
+
+@pytest.fixture(autouse=True)
+def _close_connections():
+    """On PostgreSQL, close the connections of the apps a test made in this process (each holds server
+    connections until it is collected)."""
+    yield
+    if support.ENGINE == "postgresql":
+        support.close_engines()
+
+
+def pytest_runtest_setup(item):
+    if support.ENGINE == "sqlite":
+        if item.get_closest_marker("postgresql_only"):
+            pytest.skip("PostgreSQL's own behaviour: run in the PostgreSQL pass")
+        return
+    if item.get_closest_marker("sqlite_only"):
+        pytest.skip(f"SQLite's own mechanism; the suite runs on {support.ENGINE} now")
+    if item.get_closest_marker("engine_independent"):
+        pytest.skip("uses no database: run once, with SQLite")
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """Helpers for tests that run the real thing: configs, gunicorn and CLI processes, HTTPS clients."""
+import hashlib
 import json
 import os
 import signal
@@ -8,27 +9,55 @@ import ssl
 import subprocess
 import sys
 import time
+import weakref
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "password"
+# The engine the session's KMEs run on: "sqlite" (files beside each configuration) or "postgresql" (a database
+# per configuration in the session's throwaway cluster, tests/postgres.py). `make test` runs the suite with each.
+ENGINE = os.environ.get("KME_TEST_ENGINE", "sqlite")
+# The session's tests.postgres.Cluster when ENGINE is "postgresql" (set by conftest.py).
+cluster = None
+# The database URI of each configuration folder that has a PostgreSQL database.
+_databases: dict[Path, str] = {}
+# The SQLAlchemy engines of the apps tests made in this process.
+_engines: "weakref.WeakSet" = weakref.WeakSet()
 
 
-_handed_out: set[int] = set()
+@event.listens_for(Engine, "engine_connect")
+def _remember(connection):
+    _engines.add(connection.engine)
+
+
+def close_engines() -> None:
+    """Close the pooled connections of every app the tests made in this process."""
+    for engine in list(_engines):
+        engine.dispose()
+
+
+# Listening ports come from a range below the kernel's ephemeral ports (which client connections take), one range
+# per engine: the two passes of `make test` run at the same time and never pick the same port.
+_PORTS = {"sqlite": range(20000, 26000), "postgresql": range(26000, 32000)}[ENGINE]
+_next_port = iter(_PORTS)
 
 
 def free_port() -> int:
-    """A free loopback port, never the same twice in this process (the OS may offer a released one again)."""
-    while True:
+    """A loopback port free now, never the same twice in this process, never one of the other engine's pass."""
+    for port in _next_port:
         with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port left in {_PORTS}")
 
 
 @dataclass
@@ -49,7 +78,12 @@ class Pki:
 
 def write_config(folder: Path, pki: Pki, kme_id: int = 1, local_saes=(1, 2), remote_saes=(), other_kmes=(),
                  **this_kme_extra) -> Path:
-    """Write a KME configuration into ``folder`` (key directory, database and ports inside it)."""
+    """Write a KME configuration into ``folder`` (key directory, database and ports inside it).
+
+    On PostgreSQL, the database is a fresh one of the session's cluster
+    (the same one when ``folder`` was configured before), unless the test
+    names one itself.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     certs = pki.folder / f"kme{kme_id}"
     keys = folder / "keys"
@@ -66,7 +100,12 @@ def write_config(folder: Path, pki: Pki, kme_id: int = 1, local_saes=(1, 2), rem
             "server_key_path": str(certs / "kme_server.key"),
         },
     }
+    if "db_uri" in this_kme_extra:
+        del this_kme["sqlite_db_path"]
     this_kme.update(this_kme_extra)
+    if ENGINE == "postgresql" and "sqlite_db_path" not in this_kme_extra and "db_uri" not in this_kme_extra:
+        del this_kme["sqlite_db_path"]
+        this_kme["db_uri"] = database_of(folder)
     config = {
         "this_kme": this_kme,
         "other_kmes": list(other_kmes),
@@ -76,6 +115,30 @@ def write_config(folder: Path, pki: Pki, kme_id: int = 1, local_saes=(1, 2), rem
     path = folder / "config.json"
     path.write_text(json.dumps(config, indent=2))
     return path
+
+
+def database_of(folder: Path) -> str:
+    """The PostgreSQL database of the configuration in ``folder``, made on first use."""
+    folder = folder.resolve()
+    if folder not in _databases:
+        _databases[folder] = cluster.new_database()
+    return _databases[folder]
+
+
+def lose_database(folder: Path) -> None:
+    """The database of the configuration in ``folder`` is lost: SQLite's files deleted, or the PostgreSQL database
+    dropped (its connections cut) and made again empty, as a restore from nothing would leave it."""
+    uri = _databases.get(folder.resolve())
+    if uri is None:
+        for suffix in ("", "-wal", "-shm"):
+            (folder / f"kme.db{suffix}").unlink(missing_ok=True)
+        return
+    from sqlalchemy.engine import make_url
+
+    name = make_url(uri).database
+    close_engines()
+    cluster.admin(f"DROP DATABASE {name} WITH (FORCE)")
+    cluster.admin(f"CREATE DATABASE {name}")
 
 
 def load_json(path: Path) -> dict:
@@ -94,9 +157,28 @@ def write_keys(path: Path, count: int) -> bytes:
 
 
 def stored_bytes(db_path: Path) -> bytes:
-    """Every byte SQLite keeps of a database: the file, and its WAL if there is one."""
-    wal = db_path.with_name(db_path.name + "-wal")
-    return db_path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    """Every byte the engine keeps of a database: SQLite's file and its WAL; PostgreSQL's files of the database
+    and the cluster's WAL, after a checkpoint has written every page out."""
+    uri = _databases.get(db_path.parent.resolve())
+    if uri is None:
+        wal = db_path.with_name(db_path.name + "-wal")
+        return db_path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
+    (oid,), = Ledger(db_path)._query("SELECT oid FROM pg_database WHERE datname = current_database()")
+    checkpoint(db_path)
+    data = cluster.folder / "data"
+    files = [*sorted((data / "base" / str(oid)).iterdir()), *sorted((data / "pg_wal").glob("0*"))]
+    return b"".join(path.read_bytes() for path in files if path.is_file())
+
+
+def checkpoint(db_path: Path) -> None:
+    """What the engine does in time by itself, now: SQLite copies the WAL into the file and truncates it (the
+    ingestion worker's housekeeping), PostgreSQL writes every changed page to the table files."""
+    uri = _databases.get(db_path.parent.resolve())
+    if uri is None:
+        with closing(sqlite3.connect(db_path)) as connection:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    else:
+        Ledger(db_path)._query("CHECKPOINT")
 
 
 def keys_found(raw: bytes, data: bytes) -> list[int]:
@@ -153,9 +235,14 @@ class Process:
         self.log.close()
 
 
-def _start_gunicorn(interface: str, config: Path, log: Path, workers: int, threads: int) -> Process:
-    process = Process([sys.executable, "-m", "gunicorn", "-c", f"deploy/{interface}.py", f"wsgi:{interface}_app"],
-                      config, log, {"KME_WORKERS": str(workers), "KME_THREADS": str(threads)})
+def _start_gunicorn(interface: str, config: Path, log: Path, workers: int, threads: int,
+                    port: int | None = None) -> Process:
+    args = [sys.executable, "-m", "gunicorn", "-c", f"deploy/{interface}.py"]
+    if port is not None:
+        # A second front end of the same configuration, as another host would run it: its own address and socket.
+        args += ["--bind", f"127.0.0.1:{port}", "--control-socket", str(log.with_suffix(".ctl"))]
+    process = Process([*args, f"wsgi:{interface}_app"], config, log,
+                      {"KME_WORKERS": str(workers), "KME_THREADS": str(threads)})
     try:
         wait_for_workers(process, workers)
     except BaseException:
@@ -164,14 +251,18 @@ def _start_gunicorn(interface: str, config: Path, log: Path, workers: int, threa
     return process
 
 
-def start_sae_interface(config: Path, log: Path, workers: int = 2, threads: int = 4) -> Process:
-    """Start the real SAE interface under gunicorn and wait until every worker can serve."""
-    return _start_gunicorn("sae", config, log, workers, threads)
+def start_sae_interface(config: Path, log: Path, workers: int = 2, threads: int = 4,
+                        port: int | None = None) -> Process:
+    """Start the real SAE interface under gunicorn (on ``port`` instead of the configured one) and wait until
+    every worker can serve."""
+    return _start_gunicorn("sae", config, log, workers, threads, port)
 
 
-def start_kme_interface(config: Path, log: Path, workers: int = 2, threads: int = 4) -> Process:
-    """Start the real inter-KME interface under gunicorn and wait until every worker can serve."""
-    return _start_gunicorn("kme", config, log, workers, threads)
+def start_kme_interface(config: Path, log: Path, workers: int = 2, threads: int = 4,
+                        port: int | None = None) -> Process:
+    """Start the real inter-KME interface under gunicorn (on ``port`` instead of the configured one) and wait
+    until every worker can serve."""
+    return _start_gunicorn("kme", config, log, workers, threads, port)
 
 
 def wait_for_workers(process: "Process", workers: int, timeout: float = 30) -> None:
@@ -245,7 +336,7 @@ class Ledger:
         kek, _created = open_kek(KekSource("file", path=self.kek_path))
         return Sealer(kek.unwrap(facts["data_key"], context(facts["database_id"])))
 
-    def pool_keys(self, where: str = "1", *args) -> list[tuple[int, bytes]]:
+    def pool_keys(self, where: str = "TRUE", *args) -> list[tuple[int, bytes]]:
         """(position, material) of the pool keys matching ``where``, in position order, opened."""
         from kme.storage.sealing import pool_place
 
@@ -256,9 +347,77 @@ class Ledger:
                  sealer.open(material, pool_place(link_id, file_id, position), lambda: "a pool key"))
                 for link_id, file_id, position, material in rows]
 
+    def _uri(self) -> str | None:
+        return _databases.get(self.db_path.parent.resolve())
+
+    def _connect(self, read_only: bool = True):
+        uri = self._uri()
+        if uri is None:
+            mode = "ro" if read_only else "rw"
+            return closing(sqlite3.connect(f"file:{self.db_path}?mode={mode}", uri=True, isolation_level=None,
+                                           check_same_thread=False))
+        import psycopg
+
+        return closing(psycopg.connect(uri.replace("postgresql+psycopg://", "postgresql://"), autocommit=True))
+
     def _query(self, sql: str, *args):
-        with sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True) as conn:
-            return conn.execute(sql, args).fetchall()
+        native = sql if self._uri() is None else sql.replace("?", "%s")
+        with self._connect() as connection:
+            cursor = connection.execute(native, args)
+            if cursor.description is None:
+                return []
+            return [tuple(bytes(value) if isinstance(value, memoryview) else value for value in row)
+                    for row in cursor.fetchall()]
+
+    def contents(self) -> str:
+        """A digest of every row of every KME table: what the KME stores, whatever the engine does with pages."""
+        digest = hashlib.sha256()
+        for table in ("kme_meta", "links", "key_files", "pool_keys", "key_fingerprints", "delivered_keys",
+                      "key_slaves", "outgoing_activations", "incoming_activations", "leases"):
+            digest.update(repr(sorted(self._query(f"SELECT * FROM {table}"))).encode())
+        return digest.hexdigest()
+
+    def snapshot(self) -> tuple:
+        """What must not change when the KME refuses to act: every row, and on SQLite every byte of the file."""
+        stored = hashlib.sha256(stored_bytes(self.db_path)).hexdigest() if self._uri() is None else None
+        return self.contents(), stored
+
+    def write_rows(self, sql: str, rows: list[tuple]) -> None:
+        """Run one statement for each of ``rows``, in one transaction."""
+        native = sql if self._uri() is None else sql.replace("?", "%s")
+        with self._connect(read_only=False) as connection:
+            connection.execute("BEGIN IMMEDIATE" if self._uri() is None else "BEGIN")
+            connection.cursor().executemany(native, rows)
+            connection.execute("COMMIT")
+
+    def write(self, *statements: tuple) -> list[int]:
+        """Run (sql, *args) statements in one transaction, as something outside the KME would; their row counts."""
+        native = (lambda sql: sql) if self._uri() is None else (lambda sql: sql.replace("?", "%s"))
+        with self._connect(read_only=False) as connection:
+            connection.execute("BEGIN IMMEDIATE" if self._uri() is None else "BEGIN")
+            counts = [connection.execute(native(sql), args).rowcount for sql, *args in statements]
+            connection.execute("COMMIT")
+        return counts
+
+    @contextmanager
+    def stall(self):
+        """Hold the database's write lock, as a stalled disk would: the KME's write transactions wait until the
+        block ends."""
+        with self._connect(read_only=False) as connection:
+            if self._uri() is None:
+                connection.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                finally:
+                    connection.execute("ROLLBACK")
+            else:
+                from kme.storage.backends.postgresql import WRITERS_LOCK
+
+                connection.execute(f"SELECT pg_advisory_lock({WRITERS_LOCK})")
+                try:
+                    yield
+                finally:
+                    connection.execute(f"SELECT pg_advisory_unlock({WRITERS_LOCK})")
 
     COUNTERS = ("ingested", "available", "reserved", "peer_held", "unconfirmed", "delivered", "discarded",
                 "set_aside")

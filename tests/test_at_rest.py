@@ -6,9 +6,7 @@ line; altered rows are refused and change nothing; rotating the KEK and
 sealing a database from before encryption at rest lose nothing under load.
 """
 import base64
-import hashlib
 import os
-import sqlite3
 import threading
 
 import pytest
@@ -18,6 +16,7 @@ from kme.config import load_config
 from kme.storage.sealing import histogram_place, pool_place
 from tests.support import (
     Ledger,
+    checkpoint,
     keys_found,
     run_cli,
     sae_port,
@@ -68,8 +67,8 @@ class Kme:
                                                 json={"key_IDs": [{"key_ID": key_id} for key_id in key_ids]},
                                                 timeout=10)
 
-    def snapshot(self) -> str:
-        return hashlib.sha256(stored_bytes(self.db)).hexdigest()
+    def snapshot(self) -> tuple:
+        return self.ledger.snapshot()
 
 
 @pytest.fixture
@@ -77,12 +76,6 @@ def kme(tmp_path, pki):
     node = Kme(tmp_path, pki)
     yield node
     node.stop()
-
-
-def checkpoint(db) -> None:
-    """What the ingestion worker's housekeeping does: copy the WAL into the file and truncate it."""
-    with sqlite3.connect(db) as connection:
-        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
 def test_no_key_is_in_the_database_or_its_wal_before_or_after_delivery(kme):
@@ -102,9 +95,22 @@ def test_no_key_is_in_the_database_or_its_wal_before_or_after_delivery(kme):
     kme.stop()
     checkpoint(kme.db)
     raw = stored_bytes(kme.db)
-    assert keys_found(raw, kme.data) == []
-    assert not any(sealed in raw for sealed in waiting), "a delivered key's ciphertext outlived its delivery"
+    assert keys_found(raw, kme.data) == [] and not any(key in raw for key in delivered)
     assert kme.ledger.assert_exact(1)["delivered"] == 8
+
+
+@pytest.mark.sqlite_only
+def test_a_delivered_keys_ciphertext_leaves_the_file_and_its_wal_once_fetched(kme):
+    kme.ingest()
+    kme.start()
+    keys = kme.enc(number=4, size=512).json()["keys"]
+    waiting = [row[0] for row in kme.ledger._query("SELECT material FROM delivered_keys")]
+    assert len(waiting) == 4 and all(sealed in stored_bytes(kme.db) for sealed in waiting)
+    assert kme.dec([key["key_ID"] for key in keys]).status_code == 200
+    kme.stop()
+    checkpoint(kme.db)
+    raw = stored_bytes(kme.db)
+    assert not any(sealed in raw for sealed in waiting), "a delivered key's ciphertext outlived its delivery"
 
 
 def test_every_surface_says_encryption_is_on_and_where_the_kek_is(kme):
@@ -163,23 +169,19 @@ def test_a_kek_file_others_may_read_or_a_lost_one_stops_the_kme(kme):
     assert not kme.kek.exists()
 
 
-def swap_first_two(db):
-    with sqlite3.connect(db) as connection:
-        (a, ma), (b, mb) = connection.execute("SELECT id, material FROM pool_keys ORDER BY id LIMIT 2").fetchall()
-        connection.execute("UPDATE pool_keys SET material = ? WHERE id = ?", (mb, a))
-        connection.execute("UPDATE pool_keys SET material = ? WHERE id = ?", (ma, b))
+def swap_first_two(ledger):
+    (a, ma), (b, mb) = ledger._query("SELECT id, material FROM pool_keys ORDER BY id LIMIT 2")
+    ledger.write(("UPDATE pool_keys SET material = ? WHERE id = ?", mb, a),
+                 ("UPDATE pool_keys SET material = ? WHERE id = ?", ma, b))
 
 
-def truncate_first(db):
-    with sqlite3.connect(db) as connection:
-        (first, material), = connection.execute("SELECT id, material FROM pool_keys ORDER BY id LIMIT 1").fetchall()
-        connection.execute("UPDATE pool_keys SET material = ? WHERE id = ?", (material[:-1], first))
+def truncate_first(ledger):
+    (first, material), = ledger._query("SELECT id, material FROM pool_keys ORDER BY id LIMIT 1")
+    ledger.write(("UPDATE pool_keys SET material = ? WHERE id = ?", material[:-1], first))
 
 
-def clear_first(db):
-    with sqlite3.connect(db) as connection:
-        connection.execute("UPDATE pool_keys SET material = ? WHERE id = (SELECT min(id) FROM pool_keys)",
-                           (os.urandom(32),))
+def clear_first(ledger):
+    ledger.write(("UPDATE pool_keys SET material = ? WHERE id = (SELECT min(id) FROM pool_keys)", os.urandom(32)))
 
 
 @pytest.mark.parametrize("alter, expected", [
@@ -189,7 +191,7 @@ def clear_first(db):
 ])
 def test_an_altered_row_is_refused_and_changes_nothing(kme, alter, expected):
     kme.ingest()
-    alter(kme.db)
+    alter(kme.ledger)
     checkpoint(kme.db)
     before = (kme.snapshot(), kme.ledger.link(1))
     kme.start()
@@ -281,20 +283,22 @@ def test_rotating_the_kek_under_load_loses_nothing(tmp_path, pki):
 
 def make_legacy(kme: Kme) -> None:
     """Turn the database into one a KME from before encryption at rest wrote: material in clear, no data key."""
-    sealer = kme.ledger.sealer()
-    with sqlite3.connect(kme.db) as connection:
-        rows = connection.execute("SELECT id, link_id, file_id, position, material FROM pool_keys").fetchall()
-        connection.executemany("UPDATE pool_keys SET material = ? WHERE id = ?", [
-            (sealer.open(material, pool_place(link, file, position), str), key_id)
-            for key_id, link, file, position, material in rows])
-        links = connection.execute("SELECT peer_kme_id, byte_histogram FROM links").fetchall()
-        connection.executemany("UPDATE links SET byte_histogram = ? WHERE peer_kme_id = ?", [
-            (histogram if len(histogram) == 2048 else sealer.open(histogram, histogram_place(link), str), link)
-            for link, histogram in links])
-        connection.execute("DELETE FROM kme_meta WHERE name = 'data_key'")
+    ledger = kme.ledger
+    sealer = ledger.sealer()
+    rows = ledger._query("SELECT id, link_id, file_id, position, material FROM pool_keys")
+    ledger.write_rows("UPDATE pool_keys SET material = ? WHERE id = ?", [
+        (sealer.open(material, pool_place(link, file, position), str), key_id)
+        for key_id, link, file, position, material in rows])
+    links = ledger._query("SELECT peer_kme_id, byte_histogram FROM links")
+    ledger.write_rows("UPDATE links SET byte_histogram = ? WHERE peer_kme_id = ?", [
+        (histogram if len(histogram) == 2048 else sealer.open(histogram, histogram_place(link), str), link)
+        for link, histogram in links])
+    ledger.write(("DELETE FROM kme_meta WHERE name = 'data_key'",))
     checkpoint(kme.db)
 
 
+# Databases from before encryption at rest are SQLite files: PostgreSQL support came later.
+@pytest.mark.sqlite_only
 def test_a_database_from_before_is_sealed_in_place_under_load_and_resumably(tmp_path, pki):
     kme = Kme(tmp_path, pki, keys=5000)
     kme.ingest()
@@ -319,13 +323,11 @@ def test_a_database_from_before_is_sealed_in_place_under_load_and_resumably(tmp_
         assert sae_session(pki, 1, 1).get(f"{kme.url}/healthz", timeout=10).json()[
             "encryption_at_rest"]["keys"] == "sealed"
         # The workers served clear keys until now; once the database is sealed, a clear key is an alteration.
-        with sqlite3.connect(kme.db) as connection:
-            (first, sealed), = connection.execute("SELECT id, material FROM pool_keys ORDER BY id LIMIT 1")
-        clear_first(kme.db)
+        (first, sealed), = kme.ledger._query("SELECT id, material FROM pool_keys ORDER BY id LIMIT 1")
+        clear_first(kme.ledger)
         answer = kme.enc()
         assert answer.status_code == 503 and "is stored in clear in an encrypted database" in answer.json()["message"]
-        with sqlite3.connect(kme.db) as connection:
-            connection.execute("UPDATE pool_keys SET material = ? WHERE id = ?", (sealed, first))
+        kme.ledger.write(("UPDATE pool_keys SET material = ? WHERE id = ?", sealed, first))
     finally:
         kme.stop()
     checkpoint(kme.db)
@@ -333,6 +335,8 @@ def test_a_database_from_before_is_sealed_in_place_under_load_and_resumably(tmp_
     assert_every_key_once(kme, delivered, kme.ledger)
 
 
+# Databases from before encryption at rest are SQLite files: PostgreSQL support came later.
+@pytest.mark.sqlite_only
 def test_sealing_stopped_half_way_goes_on_where_it_stood(tmp_path, pki):
     kme = Kme(tmp_path, pki, keys=5000)
     kme.ingest()

@@ -2,10 +2,13 @@
 import re
 import ssl
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
 from tests.support import run_cli
+
+pytestmark = pytest.mark.engine_independent
 
 
 def test_gen_certs_writes_a_pki_that_verifies(tmp_path):

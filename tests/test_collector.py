@@ -1,7 +1,10 @@
 """Garbage-collector tuning of the long-running processes (kme.operations.collector)."""
 import gc
 
+import pytest
 from kme.operations import collector
+
+pytestmark = pytest.mark.engine_independent
 
 
 def test_tuning_freezes_the_objects_alive_and_collects_the_young_less_often():

@@ -4,9 +4,13 @@ import subprocess
 import sys
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from kme.config import ConfigError, KEY_BITS, load_config
+from kme.storage.backends import postgresql
 from tests.support import ROOT, run_cli, write_config
+
+pytestmark = pytest.mark.engine_independent
 
 
 @pytest.fixture
@@ -92,6 +96,14 @@ MISTAKES = [
      "this_kme.limits.max_key_size: must be a multiple of 8"),
     ("both database fields", lambda d: d["this_kme"].update(db_uri="sqlite:///x.db"), "this_kme.db_uri: give either"),
     ("no database", lambda d: d["this_kme"].pop("sqlite_db_path"), "this_kme.sqlite_db_path: missing"),
+    ("unknown engine", lambda d: (d["this_kme"].pop("sqlite_db_path"), d["this_kme"].update(db_uri="mysql://db/kme")),
+     "this_kme.db_uri: the KME runs on sqlite or postgresql, not mysql"),
+    ("postgresql through another driver", lambda d: (d["this_kme"].pop("sqlite_db_path"),
+                                                     d["this_kme"].update(db_uri="postgresql+psycopg2://db/kme")),
+     "this_kme.db_uri: PostgreSQL is reached through psycopg 3: postgresql+psycopg://..."),
+    ("postgresql without a database", lambda d: (d["this_kme"].pop("sqlite_db_path"),
+                                                 d["this_kme"].update(db_uri="postgresql+psycopg://kme@db")),
+     "this_kme.db_uri: names no database"),
     ("boolean as string", lambda d: d["this_kme"].update(delete_key_file_after_read="yes"),
      "this_kme.delete_key_file_after_read: not a boolean"),
     ("second peer without serial", lambda d: d["other_kmes"].append({**d["other_kmes"][0], "id": 4,
@@ -124,6 +136,17 @@ def test_missing_file_is_one_line(tmp_path):
 def test_db_uri_alias_and_memory(config_file):
     edit(config_file, lambda d: (d["this_kme"].pop("sqlite_db_path"), d["this_kme"].update(db_uri=":memory:")))
     assert load_config(config_file).in_memory
+
+
+def test_a_postgresql_uri_keeps_its_password_and_takes_its_passfile_from_the_config_folder(config_file):
+    edit(config_file, lambda d: (d["this_kme"].pop("sqlite_db_path"), d["this_kme"].update(
+        db_uri="postgresql://kme:s3cret@db1.example:5433/kme?passfile=pgpass&sslmode=verify-full")))
+    uri = make_url(load_config(config_file).this_kme.database_uri)
+    assert (uri.drivername, uri.password, uri.host, uri.port, uri.database) == (
+        "postgresql+psycopg", "s3cret", "db1.example", 5433, "kme")
+    assert uri.query == {"passfile": str(config_file.parent / "pgpass"), "sslmode": "verify-full"}
+    uri = uri.render_as_string(hide_password=False)
+    assert "s3cret" not in postgresql.describe(uri) and "db1.example:5433/kme" in postgresql.describe(uri)
 
 
 def test_kme_config_unset(monkeypatch):

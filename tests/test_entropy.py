@@ -3,6 +3,8 @@ import pytest
 
 from kme.domain import entropy
 
+pytestmark = pytest.mark.engine_independent
+
 
 def test_uniform_bytes_have_eight_bits():
     assert entropy.shannon(entropy.merge([entropy.apply(entropy.EMPTY, [bytes(range(256))])])) == pytest.approx(8.0)

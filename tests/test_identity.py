@@ -2,7 +2,10 @@
 import ssl
 from pathlib import Path
 
+import pytest
 from kme.interfaces.identity import PeerCertificateMiddleware, client_serial, peer_certificate_keys
+
+pytestmark = pytest.mark.engine_independent
 
 
 class FakeTlsSocket(ssl.SSLSocket):

@@ -11,7 +11,7 @@ from kme.operations.ingest import ingest_directories
 from kme.operations.key_folders import MARK_NAME
 from kme.storage.db import ensure_schema
 from tests.network import Network
-from tests.support import Ledger, run_cli, start_ingest_worker, wait_until, write_config, write_keys
+from tests.support import Ledger, lose_database, run_cli, start_ingest_worker, wait_until, write_config, write_keys
 
 
 class InProcess:
@@ -131,8 +131,7 @@ def test_a_lost_database_does_not_ingest_the_folders_again_until_an_operator_dec
     write_keys(folder / "old.cor", 5)
     assert InProcess(config).ingest().keys == 5
     assert (folder / MARK_NAME).exists()
-    for suffix in ("", "-wal", "-shm"):
-        (config.parent / f"kme.db{suffix}").unlink(missing_ok=True)
+    lose_database(config.parent)
     fresh = InProcess(config)
     summary = fresh.ingest()
     assert summary.keys == 0
@@ -158,8 +157,7 @@ def test_adopting_folders_whose_keys_were_never_used_ingests_them(tmp_path, pki)
     config = write_config(tmp_path / "kme", pki)
     write_keys(config.parent / "keys" / "old.cor", 5)
     InProcess(config).ingest()
-    for suffix in ("", "-wal", "-shm"):
-        (config.parent / f"kme.db{suffix}").unlink(missing_ok=True)
+    lose_database(config.parent)
     adopted = run_cli(["adopt-key-folders", "--existing", "new"], config)
     assert adopted.returncode == 0 and "ingested as new keys" in adopted.stdout
     assert InProcess(config).ingest().keys == 5

@@ -1,9 +1,7 @@
 """Inter-KME failures: peer down, hanging, garbage, refusing; master killed mid-activation."""
 import base64
 import json
-import sqlite3
 import threading
-from contextlib import closing
 
 import pytest
 import requests
@@ -79,13 +77,11 @@ def test_peer_refusing_gives_503_and_returns_the_keys(network):
 
 def lose_keys(kme, link: int, positions: int) -> None:
     """Erase the first positions of the link's keys from a KME's database (damaged storage), counters kept exact."""
-    with closing(sqlite3.connect(kme.folder / "kme.db", isolation_level=None)) as connection:
-        connection.execute("BEGIN IMMEDIATE")
-        lost = connection.execute("DELETE FROM pool_keys WHERE link_id = ? AND state = 1 AND position < ?",
-                                  (link, positions)).rowcount
-        connection.execute("UPDATE links SET peer_held = peer_held - ?, discarded = discarded + ? "
-                           "WHERE peer_kme_id = ?", (lost, lost, link))
-        connection.execute("COMMIT")
+    # The first positions are those lost: the counters change by as many.
+    lost, _ = kme.ledger.write(("DELETE FROM pool_keys WHERE link_id = ? AND state = 1 AND position < ?", link,
+                                positions),
+                               ("UPDATE links SET peer_held = peer_held - ?, discarded = discarded + ? "
+                                "WHERE peer_kme_id = ?", positions, positions, link))
     assert lost == positions
 
 

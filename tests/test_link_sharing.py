@@ -7,7 +7,6 @@ no position may serve two keys, and the slave's copy must be the master's.
 import base64
 import json
 import os
-import sqlite3
 import threading
 
 import pytest
@@ -181,21 +180,6 @@ def test_a_file_shorter_at_one_end_sets_the_surplus_aside_and_the_link_serves_th
     assert_exact_and_disjoint(network)
 
 
-class DatabaseStall:
-    """Holds a KME's database write lock, as a stalled disk would: its requests hang until released."""
-
-    def __init__(self, path):
-        self.connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-
-    def __enter__(self):
-        self.connection.execute("BEGIN IMMEDIATE")
-        return self
-
-    def __exit__(self, *_):
-        self.connection.execute("ROLLBACK")
-        self.connection.close()
-
-
 def pending_leases(kme) -> int:
     return kme.ledger._query("SELECT COUNT(*) FROM leases WHERE role = 'asked'")[0][0]
 
@@ -211,7 +195,7 @@ def test_a_lease_whose_answer_was_lost_is_asked_again_and_nothing_is_lost(networ
     network[1].start("kme")
 
     # The lender hangs (its disk stalls) past the borrower's read timeout, then lends: the answer is lost.
-    with DatabaseStall(network[1].folder / "kme.db"):
+    with network[1].ledger.stall():
         answer = take(network, 2, 4)
         assert answer.status_code == 503 and "KME 1 did not answer" in answer.json()["message"], answer.text
         assert pending_leases(network[2]) == 1
@@ -248,7 +232,7 @@ def test_a_crash_in_the_middle_of_a_lease(network, crashed):
         except requests.RequestException:
             answers.append("cut")
 
-    with DatabaseStall(network[1].folder / "kme.db"):
+    with network[1].ledger.stall():
         # KME 2 asks KME 1 for a lease, which waits on KME 1's stalled disk; then one of them dies.
         asking = threading.Thread(target=ask)
         asking.start()

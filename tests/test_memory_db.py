@@ -1,8 +1,12 @@
 """An in-memory database: one process that ingests the key files itself."""
+import pytest
+
 from kme import create_app
 from kme.config import load_config
 from tests.conftest import client_with, sae_environ
 from tests.support import write_config, write_keys
+
+pytestmark = pytest.mark.sqlite_only
 
 
 def test_in_memory_kme_ingests_on_first_request_and_serves(tmp_path, pki):

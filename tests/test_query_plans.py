@@ -20,6 +20,8 @@ from kme.storage.keystore.incoming import ActivationRequest
 from tests.network import Network
 from tests.support import confirm_link, write_keys
 
+pytestmark = pytest.mark.sqlite_only
+
 KEY_TABLES = ("pool_keys", "delivered_keys", "key_slaves", "key_files", "key_fingerprints")
 
 

@@ -1,7 +1,6 @@
 """The SAE interface through Flask's test client: every rule and error path of the standard."""
 import base64
 import json
-import sqlite3
 import time
 import uuid
 
@@ -313,8 +312,7 @@ def test_request_ids_are_short_ascii_tokens(sae1, given, kept):
 
 
 def test_a_database_of_an_older_kme_is_named_not_used(app, config_path, pki):
-    with sqlite3.connect(config_path.parent / "kme.db") as connection:
-        connection.execute("ALTER TABLE links DROP COLUMN set_aside")
+    Ledger(config_path.parent / "kme.db").write(("ALTER TABLE links DROP COLUMN set_aside",))
     newer = create_app(load_config(config_path))
     response = client_with(newer, sae_environ(pki, "sae1")).get("/api/v1/keys/2/status")
     assert response.status_code == 503

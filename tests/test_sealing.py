@@ -7,6 +7,8 @@ from kme.domain.errors import StorageFailure
 from kme.storage import sealing
 from kme.storage.sealing import OVERHEAD, SALT_BYTES, Sealer, delivered_place, histogram_place, pool_place
 
+pytestmark = pytest.mark.engine_independent
+
 
 @pytest.fixture
 def sealer():

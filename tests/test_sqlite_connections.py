@@ -10,6 +10,8 @@ from sqlalchemy import create_engine
 
 from kme.storage.backends import sqlite, sqlite_connections
 
+pytestmark = pytest.mark.sqlite_only
+
 THREADS = 8
 
 

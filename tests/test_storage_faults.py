@@ -21,6 +21,8 @@ from tests.support import (
     write_keys,
 )
 
+pytestmark = pytest.mark.sqlite_only
+
 
 @pytest.fixture
 def disk(tmp_path):

@@ -9,6 +9,8 @@ import pytest
 
 from tests.support import ROOT
 
+pytestmark = pytest.mark.engine_independent
+
 UNITS = sorted((ROOT / "deploy" / "systemd").glob("*@.service"))
 ENTRY_POINTS = {
     "kme-sae@.service": ["gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"],

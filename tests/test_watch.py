@@ -91,3 +91,25 @@ def test_restart_ingests_nothing_again(kme, tmp_path):
         again.stop()
     assert "stopped;" in again.output()
     assert ledger.assert_exact(1)["ingested"] == 8
+
+
+LEADS = "this worker runs the KME's periodic work"
+FOLLOWS = "another worker of this KME runs its periodic work"
+
+
+def test_two_workers_of_one_kme_ingest_each_key_once_and_one_runs_the_periodic_work(kme, tmp_path):
+    config, first, ledger = kme
+    second = start_ingest_worker(config, tmp_path / "ingest-2.log")
+    try:
+        wait_until(lambda: LEADS in first.output() and FOLLOWS in second.output())
+        assert LEADS not in second.output()
+        write_keys(tmp_path / "keys" / "both.cor", 40)
+        wait_until(lambda: ledger.link(1)["ingested"] == 45)
+        assert ledger.assert_exact(1)["available"] == 45
+        assert ledger._query("SELECT count(*) FROM key_files WHERE name = 'both.cor' AND complete") == [(1,)]
+        # The worker that ran the periodic work dies: the other takes it over.
+        first.proc.kill()
+        first.proc.wait()
+        wait_until(lambda: LEADS in second.output(), timeout=20)
+    finally:
+        second.stop()

@@ -151,8 +151,8 @@ def probe_peers(config: KmeConfig) -> None:
 
 
 def housekeeping(config: KmeConfig) -> None:
-    """Periodic work of the background worker: heartbeat, peer probes, link sharing, settling, expiry."""
-    health.beat()
+    """The KME's periodic work (one background worker of the KME runs it): peer probes, link sharing, settling,
+    expiry."""
     probe_peers(config)
     sharing.housekeeping(config, _abandoned_before(config))
     settle_pending(config)

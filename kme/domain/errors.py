@@ -110,8 +110,10 @@ def answer(status: int, body: dict):
 
 def init_app(app) -> None:
     """Register the handlers that turn every failure into an ETSI Error body."""
+    from kme.storage import backends
     from kme.storage.db import db, reset_connections
-    from kme.storage.backends.sqlite import DRIVER_ERRORS, failure_cause
+
+    backend = backends.for_uri(app.config["SQLALCHEMY_DATABASE_URI"])
 
     @app.errorhandler(KmeError)
     def handle_kme_error(error: KmeError):
@@ -130,7 +132,7 @@ def init_app(app) -> None:
 
     def handle_storage_error(error: Exception):
         db.session.rollback()
-        failure = StorageFailure(failure_cause(error))
+        failure = StorageFailure(backend.failure_cause(error))
         log.error("storage failure: %s (%s)", failure.cause, getattr(error, "orig", error).__class__.__name__)
         # Pooled connections may be stuck in the failed state (a file opened
         # read-only stays read-only): new ones are opened once the fault clears.
@@ -138,7 +140,7 @@ def init_app(app) -> None:
         return answer(503, failure.body())
 
     # Through SQLAlchemy, or straight from the driver (the hot path's statements).
-    for kind in (DBAPIError, *DRIVER_ERRORS):
+    for kind in (DBAPIError, *backend.DRIVER_ERRORS):
         app.register_error_handler(kind, handle_storage_error)
 
     @app.errorhandler(Exception)

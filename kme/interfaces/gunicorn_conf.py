@@ -95,6 +95,11 @@ def _kek_problem_of_file(config_path: str) -> str | None:
     return _kek_problem(load_config(config_path))
 
 
+def threads() -> int:
+    """Threads per worker process (KME_THREADS, default 8); each needs its own database connection."""
+    return _environment_int("KME_THREADS", 8)
+
+
 def _bind(host: str, port: int) -> list[str]:
     return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
 
@@ -102,7 +107,7 @@ def _bind(host: str, port: int) -> list[str]:
 def _common(config, short: str, port: int) -> dict:
     return {
         "workers": _environment_int("KME_WORKERS", 2),
-        "threads": _environment_int("KME_THREADS", 8),
+        "threads": threads(),
         "keepalive": 5,
         "timeout": 60,
         "graceful_timeout": 5,

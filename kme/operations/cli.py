@@ -14,8 +14,7 @@ from kme.domain.errors import StorageFailure
 from kme.operations import certs, health, key_folders, status
 from kme.operations.ingest import KEY_FILE_SUFFIX, ingest_directories
 from kme.operations.watch import watch
-from kme.storage import kek
-from kme.storage.backends import sqlite
+from kme.storage import backends, kek
 from kme.storage.db import DATABASE_ID, ensure_schema, meta
 from kme.storage.keystore import intake
 
@@ -28,19 +27,23 @@ def command_config():
     return config
 
 
-_STORAGE_ERRORS = (DBAPIError, *sqlite.DRIVER_ERRORS, StorageFailure)
+def _storage_errors() -> tuple:
+    """The exceptions that mean the database failed, for the configured engine."""
+    return DBAPIError, *backends.for_uri(command_config().this_kme.database_uri).DRIVER_ERRORS, StorageFailure
 
 
 def _cause(error: Exception) -> str:
     """A storage failure in one line, without key material."""
-    return error.cause if isinstance(error, StorageFailure) else sqlite.failure_cause(error)
+    if isinstance(error, StorageFailure):
+        return error.cause
+    return backends.for_uri(command_config().this_kme.database_uri).failure_cause(error)
 
 
 def open_database() -> None:
     """Open the database (schema, data key) for a command; a one-line error if it cannot be used (a wrong KEK)."""
     try:
         ensure_schema()
-    except _STORAGE_ERRORS as exc:
+    except _storage_errors() as exc:
         raise click.ClickException(_cause(exc)) from None
 
 
@@ -66,12 +69,12 @@ def ingest_keys_command(keep_watching: bool) -> None:
         open_database()
         try:
             _print_summary(ingest_directories(config, show_progress=sys.stdout.isatty()))
-        except _STORAGE_ERRORS as exc:
+        except _storage_errors() as exc:
             raise click.ClickException(f"ingestion stopped: {_cause(exc)}") from None
         return
     # The watcher outlives a database it cannot use yet, but not a key-encryption key that does not open it.
     try:
-        kek.check_database(sqlite.path_of_uri(config.this_kme.database_uri), current_app.extensions["kme_kek"])
+        kek.check_database(config.this_kme.database_uri, current_app.extensions["kme_kek"])
     except kek.KekError as exc:
         raise click.ClickException(str(exc)) from None
     stop = threading.Event()

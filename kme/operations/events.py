@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import delete, func, select
 
 from kme.operations.logs import printable
-from kme.storage.backends import sqlite
+from kme.storage import statements
 from kme.storage.db import write_transaction
 from kme.storage.models import Event
 
@@ -39,7 +39,7 @@ def record(transaction, *messages: str) -> None:
         message = printable(message)
         log.info("%s", message)
         rows.append((now, message))
-    sqlite.insert_events(transaction, rows)
+    statements.insert_events(transaction, rows)
 
 
 def prune() -> None:

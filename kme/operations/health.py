@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError
 
 from kme.config import KekSource, KmeConfig
 from kme.operations import events, key_folders
-from kme.storage.backends import sqlite
+from kme.storage import backends, statements
 from kme.storage.db import DATABASE_ID, db, meta, reset_connections, write_transaction
 from kme.storage.meta_names import CLEAR_POOL, DATA_KEY
 from kme.storage.models import Heartbeat, PeerStatus
@@ -51,14 +51,15 @@ def peer_statuses() -> dict[int, dict]:
 def _database_problem(config: KmeConfig) -> str | None:
     if config.in_memory:
         return None
-    problem = sqlite.file_problem(db.engine)
+    backend = backends.of(db.engine)
+    problem = backend.file_problem(db.engine)
     if problem:
         return problem
     now = time.monotonic()
     # One write probe a second per process, however often /healthz is asked.
     if now - _probe["at"] >= PROBE_SECONDS:
-        failure = sqlite.write_probe(db.engine)
-        _probe.update(at=now, problem=failure and f"writes fail: {sqlite.failure_cause(failure)} ({failure})")
+        failure = backend.write_probe(db.engine)
+        _probe.update(at=now, problem=failure and f"writes fail: {backend.failure_cause(failure)} ({failure})")
     return _probe["problem"]
 
 
@@ -99,8 +100,8 @@ def encryption(config: KmeConfig, kek_source: KekSource) -> dict:
     keys = "sealed"
     if not config.in_memory:
         try:
-            names = sqlite.meta_names(db.engine)
-        except (DBAPIError, *sqlite.DRIVER_ERRORS):
+            names = statements.meta_names(db.engine)
+        except (DBAPIError, *backends.of(db.engine).DRIVER_ERRORS):
             names = None
         if names is None:
             keys = "unknown (database unavailable)"
@@ -122,7 +123,7 @@ def check(config: KmeConfig) -> tuple[bool, dict]:
     except DBAPIError as exc:
         db.session.rollback()
         reset_connections()
-        worker = f"unknown ({sqlite.failure_cause(exc)})"
+        worker = f"unknown ({backends.of(db.engine).failure_cause(exc)})"
     report["ingestion_worker"] = worker
     healthy = all(value == "ok" for value in report.values())
     return healthy, {"status": "ok" if healthy else "unhealthy", "checks": report}

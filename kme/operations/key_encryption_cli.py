@@ -7,8 +7,7 @@ from flask import current_app
 
 from kme.config import ConfigError, kek_source
 from kme.operations.cli import command_config, open_database
-from kme.storage import at_rest, kek
-from kme.storage.backends import sqlite
+from kme.storage import at_rest, backends, kek, statements
 from kme.storage.db import db, meta, read_connection
 from kme.storage.meta_names import DATABASE_ID
 
@@ -25,15 +24,15 @@ def rotate_kek_command(new_kek: str) -> None:
     restart them when convenient. Running it again changes nothing.
     """
     config = command_config()
-    path = sqlite.path_of_uri(config.this_kme.database_uri)
-    if path is None:
+    uri = config.this_kme.database_uri
+    if config.in_memory:
         raise click.ClickException("an in-memory database has no key-encryption key to rotate")
     try:
         source = kek_source(new_kek, Path.cwd(), None, config.this_kme.database_uri)
         new, _created = kek.open_kek(source)
     except (ConfigError, kek.KekError) as exc:
         raise click.ClickException(f"--new-kek: {exc}") from None
-    if _opens(new, path):
+    if _opens(new, uri):
         # Done before (perhaps the configuration names the new key already): the old one is not needed.
         click.echo(f"the data key is already wrapped under {source.describe()}; nothing to do")
         return
@@ -48,10 +47,10 @@ def rotate_kek_command(new_kek: str) -> None:
                "the KME's processes when convenient; the running ones keep serving")
 
 
-def _opens(candidate: kek.Kek, path: str) -> bool:
-    """Whether the database at ``path`` has a data key and ``candidate`` opens it."""
+def _opens(candidate: kek.Kek, uri: str) -> bool:
+    """Whether the database at ``uri`` has a data key and ``candidate`` opens it."""
     try:
-        return kek.check_database(path, candidate)
+        return kek.check_database(uri, candidate)
     except kek.KekError:
         return False
 
@@ -69,7 +68,7 @@ def encrypt_db_command() -> None:
         click.echo("every key of the database is sealed; nothing to do")
         return
     with read_connection() as connection:
-        total = sqlite.count_clear_pool_keys(connection)
+        total = statements.count_clear_pool_keys(connection)
     sealed, after = 0, 0
     with click.progressbar(length=total, label="sealing pool keys", show_pos=True) as bar:
         while after is not None:
@@ -77,5 +76,5 @@ def encrypt_db_command() -> None:
             sealed += count
             bar.update(count)
     # The clear bytes the updates replaced leave the WAL too.
-    sqlite.checkpoint(db.engine)
+    backends.of(db.engine).checkpoint(db.engine)
     click.echo(f"{sealed} pool keys sealed; no key of the database is in clear")

@@ -6,9 +6,13 @@ written is never ingested early. Linux only: the close-after-write event
 comes from inotify. A periodic rescan of every folder catches what events
 missed (an inotify queue overflow, a fault that interrupted ingestion).
 
-A second thread owns all periodic work of the KME: heartbeat, peer probes,
-settling of activations left pending at peers (kme.domain.activation), expiry of
-keys their slave SAEs did not fetch, WAL checkpoints, and the rescan. Network
+A second thread beats (the health checks read it), triggers the rescan, and
+runs all periodic work of the KME: peer probes, settling of activations left
+pending at peers (kme.domain.activation), expiry of keys their slave SAEs did
+not fetch, WAL checkpoints. Several workers of one KME (one per host) each
+ingest and beat; the periodic work runs in the one holding the database's
+periodic lock (the backend's periodic_lock), and passes to another when it
+stops or loses its connection. Network
 calls there never delay ingestion. Neither thread dies of its input or of
 its disk: failures are logged once, retried with backoff, and shown by
 /healthz.
@@ -25,8 +29,9 @@ from watchdog.observers.inotify import InotifyObserver
 
 from kme.config import KmeConfig
 from kme.domain import activation
+from kme.operations import health
 from kme.operations.ingest import IngestSummary, ingest_directories, ingest_file, link_of
-from kme.storage.backends import sqlite
+from kme.storage import backends
 from kme.storage.db import db, ensure_schema
 
 log = logging.getLogger(__name__)
@@ -83,25 +88,40 @@ class Retry:
 
 def _keep_house(app, config: KmeConfig, stop: threading.Event, rescan: threading.Event,
                 wake: threading.Event) -> None:
-    """The one owner of the KME's periodic work; ``wake`` runs it early (keys were ingested: tell the peers)."""
+    """The heartbeat and rescans of this worker, and the KME's periodic work while this worker holds the periodic
+    lock; ``wake`` runs them early (keys were ingested: tell the peers)."""
     with app.app_context():
         retry = Retry("housekeeping", stop)
         due = {"checkpoint": time.monotonic(), "rescan": time.monotonic()}
+        backend = backends.of(db.engine)
+        lock = backend.periodic_lock(db.engine)
+        leading = {"now": None}
 
         def step():
-            activation.housekeeping(config)
+            health.beat()
             now = time.monotonic()
-            if now - due["checkpoint"] >= CHECKPOINT_SECONDS:
-                sqlite.checkpoint(db.engine)
-                due["checkpoint"] = now
             if now - due["rescan"] >= config.this_kme.rescan_interval_seconds:
                 rescan.set()
                 due["rescan"] = now
+            held = lock.held()
+            if held != leading["now"]:
+                log.info("this worker runs the KME's periodic work" if held else
+                         "another worker of this KME runs its periodic work; this one ingests and beats only")
+                leading["now"] = held
+            if not held:
+                return
+            activation.housekeeping(config)
+            if now - due["checkpoint"] >= CHECKPOINT_SECONDS:
+                backend.checkpoint(db.engine)
+                due["checkpoint"] = now
 
-        while not stop.is_set():
-            if retry.run(step):
-                wake.wait(config.this_kme.housekeeping_interval_seconds)
-                wake.clear()
+        try:
+            while not stop.is_set():
+                if retry.run(step):
+                    wake.wait(config.this_kme.housekeeping_interval_seconds)
+                    wake.clear()
+        finally:
+            lock.release()
 
 
 def watch(config: KmeConfig, stop: threading.Event, on_ready=None) -> IngestSummary:

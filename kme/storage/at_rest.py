@@ -24,8 +24,7 @@ from sqlalchemy import delete, insert
 
 from kme.config import KEY_BITS
 from kme.domain.errors import StorageFailure
-from kme.storage import sealing
-from kme.storage.backends import sqlite
+from kme.storage import sealing, statements
 from kme.storage.kek import Kek, KekError, context
 from kme.storage.meta_names import CLEAR_POOL, DATA_KEY, DATABASE_ID
 from kme.storage.sealing import Sealer
@@ -68,7 +67,7 @@ def establish(connection, engine, kek: Kek, facts: dict[str, bytes]) -> Store:
         opened = Store(Sealer(data_key), False)
         raw = connection.connection.driver_connection
         _seal_delivered_and_histograms(raw, opened.sealer)
-        if sqlite.any_pool_key(raw):
+        if statements.any_pool_key(raw):
             connection.execute(insert(Meta).values(name=CLEAR_POOL, value=b"1"))
             opened.clear_pool = True
     if opened.clear_pool:
@@ -80,13 +79,13 @@ def establish(connection, engine, kek: Kek, facts: dict[str, bytes]) -> Store:
 
 def _seal_delivered_and_histograms(raw, sealer: Sealer) -> None:
     """Seal the keys waiting for their slaves and the histograms a database from before held in clear."""
-    rows = sqlite.all_delivered(raw)
+    rows = statements.all_delivered(raw)
     sealed = sealer.seal([material for *_, material in rows],
                          [sealing.delivered_place(key_id, link_id, master) for key_id, link_id, master, _m in rows])
-    sqlite.replace_delivered_material(raw, [(value, row[0]) for value, row in zip(sealed, rows)])
-    for link_id, histogram in sqlite.all_histograms(raw):
+    statements.replace_delivered_material(raw, [(value, row[0]) for value, row in zip(sealed, rows)])
+    for link_id, histogram in statements.all_histograms(raw):
         if len(histogram) == HISTOGRAM_BYTES:
-            sqlite.store_histogram(raw, link_id, seal_histogram(link_id, histogram, sealer))
+            statements.store_histogram(raw, link_id, seal_histogram(link_id, histogram, sealer))
 
 
 def store() -> Store:
@@ -148,8 +147,8 @@ def encrypt_pool_batch(after_id: int) -> tuple[int, int | None]:
 
     found = store()
     with write_transaction() as session:
-        raw = sqlite.driver(session)
-        rows = sqlite.clear_pool_keys(raw, after_id, ENCRYPT_BATCH)
+        raw = statements.driver(session)
+        rows = statements.clear_pool_keys(raw, after_id, ENCRYPT_BATCH)
         if not rows:
             session.execute(delete(Meta).where(Meta.name == CLEAR_POOL))
             found.clear_pool = False
@@ -157,7 +156,7 @@ def encrypt_pool_batch(after_id: int) -> tuple[int, int | None]:
         sealed = found.sealer.seal([material for *_, material in rows],
                                    [sealing.pool_place(link_id, file_id, position)
                                     for _id, link_id, file_id, position, _m in rows])
-        sqlite.replace_pool_material(raw, [(value, row[0]) for value, row in zip(sealed, rows)])
+        statements.replace_pool_material(raw, [(value, row[0]) for value, row in zip(sealed, rows)])
         return len(rows), rows[-1][0]
 
 
@@ -180,7 +179,7 @@ def _clear_allowed(found: Store, where: str) -> None:
     """A clear pool key is served only while the database still holds keys from before encryption at rest."""
     from kme.storage.db import db
 
-    if found.clear_pool and CLEAR_POOL not in sqlite.meta_names(db.engine):
+    if found.clear_pool and CLEAR_POOL not in statements.meta_names(db.engine):
         found.clear_pool = False
     if not found.clear_pool:
         raise StorageFailure(f"{where} is stored in clear in an encrypted database: the database was altered "

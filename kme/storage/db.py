@@ -11,8 +11,7 @@ from sqlalchemy import insert, inspect, select
 from sqlalchemy.orm import DeclarativeBase
 
 from kme.domain.errors import StorageFailure
-from kme.storage import at_rest
-from kme.storage.backends import sqlite, sqlite_connections
+from kme.storage import at_rest, backends, migrations
 from kme.storage.meta_names import DATABASE_ID, FINGERPRINT_SECRET
 
 
@@ -27,19 +26,22 @@ _schema_ready: "weakref.WeakSet" = weakref.WeakSet()
 _meta: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def init_app(app, database_uri: str) -> None:
-    """Bind the database to the app; nothing is opened until first use."""
+def init_app(app, database_uri: str, threads: int) -> None:
+    """Bind the database to the app, with connections for ``threads`` threads per process; nothing is opened
+    until first use."""
+    backend = backends.for_uri(database_uri)
     app.config["SQLALCHEMY_DATABASE_URI"] = database_uri
     # SQL errors are logged; their parameters may hold key material.
-    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {"hide_parameters": True}
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {"hide_parameters": True, **backend.engine_options(threads)}
     db.init_app(app)
     with app.app_context():
-        sqlite.install(db.engine)
+        backend.install(db.engine)
 
 
 @contextmanager
 def write_transaction():
-    """A session transaction that holds the database write lock from its first statement.
+    """A session transaction, exclusive among the KME's write transactions from its first statement (the
+    backend's write_session).
 
     Commits on success, rolls back on any exception. Must be the first thing a
     unit of work does: a read before it would start a plain transaction.
@@ -48,8 +50,7 @@ def write_transaction():
     if session.in_transaction():
         raise RuntimeError("write_transaction() started inside an open transaction")
     check_database_file()
-    with sqlite_connections.writer_turn(db.engine):
-        session.connection(execution_options={sqlite.WRITE_OPTION: True})
+    with backends.of(db.engine).write_session(session):
         try:
             yield session
             session.commit()
@@ -59,30 +60,31 @@ def write_transaction():
 
 
 def grouped_write(work):
-    """``work(connection)`` in a write transaction shared with this process's concurrent callers; its value.
+    """``work(connection)`` in a write transaction of the hot path; its value once committed.
 
-    Group commit, for the SAE hot path: one transaction and one fsync for
-    every request waiting at that moment, each undone alone if it raises.
-    ``work`` gets a driver connection (use the kme.storage.backends.sqlite functions)
-    and may run on another caller's thread; the value comes back only once
-    the transaction holding it has committed. Only for requests: the app's
-    before_request hook has checked the database file for this request
-    (check_database_file), so it is not checked again here.
+    ``work`` gets a driver connection (use kme.storage.statements) and may run
+    on another caller's thread, with other callers' work in the same
+    transaction (SQLite's group commit), or again after a transaction the
+    engine aborted (a PostgreSQL deadlock): it changes nothing but the
+    database. Only for requests: the app's before_request hook has checked
+    the database file for this request (check_database_file), so it is not
+    checked again here.
     """
-    return sqlite_connections.group_commit(db.engine, work)
+    return backends.of(db.engine).grouped_write(db.engine, work)
 
 
 def read_connection():
     """A context manager giving this thread's driver connection for reads past SQLAlchemy (the hot path)."""
-    return sqlite_connections.read_connection(db.engine)
+    return backends.of(db.engine).read_connection(db.engine)
 
 
 def ensure_schema() -> bool:
-    """Create missing tables, the database's identity and data key, and link rows once per process, and open the
-    data key; True the first time.
+    """Create the schema of a new database (at the newest version), the database's identity and data key, and link
+    rows, once per process, and open the data key; True the first time.
 
-    Runs under the write lock, so processes starting together do not race.
-    StorageFailure if the process's KEK does not open the data key.
+    Runs exclusively (the backend's schema_connection), so processes starting together do not race.
+    StorageFailure if the database is at another version of the schema (`flask db upgrade` upgrades it), or if
+    the process's KEK does not open the data key.
     """
     from kme.storage.keystore import intake
     from kme.storage.models import Meta
@@ -90,9 +92,14 @@ def ensure_schema() -> bool:
     engine = db.engine
     if engine in _schema_ready:
         return False
-    with engine.connect().execution_options(**{sqlite.WRITE_OPTION: True}) as connection:
+    with backends.of(engine).schema_connection(engine) as connection:
         with connection.begin():
-            db.metadata.create_all(connection)
+            found = migrations.version(connection)
+            if found is None:
+                db.metadata.create_all(connection)
+                migrations.stamp_head(connection)
+            elif problem := migrations.problem(found):
+                raise StorageFailure(problem)
             _check_columns(connection)
             known = set(connection.scalars(select(Meta.name)))
             for name, value in ((DATABASE_ID, uuid.uuid4().hex.encode()), (FINGERPRINT_SECRET, os.urandom(32))):
@@ -151,12 +158,12 @@ def reset_connections() -> None:
     opened read-only keeps new ones read-only. Collecting now closes those
     (the collector runs seldom in the web workers, kme.operations.collector).
     """
-    sqlite_connections.dispose(db.engine)
+    backends.of(db.engine).dispose(db.engine)
     gc.collect()
 
 
 def check_database_file() -> None:
     """StorageFailure if the database file was deleted or replaced under this process."""
-    problem = sqlite.file_problem(db.engine)
+    problem = backends.of(db.engine).file_problem(db.engine)
     if problem:
         raise StorageFailure(problem)

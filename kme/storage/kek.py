@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kme.config import KekSource
 from kme.storage.meta_names import DATA_KEY, DATABASE_ID
-from kme.storage.backends.sqlite import path_of_uri, read_meta
+from kme.storage import backends
 
 KEK_BYTES = 32
 _NONCE_BYTES = 12
@@ -83,27 +83,27 @@ def open_at_start(config, warn, check: bool = True) -> Kek:
     one). ``warn(line)`` is told where a KEK file generated just now lies.
     """
     source = config.this_kme.key_encryption_key
-    path = path_of_uri(config.this_kme.database_uri)
-    if source.kind == "generated" and not source.path.exists() and path and DATA_KEY in read_meta(path):
+    uri = config.this_kme.database_uri
+    backend = backends.for_uri(uri)
+    if source.kind == "generated" and not source.path.exists() and DATA_KEY in backend.read_meta(uri):
         # A fresh key would never open this database: the file was lost or moved, and is what is needed.
-        raise KekError(f"the key-encryption key file {source.path} does not exist, and the database {path} was "
-                       "written under one: restore the file, or name where it is in this_kme.key_encryption_key")
+        raise KekError(f"the key-encryption key file {source.path} does not exist, and the database "
+                       f"{backend.describe(uri)} was written under one: restore the file, or name where it is in "
+                       "this_kme.key_encryption_key")
     kek, created = open_kek(source)
     if created:
         warn(f"generated the key-encryption key file {source.path} (readable by its owner only): it protects "
              "every key in the database, so keep it on other storage than the database and its backups, and name "
              "it in this_kme.key_encryption_key (docs/security.md)")
     if check:
-        check_database(path, kek)
+        check_database(uri, kek)
     return kek
 
 
-def check_database(path: str | None, kek: Kek) -> bool:
-    """KekError unless ``kek`` opens the data key of the database file at ``path``; False if there is none to open
-    (no file, or no data key yet)."""
-    if path is None or not os.path.exists(path):
-        return False
-    facts = read_meta(path)
+def check_database(uri: str, kek: Kek) -> bool:
+    """KekError unless ``kek`` opens the data key of the database at ``uri``; False if there is none to open
+    (no database, or no data key yet)."""
+    facts = backends.for_uri(uri).read_meta(uri)
     if DATA_KEY not in facts or DATABASE_ID not in facts:
         return False
     kek.unwrap(facts[DATA_KEY], context(facts[DATABASE_ID]))

@@ -245,4 +245,5 @@ class Event(db.Model):
     __tablename__ = "events"
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     created_at: Mapped[str] = mapped_column(String(32))
-    message: Mapped[str] = mapped_column(String(512))
+    # Text: PostgreSQL would refuse a longer line where SQLite kept it (migration 0002).
+    message: Mapped[str] = mapped_column(Text)

@@ -10,7 +10,12 @@ import threading
 import weakref
 from contextlib import contextmanager
 
-from kme.storage.backends.sqlite import database_path
+
+
+def database_path(engine) -> str | None:
+    """The database file of ``engine`` (None in memory)."""
+    database = engine.url.database
+    return None if not database or database == ":memory:" else database
 
 
 class _WriterQueue:
@@ -273,6 +278,5 @@ def read_connection(engine):
 
 
 def dispose(engine) -> None:
-    """Close every connection to the engine's database, kept ones included; new ones are opened at next use."""
+    """Close the connections kept out of SQLAlchemy's pool; new ones are opened at next use."""
     _kept(engine).dispose()
-    engine.dispose()

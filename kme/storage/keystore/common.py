@@ -7,8 +7,7 @@ from sqlalchemy import delete, func, select
 
 from kme.config import KEY_BITS
 from kme.domain import entropy
-from kme.storage import at_rest
-from kme.storage.backends import sqlite
+from kme.storage import at_rest, statements
 from kme.storage.db import db, read_connection, write_transaction
 from kme.storage.models import Link, PoolLevel
 
@@ -91,25 +90,25 @@ def update_link(transaction, link_id: int, added=(), removed=(), **deltas: int) 
     """
     histogram = None
     if entropy.changed(added, removed):
-        stored = at_rest.open_histogram(link_id, sqlite.link_histogram(transaction, link_id))
+        stored = at_rest.open_histogram(link_id, statements.link_histogram(transaction, link_id))
         histogram = at_rest.seal_histogram(link_id, entropy.apply(stored, added, removed))
-    sqlite.update_link(transaction, link_id, {name: delta for name, delta in deltas.items() if delta}, histogram)
+    statements.update_link(transaction, link_id, {name: delta for name, delta in deltas.items() if delta}, histogram)
 
 
 def store_delivered(transaction, link_id: int, master_sae_id: int, slave_ids: list[int],
                     keys: list[DeliveredKeyMaterial], now: str) -> None:
     """Keep keys for their slave SAEs at this KME (the caller updates the counters)."""
     sealed = at_rest.seal_delivered(link_id, master_sae_id, keys)
-    sqlite.insert_delivered(transaction, [(key.key_id, link_id, master_sae_id, material, now)
-                                          for key, material in zip(keys, sealed)],
-                            [(key.key_id, slave) for key in keys for slave in slave_ids])
+    statements.insert_delivered(transaction, [(key.key_id, link_id, master_sae_id, material, now)
+                                              for key, material in zip(keys, sealed)],
+                                [(key.key_id, slave) for key in keys for slave in slave_ids])
 
 
 def erase_delivered(transaction, key_ids: list[str]) -> int:
     """Erase delivered keys (and their slave rows) wherever they stand; how many were still there."""
     if not key_ids:
         return 0
-    erased = sqlite.delete_delivered(transaction, key_ids)
+    erased = statements.delete_delivered(transaction, key_ids)
     by_link: dict[int, list[bytes]] = {}
     for key_id, link_id, master_sae_id, stored in erased:
         by_link.setdefault(link_id, []).append(at_rest.open_delivered(key_id, link_id, master_sae_id, stored))
@@ -124,7 +123,7 @@ _COUNTERS = tuple(field.name for field in fields(LinkCounts))
 def link_counts(link_id: int) -> LinkCounts:
     """The counters of one link (one statement, past SQLAlchemy: every Get status reads them)."""
     with read_connection() as connection:
-        return LinkCounts(*sqlite.link_row(connection, link_id, _COUNTERS))
+        return LinkCounts(*statements.link_row(connection, link_id, _COUNTERS))
 
 
 def sample_levels(link_ids: list[int], now: float) -> None:
@@ -150,5 +149,5 @@ def level_history(link_id: int) -> list[tuple[float, int, int]]:
 def link_histograms() -> tuple[bytes, ...]:
     """The byte-value histograms of every link (kme.domain.entropy merges them)."""
     with read_connection() as connection:
-        stored = sqlite.all_histograms(connection)
+        stored = statements.all_histograms(connection)
     return tuple(at_rest.open_histogram(link_id, histogram) for link_id, histogram in stored)

@@ -13,8 +13,7 @@ from sqlalchemy import delete, select
 
 from kme.domain.errors import ActivationConflict, BadRequest
 from kme.operations import events
-from kme.storage import at_rest
-from kme.storage.backends import sqlite
+from kme.storage import at_rest, statements
 from kme.storage.db import grouped_write, write_transaction
 from kme.storage.keystore.common import (
     DeliveredKeyMaterial,
@@ -53,7 +52,9 @@ def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:
     states = _peer_states(this_kme_id, link_id)
 
     def work(connection) -> int:
-        known = sqlite.incoming_activation(connection, request.activation_id)
+        # A retry of this activation, or its cancel, arriving at another front end waits for this one.
+        statements.lock_name(connection, request.activation_id)
+        known = statements.incoming_activation(connection, request.activation_id)
         if known is not None:
             known_link, state, key_ids = known
             if known_link != link_id or state != ACTIVATED:
@@ -64,9 +65,9 @@ def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:
             raise ActivationConflict(f"{len(set(wanted)) - len(rows)} of the {len(wanted)} keys named are not "
                                      f"available on this KME's link with KME {link_id} (used, set aside, "
                                      "or never held here)")
-        if sqlite.any_delivered(connection, [key_id for key_id, _ in request.keys]):
+        if statements.any_delivered(connection, [key_id for key_id, _ in request.keys]):
             raise ActivationConflict("a key ID of this activation is already in use")
-        sqlite.delete_pool_keys(connection, [row.id for row in rows.values()])
+        statements.delete_pool_keys(connection, [row.id for row in rows.values()])
         keys = [
             DeliveredKeyMaterial(key_id, b"".join(rows[part].material for part in parts)[: request.size_bits // 8])
             for key_id, parts in request.keys
@@ -77,8 +78,8 @@ def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:
         update_link(connection, link_id, removed=[row.material for row in rows.values()],
                     added=[key.material for key in keys], peer_held=unconfirmed - len(rows),
                     unconfirmed=-unconfirmed, delivered=len(rows))
-        sqlite.insert_incoming(connection, request.activation_id, link_id, ACTIVATED,
-                               json.dumps([key.key_id for key in keys]), now)
+        statements.insert_incoming(connection, request.activation_id, link_id, ACTIVATED,
+                                   json.dumps([key.key_id for key in keys]), now)
         slaves = " and ".join(map(str, request.slave_ids))
         events.record(connection, *(f"Key {key.key_id} activated between SAEs {request.master_sae_id} and "
                                     f"{slaves}" for key in keys))
@@ -90,6 +91,7 @@ def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:
 def cancel(this_kme_id: int, link_id: int, request: ActivationRequest) -> None:
     """Make sure an activation never takes effect: erase its keys, or its parts if it never arrived."""
     with write_transaction() as session:
+        statements.lock_name(session, request.activation_id)
         known = session.get(IncomingActivation, request.activation_id)
         if known is not None and known.link_id != link_id:
             raise ActivationConflict(f"activation {request.activation_id} belongs to another link")
@@ -110,7 +112,7 @@ def cancel(this_kme_id: int, link_id: int, request: ActivationRequest) -> None:
             return
         rows = _pool_rows(session, link_id, [part for _, parts in request.keys for part in parts],
                           _peer_states(this_kme_id, link_id))
-        sqlite.delete_pool_keys(session, [row.id for row in rows.values()])
+        statements.delete_pool_keys(session, [row.id for row in rows.values()])
         unconfirmed = sum(1 for row in rows.values() if row.state == UNCONFIRMED)
         update_link(session, link_id, removed=[row.material for row in rows.values()],
                     peer_held=unconfirmed - len(rows), unconfirmed=-unconfirmed, discarded=len(rows))
@@ -147,7 +149,7 @@ def _pool_rows(transaction, link_id: int, parts: list[tuple[str, int]], states: 
     condition on them would steer SQLite to the (link_id, state) index and
     a scan of every key of the link.
     """
-    files = sqlite.file_ids(transaction, link_id, {name for name, _ in parts})
+    files = statements.file_ids(transaction, link_id, {name for name, _ in parts})
     positions: dict[int, list[int]] = {}
     for name, position in parts:
         if name in files:
@@ -155,7 +157,7 @@ def _pool_rows(transaction, link_id: int, parts: list[tuple[str, int]], states: 
     if not positions:
         return {}
     by_file = {file_id: name for name, file_id in files.items()}
-    rows = [row for row in map(_PoolRow._make, sqlite.pool_keys_at(transaction, positions))
+    rows = [row for row in map(_PoolRow._make, statements.pool_keys_at(transaction, positions))
             if row.link_id == link_id and row.state in states]
     materials = at_rest.open_pool(link_id, [(row.file_id, row.position, row.material) for row in rows])
     return {(by_file[row.file_id], row.position): row._replace(material=material)

@@ -9,8 +9,7 @@ from sqlalchemy import select
 
 from kme.domain import entropy
 from kme.operations import events
-from kme.storage import at_rest
-from kme.storage.backends import sqlite
+from kme.storage import at_rest, statements
 from kme.storage.db import FINGERPRINT_SECRET, db, meta, write_transaction
 from kme.storage.keystore.common import KEY_BYTES, update_link
 from kme.storage.keystore.progress import confirm, next_seq
@@ -128,7 +127,7 @@ def store_keys(this_kme_id: int, link_id: int, progress: FileProgress, materials
         # The first occurrence of a material in the batch counts; later ones are duplicates. Built backwards,
         # each fingerprint ends up with its lowest position.
         first_at = dict(zip(reversed(prints), range(first + len(prints) - 1, first - 1, -1)))
-        known = sqlite.add_fingerprints(session, first_at)
+        known = statements.add_fingerprints(session, first_at)
         if known or len(first_at) < len(prints):
             fresh = sorted(position for fingerprint, position in first_at.items() if fingerprint not in known)
             added = [materials[position - first] for position in fresh]
@@ -137,8 +136,8 @@ def store_keys(this_kme_id: int, link_id: int, progress: FileProgress, materials
         zone = link_id == this_kme_id
         if added:
             sealed = at_rest.seal_pool(link_id, file_id, fresh, added)
-            sqlite.insert_pool_keys(session, zip(repeat(link_id), repeat(file_id), fresh,
-                                                 repeat(OURS if zone else UNCONFIRMED), sealed))
+            statements.insert_pool_keys(session, zip(repeat(link_id), repeat(file_id), fresh,
+                                                     repeat(OURS if zone else UNCONFIRMED), sealed))
         refused = len(materials) - len(added)
         row.next_position += len(materials)
         row.duplicates += refused

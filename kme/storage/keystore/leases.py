@@ -16,7 +16,7 @@ from sqlalchemy import delete, select, update
 
 from kme.domain.errors import ActivationConflict
 from kme.operations import events
-from kme.storage.backends import sqlite
+from kme.storage import statements
 from kme.storage.db import db, write_transaction
 from kme.storage.keystore.common import update_link
 from kme.storage.models import OURS, PEERS, UNCONFIRMED, KeyFile, Lease, Link, PoolKey
@@ -73,7 +73,7 @@ def give(link_id: int, request: LeaseRequest) -> tuple[list[dict], int]:
         count = min(free, max(request.minimum, min(request.wanted, free // 2)))
         if count < request.minimum:
             count = 0
-        rows = sqlite.lend_pool_keys(session.connection(), link_id, count) if count else []
+        rows = statements.lend_pool_keys(session, link_id, count) if count else []
         runs = _runs(session, rows)
         update_link(session, link_id, available=-len(rows), peer_held=len(rows), lent=len(rows))
         session.add(Lease(lease_id=request.lease_id, link_id=link_id, role=GIVEN, parts=json.dumps(runs),
@@ -136,9 +136,9 @@ def forget_given_before(created_before: str) -> None:
 def _runs(session, rows: list) -> list[dict]:
     """(file_id, position) rows as runs of consecutive positions: [{"file", "first", "count"}]."""
     names = dict(session.execute(select(KeyFile.id, KeyFile.name).where(
-        KeyFile.id.in_({row.file_id for row in rows}))).all()) if rows else {}
+        KeyFile.id.in_({file_id for file_id, _position in rows}))).all()) if rows else {}
     runs: list[dict] = []
-    for file_id, position in sorted((row.file_id, row.position) for row in rows):
+    for file_id, position in sorted(rows):
         last = runs[-1] if runs else None
         if last and last["file"] == names[file_id] and last["first"] + last["count"] == position:
             last["count"] += 1

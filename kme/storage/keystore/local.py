@@ -4,8 +4,7 @@ from sqlalchemy import select
 from kme.config import KEY_BITS
 from kme.domain.errors import KeysNotFound, NotAuthorized, NotEnoughKeys
 from kme.operations import events
-from kme.storage import at_rest
-from kme.storage.backends import sqlite
+from kme.storage import at_rest, statements
 from kme.storage.db import grouped_write, write_transaction
 from kme.storage.keystore.common import (
     DeliveredKeyMaterial,
@@ -40,7 +39,7 @@ def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number
     slaves = " and ".join(map(str, slave_ids))
 
     def deliver(connection) -> list[DeliveredKeyMaterial]:
-        taken = at_rest.open_pool(link_id, sqlite.take_pool_keys(connection, link_id, needed))
+        taken = at_rest.open_pool(link_id, statements.take_pool_keys(connection, link_id, needed))
         if len(taken) < needed:
             raise not_enough_keys(number, size_bits, len(taken))
         keys = build_keys(key_ids, taken, size_bits)
@@ -65,8 +64,8 @@ def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -
 
     def fetch(connection) -> list[DeliveredKeyMaterial]:
         keys, mine, waiting = {}, {}, set()
-        for key_id, link_id, master, material, slave, fetched in sqlite.delivered_keys_and_slaves(connection,
-                                                                                                 key_ids):
+        rows = statements.delivered_keys_and_slaves(connection, key_ids)
+        for key_id, link_id, master, material, slave, fetched in rows:
             keys[key_id] = (link_id, master, material)
             if slave == slave_sae_id:
                 mine[key_id] = fetched
@@ -80,7 +79,7 @@ def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -
         # Keys that other slaves still wait for are marked fetched by this one; the others are erased.
         kept = [key_id for key_id in key_ids if key_id in waiting]
         if kept:
-            sqlite.mark_fetched(connection, kept, slave_sae_id)
+            statements.mark_fetched(connection, kept, slave_sae_id)
         erase_delivered(connection, [key_id for key_id in key_ids if key_id not in waiting])
         events.record(connection, *(f"SAE {slave_sae_id} requested key {key_id} (from {master_sae_id})"
                                     for key_id in key_ids))

@@ -12,8 +12,7 @@ from sqlalchemy import select, update
 
 from kme.domain.errors import PeerFailure
 from kme.operations import events
-from kme.storage import at_rest
-from kme.storage.backends import sqlite
+from kme.storage import at_rest, statements
 from kme.storage.db import db, grouped_write, write_transaction
 from kme.storage.keystore.common import (
     DeliveredKeyMaterial,
@@ -54,10 +53,10 @@ def reserve(link_id: int, master_sae_id: int, slave_ids: list[int], local_slave_
     per_key = pool_keys_per_key(size_bits)
 
     def work(connection) -> Reservation:
-        rows = sqlite.reserve_pool_keys(connection, link_id, needed, activation_id)
+        rows = statements.reserve_pool_keys(connection, link_id, needed, activation_id)
         if len(rows) < needed:
             raise not_enough_keys(number, size_bits, len(rows))
-        names = sqlite.file_names(connection, {file_id for _id, file_id, _position, _material in rows})
+        names = statements.file_names(connection, {file_id for _id, file_id, _position, _material in rows})
         keys = build_keys(key_ids, at_rest.open_pool(link_id, [row[1:] for row in rows]), size_bits)
         request = {
             "activation_ID": activation_id,
@@ -69,8 +68,8 @@ def reserve(link_id: int, master_sae_id: int, slave_ids: list[int], local_slave_
                                 for _id, file_id, position, _material in rows[i * per_key:(i + 1) * per_key]]}
                      for i, key in enumerate(keys)],
         }
-        sqlite.insert_outgoing(connection, activation_id, link_id, SENDING, events.utc_now(),
-                               json.dumps({"wire": request, "local_slaves": local_slave_ids}))
+        statements.insert_outgoing(connection, activation_id, link_id, SENDING, events.utc_now(),
+                                   json.dumps({"wire": request, "local_slaves": local_slave_ids}))
         update_link(connection, link_id, available=-needed, reserved=needed)
         events.record(connection, f"SAE {master_sae_id} requested a key to communicate with "
                                   f"{' and '.join(map(str, slave_ids + local_slave_ids))}",
@@ -88,12 +87,12 @@ def finalize(reservation: Reservation) -> None:
     """
 
     def work(connection) -> None:
-        pending = sqlite.take_outgoing(connection, reservation.activation_id, (SENDING,))
+        pending = statements.take_outgoing(connection, reservation.activation_id, (SENDING,))
         if pending is None:
             raise PeerFailure("the peer KME answered after the activation was cancelled; its keys are discarded, "
                               "try again")
         link_id, stored = pending[0], json.loads(pending[1])
-        materials = at_rest.open_pool(link_id, sqlite.remove_reserved(connection, reservation.activation_id))
+        materials = at_rest.open_pool(link_id, statements.remove_reserved(connection, reservation.activation_id))
         wire = stored["wire"]
         local = stored["local_slaves"]
         if local:
@@ -115,7 +114,7 @@ def release(activation_id: str) -> None:
     cancels it, the peer discards the parts, and so must we.
     """
     with write_transaction() as session:
-        pending = sqlite.take_outgoing(session, activation_id, (SENDING,))
+        pending = statements.take_outgoing(session, activation_id, (SENDING,))
         if pending is None:
             return
         count = session.execute(update(PoolKey).where(PoolKey.reservation == activation_id)
@@ -152,10 +151,10 @@ def begin_cancel(activation_id: str) -> bool:
 def discard(activation_id: str) -> None:
     """Settle an activation whose keys may never be used again (the peer cancelled it)."""
     with write_transaction() as session:
-        pending = sqlite.take_outgoing(session, activation_id, (SENDING, UNKNOWN, CANCELLING))
+        pending = statements.take_outgoing(session, activation_id, (SENDING, UNKNOWN, CANCELLING))
         if pending is None:
             return
-        materials = at_rest.open_pool(pending[0], sqlite.remove_reserved(session, activation_id))
+        materials = at_rest.open_pool(pending[0], statements.remove_reserved(session, activation_id))
         update_link(session, pending[0], removed=materials, reserved=-len(materials), discarded=len(materials))
         events.record(session, f"Activation {activation_id} settled: {len(materials)} reserved keys discarded")
 

@@ -1,0 +1,303 @@
+"""PostgreSQL through psycopg 3, for a KME on several hosts: everything specific to it.
+
+Write transactions of SQLAlchemy sessions (ingestion, settling, leases,
+the background work) hold one advisory lock of the database for their
+duration, so they run one at a time as on SQLite, whichever host runs them.
+The hot path does not take it: its claims skip rows other transactions have
+locked (FOR UPDATE SKIP LOCKED), so concurrent claims on several hosts never
+wait on each other's keys and never take the same key; what they read to
+write back (a link's byte histogram, a delivered key's slaves, a peer's
+positions) they lock first. A transaction PostgreSQL aborts to break a
+deadlock or a serialization failure is run again.
+
+The password comes from the URI, or from libpq itself: PGPASSWORD, the
+passfile named by PGPASSFILE or by ``passfile=`` in the URI. It is never
+written anywhere: describe() leaves it out.
+"""
+import itertools
+import logging
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+import psycopg
+from psycopg import errors as pg_errors
+from sqlalchemy import event
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from kme.storage.statements import claims
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("postgresql",)
+DRIVER = "postgresql+psycopg"
+WRITE_OPTION = "kme_write"
+DRIVER_ERRORS = (psycopg.Error,)
+# Keys of the database's advisory locks (any 64-bit numbers; they only have to differ from each other).
+WRITERS_LOCK = 0x4B4D_4501
+PERIODIC_LOCK = 0x4B4D_4502
+# Seconds: a server that does not answer a connection attempt within this is down for the caller.
+CONNECT_TIMEOUT = 5
+# Times a transaction that PostgreSQL aborted (deadlock, serialization failure) is run again.
+RETRIES = 3
+_RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
+
+class _Sql:
+    """PostgreSQL's spelling of the statements kme.storage.statements leaves to the engine."""
+
+    # Claims lock the rows they take and skip those another transaction holds: claims on several hosts never
+    # wait for each other's keys.
+    TAKE, RESERVE, LEND = claims(" FOR UPDATE SKIP LOCKED")
+    ROW_LOCK = " FOR UPDATE"
+    BYTE_LENGTH = "octet_length"
+
+    @staticmethod
+    def lock_name(connection, name: str) -> None:
+        """A transaction-scoped advisory lock on a 64-bit hash of the name (a collision only makes two
+        transactions wait for each other)."""
+        connection.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (name,))
+
+    @staticmethod
+    def add_fingerprints(connection, ordered: list[int], _chunks) -> set[int]:
+        """One statement: the array is inserted, known fingerprints skipped; those inserted come back."""
+        inserted = connection.execute(
+            "INSERT INTO key_fingerprints (fingerprint) SELECT unnest(?::bigint[]) ON CONFLICT DO NOTHING "
+            "RETURNING fingerprint", (ordered,)).fetchall()
+        if len(inserted) == len(ordered):
+            return set()
+        return set(ordered) - {row[0] for row in inserted}
+
+
+_native: dict[str, str] = {}
+
+
+def _translated(query: str) -> str:
+    """``query`` with psycopg's %s for each ``?`` (the statements never hold a literal ? or %)."""
+    found = _native.get(query)
+    if found is None:
+        found = _native[query] = query.replace("?", "%s")
+    return found
+
+
+class Connection(psycopg.Connection):
+    """A psycopg connection that takes the key store's ``?`` parameters and carries PostgreSQL's spelling."""
+
+    sql = _Sql
+
+    def execute(self, query, params=None, **kwargs):
+        return super().execute(_translated(query) if isinstance(query, str) else query, params, **kwargs)
+
+    def executemany(self, query: str, rows):
+        cursor = self.cursor()
+        cursor.executemany(_translated(query), rows)
+        return cursor
+
+
+def database_uri(value: str, base_dir: Path) -> str:
+    """The URI of ``postgresql+psycopg://user[:password]@host[:port]/database[?...]``; a relative ``passfile``
+    is taken from ``base_dir``."""
+    from kme.config import ConfigError
+
+    try:
+        url = make_url(value)
+    except ArgumentError:
+        raise ConfigError("this_kme.db_uri: not a database URI") from None
+    if url.drivername not in ("postgresql", DRIVER):
+        raise ConfigError(f"this_kme.db_uri: PostgreSQL is reached through psycopg 3: {DRIVER}://...")
+    if not url.database:
+        raise ConfigError("this_kme.db_uri: names no database (postgresql+psycopg://user@host/database)")
+    query = dict(url.query)
+    if "passfile" in query:
+        query["passfile"] = str((base_dir / query["passfile"]).resolve())
+    return url.set(drivername=DRIVER, query=query).render_as_string(hide_password=False)
+
+
+def describe(uri: str) -> str:
+    """The database as logs and pages name it: the URI without its password."""
+    return make_url(uri).render_as_string(hide_password=True)
+
+
+def engine_options(threads: int) -> dict:
+    """A pool per process: one connection per thread, as many again for a thread that needs two at once
+    (a session and the hot path); each checked before use, so connections to a server that failed over
+    are replaced instead of failing a request."""
+    return {"pool_size": threads, "max_overflow": threads, "pool_timeout": 10, "pool_pre_ping": True,
+            "connect_args": {"connect_timeout": CONNECT_TIMEOUT, "application_name": "kme"}}
+
+
+def install(engine) -> None:
+    """Connections of the class above; write transactions take the writers' advisory lock when they begin."""
+
+    @event.listens_for(engine, "do_connect")
+    def connect(_dialect, _record, cargs, cparams):
+        return Connection.connect(*cargs, **cparams)
+
+    @event.listens_for(engine, "begin")
+    def on_begin(connection):
+        if connection.get_execution_options().get(WRITE_OPTION):
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITERS_LOCK})")
+
+
+@contextmanager
+def write_session(session):
+    """Start ``session``'s write transaction: it waits for the writers' advisory lock (other hosts' too)."""
+    session.connection(execution_options={WRITE_OPTION: True})
+    yield
+
+
+def schema_connection(engine):
+    """A connection whose transaction takes the writers' lock at BEGIN (for creating the schema)."""
+    return engine.connect().execution_options(**{WRITE_OPTION: True})
+
+
+def grouped_write(engine, work):
+    """``work(connection)`` in a transaction of its own on a pooled connection; run again (up to RETRIES
+    times) if PostgreSQL aborts it to break a deadlock or a serialization failure."""
+    for attempt in itertools.count():
+        try:
+            return _run_once(engine, work)
+        except _RETRYABLE as exc:
+            if attempt == RETRIES:
+                raise
+            log.info("transaction aborted by the database (%s), run again", type(exc).__name__)
+
+
+def _run_once(engine, work):
+    raw = engine.raw_connection()
+    try:
+        try:
+            value = work(raw.driver_connection)
+            raw.driver_connection.commit()
+            return value
+        except BaseException:
+            _undo(raw)
+            raise
+    finally:
+        raw.close()
+
+
+def _undo(raw) -> None:
+    """Roll back; a connection that cannot (it was lost) is dropped from the pool instead."""
+    try:
+        raw.driver_connection.rollback()
+    except psycopg.Error:
+        raw.invalidate()
+
+
+@contextmanager
+def read_connection(engine):
+    """A pooled connection for the hot path's reads; its transaction ends when it returns to the pool."""
+    raw = engine.raw_connection()
+    try:
+        yield raw.driver_connection
+    finally:
+        raw.close()
+
+
+def dispose(engine) -> None:
+    """Close the pool's connections; new ones are opened at next use."""
+    engine.dispose()
+
+
+def _connect(uri: str, **options) -> psycopg.Connection:
+    """A psycopg connection to the database of ``uri``, outside any pool, with the parameters SQLAlchemy's engine
+    would give it (several hosts, the query string's libpq options)."""
+    _args, parameters = psycopg_dialect().create_connect_args(make_url(uri))
+    return psycopg.connect(**{"connect_timeout": CONNECT_TIMEOUT, "application_name": "kme", **parameters},
+                           **options)
+
+
+class PeriodicLock:
+    """Whether this process runs the KME's periodic work: a session advisory lock on a connection of its own,
+    taken when free and held while that connection lives; a lost connection loses it, for another host to take.
+    """
+
+    def __init__(self, engine):
+        self._uri = engine.url.render_as_string(hide_password=False)
+        self._connection: psycopg.Connection | None = None
+        self._held = False
+
+    def held(self) -> bool:
+        try:
+            if self._connection is None:
+                self._connection = _connect(self._uri, autocommit=True)
+            if self._held:
+                # The lock lives as long as the session: a query that works proves both.
+                self._connection.execute("SELECT 1")
+            else:
+                self._held = self._connection.execute(f"SELECT pg_try_advisory_lock({PERIODIC_LOCK})").fetchone()[0]
+        except psycopg.Error:
+            self.release()
+        return self._held
+
+    def release(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+        self._connection, self._held = None, False
+
+
+def periodic_lock(engine) -> PeriodicLock:
+    """The lock that makes one background worker of the KME run its periodic work."""
+    return PeriodicLock(engine)
+
+
+def read_meta(uri: str) -> dict[str, bytes]:
+    """The kme_meta rows; empty before the schema exists, and when the server cannot be asked now (the
+    process's first use of the database reports why)."""
+    try:
+        with closing(_connect(uri, autocommit=True)) as connection:
+            return {name: bytes(value) for name, value in connection.execute("SELECT name, value FROM kme_meta")}
+    except psycopg.Error:
+        return {}
+
+
+def checkpoint(_engine) -> None:
+    """Nothing: erased rows leave the table's pages when autovacuum reuses them (docs/security.md)."""
+
+
+def file_problem(_engine) -> str | None:
+    """None: the database is a server's, not a file this process could see replaced."""
+    return None
+
+
+def write_probe(engine) -> str | None:
+    """Try a small write on a fresh connection; the database error, or None if writes work."""
+    try:
+        with closing(_connect(engine.url.render_as_string(hide_password=False))) as connection:
+            connection.execute("INSERT INTO heartbeats (name, beat_at) VALUES ('healthz-probe', "
+                               "extract(epoch from now())) ON CONFLICT (name) DO UPDATE SET beat_at = "
+                               "excluded.beat_at")
+            connection.commit()
+    except psycopg.Error as exc:
+        # psycopg's first line names the failure; the next ones repeat the statement.
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
+
+
+_CAUSES = (
+    ("08", "the database server cannot be reached"),
+    ("53100", "the database disk is full"),
+    ("53", "the database server is out of resources"),
+    ("25006", "the database is read-only (a standby?)"),
+    ("57P", "the database server is shutting down or restarting"),
+    ("42P01", "the database has no KME schema"),
+    ("28", "the database refused the KME's credentials"),
+    ("40", "the database aborted the transaction"),
+)
+
+
+def failure_cause(error) -> str:
+    """A short, key-free description of a PostgreSQL failure (exception or its text), for clients and /healthz."""
+    original = getattr(error, "orig", error)
+    state = getattr(original, "sqlstate", None) or ""
+    for prefix, cause in _CAUSES:
+        if state.startswith(prefix):
+            return cause
+    # A connection refused at start-up carries no SQLSTATE, only libpq's words.
+    words = str(original)
+    if "authentication failed" in words:
+        return "the database refused the KME's credentials"
+    if isinstance(original, psycopg.OperationalError) or words.startswith("connection failed"):
+        return "the database server cannot be reached"
+    return "the database failed"

@@ -1,0 +1,86 @@
+"""A throwaway PostgreSQL cluster for the test session, and a fresh database in it for each KME a test configures.
+
+initdb and pg_ctl come from Debian's postgresql package (tests/install-tools.sh
+installs it when missing). PostgreSQL refuses to run as root: when the tests
+run as root, the cluster runs as the unprivileged user ``postgres`` (made by
+that package). It listens on a loopback port and a Unix socket inside its
+folder, asks for a password (scram-sha-256), and is stopped and removed at
+the end of the session.
+"""
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import psycopg
+
+USER = "kme"
+PASSWORD = "kme-test-password"
+
+
+def _binaries() -> Path:
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    if not versions:
+        raise RuntimeError("PostgreSQL's initdb/pg_ctl not found: run tests/install-tools.sh")
+    return Path(versions[-1]).parent
+
+
+class Cluster:
+    """One PostgreSQL server of the test session."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.folder = Path(tempfile.mkdtemp(prefix="kme-pg-"))
+        self._bin = _binaries()
+        self._owner = None if os.geteuid() else pwd.getpwnam("postgres")
+        self._count = 0
+        # libpq refuses a passfile that others may read; the KME processes of the tests read this one.
+        self.passfile = self.folder / "pgpass"
+        self.passfile.write_text(f"127.0.0.1:{port}:*:{USER}:{PASSWORD}\n")
+        self.passfile.chmod(0o600)
+
+    def _run(self, *command: str) -> None:
+        subprocess.run(command, check=True, capture_output=True, timeout=120,
+                       user=self._owner.pw_uid if self._owner else None,
+                       group=self._owner.pw_gid if self._owner else None)
+
+    def start(self) -> None:
+        data, secret = self.folder / "data", self.folder / "initdb-password"
+        secret.write_text(PASSWORD)
+        if self._owner:
+            os.chown(self.folder, self._owner.pw_uid, self._owner.pw_gid)
+            os.chown(secret, self._owner.pw_uid, self._owner.pw_gid)
+            self.folder.chmod(0o755)
+        self._run(str(self._bin / "initdb"), "-D", str(data), "-U", USER, f"--pwfile={secret}",
+                  "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8")
+        secret.unlink()
+        options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c max_connections=400 "
+                   "-c shared_buffers=64MB")
+        self._run(str(self._bin / "pg_ctl"), "-D", str(data), "-l", str(self.folder / "server.log"), "-o", options,
+                  "-w", "-t", "60", "start")
+
+    def stop(self) -> None:
+        self._run(str(self._bin / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def admin(self, statement: str) -> None:
+        """Run one statement in the maintenance database (CREATE DATABASE cannot run in a transaction)."""
+        with psycopg.connect(self.uri("postgres", driver=False), autocommit=True) as connection:
+            connection.execute(statement)
+
+    def uri(self, database: str, driver: bool = True) -> str:
+        scheme = "postgresql+psycopg" if driver else "postgresql"
+        return f"{scheme}://{USER}@127.0.0.1:{self.port}/{database}?passfile={self.passfile}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database; its URI (the password in the passfile, not in the URI)."""
+        self._count += 1
+        name = f"kme_{self._count}"
+        self.admin(f"CREATE DATABASE {name}")
+        return self.uri(name)
