@@ -38,12 +38,12 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
     if kme_config is not None:
         _share_metrics(kme_config)
 
+    from flask_migrate import Migrate
+
     from kme.domain import errors
     from kme.interfaces import debug_page, gunicorn_conf, health_api, kme_api, openapi, sae_api
     from kme.operations import cli, logs, metrics
     from kme.operations.ingest import ingest_directories
-    from flask_migrate import Migrate
-
     from kme.storage import db, kek, migrations
     from kme.storage.kek import KekError
 

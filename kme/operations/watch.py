@@ -12,10 +12,9 @@ pending at peers (kme.domain.activation), expiry of keys their slave SAEs did
 not fetch, WAL checkpoints. Several workers of one KME (one per host) each
 ingest and beat; the periodic work runs in the one holding the database's
 periodic lock (the backend's periodic_lock), and passes to another when it
-stops or loses its connection. Network
-calls there never delay ingestion. Neither thread dies of its input or of
-its disk: failures are logged once, retried with backoff, and shown by
-/healthz.
+stops or loses its connection. Network calls there never delay ingestion.
+Neither thread dies of its input or of its disk: failures are logged once,
+retried with backoff, and shown by /healthz.
 """
 import logging
 import queue

@@ -2,14 +2,17 @@
 
 A backend module provides:
 
-- ``SCHEMES``, the URI schemes it serves; ``database_uri(value, base_dir)``,
-  the URI a configured ``db_uri`` stands for (ConfigError if it is wrong);
+- ``database_uri(value, base_dir)``, the URI a configured ``db_uri`` stands
+  for (ConfigError if it is wrong);
   ``describe(uri)``, the database as logs and pages may name it (never a password);
 - ``DRIVER_ERRORS``, its driver's exceptions; ``failure_cause(error)``, one
   key-free line for an error;
 - ``engine_options(threads)`` for SQLAlchemy's engine and ``install(engine)``,
   hooks on its connections; driver connections have an ``sql`` attribute,
-  the engine's spelling of what kme.storage.statements leaves to it;
+  the engine's spelling of what kme.storage.statements leaves to it (the
+  ``TAKE``, ``RESERVE`` and ``LEND`` claims, ``ROW_LOCK``, ``BYTE_LENGTH``,
+  ``lock_name(connection, name)``, ``add_fingerprints(connection, ordered,
+  chunks)``);
 - ``write_session(session)``, a context manager that starts a session's write
   transaction, exclusive among the write sessions of the KME;
   ``schema_connection(engine)``, a connection whose transaction is exclusive
@@ -25,6 +28,10 @@ A backend module provides:
 """
 import importlib
 
+INTERFACE = ("database_uri", "describe", "DRIVER_ERRORS", "failure_cause", "engine_options", "install",
+             "write_session", "schema_connection", "grouped_write", "read_connection", "dispose", "periodic_lock",
+             "file_problem", "write_probe", "read_meta", "checkpoint")
+SQL_INTERFACE = ("TAKE", "RESERVE", "LEND", "ROW_LOCK", "BYTE_LENGTH", "lock_name", "add_fingerprints")
 _MODULES = {"sqlite": "kme.storage.backends.sqlite", "postgresql": "kme.storage.backends.postgresql"}
 _loaded: dict = {}
 

@@ -14,6 +14,7 @@ The password comes from the URI, or from libpq itself: PGPASSWORD, the
 passfile named by PGPASSFILE or by ``passfile=`` in the URI. It is never
 written anywhere: describe() leaves it out.
 """
+import functools
 import itertools
 import logging
 from contextlib import closing, contextmanager
@@ -30,7 +31,6 @@ from kme.storage.statements import claims
 
 log = logging.getLogger(__name__)
 
-SCHEMES = ("postgresql",)
 DRIVER = "postgresql+psycopg"
 WRITE_OPTION = "kme_write"
 DRIVER_ERRORS = (psycopg.Error,)
@@ -42,6 +42,7 @@ CONNECT_TIMEOUT = 5
 # Times a transaction that PostgreSQL aborted (deadlock, serialization failure) is run again.
 RETRIES = 3
 _RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
+
 
 class _Sql:
     """PostgreSQL's spelling of the statements kme.storage.statements leaves to the engine."""
@@ -69,15 +70,11 @@ class _Sql:
         return set(ordered) - {row[0] for row in inserted}
 
 
-_native: dict[str, str] = {}
-
-
+# Bounded: a lookup of n keys has its own statement for each n (up to the chunk of 4096).
+@functools.lru_cache(maxsize=1024)
 def _translated(query: str) -> str:
     """``query`` with psycopg's %s for each ``?`` (the statements never hold a literal ? or %)."""
-    found = _native.get(query)
-    if found is None:
-        found = _native[query] = query.replace("?", "%s")
-    return found
+    return query.replace("?", "%s")
 
 
 class Connection(psycopg.Connection):

@@ -19,7 +19,6 @@ from kme.storage.backends import sqlite_connections
 from kme.storage.backends.sqlite_connections import database_path
 from kme.storage.statements import claims
 
-SCHEMES = ("sqlite",)
 IN_MEMORY_URI = "sqlite:///:memory:"
 WRITE_OPTION = "kme_write"
 # Errors of the driver itself, raised by the statements that run past SQLAlchemy.
