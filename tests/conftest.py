@@ -21,7 +21,7 @@ def database_engine():
         return
     from tests.postgres import Cluster
 
-    cluster = Cluster(free_port())
+    cluster = Cluster(free_port(), durable=False)
     cluster.start()
     support.cluster = cluster
     try:

@@ -32,10 +32,12 @@ def _binaries() -> Path:
 
 
 class Cluster:
-    """One PostgreSQL server of the test session."""
+    """One PostgreSQL server of the test session; ``durable=False`` (the tests) skips its fsyncs, which no test
+    needs and which would take much of the suite's time; benchmarks keep them."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, durable: bool = True):
         self.port = port
+        self.durable = durable
         self.folder = Path(tempfile.mkdtemp(prefix="kme-pg-"))
         self._bin = _binaries()
         self._owner = None if os.geteuid() else pwd.getpwnam("postgres")
@@ -62,6 +64,8 @@ class Cluster:
         secret.unlink()
         options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c max_connections=400 "
                    "-c shared_buffers=64MB")
+        if not self.durable:
+            options += " -c fsync=off -c full_page_writes=off"
         self._run(str(self._bin / "pg_ctl"), "-D", str(data), "-l", str(self.folder / "server.log"), "-o", options,
                   "-w", "-t", "60", "start")
 

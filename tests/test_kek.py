@@ -171,6 +171,26 @@ def test_a_softhsm2_key_wraps_and_a_wrong_pin_or_label_is_one_line(softhsm, tmp_
             open_kek(bad)
 
 
+def test_a_token_missing_from_one_reading_of_the_slots_is_looked_up_again(softhsm, tmp_path, pki, monkeypatch):
+    waits = []
+
+    def token_appears(seconds):
+        # While the KME waits to read the slots again, the token comes into being (as a file another process
+        # was rewriting reappears).
+        waits.append(seconds)
+        if len(waits) == 1:
+            subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "late", "--pin", PIN,
+                            "--so-pin", "5678"], check=True, capture_output=True)
+
+    monkeypatch.setattr(kek.time, "sleep", token_appears)
+    value = f"pkcs11:token=late;object=kme-kek?module-path={SOFTHSM_MODULE}&pin-value={PIN}"
+    source = load_config(write_config(tmp_path, pki, key_encryption_key=value)).this_kme.key_encryption_key
+    # Found at the second reading: what is missing now is the key on it, not the token.
+    with pytest.raises(KekError, match="no AES key labelled 'kme-kek' on the PKCS#11 token 'late'"):
+        open_kek(source)
+    assert waits == [0.1]
+
+
 def test_a_kme_under_gunicorn_keeps_its_keys_under_a_softhsm2_key(softhsm, tmp_path, pki):
     """Round trip through real workers, each opening the token after the fork."""
     _, uri = softhsm

@@ -9,18 +9,21 @@ KekError with one line for the operator, never the key.
 import binascii
 import os
 import secrets
+import time
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kme.config import KekSource
-from kme.storage.meta_names import DATA_KEY, DATABASE_ID
 from kme.storage import backends
+from kme.storage.meta_names import DATA_KEY, DATABASE_ID
 
 KEK_BYTES = 32
 _NONCE_BYTES = 12
 _WRAP_VERSION = b"\x01"
+# Readings of a PKCS#11 module's slots before a token counts as missing (0.1 s, then 0.2 s, 0.4 s between them).
+TOKEN_LOOKUPS = 4
 
 
 class KekError(Exception):
@@ -175,6 +178,26 @@ def _software(source: KekSource, key: bytes) -> Kek:
     return Kek(source, cipher.encrypt, cipher.decrypt)
 
 
+def _token(library, source: KekSource):
+    """The token labelled as ``source`` says; NoSuchToken once TOKEN_LOOKUPS readings of the slots lack it.
+
+    A token another process is updating can be missing from one reading
+    (SoftHSM2 rewrites its token file at each login: two workers starting
+    together saw it), so the module reads its slots again before the KME
+    gives up.
+    """
+    import pkcs11
+
+    for attempt in range(TOKEN_LOOKUPS):
+        try:
+            return library.get_token(token_label=source.token)
+        except pkcs11.NoSuchToken:
+            if attempt == TOKEN_LOOKUPS - 1:
+                raise
+            time.sleep(0.1 * 2 ** attempt)
+            library.reinitialize()
+
+
 def _pkcs11(source: KekSource) -> Kek:
     """A KEK that stays on a PKCS#11 token: each wrap or unwrap opens a session, logs in and runs AES-GCM there."""
     import pkcs11
@@ -188,7 +211,7 @@ def _pkcs11(source: KekSource) -> Kek:
         except OSError as exc:
             raise KekError(f"the PIN file {source.pin_source} cannot be read ({exc.strerror})") from None
     try:
-        token = pkcs11.lib(source.module).get_token(token_label=source.token)
+        token = _token(pkcs11.lib(source.module), source)
     except pkcs11.NoSuchToken:
         raise KekError(f"no PKCS#11 token labelled {source.token!r} (module {source.module})") from None
     except (pkcs11.PKCS11Error, RuntimeError, OSError) as exc:
