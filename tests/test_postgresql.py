@@ -118,3 +118,19 @@ def test_the_password_never_leaves_the_configuration(tmp_path, pki):
     assert refused.returncode == 1
     assert refused.stderr.strip() == "Error: the database refused the KME's credentials"
     assert "not-the-password" not in refused.stderr
+
+
+def test_the_password_may_come_from_the_environment(tmp_path, pki, monkeypatch):
+    # The URI names neither a password nor a passfile.
+    uri = support.database_of(tmp_path).split("?", 1)[0]
+    config = write_config(tmp_path, pki, db_uri=uri)
+    write_keys(tmp_path / "keys" / "a.cor", 5)
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "absent"))
+    refused = run_cli(["ingest-keys"], config)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == "Error: the database refused the KME's credentials"
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    result = run_cli(["ingest-keys"], config)
+    assert result.returncode == 0 and "5 keys" in result.stdout
+    assert PASSWORD not in result.stdout + result.stderr

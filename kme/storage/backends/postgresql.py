@@ -293,7 +293,7 @@ def failure_cause(error) -> str:
             return cause
     # A connection refused at start-up carries no SQLSTATE, only libpq's words.
     words = str(original)
-    if "authentication failed" in words:
+    if "authentication failed" in words or "no password supplied" in words:
         return "the database refused the KME's credentials"
     if isinstance(original, psycopg.OperationalError) or words.startswith("connection failed"):
         return "the database server cannot be reached"
