@@ -256,7 +256,7 @@ def _database_uri(data: dict, base_dir: Path) -> str:
                               f"{backends.scheme_of(value)}") from None
         return backend.database_uri(value, base_dir)
     if "sqlite_db_path" in data:
-        return sqlite.database_uri(data["sqlite_db_path"], base_dir)
+        return sqlite.path_uri(data["sqlite_db_path"], base_dir)
     raise ConfigError("this_kme.sqlite_db_path: missing")
 
 

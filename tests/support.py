@@ -350,7 +350,9 @@ class Ledger:
     def _uri(self) -> str | None:
         return _databases.get(self.db_path.parent.resolve())
 
-    def _connect(self, read_only: bool = True):
+    def connect(self, read_only: bool = True):
+        """A connection to the database as something outside the KME (an operator, a fault) would open one:
+        autocommit (a SQLite file opened read-only unless asked otherwise); use it in a with block."""
         uri = self._uri()
         if uri is None:
             mode = "ro" if read_only else "rw"
@@ -362,7 +364,7 @@ class Ledger:
 
     def _query(self, sql: str, *args):
         native = sql if self._uri() is None else sql.replace("?", "%s")
-        with self._connect() as connection:
+        with self.connect() as connection:
             cursor = connection.execute(native, args)
             if cursor.description is None:
                 return []
@@ -385,7 +387,7 @@ class Ledger:
     def write_rows(self, sql: str, rows: list[tuple]) -> None:
         """Run one statement for each of ``rows``, in one transaction."""
         native = sql if self._uri() is None else sql.replace("?", "%s")
-        with self._connect(read_only=False) as connection:
+        with self.connect(read_only=False) as connection:
             connection.execute("BEGIN IMMEDIATE" if self._uri() is None else "BEGIN")
             connection.cursor().executemany(native, rows)
             connection.execute("COMMIT")
@@ -393,7 +395,7 @@ class Ledger:
     def write(self, *statements: tuple) -> list[int]:
         """Run (sql, *args) statements in one transaction, as something outside the KME would; their row counts."""
         native = (lambda sql: sql) if self._uri() is None else (lambda sql: sql.replace("?", "%s"))
-        with self._connect(read_only=False) as connection:
+        with self.connect(read_only=False) as connection:
             connection.execute("BEGIN IMMEDIATE" if self._uri() is None else "BEGIN")
             counts = [connection.execute(native(sql), args).rowcount for sql, *args in statements]
             connection.execute("COMMIT")
@@ -403,7 +405,7 @@ class Ledger:
     def stall(self):
         """Hold the database's write lock, as a stalled disk would: the KME's write transactions wait until the
         block ends."""
-        with self._connect(read_only=False) as connection:
+        with self.connect(read_only=False) as connection:
             if self._uri() is None:
                 connection.execute("BEGIN IMMEDIATE")
                 try:

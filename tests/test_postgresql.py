@@ -3,7 +3,6 @@ leaves the configuration."""
 import json
 import threading
 
-import psycopg
 import pytest
 import requests
 
@@ -25,12 +24,6 @@ from tests.support import (
 pytestmark = pytest.mark.postgresql_only
 
 
-def admin_connection(config_folder) -> psycopg.Connection:
-    """A connection to the KME's database as an operator (or a fault) would open one."""
-    uri = support.database_of(config_folder).replace("postgresql+psycopg://", "postgresql://")
-    return psycopg.connect(uri, autocommit=True)
-
-
 @pytest.fixture
 def kme(tmp_path, pki):
     config = write_config(tmp_path, pki)
@@ -45,7 +38,7 @@ def test_a_connection_lost_in_the_middle_of_a_claim_is_a_503_and_loses_no_key(km
     config, url = kme
     ledger = Ledger(tmp_path / "kme.db")
     before = ledger.assert_exact(1)
-    with admin_connection(tmp_path) as holder, admin_connection(tmp_path) as operator:
+    with ledger.connect(read_only=False) as holder, ledger.connect(read_only=False) as operator:
         # The claim takes its keys, then waits to count them on the link's row, which this transaction holds.
         holder.execute("BEGIN")
         holder.execute("SELECT 1 FROM links WHERE peer_kme_id = 1 FOR UPDATE")

@@ -76,8 +76,16 @@ class Connection(sqlite3.Connection):
 
 
 def database_uri(value: str, base_dir: Path) -> str:
-    """The URI of ``sqlite:///path`` (relative to ``base_dir``), a bare path, or ``:memory:``."""
-    path = value.removeprefix("sqlite:///")
+    """The URI a ``db_uri`` of ``sqlite:///path`` (relative to ``base_dir``) or ``:memory:`` stands for."""
+    from kme.config import ConfigError
+
+    if value != ":memory:" and not value.startswith("sqlite:///"):
+        raise ConfigError("this_kme.db_uri: SQLite is named sqlite:///path or :memory:")
+    return path_uri(value.removeprefix("sqlite:///"), base_dir)
+
+
+def path_uri(path: str, base_dir: Path) -> str:
+    """The URI of a ``sqlite_db_path``: a file (relative to ``base_dir``) or ``:memory:``."""
     if path == ":memory:":
         return IN_MEMORY_URI
     return "sqlite:///" + str((base_dir / path).resolve())
