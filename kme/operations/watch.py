@@ -97,6 +97,8 @@ def _keep_house(app, config: KmeConfig, stop: threading.Event, rescan: threading
         leading = {"now": None}
 
         def step():
+            # This thread starts before the first scan creates a new database's schema.
+            ensure_schema()
             health.beat()
             now = time.monotonic()
             if now - due["rescan"] >= config.this_kme.rescan_interval_seconds:
