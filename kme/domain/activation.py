@@ -13,10 +13,10 @@ from functools import partial
 
 from kme.config import KmeConfig, OtherKme, Sae
 from kme.domain import sharing
-from kme.domain.errors import BadRequest, Forbidden, NotEnoughKeys, PeerFailure
+from kme.domain.errors import BadRequest, Forbidden, PeerFailure
 from kme.interfaces.peer_client import PeerError, PeerOutcomeUnknown, PeerRefused, client_for
 from kme.operations import events, health, metrics
-from kme.storage.keystore import common, incoming, leases, local, outgoing
+from kme.storage.keystore import incoming, leases, local, outgoing
 from kme.storage.keystore.common import DeliveredKeyMaterial, pool_keys_per_key
 from kme.storage.keystore.incoming import ActivationRequest
 
@@ -25,8 +25,6 @@ log = logging.getLogger(__name__)
 # A web worker waits at most connect + read timeout for a peer; a SENDING
 # activation older than this margin times that has lost its worker.
 _SENDING_MARGIN = 2
-# Leases asked for one request at most, when each brings too few keys.
-_BORROW_ATTEMPTS = 4
 
 
 def activate_at_peer(config: KmeConfig, peer: OtherKme, master: Sae, remote_slaves: list[Sae],
@@ -34,7 +32,7 @@ def activate_at_peer(config: KmeConfig, peer: OtherKme, master: Sae, remote_slav
     """Get key for slave SAEs behind ``peer``: answered only once the peer confirmed the activation."""
     reserve = partial(outgoing.reserve, peer.id, master.id, [s.id for s in remote_slaves],
                       [s.id for s in local_slaves], number, size_bits)
-    reservation = _reserve_borrowing(peer, reserve, number * pool_keys_per_key(size_bits))
+    reservation = sharing.reserve_borrowing(peer, reserve, number * pool_keys_per_key(size_bits))
     try:
         client_for(peer).activate(reservation.request)
     except PeerOutcomeUnknown as exc:
@@ -59,32 +57,6 @@ def activate_at_peer(config: KmeConfig, peer: OtherKme, master: Sae, remote_slav
         raise PeerFailure(str(exc)) from None
     outgoing.finalize(reservation)
     return reservation.keys
-
-
-def _reserve_borrowing(peer: OtherKme, reserve, needed: int) -> outgoing.Reservation:
-    """Reserve; while our direction is short, borrow what is missing from the peer's and try again.
-
-    A lease is all or nothing, sized by what we miss; if keys arrive or go
-    by another way meanwhile (another worker's lease or claim), what we miss
-    is asked again. It stops when nothing changed since the
-    last lease: the link has too few keys, and the reservation says so.
-    """
-    previous = None
-    for _ in range(_BORROW_ATTEMPTS):
-        try:
-            return reserve()
-        except NotEnoughKeys:
-            short = needed - common.link_counts(peer.id).available
-            if short == previous:
-                break
-            previous = short
-            try:
-                if short > 0:
-                    sharing.borrow(peer, short)
-            except PeerError as exc:
-                log.warning("lease from KME %s: %s", peer.id, exc)
-                raise PeerFailure(str(exc)) from None
-    return reserve()
 
 
 def accept_activation(config: KmeConfig, caller: OtherKme, request: ActivationRequest) -> int:

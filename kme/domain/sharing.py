@@ -17,12 +17,16 @@ import time
 import uuid
 
 from kme.config import KmeConfig, OtherKme
+from kme.domain.errors import NotEnoughKeys, PeerFailure
 from kme.interfaces.peer_client import PeerError, PeerOutcomeUnknown, client_for
 from kme.storage.db import DATABASE_ID, meta
 from kme.storage.keystore import common, leases, progress
 from kme.storage.keystore.progress import Exchange, FileOffer
 
 log = logging.getLogger(__name__)
+
+# Leases asked for one request at most, when each brings too few keys.
+_BORROW_ATTEMPTS = 4
 
 # Progress messages per exchange at most (each carries up to progress.PAGE files each way).
 MAX_ROUNDS = 20
@@ -112,3 +116,29 @@ def housekeeping(config: KmeConfig, asked_before: str) -> None:
         progress.set_aside_unmatched(config.this_kme.id, peer.id, config.this_kme.unmatched_key_grace_seconds)
     settle_leases(config, asked_before)
     common.sample_levels([peer.id for peer in config.other_kmes], time.time())
+
+
+def reserve_borrowing(peer: OtherKme, reserve, needed: int):
+    """Reserve; while our direction is short, borrow what is missing from the peer's and try again.
+
+    A lease is all or nothing, sized by what we miss; if keys arrive or go
+    by another way meanwhile (another worker's lease or claim), what we miss
+    is asked again. It stops when nothing changed since the
+    last lease: the link has too few keys, and the reservation says so.
+    """
+    previous = None
+    for _ in range(_BORROW_ATTEMPTS):
+        try:
+            return reserve()
+        except NotEnoughKeys:
+            short = needed - common.link_counts(peer.id).available
+            if short == previous:
+                break
+            previous = short
+            try:
+                if short > 0:
+                    borrow(peer, short)
+            except PeerError as exc:
+                log.warning("lease from KME %s: %s", peer.id, exc)
+                raise PeerFailure(str(exc)) from None
+    return reserve()
