@@ -17,8 +17,9 @@ $(VENV)/.test-deps: requirements.txt tests/requirements.txt | $(BIN)/python
 	$(BIN)/pip install --quiet -r tests/requirements.txt
 	touch $@
 
+# `make run KMES=3`: the line 1 - 2 - 3 of instance/line3, where KME 2 relays keys between KMEs 1 and 3.
 run: $(VENV)/.run-deps
-	$(BIN)/python deploy/demo.py
+	$(BIN)/python deploy/demo.py $(if $(filter 3,$(KMES)),instance/line3)
 
 # The suite on SQLite and on PostgreSQL (tests/run-engines.sh); KME_TEST_ENGINE=sqlite or postgresql and
 # `$(BIN)/python -m pytest -c tests/pytest.ini` run one of them.
@@ -40,3 +41,5 @@ openapi: $(VENV)/.run-deps
 
 clean:
 	rm -rf $(VENV) instance/*.db instance/*.db-wal instance/*.db-shm instance/*.kek keys/*/.kme-database
+	rm -rf instance/line3/*.db instance/line3/*.db-wal instance/line3/*.db-shm instance/line3/*.kek \
+		keys/line3/*/.kme-database

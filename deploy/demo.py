@@ -1,10 +1,10 @@
 """The demo behind `make run`: every KME configured in instance/, each with its processes.
 
-For each instance/*.json5 (or each *.json5 of the folder given as argument)
-it starts the ingestion worker, the SAE interface, the inter-KME interface and
+For each instance/*.json5 (or each *.json5 of the folder given as argument:
+instance/line3 is the three-KME line of `make run KMES=3`) it starts the ingestion worker, the SAE interface, the inter-KME interface and
 the debugging page, waits until they are up and the shipped key files are
 ingested, prints the addresses and a
-copy-paste SAE session across the two KMEs, and stops every process it
+copy-paste SAE session from the first KME to the last, and stops every process it
 started (by pid) on Ctrl-C. Each run starts afresh from the shipped key files.
 """
 import os
@@ -75,16 +75,27 @@ def _example(master_kme, slave_kme) -> str:
     master = next(sae for sae in master_kme.saes if sae.kme_id == master_kme.this_kme.id)
     slave = next(sae for sae in slave_kme.saes if sae.kme_id == slave_kme.this_kme.id)
     here, there = master_kme.this_kme, slave_kme.this_kme
+    # Each KME's SAE certificates sit beside its SAE CA, the server root one folder up; paths as from the folder
+    # that holds certs/ (the repository root).
+    certs_here, certs_there = (_from_top(kme.saes_https_interface.ca_client_cert_path.parent) for kme in (here, there))
+    root_ca = certs_here.parent / "ca_servers.crt"
+    via = master_kme.routes_by_destination.get(there.id)
+    through = f" (relayed through trusted node KME {via})" if via is not None else ""
     return f"""
-  # SAE {master.id} asks KME {here.id} for two 512-bit keys to share with SAE {slave.id} behind KME {there.id}:
-  curl --cacert certs/ca_servers.crt --cert certs/kme{here.id}/sae{master.id}.crt \\
-       --key certs/kme{here.id}/sae{master.id}.key \\
+  # SAE {master.id} asks KME {here.id} for two 512-bit keys to share with SAE {slave.id} behind KME {there.id}{through}:
+  curl --cacert {root_ca} --cert {certs_here}/sae{master.id}.crt \\
+       --key {certs_here}/sae{master.id}.key \\
        'https://{here.saes_https_interface.listen_address}/api/v1/keys/{slave.id}/enc_keys?number=2&size=512'
   # SAE {slave.id} fetches the first of them from KME {there.id} by its key ID:
-  curl --cacert certs/ca_servers.crt --cert certs/kme{there.id}/sae{slave.id}.crt \\
-       --key certs/kme{there.id}/sae{slave.id}.key \\
+  curl --cacert {root_ca} --cert {certs_there}/sae{slave.id}.crt \\
+       --key {certs_there}/sae{slave.id}.key \\
        'https://{there.saes_https_interface.listen_address}/api/v1/keys/{master.id}/dec_keys?key_ID=<key_ID>'
 """
+
+
+def _from_top(path: Path) -> Path:
+    top = next(folder for folder in path.parents if folder.name == "certs").parent
+    return path.relative_to(top)
 
 
 def _fresh_state(config) -> None:
@@ -131,7 +142,7 @@ def main() -> int:
                   f"https://{config.this_kme.saes_https_interface.listen_address}, inter-KME interface "
                   f"https://{config.this_kme.kmes_https_interface.listen_address}, debugging page "
                   f"http://{config.this_kme.debugging_http_interface}/")
-        print(_example(loaded[0], loaded[1]))
+        print(_example(loaded[0], loaded[-1]))
         print("Press Ctrl-C to stop.", flush=True)
         while not stop and all(process.poll() is None for process in processes):
             time.sleep(0.2)

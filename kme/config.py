@@ -63,6 +63,15 @@ class Limits:
     max_key_count: int = 100_000_000
     max_SAE_ID_count: int = 4
 
+    def refusal(self, size_bits: int, keys: int, what: str) -> str | None:
+        """Why a peer KME's ``what`` of ``keys`` keys of ``size_bits`` each is outside these limits, or None."""
+        if size_bits % 8 or not self.min_key_size <= size_bits <= self.max_key_size:
+            return (f"size {size_bits} is outside this KME's limits ({self.min_key_size} to {self.max_key_size}, "
+                    "multiple of 8)")
+        if keys > self.max_key_per_request:
+            return f"at most {self.max_key_per_request} keys per {what}"
+        return None
+
 
 @dataclass(frozen=True)
 class KekSource:
@@ -144,6 +153,8 @@ class KmeConfig:
     other_kmes: tuple[OtherKme, ...]
     saes: tuple[Sae, ...]
     source: Path | None = field(default=None, compare=False)
+    # (destination KME, the neighbour that is the next hop towards it), for KMEs we have no link with.
+    routes: tuple[tuple[int, int], ...] = ()
 
     @property
     def in_memory(self) -> bool:
@@ -160,6 +171,14 @@ class KmeConfig:
     @cached_property
     def other_kmes_by_id(self) -> dict[int, OtherKme]:
         return {peer.id: peer for peer in self.other_kmes}
+
+    def next_hop(self, kme_id: int) -> OtherKme | None:
+        """The neighbour through which keys for ``kme_id`` go: the KME itself when linked, its route's via else."""
+        return self.other_kmes_by_id.get(self.routes_by_destination.get(kme_id, kme_id))
+
+    @cached_property
+    def routes_by_destination(self) -> dict[int, int]:
+        return dict(self.routes)
 
     def peer_by_serial(self, serial: int) -> OtherKme | None:
         """The other KME that calls with a client certificate of this serial.
@@ -209,8 +228,10 @@ def parse_config(raw, base_dir: Path, source: Path | None = None) -> KmeConfig:
     this_kme = _this_kme(data["this_kme"], base_dir, source)
     other_kmes = tuple(_other_kme(i, item, base_dir) for i, item in enumerate(data["other_kmes"]))
     saes = tuple(_sae(i, item, this_kme.id) for i, item in enumerate(data["saes"]))
-    _check_ids(this_kme, other_kmes, saes)
-    return KmeConfig(this_kme=this_kme, other_kmes=other_kmes, saes=saes, source=source)
+    routes = _routes(data["routes"], this_kme.id, {peer.id for peer in other_kmes})
+    _check_ids(this_kme, other_kmes, saes, set(routes))
+    return KmeConfig(this_kme=this_kme, other_kmes=other_kmes, saes=saes, source=source,
+                     routes=tuple(routes.items()))
 
 
 def _file(base_dir: Path, value: str, where: str) -> Path:
@@ -392,7 +413,30 @@ def _sae(index: int, data: dict, this_kme_id: int) -> Sae:
     return Sae(id=data["id"], kme_id=data["kme_id"], certificate_serial=serial and int.from_bytes(bytes(serial), "big"))
 
 
-def _check_ids(this_kme: ThisKme, other_kmes: tuple[OtherKme, ...], saes: tuple[Sae, ...]) -> None:
+def _routes(items: list[dict], this_kme_id: int, neighbours: set[int]) -> dict[int, int]:
+    """``routes`` as destination -> next hop, each checked: a next hop must be a neighbour, and no route may
+    lead back here (to this KME, or round through a neighbour to itself)."""
+    routes: dict[int, int] = {}
+    for index, item in enumerate(items):
+        where, destination, via = f"routes[{index}]", item["kme_id"], item["via"]
+        if destination == this_kme_id:
+            raise ConfigError(f"{where}.kme_id: KME {destination} is this KME: a route to itself is a loop")
+        if destination in neighbours:
+            raise ConfigError(f"{where}.kme_id: KME {destination} is linked to this KME (other_kmes): keys go "
+                              "there directly, a route would send them round a loop")
+        if destination in routes:
+            raise ConfigError(f"{where}.kme_id: a second route to KME {destination}")
+        if via == this_kme_id:
+            raise ConfigError(f"{where}.via: KME {via} is this KME: the route would loop here")
+        if via not in neighbours:
+            raise ConfigError(f"{where}.via: KME {via} is not linked to this KME (the next hop must be one of "
+                              "other_kmes)")
+        routes[destination] = via
+    return routes
+
+
+def _check_ids(this_kme: ThisKme, other_kmes: tuple[OtherKme, ...], saes: tuple[Sae, ...],
+               routed: set[int]) -> None:
     kme_ids = {this_kme.id}
     peer_serials = set()
     for index, peer in enumerate(other_kmes):
@@ -411,8 +455,9 @@ def _check_ids(this_kme: ThisKme, other_kmes: tuple[OtherKme, ...], saes: tuple[
         if sae.id in sae_ids:
             raise ConfigError(f"saes[{index}].id: duplicate SAE ID {sae.id}")
         sae_ids.add(sae.id)
-        if sae.kme_id not in kme_ids:
-            raise ConfigError(f"saes[{index}].kme_id: unknown KME {sae.kme_id} (neither this_kme nor other_kmes)")
+        if sae.kme_id not in kme_ids | routed:
+            raise ConfigError(f"saes[{index}].kme_id: unknown KME {sae.kme_id} (neither this_kme, nor other_kmes, "
+                              "nor a destination of routes)")
         if sae.certificate_serial is not None:
             if sae.kme_id != this_kme.id:
                 raise ConfigError(

@@ -161,7 +161,13 @@ class SaeSchema(StrictSchema):
     https_client_certificate_serial = List(Int(validate=_BYTE), validate=_serial_bytes)
 
 
+class RouteSchema(StrictSchema):
+    kme_id = _id_field(required=True)
+    via = _id_field(required=True)
+
+
 class ConfigSchema(StrictSchema):
     this_kme = Nested(ThisKmeSchema, required=True)
     other_kmes = List(Nested(OtherKmeSchema), load_default=list)
     saes = List(Nested(SaeSchema), required=True)
+    routes = List(Nested(RouteSchema), load_default=list)

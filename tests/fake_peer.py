@@ -2,6 +2,7 @@
 
 - "hang": reads the request and never answers;
 - "garbage": answers 200 with an HTML body;
+- "refuse": answers 409 with an ETSI Error body;
 - "broken": sends the headers of a chunked answer, half a chunk, and closes;
 - "late": trickles a valid confirmation of the activation, byte by byte, until
   a cancel of it arrives; then finishes the confirmation, and confirms the
@@ -81,10 +82,11 @@ class FakePeer:
         self._connections.append(conn)
         try:
             head, body = _read_request(conn)
-            if head.startswith(b"POST /api/v1/kme/activations/") and b"/cancel" in head.split(b"\r\n")[0]:
+            line = head.split(b"\r\n")[0]
+            if line.startswith((b"POST /api/v1/kme/activations/", b"POST /api/v1/kme/relays/")) and b"/cancel" in line:
                 self.cancel_received.set()
                 self._answer_cancel(conn, body)
-            elif head.startswith(b"POST /api/v1/kme/activations"):
+            elif line.startswith((b"POST /api/v1/kme/activations", b"POST /api/v1/kme/relays")):
                 self.activation_received.set()
                 self._answer_activation(conn, body)
         except (OSError, ValueError):
@@ -93,6 +95,10 @@ class FakePeer:
     def _answer_activation(self, conn, body: bytes) -> None:
         if self.mode == "garbage":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 9\r\n\r\n<b>hi</b>")
+        elif self.mode == "refuse":
+            answer = json.dumps({"message": "keys not available"}).encode()
+            conn.sendall(b"HTTP/1.1 409 Conflict\r\nContent-Type: application/json\r\nContent-Length: "
+                         + str(len(answer)).encode() + b"\r\n\r\n" + answer)
         elif self.mode == "broken":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
                          b"20\r\n{\"activation_ID\"")

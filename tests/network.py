@@ -1,4 +1,5 @@
 """A network of real KMEs on 127.0.0.1 for tests: configs, link key files, processes."""
+import json
 import os
 from pathlib import Path
 
@@ -20,7 +21,14 @@ from tests.support import (
 )
 
 # Which SAEs each KME serves in test networks (see tests/conftest.PKI_LAYOUT).
-SAES = {1: (1, 2), 2: (3, 4), 3: (5,)}
+SAES = {1: (1, 2), 2: (3, 4), 3: (5,), 4: (6,), 5: (7,), 6: (8,)}
+
+
+def line_routes(ids: list[int]) -> dict[int, dict[int, int]]:
+    """Static routes of a line of KMEs in this order: towards each KME that is not a neighbour, the next one on
+    its side."""
+    return {kme: {other: ids[i + 1] if j > i else ids[i - 1] for j, other in enumerate(ids) if abs(i - j) > 1}
+            for i, kme in enumerate(ids)}
 
 
 class Kme:
@@ -68,7 +76,9 @@ class Kme:
 class Network:
     """KMEs linked pairwise; every process is stopped by stop_all()."""
 
-    def __init__(self, folder: Path, pki: Pki, links: list[tuple[int, int]], **this_kme_extra):
+    def __init__(self, folder: Path, pki: Pki, links: list[tuple[int, int]],
+                 routes: dict[int, dict[int, int]] | None = None, **this_kme_extra):
+        """``routes``: per KME, destination KME -> next hop, for KMEs it has no link with."""
         self.pki = pki
         self.json_logs = this_kme_extra.get("log_format") == "json"
         ids = sorted({kme for link in links for kme in link})
@@ -91,7 +101,8 @@ class Network:
             } for peer in peers]
             certs = pki.folder / f"kme{kme_id}"
             folder_k = folder / f"kme{kme_id}"
-            remote = [(sae, peer) for peer in peers for sae in SAES[peer]]
+            routed = (routes or {}).get(kme_id, {})
+            remote = [(sae, peer) for peer in [*peers, *routed] for sae in SAES[peer]]
             config = write_config(
                 folder_k, pki, kme_id=kme_id, local_saes=SAES[kme_id], remote_saes=remote, other_kmes=other_kmes,
                 kmes_https_interface={
@@ -102,6 +113,10 @@ class Network:
                 },
                 debugging_http_interface=f"127.0.0.1:{free_port()}", housekeeping_interval_seconds=0.2,
                 **this_kme_extra)
+            if routed:
+                raw = load_json(config)
+                raw["routes"] = [{"kme_id": destination, "via": via} for destination, via in routed.items()]
+                config.write_text(json.dumps(raw, indent=2))
             for peer in peers:
                 (folder_k / f"keys-{peer}").mkdir(exist_ok=True)
             self.kmes[kme_id] = Kme(self, kme_id, folder_k, config)
@@ -132,6 +147,16 @@ class Network:
         wait_until(lambda: all(self.kmes[x].ledger.link(y)["ingested"] == keys and
                                self.kmes[x].ledger.link(y)["unconfirmed"] == 0 for x, y in ((a, b), (b, a))),
                    timeout)
+
+    def start_with_links(self, links: list[tuple[int, int]], keys: int) -> "Network":
+        """Write one file of ``keys`` keys at both ends of each link, start every KME, and wait until both ends
+        of each link hold them all."""
+        for a, b in links:
+            self.write_link_file(a, b, f"link-{a}-{b}.cor", keys)
+        self.start_all()
+        for a, b in links:
+            self.wait_for_link(a, b, keys)
+        return self
 
     def start_all(self) -> None:
         try:

@@ -120,6 +120,17 @@ MISTAKES = [
      "this_kme.key_expiry_seconds: not a number of seconds"),
     ("shared key directory", lambda d: d["other_kmes"][0].update(key_directory_to_watch="keys"),
      "other_kmes: two links share one key_directory_to_watch"),
+    ("route to itself", lambda d: d.update(routes=[{"kme_id": 1, "via": 2}]),
+     "routes[0].kme_id: KME 1 is this KME: a route to itself is a loop"),
+    ("route through itself", lambda d: d.update(routes=[{"kme_id": 5, "via": 1}]),
+     "routes[0].via: KME 1 is this KME: the route would loop here"),
+    ("route to a neighbour", lambda d: d.update(routes=[{"kme_id": 2, "via": 2}]),
+     "routes[0].kme_id: KME 2 is linked to this KME (other_kmes): keys go there directly"),
+    ("next hop not a neighbour", lambda d: d.update(routes=[{"kme_id": 5, "via": 4}]),
+     "routes[0].via: KME 4 is not linked to this KME (the next hop must be one of other_kmes)"),
+    ("two routes to one KME", lambda d: d.update(routes=[{"kme_id": 5, "via": 2}, {"kme_id": 5, "via": 2}]),
+     "routes[1].kme_id: a second route to KME 5"),
+    ("route without its next hop", lambda d: d.update(routes=[{"kme_id": 5}]), "routes[0].via: missing"),
 ]
 
 
@@ -158,6 +169,20 @@ def test_kme_config_unset(monkeypatch):
     monkeypatch.delenv("KME_CONFIG", raising=False)
     with pytest.raises(ConfigError, match="KME_CONFIG: not set"):
         load_config()
+
+
+def test_routes_let_saes_belong_to_kmes_without_a_link(config_file):
+    config = load_config(edit(config_file, lambda d: (d.update(routes=[{"kme_id": 5, "via": 2}]),
+                                                      d["saes"].append({"id": 7, "kme_id": 5}))))
+    assert config.routes == ((5, 2),)
+    assert config.next_hop(5).id == config.next_hop(2).id == 2 and config.next_hop(9) is None
+
+
+def test_a_routing_loop_stops_the_kme_at_start_with_one_line(config_file):
+    edit(config_file, lambda d: d.update(routes=[{"kme_id": 1, "via": 2}]))
+    result = run_cli(["kme-status"], config_file)
+    assert result.returncode != 0
+    assert result.stderr.strip() == "kme: routes[0].kme_id: KME 1 is this KME: a route to itself is a loop"
 
 
 def test_cli_prints_one_line_and_fails(config_file):

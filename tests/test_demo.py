@@ -12,15 +12,14 @@ from tests.support import ROOT, wait_until
 README = (ROOT / "README.md").read_text()
 
 
-@pytest.fixture
-def demo(tmp_path):
+def start_demo(tmp_path, configs: str):
     for folder in ("instance", "certs", "keys"):
         shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("*.db*", "*.kek"))
     # Marks left by an earlier `make run`: each demo starts afresh all the same.
     for keys in (tmp_path / "keys").iterdir():
         (keys / ".kme-database").write_text("an-earlier-run\n")
     log = open(tmp_path / "demo.log", "wb")
-    process = subprocess.Popen([sys.executable, "deploy/demo.py", str(tmp_path / "instance")], cwd=ROOT,
+    process = subprocess.Popen([sys.executable, "deploy/demo.py", str(tmp_path / configs)], cwd=ROOT,
                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     output = lambda: (tmp_path / "demo.log").read_text(errors="replace")  # noqa: E731
     try:
@@ -38,12 +37,38 @@ def demo(tmp_path):
     assert process.returncode == 0 and "Demo stopped." in output()
 
 
-def curl_sessions() -> list[list[str]]:
-    """The README's curl commands, one list per shell block, continuation lines joined."""
+@pytest.fixture
+def demo(tmp_path):
+    yield from start_demo(tmp_path, "instance")
+
+
+@pytest.fixture
+def line3(tmp_path):
+    """`make run KMES=3`: the line of instance/line3."""
+    yield from start_demo(tmp_path, "instance/line3")
+
+
+def curl_sessions(line3: bool = False) -> list[list[str]]:
+    """The README's curl commands against `make run` (or `make run KMES=3`), one list per shell block,
+    continuation lines joined."""
     blocks = re.findall(r"```sh\n(.*?)```", README, re.S)
     sessions = [[line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip().startswith("curl")]
                 for block in blocks]
-    return [session for session in sessions if session]
+    return [session for session in sessions if session and ("certs/line3" in session[0]) == line3]
+
+
+def run_session(session: list[str], folder) -> None:
+    """Run one shell block's curl calls: each dec_keys fetches the key ID the enc_keys before it got."""
+    key_id = None
+    for command in session:
+        answer = run_curl(command.replace("PASTE-KEY-ID-HERE", str(key_id)), folder)
+        found = re.search(r'"key_ID":"([0-9a-f-]{36})"', answer)
+        if "enc_keys" in command:
+            key_id = found.group(1)
+        elif "dec_keys" in command:
+            assert found.group(1) == key_id
+        elif "/messages" not in command:
+            assert '"stored_key_count"' in answer
 
 
 def run_curl(command: str, cwd) -> str:
@@ -64,17 +89,17 @@ def test_readme_examples_against_the_demo(demo):
     sessions = curl_sessions()
     assert len(sessions) == 2
     for session in sessions:
-        key_id = None
-        for command in session:
-            answer = run_curl(command.replace("PASTE-KEY-ID-HERE", str(key_id)), folder)
-            found = re.search(r'"key_ID":"([0-9a-f-]{36})"', answer)
-            if "enc_keys" in command:
-                key_id = found.group(1)
-            elif "dec_keys" in command:
-                assert found.group(1) == key_id
-            else:
-                assert '"stored_key_count"' in answer
+        run_session(session, folder)
     python = re.search(r"```python\n(.*?)```", README, re.S).group(1)
     result = subprocess.run([sys.executable, "-c", python], cwd=folder, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "{'SAE_ID': 1}" in result.stdout
+
+
+def test_readme_relay_through_the_three_kme_line(line3):
+    folder, output = line3
+    assert "relayed through trusted node KME 2" in output()
+    (session,) = curl_sessions(line3=True)
+    run_session(session, folder)
+    events = run_curl("curl -s http://127.0.0.1:18081/messages", folder)
+    assert "relayed to KME 3 for SAE 5" in events

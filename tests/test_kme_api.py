@@ -1,16 +1,18 @@
 """The inter-KME interface: who may activate what, idempotence, three KMEs."""
 import base64
+import json
 import uuid
 
 import pytest
 
-from kme.interfaces.peer_client import PeerRefused
+from kme.domain import one_time
+from kme.interfaces.peer_client import RELAY_MAC_HEADER, PeerRefused
 from tests.network import Network
 
 
 @pytest.fixture(scope="module")
 def network(tmp_path_factory, pki):
-    network = Network(tmp_path_factory.mktemp("three"), pki, [(1, 2), (1, 3)])
+    network = Network(tmp_path_factory.mktemp("three"), pki, [(1, 2), (1, 3)], routes={2: {3: 1}, 3: {2: 1}})
     network.write_link_file(1, 2, "l12.cor", 100)
     network.write_link_file(1, 3, "l13.cor", 100)
     network.start_all()
@@ -37,11 +39,16 @@ def test_exchanges_on_both_links(network):
                            timeout=10).json()["keys"] == back
 
 
-def test_slaves_behind_two_other_kmes_are_a_clear_400(network):
+def test_slaves_behind_two_other_kmes_share_one_key(network):
     kme1 = network[1]
-    response = kme1.sae(1).post(f"{kme1.url()}/keys/3/enc_keys", json={"additional_slave_SAE_IDs": ["5"]},
+    response = kme1.sae(1).post(f"{kme1.url()}/keys/3/enc_keys", json={"additional_slave_SAE_IDs": [5]},
                                 timeout=10)
-    assert response.status_code == 400 and "relaying" in response.json()["message"]
+    assert response.status_code == 200, response.text
+    keys = response.json()["keys"]
+    for kme, slave in ((2, 3), (3, 5)):
+        fetched = network[kme].sae(slave).post(f"{network[kme].url()}/keys/1/dec_keys",
+                                               json={"key_IDs": [{"key_ID": k["key_ID"]} for k in keys]}, timeout=10)
+        assert fetched.json()["keys"] == keys
 
 
 def refused(network, call, kme_id=1, link=3):
@@ -153,3 +160,79 @@ def test_a_peers_own_words_go_to_the_log_not_to_the_sae(network):
     assert response.status_code == 503
     assert response.json() == {"message": "KME 3 refused the request (HTTP 409)"}
     assert "not available on this KME" in kme1.processes["sae"].output()
+
+
+def relay_from_kme3(network, targets: dict[int, list[int]], path=(3,), sealed: bytes | None = None, size=256):
+    """A relay KME 3 could send KME 1 on keys KME 1 lent it: (body, MAC, the key it carries)."""
+    parts = [borrowed_position(network) for _ in range(2)]
+    opened = dict(network[1].ledger.pool_keys("link_id = 3 AND state = 1"))
+    key, mac_key = (opened[position] for _name, position in parts)
+    entry = {"key_ID": str(uuid.uuid4()), "parts": [{"file": parts[0][0], "position": parts[0][1]}]}
+    if sealed is not None:
+        entry["sealed"] = base64.b64encode(sealed).decode()
+    body = json.dumps({
+        "activation_ID": str(uuid.uuid4()), "relay_ID": str(uuid.uuid4()), "path": list(path), "master_SAE_ID": 5,
+        "size": size, "hold": False, "timeout_ms": 2000,
+        "targets": [{"kme_ID": kme, "slave_SAE_IDs": slaves} for kme, slaves in targets.items()],
+        "keys": [entry], "mac_part": {"file": parts[1][0], "position": parts[1][1]},
+    }, separators=(",", ":")).encode()
+    return body, one_time.tag(mac_key, body), key
+
+
+def test_a_relay_is_idempotent_end_to_end_and_so_is_its_cancel(network):
+    to_kme1 = network.peer_client(3, 1)
+    body, mac, key = relay_from_kme3(network, {2: [3]})
+    first = to_kme1.relay(body, mac, 5)
+    assert to_kme1.relay(body, mac, 5) == first == {"activation_ID": json.loads(body)["activation_ID"],
+                                                     "activated": 1}
+    assert network[2].ledger.waiting() == 1
+    key_id = json.loads(body)["keys"][0]["key_ID"]
+    got = network[2].sae(3).get(f"{network[2].url()}/keys/5/dec_keys", params={"key_ID": key_id}, timeout=10)
+    assert base64.b64decode(got.json()["keys"][0]["key"]) == key
+    cancel = {"activation_ID": json.loads(body)["activation_ID"],
+              "parts": [json.loads(body)["keys"][0]["parts"][0], json.loads(body)["mac_part"]]}
+    to_kme1.cancel_relay(cancel)
+    to_kme1.cancel_relay(cancel)
+    assert "cancelled" in refused(network, lambda: to_kme1.relay(body, mac, 5))
+
+
+def test_a_relay_that_fails_its_mac_is_400_and_changes_nothing(network):
+    to_kme1 = network.peer_client(3, 1)
+    body, mac, _key = relay_from_kme3(network, {2: [3]})
+    before = network[1].ledger.assert_exact(3), network[2].ledger.assert_exact(1)
+    forged = body.replace(b'"slave_SAE_IDs":[3]', b'"slave_SAE_IDs":[4]')
+    assert forged != body
+    for sent, tag in ((forged, mac), (body, bytes(16))):
+        response = to_kme1.session.post(f"{to_kme1.base}/relays", data=sent, timeout=10, headers={
+            "Content-Type": "application/json", RELAY_MAC_HEADER: base64.b64encode(tag)})
+        assert response.status_code == 400, response.text
+        assert response.json()["message"] == "the relay message fails its integrity check (one-time MAC)"
+    assert (network[1].ledger.assert_exact(3), network[2].ledger.assert_exact(1)) == before
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("path not ending at the caller", "the relay's path does not end at the calling KME 3"),
+    ("unknown origin", "KME 9, where the relay starts, is unknown to this KME"),
+    ("a slave that is not ours", "SAE 3 is not an SAE of this KME"),
+    ("sealed of the wrong length", "sealed: every key or none, each of 32 bytes"),
+    ("no MAC", "KME-Relay-MAC: missing"),
+])
+def test_relays_outside_the_callers_rights_are_refused(network, case, fragment):
+    to_kme1 = network.peer_client(3, 1)
+    targets, path, sealed = {2: [3]}, (3,), None
+    if case == "path not ending at the caller":
+        path = (2,)
+    elif case == "unknown origin":
+        path = (9, 3)
+    elif case == "a slave that is not ours":
+        targets = {1: [3]}
+    elif case == "sealed of the wrong length":
+        sealed = bytes(31)
+    body, mac, _key = relay_from_kme3(network, targets, path, sealed)
+    before = network[1].ledger.assert_exact(3), network[2].ledger.assert_exact(1)
+    headers = {"Content-Type": "application/json"}
+    if case != "no MAC":
+        headers[RELAY_MAC_HEADER] = base64.b64encode(mac)
+    response = to_kme1.session.post(f"{to_kme1.base}/relays", data=body, timeout=10, headers=headers)
+    assert response.status_code in (400, 403) and fragment in response.json()["message"], response.text
+    assert (network[1].ledger.assert_exact(3), network[2].ledger.assert_exact(1)) == before

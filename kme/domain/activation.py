@@ -12,11 +12,11 @@ import logging
 from functools import partial
 
 from kme.config import KmeConfig, OtherKme, Sae
-from kme.domain import sharing
+from kme.domain import relay, sharing
 from kme.domain.errors import BadRequest, Forbidden, PeerFailure
 from kme.interfaces.peer_client import PeerError, PeerOutcomeUnknown, PeerRefused, client_for
 from kme.operations import events, health, metrics
-from kme.storage.keystore import incoming, leases, local, outgoing
+from kme.storage.keystore import incoming, leases, local, outgoing, relays
 from kme.storage.keystore.common import DeliveredKeyMaterial, pool_keys_per_key
 from kme.storage.keystore.incoming import ActivationRequest
 
@@ -62,12 +62,9 @@ def activate_at_peer(config: KmeConfig, peer: OtherKme, master: Sae, remote_slav
 def accept_activation(config: KmeConfig, caller: OtherKme, request: ActivationRequest) -> int:
     """Activate keys a peer KME asks for, after checking it acts within its rights."""
     _check_sides(config, caller, request)
-    limits = config.this_kme.limits
-    if request.size_bits % 8 or not limits.min_key_size <= request.size_bits <= limits.max_key_size:
-        raise BadRequest(f"size {request.size_bits} is outside this KME's limits "
-                          f"({limits.min_key_size} to {limits.max_key_size}, multiple of 8)")
-    if len(request.keys) > limits.max_key_per_request:
-        raise BadRequest(f"at most {limits.max_key_per_request} keys per activation")
+    refusal = config.this_kme.limits.refusal(request.size_bits, len(request.keys), "activation")
+    if refusal:
+        raise BadRequest(refusal)
     return incoming.activate(config.this_kme.id, caller.id, request)
 
 
@@ -96,7 +93,7 @@ def _abandoned_before(config: KmeConfig) -> str:
 def settle_pending(config: KmeConfig) -> int:
     """Cancel at their peers the activations nobody waits for, then discard their keys; how many settled."""
     settled = 0
-    for activation_id, link_id, request in outgoing.to_settle(_abandoned_before(config)):
+    for activation_id, link_id, request, is_relay in outgoing.to_settle(_abandoned_before(config)):
         peer = config.other_kmes_by_id.get(link_id)
         if peer is None:
             # The link left the configuration: its keys can never be used again.
@@ -106,8 +103,9 @@ def settle_pending(config: KmeConfig) -> int:
         # answers late then finds the row cancelling and never answers its SAE.
         if not outgoing.begin_cancel(activation_id):
             continue
+        client = client_for(peer)
         try:
-            client_for(peer).cancel(request)
+            (client.cancel_relay if is_relay else client.cancel)(request)
         except PeerError as exc:
             log.info("activation %s not settled yet: %s", activation_id, exc)
             continue
@@ -127,7 +125,9 @@ def housekeeping(config: KmeConfig) -> None:
     expiry."""
     probe_peers(config)
     sharing.housekeeping(config, _abandoned_before(config))
+    relays.abandon(_abandoned_before(config))
     settle_pending(config)
+    relay.send_releases(config, relays.releases_pending())
     expiry = config.this_kme.key_expiry_seconds
     while local.expire_delivered(events.utc_now(expiry)):
         pass

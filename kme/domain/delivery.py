@@ -4,7 +4,7 @@ No Flask request here: views, the CLI and tests call these directly. Errors
 are kme.domain.errors domain errors with the standard's messages.
 """
 from kme.config import KmeConfig, Sae
-from kme.domain import activation, entropy
+from kme.domain import activation, entropy, relay
 from kme.domain.errors import EXTENSION_MANDATORY_UNSUPPORTED, SIZE_NOT_MULTIPLE_OF_8, BadRequest
 from kme.storage.keystore import common
 from kme.storage.keystore import local as keystore_local
@@ -30,9 +30,12 @@ def get_status(config: KmeConfig, master: Sae, slave_id: str) -> dict:
     """Status (6.1) of the link between ``master`` and the slave SAE."""
     slave = _slave(config, master, slave_id)
     limits = config.this_kme.limits
-    counts = common.link_counts(slave.kme_id)
+    # A relayed slave's keys come from the link of the first hop (each trusted node's next link must have some too).
+    hop = config.next_hop(slave.kme_id)
+    link_id = config.this_kme.id if hop is None else hop.id
+    counts = common.link_counts(link_id)
     # Keys the peer's direction holds free are lent on demand: this direction can serve them too.
-    available = counts.available + (counts.peer_free if slave.kme_id != config.this_kme.id else 0)
+    available = counts.available + (counts.peer_free if link_id != config.this_kme.id else 0)
     return {
         "source_KME_ID": config.this_kme.id,
         "target_KME_ID": slave.kme_id,
@@ -84,24 +87,26 @@ def _slaves(config: KmeConfig, master: Sae, primary: Sae, additional: list[int])
 def get_key(config: KmeConfig, master: Sae, slave_id: str, request: dict) -> list[DeliveredKeyMaterial]:
     """Get key (5.3): new keys for ``master`` to share with the slave SAE(s), taken from the pool.
 
-    Slaves of this KME fetch the keys here; slaves behind one other KME get
-    them activated there first. Slaves behind two or more other KMEs would
-    need relaying through trusted nodes, which this version does not do.
+    Slaves of this KME fetch the keys here; slaves behind one linked KME get
+    them activated there first; slaves behind KMEs reached through trusted
+    nodes, or behind several other KMEs, get them by relay (kme.domain.relay).
     """
     slave = _slave(config, master, slave_id)
     number, size = _check_key_request(config, request)
     slaves = _slaves(config, master, slave, request.get("additional_slave_SAE_IDs", []))
     this_id = config.this_kme.id
-    remote_kmes = sorted({sae.kme_id for sae in slaves} - {this_id})
-    if len(remote_kmes) > 1:
-        raise BadRequest(f"slave SAEs behind several other KMEs ({', '.join(map(str, remote_kmes))}) need key "
-                          "relaying through trusted nodes, which this KME does not support yet")
     local_slaves = [sae for sae in slaves if sae.kme_id == this_id]
-    if not remote_kmes:
+    remote: dict[int, list[Sae]] = {}
+    for sae in slaves:
+        if sae.kme_id != this_id:
+            remote.setdefault(sae.kme_id, []).append(sae)
+    if not remote:
         return keystore_local.deliver_local(this_id, master.id, [sae.id for sae in local_slaves], number, size)
-    peer = config.other_kmes_by_id[remote_kmes[0]]
-    remote_slaves = [sae for sae in slaves if sae.kme_id == peer.id]
-    return activation.activate_at_peer(config, peer, master, remote_slaves, local_slaves, number, size)
+    peer = config.other_kmes_by_id.get(next(iter(remote))) if len(remote) == 1 else None
+    if peer is not None:
+        return activation.activate_at_peer(config, peer, master, remote[peer.id], local_slaves, number, size)
+    return relay.send(config, master, {kme_id: [sae.id for sae in saes] for kme_id, saes in remote.items()},
+                      [sae.id for sae in local_slaves], number, size)
 
 
 def get_key_with_key_ids(config: KmeConfig, slave: Sae, master_id: str, key_ids: list[str]) -> list[DeliveredKeyMaterial]:

@@ -68,6 +68,30 @@ class PeerFailure(KmeError):
     """A peer KME could not be reached, refused, or answered too late or wrongly (the message names it)."""
 
 
+class RelayFailure(PeerFailure):
+    """A relay did not reach its destinations; the message and ``relay_failure`` detail name the hop that failed.
+
+    ``reason`` is one of REASONS: the KMEs before pass it on as it is, never a peer's own text.
+    """
+
+    REASONS = {
+        "unreachable": "KME {next} could not be reached",
+        "refused": "KME {next} refused it (HTTP {status})",
+        "unknown": "KME {next} did not answer in time or answered wrongly; the keys are held back until settled",
+        "no_keys": "not enough key material on the link",
+        "no_route": "KME {at} has no route to KME {next}",
+        "loop": "KME {next} is on the relay's path already (a routing loop)",
+        "cancelled": "the relay was cancelled meanwhile",
+    }
+
+    def __init__(self, at: int, next_kme: int, reason: str, status: int | None = None):
+        text = self.REASONS[reason].format(at=at, next=next_kme, status=status)
+        super().__init__(f"relay failed at hop KME {at} -> KME {next_kme}: {text}",
+                         [{"relay_failure": {"at_KME_ID": at, "next_KME_ID": next_kme, "reason": reason,
+                                             "status": status}}])
+        self.at, self.next_kme, self.reason, self.status = at, next_kme, reason, status
+
+
 class StorageFailure(KmeError):
     """The database cannot be used (full, read-only, gone, replaced); the message names the cause."""
 

@@ -119,7 +119,8 @@ def housekeeping(config: KmeConfig, asked_before: str) -> None:
 
 
 def reserve_borrowing(peer: OtherKme, reserve, needed: int):
-    """Reserve; while our direction is short, borrow what is missing from the peer's and try again.
+    """``reserve()`` (of ``needed`` keys of our direction of the link with ``peer``); while our direction is
+    short, borrow what is missing from the peer's and try again.
 
     A lease is all or nothing, sized by what we miss; if keys arrive or go
     by another way meanwhile (another worker's lease or claim), what we miss

@@ -3,11 +3,15 @@
 The calling KME is identified by its client certificate and may act only on
 its own link with this KME.
 """
+import base64
+import binascii
+
 from flask import Blueprint, current_app, g, request
 from marshmallow import ValidationError
 
 from kme.config import OtherKme
-from kme.domain import activation, sharing
+from kme.domain import activation, relay, sharing
+from kme.domain import one_time
 from kme.domain.errors import BadRequest, NotAuthorized
 from kme.interfaces.identity import client_serial
 from kme.interfaces.kme_wire import (
@@ -18,9 +22,14 @@ from kme.interfaces.kme_wire import (
     LeaseSchema,
     ProgressAnswerSchema,
     ProgressSchema,
+    RelayCancelSchema,
+    RelaySchema,
+    ReleasedSchema,
 )
+from kme.interfaces.peer_client import RELAY_MAC_HEADER
 from kme.interfaces.schemas import json_body, load, parse_key_id
 from kme.storage.keystore.incoming import ActivationRequest
+from kme.storage.keystore.relays import Message
 
 bp = Blueprint("kme_api", __name__, url_prefix="/api/v1/kme")
 
@@ -29,6 +38,7 @@ bp = Blueprint("kme_api", __name__, url_prefix="/api/v1/kme")
 _ACTIVATION, _ACTIVATED, _CANCELLED = ActivationSchema(), ActivatedSchema(), CancelledSchema()
 _LEASE, _LEASE_ANSWER = LeaseSchema(), LeaseAnswerSchema()
 _PROGRESS, _PROGRESS_ANSWER = ProgressSchema(), ProgressAnswerSchema()
+_RELAY, _RELAY_CANCEL, _RELEASED = RelaySchema(), RelayCancelSchema(), ReleasedSchema()
 
 
 def calling_kme() -> OtherKme:
@@ -91,3 +101,67 @@ def progress():
     caller = calling_kme()
     data = load(_PROGRESS, json_body(request))
     return _PROGRESS_ANSWER.dump(sharing.answer_progress(current_app.extensions["kme"], caller, data))
+
+
+def _relay_message() -> tuple[Message, bytes, bytes]:
+    """The relay message of this request, its body as sent and the one-time MAC of its header."""
+    body = request.get_data()
+    data = load(_RELAY, json_body(request))
+    try:
+        mac = base64.b64decode(request.headers.get(RELAY_MAC_HEADER, ""), validate=True)
+    except binascii.Error:
+        mac = b""
+    if len(mac) != one_time.TAG_BYTES:
+        raise BadRequest(f"{RELAY_MAC_HEADER}: missing, or not the base64 of a {one_time.TAG_BYTES}-byte tag")
+    targets: dict[int, list[int]] = {}
+    for target in data["targets"]:
+        if target["kme_ID"] in targets:
+            raise BadRequest(f"targets: KME {target['kme_ID']} named twice")
+        targets[target["kme_ID"]] = target["slave_SAE_IDs"]
+    message = Message(
+        activation_id=data["activation_ID"], relay_id=data["relay_ID"], path=data["path"],
+        master_sae_id=data["master_SAE_ID"], size_bits=data["size"], hold=data["hold"],
+        timeout_seconds=data["timeout_ms"] / 1000, targets=targets,
+        keys=[(key["key_ID"], [(part["file"], part["position"]) for part in key["parts"]],
+               relay.decode_sealed(key.get("sealed"))) for key in data["keys"]],
+        mac_part=(data["mac_part"]["file"], data["mac_part"]["position"]),
+    )
+    return message, body, mac
+
+
+def _relay_hop(activation_id: str) -> tuple[str, list[tuple[str, int]]]:
+    try:
+        activation_id = parse_key_id(activation_id)
+    except ValidationError:
+        raise BadRequest("activation ID: not a UUID") from None
+    data = load(_RELAY_CANCEL, json_body(request))
+    if data["activation_ID"] != activation_id:
+        raise BadRequest("activation_ID: differs from the URL")
+    return activation_id, [(part["file"], part["position"]) for part in data["parts"]]
+
+
+@bp.post("/relays")
+def relay_keys():
+    """Take a relay from the caller; answered once every hop after this KME committed it."""
+    caller = calling_kme()
+    message, body, mac = _relay_message()
+    count = relay.accept(current_app.extensions["kme"], caller, message, body, mac)
+    return _ACTIVATED.dump({"activation_ID": message.activation_id, "activated": count})
+
+
+@bp.post("/relays/<activation_id>/cancel")
+def cancel_relay(activation_id: str):
+    """Make sure a relay hop never takes effect here, nor on any hop after it (idempotent)."""
+    caller = calling_kme()
+    activation_id, parts = _relay_hop(activation_id)
+    relay.cancel(current_app.extensions["kme"], caller, activation_id, parts)
+    return _CANCELLED.dump({"activation_ID": activation_id, "state": "cancelled"})
+
+
+@bp.post("/relays/<activation_id>/release")
+def release_relay(activation_id: str):
+    """A multicast relay was decided: its slaves here may fetch the keys; the next hops hear it too (idempotent)."""
+    caller = calling_kme()
+    activation_id, _parts = _relay_hop(activation_id)
+    relay.release(current_app.extensions["kme"], caller, activation_id)
+    return _RELEASED.dump({"activation_ID": activation_id, "state": "released"})

@@ -5,7 +5,7 @@ loads answers with them, and the OpenAPI document is built from them.
 """
 from marshmallow import validate
 
-from kme.config_schema import Int, List, Nested, Str, StrictSchema
+from kme.config_schema import Bool, Int, List, Nested, Str, StrictSchema
 from kme.interfaces.schemas import KeyIdField
 from kme.storage.keystore.progress import PAGE as PROGRESS_PAGE
 
@@ -98,3 +98,53 @@ class ProgressAnswerSchema(StrictSchema):
     seen = Int(required=True, validate=_POSITION)
     free = Int(required=True, validate=_POSITION)
     files = List(Nested(FileOfferSchema), required=True, validate=validate.Length(max=PROGRESS_PAGE))
+
+
+# A trusted node passes a relay on at most this many times (the path's length): a loop the routes missed ends.
+MAX_HOPS = 16
+
+
+class TargetSchema(StrictSchema):
+    """A destination KME of a relay and its slave SAEs there."""
+
+    kme_ID = Int(required=True)
+    slave_SAE_IDs = List(Int(), required=True, validate=validate.Length(min=1))
+
+
+class RelayedKeySchema(StrictSchema):
+    """A relayed key on one hop: its parts on the hop's link, and the key sealed with them (absent on the first
+    hop, where the key is those parts' material)."""
+
+    key_ID = KeyIdField(required=True)
+    parts = List(Nested(PartSchema), required=True, validate=validate.Length(min=1))
+    sealed = Str(validate=[validate.Length(max=4096),
+                           validate.Regexp(r"^[A-Za-z0-9+/]*={0,2}$", error="not base64")])
+
+
+class RelaySchema(StrictSchema):
+    """A relay message from one KME to its neighbour (the one-time MAC of the body travels in a header)."""
+
+    activation_ID = KeyIdField(required=True)
+    relay_ID = KeyIdField(required=True)
+    path = List(Int(), required=True, validate=validate.Length(1, MAX_HOPS))
+    master_SAE_ID = Int(required=True)
+    size = Int(required=True)
+    hold = Bool(required=True)
+    timeout_ms = Int(required=True, validate=validate.Range(1, 600_000))
+    targets = List(Nested(TargetSchema), required=True, validate=validate.Length(min=1))
+    keys = List(Nested(RelayedKeySchema), required=True, validate=validate.Length(min=1))
+    mac_part = Nested(PartSchema, required=True)
+
+
+class RelayCancelSchema(StrictSchema):
+    """Cancel or release of a relay on one hop: its activation and every part of the hop's link it named."""
+
+    activation_ID = KeyIdField(required=True)
+    parts = List(Nested(PartSchema), required=True, validate=validate.Length(min=1))
+
+
+class ReleasedSchema(StrictSchema):
+    """The answer to a release."""
+
+    activation_ID = KeyIdField(required=True)
+    state = Str(required=True, validate=validate.OneOf(["released"]))

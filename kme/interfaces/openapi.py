@@ -17,7 +17,11 @@ from kme.interfaces.kme_wire import (
     LeaseSchema,
     ProgressAnswerSchema,
     ProgressSchema,
+    RelayCancelSchema,
+    RelaySchema,
+    ReleasedSchema,
 )
+from kme.interfaces.peer_client import RELAY_MAC_HEADER
 from kme.interfaces.schemas import (
     EntropySchema,
     ErrorSchema,
@@ -91,6 +95,11 @@ def _sae_paths() -> dict:
     }
 
 
+_RELAY_MAC = {"name": RELAY_MAC_HEADER, "in": "header", "required": True,
+              "description": "base64 of the 16-byte one-time Poly1305 tag of the body, keyed with the key material "
+                             "of mac_part", "schema": {"type": "string"}}
+
+
 def _kme_paths() -> dict:
     activation_id = {"name": "activation_ID", "in": "path", "required": True,
                      "schema": {"type": "string", "format": "uuid"}}
@@ -101,6 +110,16 @@ def _kme_paths() -> dict:
         "/api/v1/kme/activations/{activation_ID}/cancel": {"post": _operation(
             "Make sure an activation never takes effect (idempotent); the body repeats the activation",
             CancelledSchema, _KME_ERRORS, [activation_id], ActivationSchema)},
+        "/api/v1/kme/relays": {"post": _operation(
+            "Take a relay through trusted nodes: keys for our slave SAEs and those behind our next hops, under "
+            "one-time pads of the hop's link; answered once every hop after this KME committed (idempotent by "
+            "activation_ID)", ActivatedSchema, _KME_ERRORS, [_RELAY_MAC], RelaySchema)},
+        "/api/v1/kme/relays/{activation_ID}/cancel": {"post": _operation(
+            "Make sure a relay hop never takes effect here nor on any hop after it (idempotent)",
+            CancelledSchema, _KME_ERRORS, [activation_id], RelayCancelSchema)},
+        "/api/v1/kme/relays/{activation_ID}/release": {"post": _operation(
+            "A multicast relay was decided: its slave SAEs here and after may fetch its keys (idempotent)",
+            ReleasedSchema, _KME_ERRORS, [activation_id], RelayCancelSchema)},
         "/api/v1/kme/leases": {"post": _operation(
             "Lend keys of this KME's direction of the link to the calling KME's (idempotent by lease_ID)",
             LeaseAnswerSchema, _KME_ERRORS, body=LeaseSchema)},

@@ -7,6 +7,8 @@ store, never skipped. Failures are sorted by what they prove:
 PeerUnreachable and PeerRefused mean the peer changed nothing;
 PeerOutcomeUnknown means it may have.
 """
+import base64
+import json
 import logging
 import os
 import ssl
@@ -24,6 +26,8 @@ from kme.config import OtherKme
 from kme.interfaces.kme_wire import LeaseAnswerSchema, ProgressAnswerSchema
 
 _LEASE_ANSWER, _PROGRESS_ANSWER = LeaseAnswerSchema(), ProgressAnswerSchema()
+# The header carrying the one-time MAC of a relay message's body (base64).
+RELAY_MAC_HEADER = "KME-Relay-MAC"
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +46,12 @@ class PeerRefused(PeerError):
     ``detail`` is the peer's own message: it goes to the log, never to an SAE.
     """
 
-    def __init__(self, message: str, detail: str, status: int):
+    def __init__(self, message: str, detail: str, status: int, relay_failure: dict | None = None):
         super().__init__(message)
         self.detail = detail
         self.status = status
+        # Where a relay failed further on, as the peer said (kme.domain.relay checks and rewrites it).
+        self.relay_failure = relay_failure
 
 
 class PeerOutcomeUnknown(PeerError):
@@ -127,6 +133,20 @@ class PeerClient:
         """Make sure the peer never activates, or erases, the keys of an activation."""
         self._post(f"/activations/{request['activation_ID']}/cancel", request, "activation_ID")
 
+    def relay(self, body: bytes, mac: bytes, read_timeout: float) -> dict:
+        """Pass a relay on (``body``: the JSON bytes the one-time ``mac`` authenticates); its answer once the
+        peer and every hop after it committed."""
+        return self._post("/relays", body, "activation_ID", read_timeout=read_timeout,
+                          headers={"Content-Type": "application/json", RELAY_MAC_HEADER: base64.b64encode(mac)})
+
+    def cancel_relay(self, request: dict) -> None:
+        """Make sure a relay hop never takes effect at the peer, nor at any hop after it."""
+        self._post(f"/relays/{request['activation_ID']}/cancel", request, "activation_ID")
+
+    def release_relay(self, request: dict) -> None:
+        """Let the slaves of a decided multicast relay fetch its keys, at the peer and every hop after it."""
+        self._post(f"/relays/{request['activation_ID']}/release", request, "activation_ID")
+
     def lease(self, request: dict) -> dict:
         """Ask the peer to lend keys of its direction to ours; its answer (runs of positions, its free keys)."""
         return self._checked(_LEASE_ANSWER, self._post("/leases", request, "lease_ID"))
@@ -141,11 +161,15 @@ class PeerClient:
         except ValidationError:
             raise PeerOutcomeUnknown(f"KME {self.peer.id} answered with an invalid body") from None
 
-    def _post(self, path: str, body: dict, id_field: str, echoed: bool = True) -> dict:
+    def _post(self, path: str, body: dict | bytes, id_field: str, echoed: bool = True,
+              read_timeout: float | None = None, headers: dict | None = None) -> dict:
         name = f"KME {self.peer.id}"
+        read_timeout = read_timeout or self.peer.read_timeout_seconds
+        sent = json.loads(body) if isinstance(body, bytes) else body
         try:
-            response = self.session.post(self.base + path, json=body,
-                                         timeout=(self.peer.connect_timeout_seconds, self.peer.read_timeout_seconds))
+            response = self.session.post(self.base + path, **({"data": body} if isinstance(body, bytes)
+                                                               else {"json": body}),
+                                         headers=headers, timeout=(self.peer.connect_timeout_seconds, read_timeout))
         except (requests.exceptions.ConnectTimeout, requests.exceptions.SSLError) as exc:
             raise PeerUnreachable(f"{name} could not be reached ({exc.__class__.__name__})") from None
         except requests.exceptions.ConnectionError as exc:
@@ -154,7 +178,7 @@ class PeerClient:
                 raise PeerUnreachable(f"{name} could not be reached (connection refused)") from None
             raise PeerOutcomeUnknown(f"{name} dropped the connection before answering") from None
         except requests.exceptions.Timeout:
-            raise PeerOutcomeUnknown(f"{name} did not answer within {self.peer.read_timeout_seconds} s") from None
+            raise PeerOutcomeUnknown(f"{name} did not answer within {read_timeout:.1f} s") from None
         except requests.exceptions.RequestException as exc:
             # The answer broke off or could not be decoded (e.g. a peer dying after its headers).
             raise PeerOutcomeUnknown(f"{name} sent a broken answer ({exc.__class__.__name__})") from None
@@ -167,11 +191,21 @@ class PeerClient:
         if response.status_code != 200:
             if isinstance(answer.get("message"), str):
                 raise PeerRefused(f"{name} refused the request (HTTP {response.status_code})", answer["message"],
-                                  response.status_code)
+                                  response.status_code, _relay_failure(answer))
             raise PeerOutcomeUnknown(f"{name} answered HTTP {response.status_code} with an unknown body")
-        if not isinstance(answer.get(id_field), str) or (echoed and answer[id_field] != body[id_field]):
+        if not isinstance(answer.get(id_field), str) or (echoed and answer[id_field] != sent[id_field]):
             raise PeerOutcomeUnknown(f"{name} answered with an unexpected body")
         return answer
+
+
+def _relay_failure(answer: dict) -> dict | None:
+    """The ``relay_failure`` object of an error answer's details, if any."""
+    details = answer.get("details")
+    if isinstance(details, list):
+        for detail in details:
+            if isinstance(detail, dict) and isinstance(detail.get("relay_failure"), dict):
+                return detail["relay_failure"]
+    return None
 
 
 _clients: dict[tuple[int, int], PeerClient] = {}

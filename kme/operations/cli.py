@@ -155,7 +155,7 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 @click.command("kme-status")
 def kme_status_command() -> None:
-    """Print each link's key pool and the registered SAEs."""
+    """Print each link's key pool, the routes to other KMEs and the registered SAEs."""
     config = command_config()
     open_database()
     links = status.links(config)
@@ -165,9 +165,10 @@ def kme_status_command() -> None:
                f"{encryption['key_encryption_key']}\n")
     click.echo(_table(
         ["link", "available", "delivered", "waiting", "peer's", "reserved", "unconfirmed", "discarded", "set aside",
-         "files", "last file", "peer"],
+         "relayed", "files", "last file", "peer"],
         [[link["name"], link["available"], link["delivered"], link["waiting"], link["peer_held"], link["reserved"],
-          link["unconfirmed"], link["discarded"], link["set_aside"], link["files"], link["last_file"] or "-",
+          link["unconfirmed"], link["discarded"], link["set_aside"], link["relayed"], link["files"],
+          link["last_file"] or "-",
           "-" if link["peer"] is None else ("reachable" if link["peer"]["reachable"] else "unreachable")]
          for link in links]))
     click.echo()
@@ -176,6 +177,10 @@ def kme_status_command() -> None:
         [[f"KME {way['from']} -> KME {way['to']}", way["available"], way["leased"],
           "-" if way["in_use"] is None else way["in_use"]]
          for link in links for way in link["directions"]]))
+    click.echo()
+    click.echo(_table(["route to", "next hop", "how"],
+                      [[f"KME {route['kme_id']}", f"KME {route['via']}", route["kind"]]
+                       for route in status.routes(config)]))
     click.echo()
     click.echo(_table(["SAE", "KME", "certificate serial"],
                       [[sae["id"], sae["kme_id"], sae["serial"] or "-"] for sae in status.saes(config)]))

@@ -20,6 +20,8 @@ LATENCY = Histogram("kme_http_request_duration_seconds", "Time to answer an HTTP
 KEYS_DELIVERED = Counter("kme_keys_delivered", "Keys handed out to SAEs", ["link", "sae", "role"])
 PEER_FAILURES = Counter("kme_peer_activation_failures", "Activations at a peer KME that failed",
                         ["peer", "outcome"])
+RELAYS = Counter("kme_relays", "Relays through trusted nodes this KME started or passed on, once committed", ["role"])
+RELAY_FAILURES = Counter("kme_relay_failures", "Relays that failed at a hop from this KME", ["next_kme", "reason"])
 
 
 # Labelled children by label values: labels() takes a lock and builds its key on every call.
@@ -70,7 +72,7 @@ class _PoolCollector:
             name = str(link["link"])
             for state in ("available", "peer_held", "reserved", "unconfirmed"):
                 pool.add_metric([name, state], link[state])
-            for kind in ("ingested", "delivered", "discarded", "set_aside"):
+            for kind in ("ingested", "delivered", "discarded", "set_aside", "relayed"):
                 totals.add_metric([name, kind], link[kind])
             for direction, figures in zip(("outbound", "inbound"), link["directions"]):
                 for state in ("available", "leased", "in_use"):

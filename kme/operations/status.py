@@ -33,7 +33,7 @@ def links(config: KmeConfig) -> list[dict]:
             "name": "local zone" if local else f"link with KME {row.peer_kme_id}",
             "ingested": row.ingested, "available": row.available, "reserved": row.reserved,
             "peer_held": row.peer_held, "delivered": row.delivered, "discarded": row.discarded,
-            "unconfirmed": row.unconfirmed, "set_aside": row.set_aside,
+            "unconfirmed": row.unconfirmed, "set_aside": row.set_aside, "relayed": row.relayed,
             "directions": [] if local else _directions(config.this_kme.id, row),
             "history": [] if local else common.level_history(row.peer_kme_id),
             "waiting": waiting.get(row.peer_kme_id, 0),
@@ -61,6 +61,13 @@ def _directions(this_kme_id: int, row: Link) -> list[dict]:
         {"from": row.peer_kme_id, "to": this_kme_id, "available": row.peer_free, "leased": row.lent,
          "in_use": None},
     ]
+
+
+def routes(config: KmeConfig) -> list[dict]:
+    """How this KME reaches every other KME: directly, or through the neighbour its route names."""
+    direct = [{"kme_id": peer.id, "via": peer.id, "kind": "linked"} for peer in config.other_kmes]
+    routed = [{"kme_id": kme_id, "via": via, "kind": "relayed"} for kme_id, via in config.routes]
+    return sorted(direct + routed, key=lambda route: route["kme_id"])
 
 
 def saes(config: KmeConfig) -> list[dict]:

@@ -51,6 +51,7 @@ async function refreshLinks() {
       cell(link.unconfirmed, "number unconfirmed"),
       cell(link.discarded, "number"),
       cell(link.set_aside, "number set-aside"),
+      cell(link.relayed, "number relayed"),
       cell(link.last_file ? link.last_file + " (" + link.last_file_at + ")" : "—", "text"),
       peerCell(link.peer),
     );

@@ -53,6 +53,9 @@ class Link(db.Model):
     set_aside: Mapped[int] = mapped_column(BigInteger, default=0)
     lent: Mapped[int] = mapped_column(BigInteger, default=0)
     borrowed: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Pool keys of this link consumed by relays through trusted nodes (relayed keys, pads and MAC keys),
+    # whatever became of them: a usage figure beside the fates above (kme.storage.keystore.relays).
+    relayed: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     # The peer's database ID, our change sequence it acknowledged, its change
     # sequence we have applied, when it last answered, and its free keys then.
     peer_database: Mapped[str | None] = mapped_column(String(32))
@@ -187,6 +190,8 @@ class IncomingActivation(db.Model):
     state: Mapped[str] = mapped_column(String(16))
     key_ids: Mapped[str] = mapped_column(Text)
     created_at: Mapped[str] = mapped_column(String(32))
+    # A relay (JSON): what this KME passed on, and to whom, so that a cancel reaches every hop after it.
+    relay: Mapped[str | None] = mapped_column(Text)
 
 
 class Lease(db.Model):

@@ -234,10 +234,45 @@ def incoming_activation(target, activation_id: str) -> tuple | None:
                                   (activation_id,)).fetchone()
 
 
-def insert_incoming(target, activation_id: str, link_id: int, state: str, key_ids: str, created_at: str) -> None:
-    """Remember an activation a peer asked of this KME."""
-    driver(target).execute("INSERT INTO incoming_activations (activation_id, link_id, state, key_ids, created_at) "
-                           "VALUES (?, ?, ?, ?, ?)", (activation_id, link_id, state, key_ids, created_at))
+def insert_incoming(target, activation_id: str, link_id: int, state: str, key_ids: str, created_at: str,
+                    relay: str | None = None) -> None:
+    """Remember an activation a peer asked of this KME (``relay``: what a relay passed on, as JSON)."""
+    driver(target).execute("INSERT INTO incoming_activations (activation_id, link_id, state, key_ids, created_at, "
+                           "relay) VALUES (?, ?, ?, ?, ?, ?)", (activation_id, link_id, state, key_ids, created_at,
+                                                               relay))
+
+
+def incoming_relay(target, activation_id: str) -> tuple | None:
+    """(state, relay) of a relay a peer asked of this KME, or None."""
+    return driver(target).execute("SELECT state, relay FROM incoming_activations WHERE activation_id = ? AND "
+                                  "relay IS NOT NULL", (activation_id,)).fetchone()
+
+
+def set_incoming_relay(target, activation_id: str, state: str, relay: str) -> None:
+    """Move a relay a peer asked of this KME to ``state``, with what it passed on."""
+    driver(target).execute("UPDATE incoming_activations SET state = ?, relay = ? WHERE activation_id = ?",
+                           (state, relay, activation_id))
+
+
+def hold_pool_keys(target, ids: list[int], reservation: str) -> None:
+    """Reserve pool keys of the peer's direction for a relay passing through this KME."""
+    connection = driver(target)
+    for chunk, marks in _chunks(ids):
+        connection.execute(f"UPDATE pool_keys SET state = {RESERVED}, reservation = ? WHERE id IN ({marks})",
+                           (reservation, *chunk))
+
+
+def delivered_ids(target, key_ids: list[str]) -> list[str]:
+    """Which of ``key_ids`` still wait here for their slaves."""
+    connection = driver(target)
+    return [row[0] for chunk, marks in _chunks(key_ids)
+            for row in connection.execute(f"SELECT key_id FROM delivered_keys WHERE key_id IN ({marks})", chunk)]
+
+
+def add_slaves(target, rows: list[tuple[str, int]]) -> None:
+    """Let slave SAEs fetch delivered keys: (key_id, slave_sae_id) rows."""
+    if rows:
+        insert_rows(driver(target), "INSERT INTO key_slaves (key_id, slave_sae_id, fetched)", "(?, ?, FALSE)", rows)
 
 
 def lend_pool_keys(target, link_id: int, count: int) -> list[tuple]:

@@ -49,7 +49,7 @@ def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:
     if any(len(parts) != per_key for _, parts in request.keys):
         raise BadRequest(f"each key of {request.size_bits} bits has {per_key} parts")
     wanted = [part for _, parts in request.keys for part in parts]
-    states = _peer_states(this_kme_id, link_id)
+    states = peer_states(this_kme_id, link_id)
 
     def work(connection) -> int:
         # A retry of this activation, or its cancel, arriving at another front end waits for this one.
@@ -60,7 +60,7 @@ def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:
             if known_link != link_id or state != ACTIVATED:
                 raise ActivationConflict(f"activation {request.activation_id} was cancelled or belongs to another link")
             return len(json.loads(key_ids))
-        rows = _pool_rows(connection, link_id, wanted, states)
+        rows = pool_rows(connection, link_id, wanted, states)
         if len(rows) != len(wanted) or len(set(wanted)) != len(wanted):
             raise ActivationConflict(f"{len(set(wanted)) - len(rows)} of the {len(wanted)} keys named are not "
                                      f"available on this KME's link with KME {link_id} (used, set aside, "
@@ -110,8 +110,8 @@ def cancel(this_kme_id: int, link_id: int, request: ActivationRequest) -> None:
             events.record(session, f"Activation {request.activation_id} cancelled by KME {link_id}: "
                                    f"{erased} unfetched keys erased")
             return
-        rows = _pool_rows(session, link_id, [part for _, parts in request.keys for part in parts],
-                          _peer_states(this_kme_id, link_id))
+        rows = pool_rows(session, link_id, [part for _, parts in request.keys for part in parts],
+                          peer_states(this_kme_id, link_id))
         statements.delete_pool_keys(session, [row.id for row in rows.values()])
         unconfirmed = sum(1 for row in rows.values() if row.state == UNCONFIRMED)
         update_link(session, link_id, removed=[row.material for row in rows.values()],
@@ -128,7 +128,7 @@ def forget_before(created_before: str) -> None:
         session.execute(delete(IncomingActivation).where(IncomingActivation.created_at < created_before))
 
 
-def _peer_states(this_kme_id: int, link_id: int) -> tuple[int, ...]:
+def peer_states(this_kme_id: int, link_id: int) -> tuple[int, ...]:
     return (PEERS,) if is_arbiter(this_kme_id, link_id) else (PEERS, UNCONFIRMED)
 
 
@@ -141,7 +141,7 @@ class _PoolRow(NamedTuple):
     material: bytes
 
 
-def _pool_rows(transaction, link_id: int, parts: list[tuple[str, int]], states: tuple[int, ...]) -> dict:
+def pool_rows(transaction, link_id: int, parts: list[tuple[str, int]], states: tuple[int, ...]) -> dict:
     """The pool rows in ``states`` at the given (file name, position) parts, keyed by part.
 
     One index search per part on (file_id, position), whatever the pool

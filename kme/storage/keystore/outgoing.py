@@ -155,12 +155,15 @@ def discard(activation_id: str) -> None:
         if pending is None:
             return
         materials = at_rest.open_pool(pending[0], statements.remove_reserved(session, activation_id))
-        update_link(session, pending[0], removed=materials, reserved=-len(materials), discarded=len(materials))
-        events.record(session, f"Activation {activation_id} settled: {len(materials)} reserved keys discarded")
+        # A relay hop cancelled after it completed: its keys had left the pool as delivered.
+        completed = json.loads(pending[1]).get("completed", 0)
+        update_link(session, pending[0], removed=materials, reserved=-len(materials),
+                    discarded=len(materials) + completed, delivered=-completed, relayed=-completed)
+        events.record(session, f"Activation {activation_id} settled: {len(materials) + completed} keys discarded")
 
 
-def to_settle(sending_before: str) -> list[tuple[str, int, dict]]:
-    """Pending activations nobody waits for: (activation ID, link, wire request).
+def to_settle(sending_before: str) -> list[tuple[str, int, dict, bool]]:
+    """Pending activations nobody waits for: (activation ID, link, wire request, whether it is a relay hop).
 
     That is every UNKNOWN or CANCELLING one, and every SENDING one older than
     a worker can wait (its worker died between claim and answer, or the peer
@@ -169,6 +172,8 @@ def to_settle(sending_before: str) -> list[tuple[str, int, dict]]:
     rows = db.session.scalars(select(OutgoingActivation).where(
         OutgoingActivation.state.in_((UNKNOWN, CANCELLING))
         | ((OutgoingActivation.state == SENDING) & (OutgoingActivation.created_at < sending_before)))).all()
-    pending = [(row.activation_id, row.link_id, json.loads(row.request)["wire"]) for row in rows]
+    stored = [(row.activation_id, row.link_id, json.loads(row.request)) for row in rows]
+    pending = [(activation_id, link_id, request["wire"], request.get("relay", False))
+               for activation_id, link_id, request in stored]
     db.session.commit()
     return pending

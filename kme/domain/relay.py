@@ -1,0 +1,269 @@
+"""Relays through trusted nodes: keys for slave SAEs behind KMEs this KME has no link with, or behind several KMEs
+(docs/inter-kme-protocol.md, "Relay").
+
+The KME of the master takes the key from its link with the first next hop;
+every KME on the way passes it on sealed with a one-time pad of its next
+link, each message authenticated by a one-time MAC keyed with that link's
+key material (kme.domain.one_time). A hop answers only once every hop after
+it committed, so the master gets the key only once every destination holds
+it. Any failure answers 503 naming the hop where it happened; keys that
+left a KME on a hop are cancelled at both ends of it, never used again.
+"""
+import base64
+import binascii
+import json
+import logging
+import time
+
+from kme.config import KmeConfig, OtherKme, Sae
+from kme.domain import one_time
+from kme.domain.sharing import reserve_borrowing
+from kme.domain.errors import BadRequest, Forbidden, NotEnoughKeys, PeerFailure, RelayFailure
+from kme.interfaces.peer_client import PeerError, PeerOutcomeUnknown, PeerRefused, PeerUnreachable, client_for
+from kme.operations import metrics
+from kme.storage.keystore import relays
+from kme.storage.keystore.common import DeliveredKeyMaterial, build_keys, new_key_id, new_key_ids, pool_keys_per_key
+from kme.storage.keystore.relays import Branch, Message, Node
+
+log = logging.getLogger(__name__)
+
+# Of the time the KME before waits, the share a node gives its next hops (the rest is its own work and answer).
+ONWARD_SHARE = 0.8
+
+
+def send(config: KmeConfig, master: Sae, slaves_by_kme: dict[int, list[int]], local_slaves: list[int], number: int,
+         size_bits: int) -> list[DeliveredKeyMaterial]:
+    """Keys for ``master`` and slaves behind other KMEs (by KME), relayed where there is no link: answered only
+    once every destination committed them (and, for several destinations, the relay is decided for all)."""
+    this = config.this_kme.id
+    plan = _plan(config, slaves_by_kme, [this])
+    relay_id = new_key_id()
+    per_key = pool_keys_per_key(size_bits)
+    # The key itself comes from the link of the first next hop; the other hops get it under a pad.
+    branches = _reserve(config, relay_id, {hop: number * per_key + 1 for hop in plan})
+    keys = build_keys(new_key_ids(number), branches[0].materials[:-1], size_bits)
+    slave_ids = local_slaves + [slave for _kme, slaves in sorted(slaves_by_kme.items()) for slave in slaves]
+    node = Node(relay_id, master.id, slave_ids, None, branches, branches[0].link_id, local_slaves,
+                len(slaves_by_kme) > 1)
+    _pass_on(config, node, keys, plan, [this], None, time.monotonic())
+    if node.hold:
+        send_releases(config, [(branch.activation_id, branch.link_id, branch.cancel_body()) for branch in branches])
+    return keys
+
+
+def accept(config: KmeConfig, caller: OtherKme, message: Message, body: bytes, mac: bytes) -> int:
+    """Take a relay from the neighbour ``caller``: keep its keys for our slaves, pass it on to the next hops, and
+    answer (the number of keys) once every hop after us committed."""
+    started = time.monotonic()
+    this = config.this_kme.id
+    _check(config, caller, message)
+    local = message.targets.get(this, [])
+    plan = _plan(config, {kme: slaves for kme, slaves in message.targets.items() if kme != this},
+                 message.path + [this])
+    onward = {hop: new_key_id() for hop in plan}
+    received = relays.receive(this, caller.id, message, body, mac, local, onward)
+    if received.finished is not None:
+        return received.finished
+    slave_ids = [slave for _kme, slaves in sorted(message.targets.items()) for slave in slaves]
+    incoming = (caller.id, message.activation_id)
+    try:
+        branches = _reserve(config, message.relay_id, {hop: len(message.parts) for hop in plan}, onward)
+    except RelayFailure as failure:
+        relays.fail(Node(message.relay_id, message.master_sae_id, slave_ids, incoming, [], caller.id, local,
+                         message.hold), [], [], str(failure))
+        raise
+    node = Node(message.relay_id, message.master_sae_id, slave_ids, incoming, branches, caller.id, local,
+                message.hold)
+    _pass_on(config, node, received.keys, plan, message.path + [this], message.timeout_seconds * ONWARD_SHARE,
+             started)
+    return len(received.keys)
+
+
+def _check(config: KmeConfig, caller: OtherKme, message: Message) -> None:
+    """The caller acts within its rights: it is the path's last KME, the origin is a KME we know; our slaves are
+    ours, the master is the origin's; the keys fit our limits. Nothing has changed when this refuses."""
+    this = config.this_kme.id
+    if message.path[-1] != caller.id:
+        raise Forbidden(f"the relay's path does not end at the calling KME {caller.id}")
+    if this in message.path:
+        raise BadRequest(f"the relay's path {message.path} already passed through this KME")
+    origin = message.path[0]
+    # Loose: static routes may differ by direction (a ring), so the way back need not be the way in.
+    if config.next_hop(origin) is None:
+        raise Forbidden(f"KME {origin}, where the relay starts, is unknown to this KME (neither linked nor routed)")
+    refusal = config.this_kme.limits.refusal(message.size_bits, len(message.keys), "relay")
+    if refusal:
+        raise BadRequest(refusal)
+    per_key = pool_keys_per_key(message.size_bits)
+    if any(len(parts) != per_key for _, parts, _ in message.keys):
+        raise BadRequest(f"each key of {message.size_bits} bits has {per_key} parts")
+    if len({sealed is None for _, _, sealed in message.keys}) != 1 or any(
+            sealed is not None and len(sealed) != message.size_bits // 8 for _, _, sealed in message.keys):
+        raise BadRequest(f"sealed: every key or none, each of {message.size_bits // 8} bytes")
+    local = message.targets.get(this, [])
+    for slave_id in local:
+        slave = config.saes_by_id.get(slave_id)
+        if slave is None or slave.kme_id != this:
+            raise Forbidden(f"SAE {slave_id} is not an SAE of this KME")
+    master = config.saes_by_id.get(message.master_sae_id)
+    if local and (master is None or master.kme_id != origin):
+        raise Forbidden(f"SAE {message.master_sae_id} is not an SAE of KME {origin}")
+
+
+def _plan(config: KmeConfig, slaves_by_kme: dict[int, list[int]], path: list[int]) -> dict[int, dict[int, list[int]]]:
+    """The destinations grouped by next hop: {neighbour: {destination KME: slave SAEs}}."""
+    this = config.this_kme.id
+    plan: dict[int, dict[int, list[int]]] = {}
+    for kme_id, slaves in sorted(slaves_by_kme.items()):
+        hop = config.next_hop(kme_id)
+        if hop is None:
+            raise RelayFailure(this, kme_id, "no_route")
+        if hop.id in path:
+            raise RelayFailure(this, hop.id, "loop")
+        plan.setdefault(hop.id, {})[kme_id] = slaves
+    return plan
+
+
+def _reserve(config: KmeConfig, relay_id: str, counts: dict[int, int],
+             activation_ids: dict[int, str] | None = None) -> list[Branch]:
+    """Reserve the keys of each next hop (borrowing from the neighbour's direction when ours is short); all or none."""
+    branches: list[Branch] = []
+    for hop, count in counts.items():
+        peer = config.other_kmes_by_id[hop]
+        activation_id = (activation_ids or {}).get(hop) or new_key_id()
+        try:
+            branches.append(reserve_borrowing(
+                peer, lambda: relays.reserve_branch(hop, activation_id, count, relay_id), count))
+        except (NotEnoughKeys, PeerFailure):
+            relays.release_branches(branches)
+            metrics.RELAY_FAILURES.labels(str(hop), "no_keys").inc()
+            raise RelayFailure(config.this_kme.id, hop, "no_keys") from None
+    return branches
+
+
+def _body(node: Node, branch: Branch, keys: list[DeliveredKeyMaterial], targets: dict[int, list[int]],
+          path: list[int], timeout: float, plain: bool, size_bits: int) -> bytes:
+    """The relay message of one hop: the keys sealed with its pads (or, on the key's own link, only named)."""
+    per_key = len(branch.parts[:-1]) // len(keys)
+    wire_keys = []
+    for index, key in enumerate(keys):
+        parts = branch.parts[index * per_key:(index + 1) * per_key]
+        entry = {"key_ID": key.key_id, "parts": [{"file": name, "position": position} for name, position in parts]}
+        if not plain:
+            pad = b"".join(branch.materials[index * per_key:(index + 1) * per_key])
+            entry["sealed"] = base64.b64encode(one_time.xor(key.material, pad)).decode()
+        wire_keys.append(entry)
+    name, position = branch.parts[-1]
+    return json.dumps({
+        "activation_ID": branch.activation_id, "relay_ID": node.relay_id, "path": path,
+        "master_SAE_ID": node.master_sae_id, "size": size_bits, "hold": node.hold,
+        "timeout_ms": max(1, int(timeout * 1000)),
+        "targets": [{"kme_ID": kme_id, "slave_SAE_IDs": slaves} for kme_id, slaves in sorted(targets.items())],
+        "keys": wire_keys, "mac_part": {"file": name, "position": position},
+    }, separators=(",", ":")).encode()
+
+
+def _pass_on(config: KmeConfig, node: Node, keys: list[DeliveredKeyMaterial], plan: dict[int, dict[int, list[int]]],
+             path: list[int], budget: float | None, started: float) -> None:
+    """Send each next hop its message, then commit the relay here, or fail it and raise the RelayFailure."""
+    this = config.this_kme.id
+    size_bits = len(keys[0].material) * 8
+    sent, unsent, to_settle = [], [], []
+    failure = None
+    for branch in node.branches:
+        if failure is not None:
+            unsent.append(branch)
+            continue
+        peer = config.other_kmes_by_id[branch.link_id]
+        timeout = peer.read_timeout_seconds
+        if budget is not None:
+            timeout = min(timeout, budget - (time.monotonic() - started))
+        if timeout <= 0:
+            unsent.append(branch)
+            failure = RelayFailure(this, peer.id, "unknown")
+            continue
+        body = _body(node, branch, keys, plan[peer.id], path, timeout, not node.incoming and branch is node.branches[0],
+                     size_bits)
+        try:
+            answer = client_for(peer).relay(body, one_time.tag(branch.materials[-1], body), timeout)
+        except PeerUnreachable:
+            unsent.append(branch)
+            failure = RelayFailure(this, peer.id, "unreachable")
+        except PeerRefused as exc:
+            to_settle.append(branch)
+            log.warning("relay %s to KME %s: %s: %s", node.relay_id, peer.id, exc, exc.detail)
+            failure = _passed_back(exc.relay_failure) or RelayFailure(this, peer.id, "refused", exc.status)
+        except PeerOutcomeUnknown as exc:
+            to_settle.append(branch)
+            log.warning("relay %s to KME %s: %s", node.relay_id, peer.id, exc)
+            failure = RelayFailure(this, peer.id, "unknown")
+        except PeerError as exc:
+            unsent.append(branch)
+            log.warning("relay %s to KME %s: %s", node.relay_id, peer.id, exc)
+            failure = RelayFailure(this, peer.id, "unreachable")
+        else:
+            if answer.get("activated") != len(keys):
+                to_settle.append(branch)
+                failure = RelayFailure(this, peer.id, "unknown")
+            else:
+                sent.append(branch)
+    if failure is None:
+        try:
+            relays.complete(node, keys)
+            metrics.RELAYS.labels("passed_on" if node.incoming else "started").inc()
+            return
+        except PeerFailure:
+            failure = RelayFailure(this, node.incoming[0] if node.incoming else this, "cancelled")
+    metrics.RELAY_FAILURES.labels(str(failure.next_kme), failure.reason).inc()
+    relays.fail(node, unsent, to_settle + sent, str(failure))
+    raise failure
+
+
+def _passed_back(detail: dict | None) -> RelayFailure | None:
+    """A failure further on, as the next hop reported it, if it has the shape of one of ours."""
+    if not detail:
+        return None
+    at, next_kme, reason, status = (detail.get(name) for name in ("at_KME_ID", "next_KME_ID", "reason", "status"))
+    if not (isinstance(at, int) and isinstance(next_kme, int) and reason in RelayFailure.REASONS
+            and (status is None or isinstance(status, int))):
+        return None
+    return RelayFailure(at, next_kme, reason, status)
+
+
+def cancel(config: KmeConfig, caller: OtherKme, activation_id: str, parts: list[tuple[str, int]]) -> None:
+    """Make sure a relay hop of ``caller`` never takes effect here nor after (its next hops by the background)."""
+    relays.cancel(config.this_kme.id, caller.id, activation_id, parts)
+
+
+def release(config: KmeConfig, caller: OtherKme, activation_id: str) -> None:
+    """A held multicast relay was decided: our slaves may fetch its keys, and the next hops hear it at once."""
+    send_releases(config, relays.release(caller.id, activation_id))
+
+
+def send_releases(config: KmeConfig, pending: list[tuple[str, int, dict]]) -> None:
+    """Send releases to next hops; one that fails stays recorded for the background worker to send again."""
+    for activation_id, link_id, request in pending:
+        peer = config.other_kmes_by_id.get(link_id)
+        if peer is None:
+            continue
+        try:
+            client_for(peer).release_relay(request)
+        except PeerRefused as exc:
+            # The hop does not hold the relay (its database was replaced): asking again would change nothing.
+            log.warning("release of relay activation %s refused by KME %s: %s", activation_id, link_id, exc.detail)
+            relays.released(activation_id, f"refused by KME {link_id} (HTTP {exc.status})")
+            continue
+        except PeerError as exc:
+            log.info("release of relay activation %s not sent yet: %s", activation_id, exc)
+            continue
+        relays.released(activation_id)
+
+
+def decode_sealed(text: str | None) -> bytes | None:
+    """The bytes of a ``sealed`` field (400 if it is not base64)."""
+    if text is None:
+        return None
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise BadRequest("sealed: not base64") from None
