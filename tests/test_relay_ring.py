@@ -65,7 +65,7 @@ def test_multicast_is_all_or_none_when_one_branch_fails(ring):
     # The branch through KME 2 had arrived, held from its slaves: cancelled there and at KME 3.
     # KME 3, the last hop of that branch, said it held them (key IDs, never keys).
     held = [line.split()[1] for (line,) in ring[3].ledger._query(
-        "SELECT message FROM events WHERE message LIKE '%once the relay is released' ORDER BY id DESC LIMIT 2")]
+        "SELECT message FROM events WHERE message LIKE ? ORDER BY id DESC LIMIT 2", "%once the relay is released")]
     assert len(held) == 2
     for kme, slave in ((2, 3), (3, 5)):
         refused = dec_keys(ring, kme, slave, 1, [{"key_ID": key_id} for key_id in held])
