@@ -3,6 +3,7 @@
 - "hang": reads the request and never answers;
 - "garbage": answers 200 with an HTML body;
 - "refuse": answers 409 with an ETSI Error body;
+- "miscount": confirms the activation, with none of its keys activated;
 - "broken": sends the headers of a chunked answer, half a chunk, and closes;
 - "late": trickles a valid confirmation of the activation, byte by byte, until
   a cancel of it arrives; then finishes the confirmation, and confirms the
@@ -95,6 +96,9 @@ class FakePeer:
     def _answer_activation(self, conn, body: bytes) -> None:
         if self.mode == "garbage":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 9\r\n\r\n<b>hi</b>")
+        elif self.mode == "miscount":
+            head, answer = _json_answer({"activation_ID": json.loads(body)["activation_ID"], "activated": 0})
+            conn.sendall(head + answer)
         elif self.mode == "refuse":
             answer = json.dumps({"message": "keys not available"}).encode()
             conn.sendall(b"HTTP/1.1 409 Conflict\r\nContent-Type: application/json\r\nContent-Length: "

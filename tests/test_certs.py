@@ -38,3 +38,19 @@ def test_gen_certs_writes_a_pki_that_verifies(tmp_path):
 def test_gen_certs_rejects_a_malformed_sae(tmp_path):
     result = run_cli(["gen-certs", "--out", str(tmp_path), "--sae", "one"], None)
     assert result.returncode != 0 and "SAE_ID@KME_ID" in result.stderr
+
+
+def test_gen_certs_for_a_network_of_four_kmes(tmp_path):
+    result = run_cli(["gen-certs", "--out", str(tmp_path), "--sae", "1@1", "--sae", "5@3", "--kme", "2", "--kme",
+                      "4"], None)
+    assert result.returncode == 0, result.stderr
+    serials = dict(re.findall(r"(\S+): \"https_client_certificate_serial\": (\[[\d, ]+\])", result.stdout))
+    pairs = {f"kme{a}-to-kme{b}" for a in (1, 2, 3, 4) for b in (1, 2, 3, 4) if a != b}
+    assert set(serials) == {"sae1", "sae5"} | pairs
+    for pair in pairs:
+        caller, callee = re.match(r"kme(\d)-to-kme(\d)", pair).groups()
+        _, client, _ = pkcs12.load_key_and_certificates((tmp_path / f"kme{caller}" / f"{pair}.pfx").read_bytes(),
+                                                        b"password")
+        client.verify_directly_issued_by(
+            x509.load_pem_x509_certificate((tmp_path / f"kme{callee}" / "ca_kmes.crt").read_bytes()))
+    assert (tmp_path / "kme4" / "kme_server.crt").exists()

@@ -189,6 +189,8 @@ def test_a_relay_is_idempotent_end_to_end_and_so_is_its_cancel(network):
     key_id = json.loads(body)["keys"][0]["key_ID"]
     got = network[2].sae(3).get(f"{network[2].url()}/keys/5/dec_keys", params={"key_ID": key_id}, timeout=10)
     assert base64.b64decode(got.json()["keys"][0]["key"]) == key
+    as_direct = {**activation(5, [1], [("l13.cor", 1)]), "activation_ID": json.loads(body)["activation_ID"]}
+    assert "is a relay" in refused(network, lambda: to_kme1.cancel(as_direct))
     cancel = {"activation_ID": json.loads(body)["activation_ID"],
               "parts": [json.loads(body)["keys"][0]["parts"][0], json.loads(body)["mac_part"]]}
     to_kme1.cancel_relay(cancel)

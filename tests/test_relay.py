@@ -148,6 +148,7 @@ def _fake_kme_3(line, mode):
     ("hang", "KME 3 did not answer in time or answered wrongly"),
     ("refuse", "KME 3 refused it (HTTP 409)"),
     ("garbage", "KME 3 did not answer in time or answered wrongly"),
+    ("miscount", "KME 3 did not answer in time or answered wrongly"),
 ])
 def test_a_failing_middle_node_is_named_and_every_link_accounts_for_it(line, failure, reason):
     before = assert_links_exact(line)

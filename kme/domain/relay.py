@@ -197,10 +197,6 @@ def _pass_on(config: KmeConfig, node: Node, keys: list[DeliveredKeyMaterial], pl
             to_settle.append(branch)
             log.warning("relay %s to KME %s: %s", node.relay_id, peer.id, exc)
             failure = RelayFailure(this, peer.id, "unknown")
-        except PeerError as exc:
-            unsent.append(branch)
-            log.warning("relay %s to KME %s: %s", node.relay_id, peer.id, exc)
-            failure = RelayFailure(this, peer.id, "unreachable")
         else:
             if answer.get("activated") != len(keys):
                 to_settle.append(branch)

@@ -93,8 +93,9 @@ def cancel(this_kme_id: int, link_id: int, request: ActivationRequest) -> None:
     with write_transaction() as session:
         statements.lock_name(session, request.activation_id)
         known = session.get(IncomingActivation, request.activation_id)
-        if known is not None and known.link_id != link_id:
-            raise ActivationConflict(f"activation {request.activation_id} belongs to another link")
+        if known is not None and (known.link_id != link_id or known.relay is not None):
+            raise ActivationConflict(f"activation {request.activation_id} belongs to another link, or is a relay "
+                                     "(cancelled as such)")
         if known is not None and known.state == CANCELLED:
             return
         if known is not None:

@@ -155,7 +155,8 @@ def receive(this_kme_id: int, link_id: int, message: Message, body: bytes, mac: 
                                       f"KME {' and '.join(map(str, sorted(onward)))}")
             return Received(keys, None)
         statements.delete_pool_keys(connection, ids)
-        _store_for_slaves(connection, link_id, message.master_sae_id, local_slaves, keys, now, message.hold)
+        # A held multicast relay lets our slaves fetch only once it is released.
+        store_delivered(connection, link_id, message.master_sae_id, [] if message.hold else local_slaves, keys, now)
         update_link(connection, link_id, removed=materials, added=[key.material for key in keys],
                     peer_held=unconfirmed - len(rows), unconfirmed=-unconfirmed, delivered=len(rows),
                     relayed=len(rows))
@@ -165,12 +166,6 @@ def receive(this_kme_id: int, link_id: int, message: Message, body: bytes, mac: 
         return Received(keys, len(keys))
 
     return grouped_write(work)
-
-
-def _store_for_slaves(connection, link_id: int, master_sae_id: int, slaves: list[int],
-                      keys: list[DeliveredKeyMaterial], now: str, hold: bool) -> None:
-    """Keep the keys for our slaves; a held multicast relay lets them fetch only once released."""
-    store_delivered(connection, link_id, master_sae_id, [] if hold else slaves, keys, now)
 
 
 def _record_arrival(connection, message: Message, slaves: list[int], keys: list[DeliveredKeyMaterial]) -> None:
