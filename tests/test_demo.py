@@ -9,6 +9,9 @@ import pytest
 
 from tests.support import ROOT, wait_until
 
+# The demo runs on the SQLite files of its own configurations, whatever engine the pass tests.
+pytestmark = pytest.mark.engine_independent
+
 README = (ROOT / "README.md").read_text()
 
 
