@@ -49,6 +49,8 @@ def pytest_runtest_setup(item):
         pytest.skip(f"SQLite's own mechanism; the suite runs on {support.ENGINE} now")
     if item.get_closest_marker("engine_independent"):
         pytest.skip("uses no database: run once, with SQLite")
+    if item.get_closest_marker("one_engine"):
+        pytest.skip("above the storage layer, whose statements other tests run here: run once, with SQLite")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """A network of real KMEs on 127.0.0.1 for tests: configs, link key files, processes."""
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kme.config import parse_config
@@ -60,9 +61,9 @@ class Kme:
             if name == "ingest":
                 self.processes[name] = start_ingest_worker(self.config, log)
             elif name == "sae":
-                self.processes[name] = start_sae_interface(self.config, log)
+                self.processes[name] = start_sae_interface(self.config, log, workers=self.network.workers)
             elif name == "kme":
-                self.processes[name] = start_kme_interface(self.config, log)
+                self.processes[name] = start_kme_interface(self.config, log, workers=self.network.workers)
             else:
                 self.processes[name] = start_debug_page(self.config, log)
 
@@ -77,9 +78,11 @@ class Network:
     """KMEs linked pairwise; every process is stopped by stop_all()."""
 
     def __init__(self, folder: Path, pki: Pki, links: list[tuple[int, int]],
-                 routes: dict[int, dict[int, int]] | None = None, **this_kme_extra):
-        """``routes``: per KME, destination KME -> next hop, for KMEs it has no link with."""
+                 routes: dict[int, dict[int, int]] | None = None, workers: int = 2, **this_kme_extra):
+        """``routes``: per KME, destination KME -> next hop, for KMEs it has no link with; ``workers``: gunicorn
+        workers of each interface (networks of many KMEs start faster with one)."""
         self.pki = pki
+        self.workers = workers
         self.json_logs = this_kme_extra.get("log_format") == "json"
         ids = sorted({kme for link in links for kme in link})
         ports = {kme: free_port() for kme in ids}
@@ -159,13 +162,19 @@ class Network:
         return self
 
     def start_all(self) -> None:
+        """Start every KME, side by side (each its processes in turn), and wait until all serve."""
         try:
-            for kme in self.kmes.values():
-                kme.start()
+            with ThreadPoolExecutor(len(self.kmes)) as pool:
+                for started in [pool.submit(kme.start) for kme in self.kmes.values()]:
+                    started.result()
         except BaseException:
             self.stop_all()
             raise
 
     def stop_all(self) -> None:
+        # Every process is asked at once, then waited for: they shut down side by side.
+        for kme in self.kmes.values():
+            for process in kme.processes.values():
+                process.terminate()
         for kme in self.kmes.values():
             kme.stop()

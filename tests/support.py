@@ -209,6 +209,7 @@ class Process:
         self.log_start = self.log.tell()
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
+        self.terminated = False
 
     def output(self) -> str:
         with open(self.log_path, "rb") as handle:
@@ -224,9 +225,15 @@ class Process:
                 raise TimeoutError(f"{text!r} not seen in:\n{self.output()}")
             time.sleep(0.02)
 
+    def terminate(self) -> None:
+        """Ask the process to stop (once), without waiting: stop() then waits for it."""
+        if self.proc.poll() is None and not self.terminated:
+            self.proc.send_signal(signal.SIGTERM)
+            self.terminated = True
+
     def stop(self, timeout: float = 15) -> None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

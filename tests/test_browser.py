@@ -10,6 +10,8 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+# What the page's own script shows; the figures' statements run on both engines in test_debug_page.py.
+pytestmark = pytest.mark.one_engine
 
 
 @pytest.fixture

@@ -5,6 +5,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.network import Network
+
+# Routing and multicast over several next hops: the statements of each hop are those of test_relay.py, which
+# runs on both engines.
+pytestmark = pytest.mark.one_engine
 from tests.test_relay import assert_links_exact, dec_keys, enc_keys
 
 KEYS_PER_LINK = 400
@@ -16,7 +20,7 @@ OPPOSITE = {(1, 1): (3, 5), (2, 3): (4, 6), (3, 5): (1, 1), (4, 6): (2, 3)}
 
 @pytest.fixture(scope="module")
 def ring(tmp_path_factory, pki):
-    network = Network(tmp_path_factory.mktemp("ring"), pki, LINKS, routes=ROUTES)
+    network = Network(tmp_path_factory.mktemp("ring"), pki, LINKS, routes=ROUTES, workers=1)
     try:
         yield network.start_with_links(LINKS, KEYS_PER_LINK)
     finally:
