@@ -8,6 +8,7 @@ import pytest
 from kme.domain import one_time
 from kme.interfaces.peer_client import RELAY_MAC_HEADER, PeerRefused
 from tests.network import Network
+from tests.support import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +161,10 @@ def test_a_peers_own_words_go_to_the_log_not_to_the_sae(network):
     assert response.status_code == 503
     assert response.json() == {"message": "KME 3 refused the request (HTTP 409)"}
     assert "not available on this KME" in kme1.processes["sae"].output()
+    # KME 1's background worker cancels the refused activation and discards its key; the tests after this one
+    # check that their calls change nothing at KME 1, so it must be done first.
+    wait_until(lambda: not kme1.ledger._query("SELECT 1 FROM outgoing_activations"), 20)
+    assert kme1.ledger.assert_exact(3)["reserved"] == 0
 
 
 def relay_from_kme3(network, targets: dict[int, list[int]], path=(3,), sealed: bytes | None = None, size=256):
@@ -193,9 +198,14 @@ def test_a_relay_is_idempotent_end_to_end_and_so_is_its_cancel(network):
     assert "is a relay" in refused(network, lambda: to_kme1.cancel(as_direct))
     cancel = {"activation_ID": json.loads(body)["activation_ID"],
               "parts": [json.loads(body)["keys"][0]["parts"][0], json.loads(body)["mac_part"]]}
+    before = network[2].ledger.assert_exact(1)
     to_kme1.cancel_relay(cancel)
     to_kme1.cancel_relay(cancel)
     assert "cancelled" in refused(network, lambda: to_kme1.relay(body, mac, 5))
+    # The cancel follows the key to KME 2 (KME 1's background worker): both parts of that hop discarded there.
+    wait_until(lambda: not network[1].ledger._query("SELECT 1 FROM outgoing_activations"), 20)
+    after = network[2].ledger.assert_exact(1)
+    assert (after["delivered"], after["discarded"]) == (before["delivered"] - 2, before["discarded"] + 2)
 
 
 def test_a_relay_that_fails_its_mac_is_400_and_changes_nothing(network):

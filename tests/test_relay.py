@@ -207,6 +207,14 @@ def test_a_release_is_sent_again_until_the_next_hop_answers_and_dropped_if_refus
     wait_until(lambda: line[3].ledger._query(pending, activation_id)[0][0] == 0, 30)
     assert line[3].ledger._query("SELECT COUNT(*) FROM events WHERE message LIKE ?",
                                  f"Release of relay activation {activation_id} refused by KME 4 (HTTP 409)%")[0][0] == 1
+    # A release for a link no longer configured is dropped the same way.
+    gone = str(uuid.uuid4())
+    line[3].ledger.write(("INSERT INTO outgoing_activations (activation_id, link_id, state, created_at, request) "
+                          "VALUES (?, 9, 'releasing', ?, ?)", gone, "2026-12-01T00:00:00.000000Z",
+                          json.dumps({"wire": {**wire, "activation_ID": gone}, "relay": True})))
+    wait_until(lambda: line[3].ledger._query(pending, gone)[0][0] == 0, 30)
+    assert line[3].ledger._query("SELECT COUNT(*) FROM events WHERE message LIKE ?",
+                                 f"Release of relay activation {gone} not sent: KME 9 left the configuration%")[0][0] == 1
     assert_links_exact(line)
 
 

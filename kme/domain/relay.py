@@ -241,6 +241,7 @@ def send_releases(config: KmeConfig, pending: list[tuple[str, int, dict]]) -> No
     for activation_id, link_id, request in pending:
         peer = config.other_kmes_by_id.get(link_id)
         if peer is None:
+            relays.released(activation_id, f"not sent: KME {link_id} left the configuration")
             continue
         try:
             client_for(peer).release_relay(request)
