@@ -6,7 +6,8 @@ import uuid
 import pytest
 
 from kme.domain import one_time
-from kme.interfaces.peer_client import RELAY_MAC_HEADER, PeerRefused
+from kme.interfaces.kme_wire import RELAY_MAC_HEADER
+from kme.interfaces.peer_client import PeerRefused
 from tests.network import Network
 from tests.support import wait_until
 
@@ -187,9 +188,9 @@ def relay_from_kme3(network, targets: dict[int, list[int]], path=(3,), sealed: b
 def test_a_relay_is_idempotent_end_to_end_and_so_is_its_cancel(network):
     to_kme1 = network.peer_client(3, 1)
     body, mac, key = relay_from_kme3(network, {2: [3]})
-    first = to_kme1.relay(body, mac, 5)
-    assert to_kme1.relay(body, mac, 5) == first == {"activation_ID": json.loads(body)["activation_ID"],
-                                                     "activated": 1}
+    activation_id = json.loads(body)["activation_ID"]
+    first = to_kme1.relay(activation_id, body, mac, 5)
+    assert to_kme1.relay(activation_id, body, mac, 5) == first == {"activation_ID": activation_id, "activated": 1}
     assert network[2].ledger.waiting() == 1
     key_id = json.loads(body)["keys"][0]["key_ID"]
     got = network[2].sae(3).get(f"{network[2].url()}/keys/5/dec_keys", params={"key_ID": key_id}, timeout=10)
@@ -201,7 +202,7 @@ def test_a_relay_is_idempotent_end_to_end_and_so_is_its_cancel(network):
     before = network[2].ledger.assert_exact(1)
     to_kme1.cancel_relay(cancel)
     to_kme1.cancel_relay(cancel)
-    assert "cancelled" in refused(network, lambda: to_kme1.relay(body, mac, 5))
+    assert "cancelled" in refused(network, lambda: to_kme1.relay(activation_id, body, mac, 5))
     # The cancel follows the key to KME 2 (KME 1's background worker): both parts of that hop discarded there.
     wait_until(lambda: not network[1].ledger._query("SELECT 1 FROM outgoing_activations"), 20)
     after = network[2].ledger.assert_exact(1)

@@ -10,7 +10,6 @@ it. Any failure answers 503 naming the hop where it happened; keys that
 left a KME on a hop are cancelled at both ends of it, never used again.
 """
 import base64
-import binascii
 import json
 import logging
 import time
@@ -185,7 +184,8 @@ def _pass_on(config: KmeConfig, node: Node, keys: list[DeliveredKeyMaterial], pl
         body = _body(node, branch, keys, plan[peer.id], path, timeout, not node.incoming and branch is node.branches[0],
                      size_bits)
         try:
-            answer = client_for(peer).relay(body, one_time.tag(branch.materials[-1], body), timeout)
+            answer = client_for(peer).relay(branch.activation_id, body, one_time.tag(branch.materials[-1], body),
+                                            timeout)
         except PeerUnreachable:
             unsent.append(branch)
             failure = RelayFailure(this, peer.id, "unreachable")
@@ -255,12 +255,3 @@ def send_releases(config: KmeConfig, pending: list[tuple[str, int, dict]]) -> No
             continue
         relays.released(activation_id)
 
-
-def decode_sealed(text: str | None) -> bytes | None:
-    """The bytes of a ``sealed`` field (400 if it is not base64)."""
-    if text is None:
-        return None
-    try:
-        return base64.b64decode(text, validate=True)
-    except binascii.Error:
-        raise BadRequest("sealed: not base64") from None

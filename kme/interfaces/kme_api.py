@@ -10,11 +10,11 @@ from flask import Blueprint, current_app, g, request
 from marshmallow import ValidationError
 
 from kme.config import OtherKme
-from kme.domain import activation, relay, sharing
-from kme.domain import one_time
+from kme.domain import activation, one_time, relay, sharing
 from kme.domain.errors import BadRequest, NotAuthorized
 from kme.interfaces.identity import client_serial
 from kme.interfaces.kme_wire import (
+    RELAY_MAC_HEADER,
     ActivatedSchema,
     ActivationSchema,
     CancelledSchema,
@@ -26,7 +26,6 @@ from kme.interfaces.kme_wire import (
     RelaySchema,
     ReleasedSchema,
 )
-from kme.interfaces.peer_client import RELAY_MAC_HEADER
 from kme.interfaces.schemas import json_body, load, parse_key_id
 from kme.storage.keystore.incoming import ActivationRequest
 from kme.storage.keystore.relays import Message
@@ -123,10 +122,20 @@ def _relay_message() -> tuple[Message, bytes, bytes]:
         master_sae_id=data["master_SAE_ID"], size_bits=data["size"], hold=data["hold"],
         timeout_seconds=data["timeout_ms"] / 1000, targets=targets,
         keys=[(key["key_ID"], [(part["file"], part["position"]) for part in key["parts"]],
-               relay.decode_sealed(key.get("sealed"))) for key in data["keys"]],
+               _sealed(key.get("sealed"))) for key in data["keys"]],
         mac_part=(data["mac_part"]["file"], data["mac_part"]["position"]),
     )
     return message, body, mac
+
+
+def _sealed(text: str | None) -> bytes | None:
+    """The bytes of a ``sealed`` field (400 if it is not base64)."""
+    if text is None:
+        return None
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise BadRequest("sealed: not base64") from None
 
 
 def _relay_hop(activation_id: str) -> tuple[str, list[tuple[str, int]]]:

@@ -100,6 +100,8 @@ class ProgressAnswerSchema(StrictSchema):
     files = List(Nested(FileOfferSchema), required=True, validate=validate.Length(max=PROGRESS_PAGE))
 
 
+# The header carrying the one-time MAC of a relay message's body (base64).
+RELAY_MAC_HEADER = "KME-Relay-MAC"
 # A trusted node passes a relay on at most this many times (the path's length): a loop the routes missed ends.
 MAX_HOPS = 16
 

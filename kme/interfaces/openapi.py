@@ -17,11 +17,11 @@ from kme.interfaces.kme_wire import (
     LeaseSchema,
     ProgressAnswerSchema,
     ProgressSchema,
+    RELAY_MAC_HEADER,
     RelayCancelSchema,
     RelaySchema,
     ReleasedSchema,
 )
-from kme.interfaces.peer_client import RELAY_MAC_HEADER
 from kme.interfaces.schemas import (
     EntropySchema,
     ErrorSchema,

@@ -8,7 +8,6 @@ PeerUnreachable and PeerRefused mean the peer changed nothing;
 PeerOutcomeUnknown means it may have.
 """
 import base64
-import json
 import logging
 import os
 import ssl
@@ -23,11 +22,9 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NewConnectionError
 
 from kme.config import OtherKme
-from kme.interfaces.kme_wire import LeaseAnswerSchema, ProgressAnswerSchema
+from kme.interfaces.kme_wire import RELAY_MAC_HEADER, LeaseAnswerSchema, ProgressAnswerSchema
 
 _LEASE_ANSWER, _PROGRESS_ANSWER = LeaseAnswerSchema(), ProgressAnswerSchema()
-# The header carrying the one-time MAC of a relay message's body (base64).
-RELAY_MAC_HEADER = "KME-Relay-MAC"
 
 log = logging.getLogger(__name__)
 
@@ -127,33 +124,34 @@ class PeerClient:
 
     def activate(self, request: dict) -> None:
         """Ask the peer to activate keys; returns only once it confirmed."""
-        self._post("/activations", request, "activation_ID")
+        self._post("/activations", request, "activation_ID", request["activation_ID"])
 
     def cancel(self, request: dict) -> None:
         """Make sure the peer never activates, or erases, the keys of an activation."""
-        self._post(f"/activations/{request['activation_ID']}/cancel", request, "activation_ID")
+        activation_id = request["activation_ID"]
+        self._post(f"/activations/{activation_id}/cancel", request, "activation_ID", activation_id)
 
-    def relay(self, body: bytes, mac: bytes, read_timeout: float) -> dict:
-        """Pass a relay on (``body``: the JSON bytes the one-time ``mac`` authenticates); its answer once the
+    def relay(self, activation_id: str, body: bytes, mac: bytes, read_timeout: float) -> dict:
+        """Pass a relay hop on (``body``: the JSON bytes the one-time ``mac`` authenticates); its answer once the
         peer and every hop after it committed."""
-        return self._post("/relays", body, "activation_ID", read_timeout=read_timeout,
+        return self._post("/relays", body, "activation_ID", activation_id, read_timeout=read_timeout,
                           headers={"Content-Type": "application/json", RELAY_MAC_HEADER: base64.b64encode(mac)})
 
     def cancel_relay(self, request: dict) -> None:
         """Make sure a relay hop never takes effect at the peer, nor at any hop after it."""
-        self._post(f"/relays/{request['activation_ID']}/cancel", request, "activation_ID")
+        self._post(f"/relays/{request['activation_ID']}/cancel", request, "activation_ID", request["activation_ID"])
 
     def release_relay(self, request: dict) -> None:
         """Let the slaves of a decided multicast relay fetch its keys, at the peer and every hop after it."""
-        self._post(f"/relays/{request['activation_ID']}/release", request, "activation_ID")
+        self._post(f"/relays/{request['activation_ID']}/release", request, "activation_ID", request["activation_ID"])
 
     def lease(self, request: dict) -> dict:
         """Ask the peer to lend keys of its direction to ours; its answer (runs of positions, its free keys)."""
-        return self._checked(_LEASE_ANSWER, self._post("/leases", request, "lease_ID"))
+        return self._checked(_LEASE_ANSWER, self._post("/leases", request, "lease_ID", request["lease_ID"]))
 
     def exchange_progress(self, push: dict) -> dict:
         """Tell the peer our ingestion progress; its answer carries its own."""
-        return self._checked(_PROGRESS_ANSWER, self._post("/progress", push, "database_ID", echoed=False))
+        return self._checked(_PROGRESS_ANSWER, self._post("/progress", push, "database_ID", None))
 
     def _checked(self, schema, answer: dict) -> dict:
         try:
@@ -161,11 +159,12 @@ class PeerClient:
         except ValidationError:
             raise PeerOutcomeUnknown(f"KME {self.peer.id} answered with an invalid body") from None
 
-    def _post(self, path: str, body: dict | bytes, id_field: str, echoed: bool = True,
+    def _post(self, path: str, body: dict | bytes, id_field: str, expected_id: str | None,
               read_timeout: float | None = None, headers: dict | None = None) -> dict:
+        """POST ``body`` (an object, or JSON bytes sent as they are); the answer, whose ``id_field`` must be a
+        string, equal to ``expected_id`` unless that is None."""
         name = f"KME {self.peer.id}"
         read_timeout = read_timeout or self.peer.read_timeout_seconds
-        sent = json.loads(body) if isinstance(body, bytes) else body
         try:
             response = self.session.post(self.base + path, **({"data": body} if isinstance(body, bytes)
                                                                else {"json": body}),
@@ -193,7 +192,7 @@ class PeerClient:
                 raise PeerRefused(f"{name} refused the request (HTTP {response.status_code})", answer["message"],
                                   response.status_code, _relay_failure(answer))
             raise PeerOutcomeUnknown(f"{name} answered HTTP {response.status_code} with an unknown body")
-        if not isinstance(answer.get(id_field), str) or (echoed and answer[id_field] != sent[id_field]):
+        if not isinstance(answer.get(id_field), str) or (expected_id is not None and answer[id_field] != expected_id):
             raise PeerOutcomeUnknown(f"{name} answered with an unexpected body")
         return answer
 

@@ -138,8 +138,8 @@ def receive(this_kme_id: int, link_id: int, message: Message, body: bytes, mac: 
             raise ActivationConflict("a key ID of this relay is already in use")
         now = events.utc_now()
         unconfirmed = sum(1 for row in rows.values() if row.state == UNCONFIRMED)
-        record = {"relay_ID": message.relay_id, "origin": message.path[0], "master": message.master_sae_id,
-                  "parts": len(parts), "local_slaves": local_slaves, "held": message.hold, "released": False,
+        record = {"relay_ID": message.relay_id, "parts": len(parts), "local_slaves": local_slaves,
+                  "held": message.hold, "released": False,
                   "onward": {str(link): {"activation_ID": activation_id} for link, activation_id in onward.items()}}
         ids = [row.id for row in rows.values()]
         materials = [row.material for row in rows.values()]
