@@ -8,9 +8,17 @@
 - "late": trickles a valid confirmation of the activation, byte by byte, until
   a cancel of it arrives; then finishes the confirmation, and confirms the
   cancel only once the test sets ``release_cancel`` (the order that once
-  handed cancelled keys to a master SAE).
+  handed cancelled keys to a master SAE);
+- "corrupt": reads the whole request (an activation, relay or lease), then
+  sends one TLS record that does not decrypt, as a damaged answer would;
+- "refuse_certificate": TLS 1.3 only, and it trusts no CA of ours: it
+  refuses the caller's certificate after the caller finished its handshake,
+  so the request is already on its way (it counts the bytes that still came);
+- "refuse_certificate_tls12": the same in TLS 1.2, where the refusal ends the
+  handshake before the caller can send anything.
 """
 import json
+import os
 import socket
 import ssl
 import threading
@@ -46,7 +54,8 @@ def _json_answer(payload: dict) -> tuple[bytes, bytes]:
 class FakePeer:
     """Listens on 127.0.0.1:port with the peer's server certificate and misbehaves by ``mode``."""
 
-    def __init__(self, port: int, cert: str, key: str, mode: str):
+    def __init__(self, port: int, cert: str, key: str, mode: str, untrusted_ca: str | None = None):
+        """``untrusted_ca``: with "refuse_certificate", the only CA whose client certificates it accepts."""
         self.mode = mode
         # Set when an activation arrives (the background worker's health probes also come here).
         self.activation_received = threading.Event()
@@ -56,6 +65,14 @@ class FakePeer:
         self._stop = threading.Event()
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.load_cert_chain(cert, key)
+        if mode.startswith("refuse_certificate"):
+            version = ssl.TLSVersion.TLSv1_2 if mode.endswith("tls12") else ssl.TLSVersion.TLSv1_3
+            self._context.minimum_version = self._context.maximum_version = version
+            self._context.verify_mode = ssl.CERT_REQUIRED
+            self._context.load_verify_locations(untrusted_ca)
+        # Bytes of requests that arrived after their certificate was refused ("refuse_certificate").
+        self.bytes_after_refusal = 0
+        self.refused = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", port))
         self._listener.settimeout(0.2)
         self._connections: list[socket.socket] = []
@@ -76,22 +93,56 @@ class FakePeer:
     def _handle(self, raw) -> None:
         raw.settimeout(5)
         try:
-            conn = self._context.wrap_socket(raw, server_side=True)
-        except (OSError, ssl.SSLError):
+            conn = self._context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            self._connections.append(conn)
+            conn.do_handshake()
+        except ssl.SSLError:
+            if self.mode.startswith("refuse_certificate"):
+                self._drain_refused(conn)
+            conn.close()
+            return
+        except OSError:
             raw.close()
             return
-        self._connections.append(conn)
         try:
             head, body = _read_request(conn)
             line = head.split(b"\r\n")[0]
             if line.startswith((b"POST /api/v1/kme/activations/", b"POST /api/v1/kme/relays/")) and b"/cancel" in line:
                 self.cancel_received.set()
                 self._answer_cancel(conn, body)
+            elif self.mode == "corrupt" and line.startswith(b"POST /api/v1/kme/"):
+                self.activation_received.set()
+                self._corrupt(conn)
             elif line.startswith((b"POST /api/v1/kme/activations", b"POST /api/v1/kme/relays")):
                 self.activation_received.set()
                 self._answer_activation(conn, body)
         except (OSError, ValueError):
             conn.close()
+
+    def _drain_refused(self, conn) -> None:
+        """After the alert: read what the caller still sends until it closes, so no reset races the alert."""
+        plain = socket.socket(fileno=os.dup(conn.fileno()))
+        plain.settimeout(5)
+        try:
+            plain.shutdown(socket.SHUT_WR)
+            while chunk := plain.recv(65536):
+                self.bytes_after_refusal += len(chunk)
+        except OSError:
+            pass
+        finally:
+            plain.close()
+            self.refused.set()
+
+    @staticmethod
+    def _corrupt(conn) -> None:
+        """One application-data record of random bytes under the TLS layer: the caller cannot decrypt it."""
+        plain = socket.socket(fileno=os.dup(conn.fileno()))
+        plain.settimeout(5)
+        try:
+            plain.sendall(b"\x17\x03\x03\x00\x40" + os.urandom(64))
+            plain.shutdown(socket.SHUT_WR)
+        finally:
+            plain.close()
 
     def _answer_activation(self, conn, body: bytes) -> None:
         if self.mode == "garbage":

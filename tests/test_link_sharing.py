@@ -12,6 +12,7 @@ import threading
 import pytest
 import requests
 
+from tests.fake_peer import FakePeer
 from tests.faults import kill_family
 from tests.network import Network
 from tests.support import wait_until
@@ -207,6 +208,31 @@ def test_a_lease_whose_answer_was_lost_is_asked_again_and_nothing_is_lost(networ
     borrowed = [message for (message,) in network[2].ledger._query("SELECT message FROM events")
                 if lease_id in message]
     assert count and borrowed == [f"Borrowed {count} keys from KME 1's direction of the link (lease {lease_id})"]
+    assert_exact_and_disjoint(network)
+    assert take(network, 2, 4).status_code == 200
+    assert_exact_and_disjoint(network)
+
+
+@pytest.mark.one_engine
+@pytest.mark.parametrize("mode", ["corrupt", "refuse_certificate"])
+def test_a_lease_whose_request_left_before_tls_failed_is_kept_and_asked_again(network, mode):
+    """A TLS error once the lease request started (a damaged answer; a TLS 1.3 lender refusing our certificate
+    after the request left) may hide a lease the lender committed: the borrower keeps it and asks again."""
+    network.write_link_file(1, 2, "link.cor", 200)
+    confirmed(network, 200)
+    network[1].stop("kme")
+    certs = network.pki.folder / "kme1"
+    lender = FakePeer(network[1].port("kmes_https_interface"), str(certs / "kme_server.crt"),
+                      str(certs / "kme_server.key"), mode, untrusted_ca=str(certs / "ca_saes.crt"))
+    try:
+        answer = take(network, 2, 4)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["message"].startswith("KME 1 broke TLS after the request was sent")
+        assert pending_leases(network[2]) == 1
+    finally:
+        lender.close()
+    network[1].start("kme")
+    wait_until(lambda: pending_leases(network[2]) == 0, timeout=30)
     assert_exact_and_disjoint(network)
     assert take(network, 2, 4).status_code == 200
     assert_exact_and_disjoint(network)

@@ -5,7 +5,10 @@ certificate comes from the configured PKCS#12 file; the peer's server
 certificate is checked against ``server_ca_cert_path`` or the system trust
 store, never skipped. Failures are sorted by what they prove:
 PeerUnreachable and PeerRefused mean the peer changed nothing;
-PeerOutcomeUnknown means it may have.
+PeerOutcomeUnknown means it may have. A failure is "unreachable" only when
+no byte of the request can have been written: the connection marks the
+moment it starts writing, and any failure after it (a TLS alert or a
+corrupted record included) is an unknown outcome.
 """
 import base64
 import logging
@@ -19,6 +22,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from marshmallow import ValidationError
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPSConnection
+from urllib3.connectionpool import HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError
 
 from kme.config import OtherKme
@@ -76,6 +81,26 @@ def client_context(peer: OtherKme) -> ssl.SSLContext:
     return context
 
 
+_writing = threading.local()
+
+
+class _MarkingConnection(HTTPSConnection):
+    """Records, for the calling thread, that a request's bytes may be on the wire from now on.
+
+    The TLS handshake happens before ``request`` (urllib3 connects in
+    ``_validate_conn``); with TLS 1.3 the server checks our certificate only
+    after we finished, so its refusal arrives once the request left.
+    """
+
+    def request(self, *args, **kwargs):
+        _writing.started = True
+        return super().request(*args, **kwargs)
+
+
+class _MarkingPool(HTTPSConnectionPool):
+    ConnectionCls = _MarkingConnection
+
+
 class _ContextAdapter(HTTPAdapter):
     """Uses our SSL context for every connection; trust comes from it alone."""
 
@@ -85,7 +110,8 @@ class _ContextAdapter(HTTPAdapter):
 
     def init_poolmanager(self, *args, **kwargs):
         kwargs["ssl_context"] = self._context
-        return super().init_poolmanager(*args, **kwargs)
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {**self.poolmanager.pool_classes_by_scheme, "https": _MarkingPool}
 
     def proxy_manager_for(self, proxy, **kwargs):
         kwargs["ssl_context"] = self._context
@@ -165,20 +191,21 @@ class PeerClient:
         string, equal to ``expected_id`` unless that is None."""
         name = f"KME {self.peer.id}"
         read_timeout = read_timeout or self.peer.read_timeout_seconds
+        _writing.started = False
         try:
             response = self.session.post(self.base + path, **({"data": body} if isinstance(body, bytes)
                                                                else {"json": body}),
                                          headers=headers, timeout=(self.peer.connect_timeout_seconds, read_timeout))
-        except (requests.exceptions.ConnectTimeout, requests.exceptions.SSLError) as exc:
-            raise PeerUnreachable(f"{name} could not be reached ({exc.__class__.__name__})") from None
-        except requests.exceptions.ConnectionError as exc:
-            reason = getattr(exc.args[0], "reason", None) if exc.args else None
-            if isinstance(reason, NewConnectionError):
-                raise PeerUnreachable(f"{name} could not be reached (connection refused)") from None
-            raise PeerOutcomeUnknown(f"{name} dropped the connection before answering") from None
-        except requests.exceptions.Timeout:
-            raise PeerOutcomeUnknown(f"{name} did not answer within {read_timeout:.1f} s") from None
         except requests.exceptions.RequestException as exc:
+            if not _writing.started:
+                # Refused, timed out or failed before the request: not one byte of it left.
+                raise PeerUnreachable(f"{name} could not be reached ({_unreachable_reason(exc)})") from None
+            if isinstance(exc, requests.exceptions.Timeout):
+                raise PeerOutcomeUnknown(f"{name} did not answer within {read_timeout:.1f} s") from None
+            if isinstance(exc, requests.exceptions.SSLError):
+                raise PeerOutcomeUnknown(f"{name} broke TLS after the request was sent") from None
+            if isinstance(exc, requests.exceptions.ConnectionError):
+                raise PeerOutcomeUnknown(f"{name} dropped the connection before answering") from None
             # The answer broke off or could not be decoded (e.g. a peer dying after its headers).
             raise PeerOutcomeUnknown(f"{name} sent a broken answer ({exc.__class__.__name__})") from None
         try:
@@ -195,6 +222,14 @@ class PeerClient:
         if not isinstance(answer.get(id_field), str) or (expected_id is not None and answer[id_field] != expected_id):
             raise PeerOutcomeUnknown(f"{name} answered with an unexpected body")
         return answer
+
+
+def _unreachable_reason(exc: requests.exceptions.RequestException) -> str:
+    """What kept the connection from being made, in a few words."""
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    if isinstance(reason, NewConnectionError) and not isinstance(exc, requests.exceptions.ConnectTimeout):
+        return "connection refused"
+    return exc.__class__.__name__
 
 
 def _relay_failure(answer: dict) -> dict | None:
