@@ -15,6 +15,14 @@ def test_constant_bytes_have_zero_and_nothing_is_zero():
     assert entropy.shannon([0] * 256) == 0.0
 
 
+def test_entropy_is_given_to_a_hundredth_of_a_bit_only():
+    """The exact float of a histogram would tell which byte values a change of material added or removed."""
+    histogram = entropy.apply(entropy.EMPTY, [bytes(range(200)) + bytes(3)])
+    bits = entropy.of_histograms((histogram,))
+    assert bits == round(bits, 2) and 7.5 < bits < 7.7
+    assert entropy.shannon(entropy.merge([histogram])) == bits
+
+
 def test_apply_adds_and_removes_and_refuses_negative():
     histogram = entropy.apply(entropy.EMPTY, added=[b"ab", b"b"])
     assert entropy.merge([histogram, histogram])[ord("b")] == 4
