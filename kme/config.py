@@ -254,12 +254,28 @@ def _certificate(base_dir: Path, value: str, where: str) -> Path:
     return path
 
 
+def _client_cas(base_dir: Path, value: str, where: str, several: bool) -> Path:
+    """The file of the CAs whose client certificates the interface accepts; one CA unless ``several``.
+
+    Clients are known by their certificate's serial number alone: any CA in
+    the file could issue a certificate with a registered serial.
+    """
+    path = _certificate(base_dir, value, where)
+    count = len(x509.load_pem_x509_certificates(path.read_bytes()))
+    if count > 1 and not several:
+        raise ConfigError(f"{where}: {path} holds {count} certificates; clients are known by their certificate's "
+                          "serial number, which any CA of the file could issue: keep only the CA that issues the "
+                          "clients' certificates, or set several_client_cas: true beside it")
+    return path
+
+
 def _https_interface(data: dict, base_dir: Path, where: str) -> HttpsInterface:
     host, port = data["listen_address"].rsplit(":", 1)
     return HttpsInterface(
         host=host.strip("[]"),
         port=int(port),
-        ca_client_cert_path=_certificate(base_dir, data["ca_client_cert_path"], f"{where}.ca_client_cert_path"),
+        ca_client_cert_path=_client_cas(base_dir, data["ca_client_cert_path"], f"{where}.ca_client_cert_path",
+                                        data.get("several_client_cas", False)),
         server_cert_path=_certificate(base_dir, data["server_cert_path"], f"{where}.server_cert_path"),
         server_key_path=_file(base_dir, data["server_key_path"], f"{where}.server_key_path"),
     )

@@ -106,6 +106,7 @@ class StrictSchema(Schema):
 class HttpsInterfaceSchema(StrictSchema):
     listen_address = Str(required=True, validate=_address)
     ca_client_cert_path = Str(required=True)
+    several_client_cas = Bool()
     server_cert_path = Str(required=True)
     server_key_path = Str(required=True)
 

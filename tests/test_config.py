@@ -208,3 +208,25 @@ def test_gunicorn_refuses_an_in_memory_database(config_file):
                             env={"KME_CONFIG": str(config_file), "PATH": "/usr/bin:/bin"}, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode != 0 and ":memory:" in result.stderr and "Traceback" not in result.stderr
+
+
+def two_cas(config_file, pki) -> None:
+    """The SAE interface's CA file with a second CA appended (that of the KMEs)."""
+    both = config_file.parent / "two-cas.crt"
+    both.write_bytes((pki.folder / "kme1" / "ca_saes.crt").read_bytes() + (pki.folder / "kme1" / "ca_kmes.crt")
+                     .read_bytes())
+    edit(config_file, lambda d: d["this_kme"]["saes_https_interface"].update(ca_client_cert_path=str(both)))
+
+
+def test_a_client_ca_file_with_a_second_ca_is_refused_unless_asked_for(config_file, pki):
+    """SAEs are known by their serial alone: a second CA could issue a certificate with SAE 1's serial."""
+    two_cas(config_file, pki)
+    assert error_of(config_file).startswith(
+        f"this_kme.saes_https_interface.ca_client_cert_path: {config_file.parent / 'two-cas.crt'} holds 2 "
+        "certificates; clients are known by their certificate's serial number, which any CA of the file could issue")
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"], cwd=ROOT,
+                            env={"KME_CONFIG": str(config_file), "PATH": "/usr/bin:/bin"}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and "holds 2 certificates" in result.stderr and "Traceback" not in result.stderr
+    edit(config_file, lambda d: d["this_kme"]["saes_https_interface"].update(several_client_cas=True))
+    assert load_config(config_file).this_kme.saes_https_interface.ca_client_cert_path.name == "two-cas.crt"
