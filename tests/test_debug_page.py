@@ -38,6 +38,19 @@ def test_links_and_page(sae1, debug):
         assert stylesheet.status_code == 200 and b"font" in stylesheet.data
 
 
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1:8080", "[::1]:8080"])
+def test_the_debugging_page_answers_for_this_host(debug, host):
+    assert debug.get("/links", headers={"Host": host}).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/", "/links", "/messages", "/metrics", "/healthz"])
+def test_the_debugging_page_refuses_another_host_name_dns_rebinding(debug, path):
+    refused = debug.get(path, headers={"Host": "attacker.example:8080"})
+    assert refused.status_code == 403
+    assert refused.get_json() == {"message": "the debugging page answers requests for this host only, not for "
+                                             "'attacker.example:8080'"}
+
+
 def test_debug_app_has_no_sae_routes(debug):
     response = debug.get("/api/v1/keys/2/enc_keys")
     assert response.status_code == 404 and response.get_json()["message"]

@@ -102,6 +102,15 @@ def test_valid_certificate_with_unregistered_serial_is_401_json(pki, url):
     assert response.json()["message"]
 
 
+def test_health_details_go_to_registered_saes_only(pki, url):
+    """The checks name the database, the key folders and the KEK's source: not for any certificate of the CA."""
+    base = url.removesuffix("/api/v1")
+    stranger = sae_session(pki, 1, 9).get(f"{base}/healthz", timeout=10)
+    assert stranger.json() == {"status": stranger.json()["status"]} and "keys" not in stranger.text
+    known = sae_session(pki, 1, 1).get(f"{base}/healthz", timeout=10).json()
+    assert stranger.status_code in (200, 503) and {"checks", "encryption_at_rest"} <= set(known)
+
+
 def test_forged_identity_headers_are_ignored(pki, url):
     unknown = sae_session(pki, 1, 9)
     serial = format(int.from_bytes(bytes(pki.serials["sae1"]), "big"), "X")

@@ -2,12 +2,14 @@
 
 It shows IDs, counts, file names and where the key-encryption key comes from, never key material or a key.
 """
-from flask import Blueprint, Response, current_app, render_template
+from flask import Blueprint, Response, current_app, render_template, request
 
+from kme.domain.errors import Forbidden
 from kme.operations import events, health, metrics, status
 from kme.storage.db import db
 
 bp = Blueprint("debug_page", __name__)
+_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 # Events the page and /messages show (the database keeps more).
 SHOWN_EVENTS = 200
@@ -15,6 +17,16 @@ SHOWN_EVENTS = 200
 
 def _config():
     return current_app.extensions["kme"]
+
+
+@bp.before_app_request
+def only_for_this_host():
+    """A page of another site that a browser reaches through DNS rebinding names that site in Host: refused."""
+    name = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
+    name = name.strip("[]")
+    configured = (_config().this_kme.debugging_http_interface or "").rsplit(":", 1)[0].strip("[]")
+    if name not in _LOOPBACK_NAMES | {configured}:
+        raise Forbidden(f"the debugging page answers requests for this host only, not for {request.host[:64]!r}")
 
 
 @bp.get("/")
