@@ -1,6 +1,7 @@
 """A Key Management Entity (KME) for QKD networks, following ETSI GS QKD 014."""
 import logging
 import os
+import stat
 import sys
 
 from flask import Flask, request
@@ -21,8 +22,33 @@ def _share_metrics(config: KmeConfig) -> None:
     """
     if config.this_kme.metrics_directory is None or "prometheus_client" in sys.modules:
         return
-    config.this_kme.metrics_directory.mkdir(parents=True, exist_ok=True)
+    _own_folder(config.this_kme.metrics_directory)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(config.this_kme.metrics_directory)
+
+
+def _own_folder(folder) -> None:
+    """Make the metrics folder owner-only, or check that it is this user's and that nobody else may write it.
+
+    prometheus-client memory-maps every file there and adds them up: another
+    user's folder (in the shared /dev/shm) could feed the KME's metrics, or
+    stand in for it before it starts.
+    """
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"this_kme.metrics_directory: {folder} cannot be created ({exc.strerror})") from None
+    found = os.lstat(folder)
+    if not stat.S_ISDIR(found.st_mode):
+        raise ConfigError(f"this_kme.metrics_directory: {folder} is not a folder (a link, or a file)")
+    if found.st_uid != os.geteuid():
+        raise ConfigError(f"this_kme.metrics_directory: {folder} belongs to uid {found.st_uid}, not to this KME "
+                          f"(uid {os.geteuid()}): remove it, or name another folder")
+    if found.st_mode & 0o022:
+        raise ConfigError(f"this_kme.metrics_directory: {folder} may be written by other users "
+                          f"(mode {stat.S_IMODE(found.st_mode):o}): chmod go-w it")
 
 
 def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> Flask:

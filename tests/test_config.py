@@ -1,5 +1,6 @@
 """Configuration: each class of mistake stops start-up with one line naming the field."""
 import json
+import os
 import subprocess
 import sys
 
@@ -230,3 +231,26 @@ def test_a_client_ca_file_with_a_second_ca_is_refused_unless_asked_for(config_fi
     assert result.returncode != 0 and "holds 2 certificates" in result.stderr and "Traceback" not in result.stderr
     edit(config_file, lambda d: d["this_kme"]["saes_https_interface"].update(several_client_cas=True))
     assert load_config(config_file).this_kme.saes_https_interface.ca_client_cert_path.name == "two-cas.crt"
+
+
+def test_the_metrics_folder_is_made_owner_only(config_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("KME_RUNTIME_DIR", str(tmp_path / "runtime"))
+    assert run_cli(["kme-status"], config_file).returncode == 0
+    (folder,) = (tmp_path / "runtime").iterdir()
+    assert folder.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives a folder to another user (root only, as in CI)")
+def test_a_metrics_folder_of_another_user_is_refused(config_file, tmp_path, monkeypatch):
+    """Another user could create the default folder in /dev/shm first and feed the KME's metrics."""
+    monkeypatch.setenv("KME_RUNTIME_DIR", str(tmp_path / "runtime"))
+    folder = load_config(config_file).this_kme.metrics_directory
+    folder.mkdir(parents=True)
+    os.chown(folder, 65534, 65534)
+    result = run_cli(["kme-status"], config_file)
+    assert result.returncode != 0
+    assert result.stderr.strip() == (f"kme: this_kme.metrics_directory: {folder} belongs to uid 65534, not to this "
+                                     "KME (uid 0): remove it, or name another folder")
+    os.chown(folder, 0, 0)
+    folder.chmod(0o777)
+    assert "may be written by other users (mode 777)" in run_cli(["kme-status"], config_file).stderr
