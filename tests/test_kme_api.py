@@ -209,18 +209,26 @@ def test_a_relay_is_idempotent_end_to_end_and_so_is_its_cancel(network):
     assert (after["delivered"], after["discarded"]) == (before["delivered"] - 2, before["discarded"] + 2)
 
 
-def test_a_relay_that_fails_its_mac_is_400_and_changes_nothing(network):
+@pytest.mark.parametrize("alteration", ["body", "tag"])
+def test_a_relay_that_fails_its_mac_is_400_and_its_parts_never_serve_again(network, alteration):
+    """A forger has seen a tag under the hop's MAC key: its parts are discarded, the hop recorded as cancelled."""
     to_kme1 = network.peer_client(3, 1)
     body, mac, _key = relay_from_kme3(network, {2: [3]})
     before = network[1].ledger.assert_exact(3), network[2].ledger.assert_exact(1)
-    forged = body.replace(b'"slave_SAE_IDs":[3]', b'"slave_SAE_IDs":[4]')
-    assert forged != body
-    for sent, tag in ((forged, mac), (body, bytes(16))):
-        response = to_kme1.session.post(f"{to_kme1.base}/relays", data=sent, timeout=10, headers={
-            "Content-Type": "application/json", RELAY_MAC_HEADER: base64.b64encode(tag)})
-        assert response.status_code == 400, response.text
-        assert response.json()["message"] == "the relay message fails its integrity check (one-time MAC)"
-    assert (network[1].ledger.assert_exact(3), network[2].ledger.assert_exact(1)) == before
+    sent, tag = ((body.replace(b'"slave_SAE_IDs":[3]', b'"slave_SAE_IDs":[4]'), mac) if alteration == "body"
+                 else (body, bytes(16)))
+    response = to_kme1.session.post(f"{to_kme1.base}/relays", data=sent, timeout=10, headers={
+        "Content-Type": "application/json", RELAY_MAC_HEADER: base64.b64encode(tag)})
+    assert response.status_code == 400, response.text
+    assert response.json()["message"] == "the relay message fails its integrity check (one-time MAC)"
+    after = network[1].ledger.assert_exact(3), network[2].ledger.assert_exact(1)
+    assert after[1] == before[1]
+    assert (after[0]["discarded"], after[0]["peer_held"]) == (before[0]["discarded"] + 2, before[0]["peer_held"] - 2)
+    # The genuine message, later, finds the hop cancelled; the sender's own cancel changes nothing more.
+    assert "cancelled" in refused(network, lambda: to_kme1.relay(json.loads(body)["activation_ID"], body, mac, 5))
+    to_kme1.cancel_relay({"activation_ID": json.loads(body)["activation_ID"],
+                          "parts": [json.loads(body)["keys"][0]["parts"][0], json.loads(body)["mac_part"]]})
+    assert network[1].ledger.assert_exact(3) == after[0]
 
 
 @pytest.mark.parametrize("case, fragment", [

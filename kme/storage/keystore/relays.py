@@ -109,11 +109,13 @@ def receive(this_kme_id: int, link_id: int, message: Message, body: bytes, mac: 
     """Check and open a relay from the neighbour on ``link_id``: the last hop stores its keys for our slaves; a
     trusted node holds the parts until its next hops (``onward``: link -> activation ID) answer.
 
-    Refused whole, changing nothing: 409 if a part is not of the neighbour's direction here, 400 if the MAC fails.
+    Refused whole: 409 if a part is not of the neighbour's direction here, changing nothing; 400 if the MAC fails,
+    with the named parts discarded (a forger has seen a tag under that MAC key: it must never serve again) and
+    the activation recorded as cancelled, as if the neighbour had cancelled it before it arrived.
     """
     parts = message.parts
 
-    def work(connection) -> Received:
+    def work(connection) -> Received | None:
         statements.lock_name(connection, message.activation_id)
         known = statements.incoming_activation(connection, message.activation_id)
         if known is not None:
@@ -128,7 +130,9 @@ def receive(this_kme_id: int, link_id: int, message: Message, body: bytes, mac: 
                                      f"available on this KME's link with KME {link_id} (used, set aside, "
                                      "or never held here)")
         if not one_time.verify(rows[message.mac_part].material, body, mac):
-            raise BadRequest("the relay message fails its integrity check (one-time MAC)")
+            _discard_unarrived(connection, link_id, message.activation_id, rows,
+                               f"Relay activation {message.activation_id} from KME {link_id} fails its one-time MAC")
+            return None
         keys = []
         for key_id, key_parts, sealed in message.keys:
             pad = b"".join(rows[part].material for part in key_parts)
@@ -165,7 +169,20 @@ def receive(this_kme_id: int, link_id: int, message: Message, body: bytes, mac: 
         _record_arrival(connection, message, local_slaves, keys)
         return Received(keys, len(keys))
 
-    return grouped_write(work)
+    received = grouped_write(work)
+    if received is None:
+        raise BadRequest("the relay message fails its integrity check (one-time MAC)")
+    return received
+
+
+def _discard_unarrived(transaction, link_id: int, activation_id: str, rows: dict, why: str) -> None:
+    """Discard the parts of a relay hop that never took effect here, and remember it as cancelled."""
+    statements.delete_pool_keys(transaction, [row.id for row in rows.values()])
+    unconfirmed = sum(1 for row in rows.values() if row.state == UNCONFIRMED)
+    update_link(transaction, link_id, removed=[row.material for row in rows.values()],
+                peer_held=unconfirmed - len(rows), unconfirmed=-unconfirmed, discarded=len(rows))
+    statements.insert_incoming(transaction, activation_id, link_id, CANCELLED, "[]", events.utc_now(), "{}")
+    events.record(transaction, f"{why}: {len(rows)} keys discarded")
 
 
 def _record_arrival(connection, message: Message, slaves: list[int], keys: list[DeliveredKeyMaterial]) -> None:
@@ -275,15 +292,9 @@ def cancel(this_kme_id: int, link_id: int, activation_id: str, parts: list[tuple
         if known is not None and (known.link_id != link_id or known.relay is None):
             raise ActivationConflict(f"activation {activation_id} is not a relay of KME {link_id}")
         if known is None:
-            rows = pool_rows(session, link_id, parts, peer_states(this_kme_id, link_id))
-            statements.delete_pool_keys(session, [row.id for row in rows.values()])
-            unconfirmed = sum(1 for row in rows.values() if row.state == UNCONFIRMED)
-            update_link(session, link_id, removed=[row.material for row in rows.values()],
-                        peer_held=unconfirmed - len(rows), unconfirmed=-unconfirmed, discarded=len(rows))
-            session.add(IncomingActivation(activation_id=activation_id, link_id=link_id, state=CANCELLED,
-                                           key_ids="[]", created_at=events.utc_now(), relay="{}"))
-            events.record(session, f"Relay activation {activation_id} cancelled by KME {link_id} before it "
-                                   f"arrived: {len(rows)} keys discarded")
+            _discard_unarrived(session, link_id, activation_id,
+                               pool_rows(session, link_id, parts, peer_states(this_kme_id, link_id)),
+                               f"Relay activation {activation_id} cancelled by KME {link_id} before it arrived")
             return
         if known.state in (CANCELLED, FAILED):
             known.state = CANCELLED
