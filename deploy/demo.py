@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from kme.config import ConfigError, load_config  # noqa: E402
 from kme.storage.backends.sqlite import path_of_uri  # noqa: E402
 from kme.operations.key_folders import MARK_NAME  # noqa: E402
+from kme.storage import handout_mark  # noqa: E402
 
 STARTUP_SECONDS = 30
 
@@ -99,14 +100,16 @@ def _from_top(path: Path) -> Path:
 
 
 def _fresh_state(config) -> None:
-    """Each demo starts from the shipped key files: no database, folder marks or metrics left from an earlier run.
+    """Each demo starts from the shipped key files: no database, folder or hand-out marks or metrics left from an
+    earlier run.
 
     Removing the marks is the demo's own decision that the shipped keys count
     as new (what `flask adopt-key-folders --existing new` does for an operator).
     """
     database = Path(path_of_uri(config.this_kme.database_uri))
     for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm"),
-                 *(directory / MARK_NAME for directory in config.key_directories().values())):
+                 *(directory / MARK_NAME for directory in config.key_directories().values()),
+                 config.this_kme.key_directory_to_watch / handout_mark.MARK_NAME):
         path.unlink(missing_ok=True)
     if config.this_kme.metrics_directory is not None:
         shutil.rmtree(config.this_kme.metrics_directory, ignore_errors=True)

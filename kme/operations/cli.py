@@ -1,5 +1,6 @@
 """Flask CLI commands: ingest-keys (one shot or --watch), kme-status, adopt-key-folders and gen-certs
-(rotate-kek and encrypt-db are in kme.operations.key_encryption_cli)."""
+(rotate-kek and encrypt-db are in kme.operations.key_encryption_cli, restored-from-backup in
+kme.operations.recovery_cli)."""
 import os
 import signal
 import sys
@@ -14,8 +15,8 @@ from kme.domain.errors import StorageFailure
 from kme.operations import certs, health, key_folders, status
 from kme.operations.ingest import KEY_FILE_SUFFIX, ingest_directories
 from kme.operations.watch import watch
-from kme.storage import backends, kek
-from kme.storage.db import DATABASE_ID, ensure_schema, meta
+from kme.storage import backends, handout_mark, kek, statements
+from kme.storage.db import DATABASE_ID, ensure_schema, meta, read_connection
 from kme.storage.keystore import intake
 
 
@@ -27,12 +28,12 @@ def command_config():
     return config
 
 
-def _storage_errors() -> tuple:
+def storage_errors() -> tuple:
     """The exceptions that mean the database failed, for the configured engine."""
     return DBAPIError, *backends.for_uri(command_config().this_kme.database_uri).DRIVER_ERRORS, StorageFailure
 
 
-def _cause(error: Exception) -> str:
+def cause(error: Exception) -> str:
     """A storage failure in one line, without key material."""
     if isinstance(error, StorageFailure):
         return error.cause
@@ -43,8 +44,8 @@ def open_database() -> None:
     """Open the database (schema, data key) for a command; a one-line error if it cannot be used (a wrong KEK)."""
     try:
         ensure_schema()
-    except _storage_errors() as exc:
-        raise click.ClickException(_cause(exc)) from None
+    except storage_errors() as exc:
+        raise click.ClickException(cause(exc)) from None
 
 
 def _print_summary(summary) -> None:
@@ -69,8 +70,8 @@ def ingest_keys_command(keep_watching: bool) -> None:
         open_database()
         try:
             _print_summary(ingest_directories(config, show_progress=sys.stdout.isatty()))
-        except _storage_errors() as exc:
-            raise click.ClickException(f"ingestion stopped: {_cause(exc)}") from None
+        except storage_errors() as exc:
+            raise click.ClickException(f"ingestion stopped: {cause(exc)}") from None
         return
     # The watcher outlives a database it cannot use yet, but not a key-encryption key that does not open it.
     try:
@@ -104,16 +105,21 @@ def adopt_key_folders_command(existing: str) -> None:
         mark = key_folders.read_mark(directory)
         if mark is None or mark == database_id:
             continue
-        retired = intake.retire_files(link_id, _key_files(directory)) if existing == "used" else 0
+        retired = intake.retire_files(link_id, key_files(directory)) if existing == "used" else 0
         key_folders.write_mark(directory, database_id)
         adopted += 1
         click.echo(f"link {link_id}: {directory} adopted (was {mark}); "
                    + (f"{retired} files present retired, never ingested" if existing == "used"
                       else "its files are ingested as new keys"))
+    zone = config.this_kme.key_directory_to_watch
+    handed_out = handout_mark.read(zone)
+    if handed_out is not None and handed_out[0] != database_id:
+        with read_connection() as connection:
+            handout_mark.reset(zone, database_id, statements.spent_total(connection))
     click.echo(f"{adopted} key folders adopted by database {database_id}")
 
 
-def _key_files(directory: Path) -> list[tuple[str, int]]:
+def key_files(directory: Path) -> list[tuple[str, int]]:
     """(name, size) of the .cor files directly in ``directory``."""
     return [(entry.name, entry.stat(follow_symlinks=False).st_size) for entry in os.scandir(directory)
             if entry.name.endswith(KEY_FILE_SUFFIX) and entry.is_file(follow_symlinks=False)]
@@ -192,7 +198,8 @@ def init_app(app) -> None:
     app.cli.add_command(gen_certs_command)
     app.cli.add_command(kme_status_command)
     app.cli.add_command(adopt_key_folders_command)
-    from kme.operations import key_encryption_cli
+    from kme.operations import key_encryption_cli, recovery_cli
 
     app.cli.add_command(key_encryption_cli.rotate_kek_command)
     app.cli.add_command(key_encryption_cli.encrypt_db_command)
+    app.cli.add_command(recovery_cli.restored_from_backup_command)

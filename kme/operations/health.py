@@ -1,4 +1,5 @@
-"""Health of a KME: database (writable, still the same file), key directories, background worker, peers.
+"""Health of a KME: database (writable, still the same file, not gone back in time), key directories, background
+worker, peers.
 
 The background worker (flask ingest-keys --watch) writes a heartbeat and the
 peers' reachability; every interface's /healthz reads them.
@@ -13,6 +14,7 @@ from kme.config import KekSource, KmeConfig
 from kme.operations import events, key_folders
 from kme.storage import backends, statements
 from kme.storage.db import DATABASE_ID, db, meta, reset_connections, write_transaction
+from kme.storage.keystore import handed_out
 from kme.storage.meta_names import CLEAR_POOL, DATA_KEY
 from kme.storage.models import Heartbeat, PeerStatus
 
@@ -116,6 +118,12 @@ def check(config: KmeConfig) -> tuple[bool, dict]:
     """(healthy, report): each check is "ok" or says what is wrong."""
     report = {}
     database = _database_problem(config)
+    if not database:
+        try:
+            database = handed_out.problem()
+        except (DBAPIError, *backends.of(db.engine).DRIVER_ERRORS) as exc:
+            reset_connections()
+            database = backends.of(db.engine).failure_cause(exc)
     report["database"] = database or "ok"
     report["key_directories"] = _folder_problem(config) or "ok"
     try:

@@ -135,6 +135,16 @@ def rewrap(kek: Kek, new: Kek, database_id: bytes) -> bool:
     return True
 
 
+def rebind(session, kek: Kek, new_database_id: bytes) -> None:
+    """Give the database a new ID in the caller's transaction: the data key is wrapped again for it (the wrap is
+    bound to the ID); the key rows are not touched."""
+    from kme.storage.models import Meta
+
+    identity, wrapped = session.get(Meta, DATABASE_ID), session.get(Meta, DATA_KEY)
+    wrapped.value = kek.wrap(kek.unwrap(wrapped.value, context(identity.value)), context(new_database_id))
+    identity.value = new_database_id
+
+
 def encrypt_pool_batch(after_id: int) -> tuple[int, int | None]:
     """Seal up to ENCRYPT_BATCH clear pool keys with IDs above ``after_id``, in one transaction.
 

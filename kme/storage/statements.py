@@ -120,6 +120,12 @@ def update_link(target, link_id: int, deltas: dict[str, int], histogram: bytes |
                                [*values, link_id])
 
 
+def spent_total(connection) -> int:
+    """Keys of every link whose fate is final (delivered, discarded, set aside): a sum that only grows."""
+    return driver(connection).execute("SELECT COALESCE(SUM(delivered + discarded + set_aside), 0) FROM links"
+                                      ).fetchone()[0]
+
+
 def link_row(connection, link_id: int, columns: tuple[str, ...]) -> tuple | None:
     """The named columns (from the code) of one link's row."""
     return connection.execute(f"SELECT {', '.join(columns)} FROM links WHERE peer_kme_id = ?", (link_id,)).fetchone()

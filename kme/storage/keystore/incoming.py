@@ -15,6 +15,7 @@ from kme.domain.errors import ActivationConflict, BadRequest
 from kme.operations import events
 from kme.storage import at_rest, statements
 from kme.storage.db import grouped_write, write_transaction
+from kme.storage.keystore import handed_out
 from kme.storage.keystore.common import (
     DeliveredKeyMaterial,
     erase_delivered,
@@ -51,15 +52,16 @@ def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:
     wanted = [part for _, parts in request.keys for part in parts]
     states = peer_states(this_kme_id, link_id)
 
-    def work(connection) -> int:
+    def work(connection) -> tuple[int, int]:
         # A retry of this activation, or its cancel, arriving at another front end waits for this one.
         statements.lock_name(connection, request.activation_id)
+        spent = handed_out.check(connection)
         known = statements.incoming_activation(connection, request.activation_id)
         if known is not None:
             known_link, state, key_ids = known
             if known_link != link_id or state != ACTIVATED:
                 raise ActivationConflict(f"activation {request.activation_id} was cancelled or belongs to another link")
-            return len(json.loads(key_ids))
+            return len(json.loads(key_ids)), spent
         rows = pool_rows(connection, link_id, wanted, states)
         if len(rows) != len(wanted) or len(set(wanted)) != len(wanted):
             raise ActivationConflict(f"{len(set(wanted)) - len(rows)} of the {len(wanted)} keys named are not "
@@ -83,9 +85,11 @@ def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:
         slaves = " and ".join(map(str, request.slave_ids))
         events.record(connection, *(f"Key {key.key_id} activated between SAEs {request.master_sae_id} and "
                                     f"{slaves}" for key in keys))
-        return len(keys)
+        return len(keys), spent + len(rows)
 
-    return grouped_write(work)
+    activated, spent = grouped_write(work)
+    handed_out.record(spent)
+    return activated
 
 
 def cancel(this_kme_id: int, link_id: int, request: ActivationRequest) -> None:

@@ -6,6 +6,7 @@ from kme.domain.errors import KeysNotFound, NotAuthorized, NotEnoughKeys
 from kme.operations import events
 from kme.storage import at_rest, statements
 from kme.storage.db import grouped_write, write_transaction
+from kme.storage.keystore import handed_out
 from kme.storage.keystore.common import (
     DeliveredKeyMaterial,
     build_keys,
@@ -38,7 +39,8 @@ def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number
     key_ids = new_key_ids(number)
     slaves = " and ".join(map(str, slave_ids))
 
-    def deliver(connection) -> list[DeliveredKeyMaterial]:
+    def deliver(connection) -> tuple[list[DeliveredKeyMaterial], int]:
+        spent = handed_out.check(connection)
         taken = at_rest.open_pool(link_id, statements.take_pool_keys(connection, link_id, needed))
         if len(taken) < needed:
             raise not_enough_keys(number, size_bits, len(taken))
@@ -48,9 +50,11 @@ def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number
                     available=-needed, delivered=needed)
         events.record(connection, f"SAE {master_sae_id} requested a key to communicate with {slaves}",
                       *(f"Key {key.key_id} activated between SAEs {master_sae_id} and {slaves}" for key in keys))
-        return keys
+        return keys, spent + needed
 
-    return grouped_write(deliver)
+    keys, spent = grouped_write(deliver)
+    handed_out.record(spent)
+    return keys
 
 
 def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -> list[DeliveredKeyMaterial]:
@@ -63,6 +67,8 @@ def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -
     """
 
     def fetch(connection) -> list[DeliveredKeyMaterial]:
+        # A database gone back in time may hold keys that their slaves fetched since.
+        handed_out.check(connection)
         keys, mine, waiting = {}, {}, set()
         rows = statements.delivered_keys_and_slaves(connection, key_ids)
         for key_id, link_id, master, material, slave, fetched in rows:

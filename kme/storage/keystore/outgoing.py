@@ -14,6 +14,7 @@ from kme.domain.errors import PeerFailure
 from kme.operations import events
 from kme.storage import at_rest, statements
 from kme.storage.db import db, grouped_write, write_transaction
+from kme.storage.keystore import handed_out
 from kme.storage.keystore.common import (
     DeliveredKeyMaterial,
     build_keys,
@@ -53,6 +54,7 @@ def reserve(link_id: int, master_sae_id: int, slave_ids: list[int], local_slave_
     per_key = pool_keys_per_key(size_bits)
 
     def work(connection) -> Reservation:
+        handed_out.check(connection)
         rows = statements.reserve_pool_keys(connection, link_id, needed, activation_id)
         if len(rows) < needed:
             raise not_enough_keys(number, size_bits, len(rows))
@@ -86,7 +88,8 @@ def finalize(reservation: Reservation) -> None:
     Committed with concurrent requests (group commit) before this returns.
     """
 
-    def work(connection) -> None:
+    def work(connection) -> int:
+        spent = handed_out.check(connection)
         pending = statements.take_outgoing(connection, reservation.activation_id, (SENDING,))
         if pending is None:
             raise PeerFailure("the peer KME answered after the activation was cancelled; its keys are discarded, "
@@ -103,8 +106,9 @@ def finalize(reservation: Reservation) -> None:
         slaves = " and ".join(map(str, wire["slave_SAE_IDs"] + local))
         events.record(connection, *(f"Key {key.key_id} activated between SAEs {wire['master_SAE_ID']} and "
                                     f"{slaves}" for key in reservation.keys))
+        return spent + len(materials)
 
-    grouped_write(work)
+    handed_out.record(grouped_write(work))
 
 
 def release(activation_id: str) -> None:

@@ -148,6 +148,25 @@ def set_aside_unmatched(this_kme_id: int, link_id: int, grace_seconds: float) ->
         return total
 
 
+def _withdrawn(session, link_id: int, row: KeyFile, offered: int) -> None:
+    """The peer now holds fewer leading positions of a file than both ends had decided: it went back (restored
+    from a backup, a retired file, keys it set aside). The free keys here from ``offered`` on can never be used
+    at both ends: set them aside, and offer no more than the peer."""
+    erased = session.execute(delete(PoolKey).where(
+        PoolKey.file_id == row.id, PoolKey.position >= offered, PoolKey.state.in_((OURS, PEERS, UNCONFIRMED)))
+        .returning(PoolKey.state, PoolKey.file_id, PoolKey.position, PoolKey.material)).all()
+    row.offer_limit = offered if row.offer_limit is None else min(row.offer_limit, offered)
+    row.seq = next_seq(session, link_id)
+    if not erased:
+        return
+    states = [state for state, *_ in erased]
+    update_link(session, link_id, removed=at_rest.open_pool(link_id, [tuple(rest) for _, *rest in erased]),
+                available=-states.count(OURS), peer_held=-states.count(PEERS),
+                unconfirmed=-states.count(UNCONFIRMED), set_aside=len(erased))
+    events.record(session, f"Key file {row.name} on link {link_id}: KME {link_id} holds only its first {offered} "
+                           f"positions now; {len(erased)} keys set aside here")
+
+
 def _peer_database(session, link_id: int, database_id: str) -> Link:
     """The link row, forgetting what a previous database of the peer said."""
     link = session.get(Link, link_id)
@@ -173,6 +192,8 @@ def _apply(session, this_kme_id: int, link_id: int, link: Link, files: list[File
                 session.add(row)
                 session.flush()
             row.peer_position = item.offered
+            if item.offered < row.decided:
+                _withdrawn(session, link_id, row, item.offered)
             confirm(session, this_kme_id, link_id, row)
         if contiguous:
             link.progress_seen = max(link.progress_seen, max(item.seq for item in files))

@@ -1,0 +1,71 @@
+"""Keys leave only from a database that has not gone back in time (kme.storage.handout_mark).
+
+Every transaction that hands keys out (to an SAE, or activates them for a
+peer's master) first checks the database's sum of final fates against the
+mark, and its caller raises the mark once the transaction committed, before
+the answer leaves. A KME on an in-memory database keeps no mark.
+"""
+import logging
+
+from flask import current_app
+
+from kme.domain.errors import StorageFailure
+from kme.storage import handout_mark, statements
+from kme.storage.db import DATABASE_ID, meta, read_connection
+
+log = logging.getLogger(__name__)
+_unwritable: set = set()
+
+
+def _place() -> tuple | None:
+    """(the mark's folder, this database's ID), or None where no mark is kept."""
+    config = current_app.extensions["kme"]
+    if config.in_memory:
+        return None
+    return config.this_kme.key_directory_to_watch, meta(DATABASE_ID).decode()
+
+
+def check(connection) -> int:
+    """The database's sum of final fates, read in the caller's transaction; StorageFailure if it is behind the
+    mark (the transaction must hand nothing out)."""
+    place = _place()
+    spent = []
+
+    def spent_now() -> int:
+        spent.append(statements.spent_total(connection))
+        return spent[0]
+
+    if place is None:
+        return spent_now()
+    problem = handout_mark.behind(*place, spent_now)
+    if problem:
+        raise StorageFailure(problem)
+    return spent[0] if spent else spent_now()
+
+
+def record(spent: int) -> None:
+    """Raise the mark to ``spent`` (a sum the caller's transaction committed, or less)."""
+    place = _place()
+    if place is None:
+        return
+    try:
+        handout_mark.advance(place[0], place[1], spent)
+    except OSError as exc:
+        # Like the folder mark, a safeguard: a folder the KME may not write keeps no mark, and says so once.
+        if place[0] not in _unwritable:
+            _unwritable.add(place[0])
+            log.warning("hand-out mark not written in %s (%s): a restored database would not be detected",
+                        place[0], exc.strerror)
+
+
+def problem() -> str | None:
+    """Why keys are refused (the database is behind the mark), or None: for /healthz."""
+    place = _place()
+    if place is None:
+        return None
+
+    def spent_now() -> int:
+        with read_connection() as connection:
+            return statements.spent_total(connection)
+
+    return handout_mark.behind(*place, spent_now)
