@@ -59,6 +59,8 @@ class FakePeer:
         self.mode = mode
         # Set when an activation arrives (the background worker's health probes also come here).
         self.activation_received = threading.Event()
+        # Set when any request arrives (a probe, a progress exchange, an activation...).
+        self.request_received = threading.Event()
         self.cancel_received = threading.Event()
         self.activation_answered = threading.Event()
         self.release_cancel = threading.Event()
@@ -106,6 +108,7 @@ class FakePeer:
             return
         try:
             head, body = _read_request(conn)
+            self.request_received.set()
             line = head.split(b"\r\n")[0]
             if line.startswith((b"POST /api/v1/kme/activations/", b"POST /api/v1/kme/relays/")) and b"/cancel" in line:
                 self.cancel_received.set()

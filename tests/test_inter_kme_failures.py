@@ -2,6 +2,7 @@
 import base64
 import json
 import threading
+import time
 
 import pytest
 import requests
@@ -125,6 +126,27 @@ def test_unknown_outcome_holds_keys_back_until_settled(network, mode):
     one, two = kme1.ledger.assert_exact(2), kme2.ledger.assert_exact(1)
     assert one["discarded"] == 2 and two["discarded"] == 2
     assert_never_handed_out(network, held)
+
+
+@pytest.mark.one_engine
+def test_a_hanging_peer_never_makes_the_kme_look_dead(network):
+    """The periodic work with a peer that never answers waits out a read timeout per call (probe, progress):
+    longer than the heartbeat may stay silent (3 x 0.2 s + 2 s here). The heartbeat has a thread of its own."""
+    kme1 = network[1]
+    network[2].stop("kme")
+    peer = fake_peer(network, "hang")
+    try:
+        assert peer.request_received.wait(10)
+        samples = []
+        until = time.monotonic() + 3 * (CONNECT_TIMEOUT + READ_TIMEOUT)
+        while time.monotonic() < until:
+            samples.append(kme1.sae(1).get(f"{kme1.url().removesuffix('/api/v1')}/healthz",
+                                           timeout=10).json()["checks"]["ingestion_worker"])
+            threading.Event().wait(0.25)
+    finally:
+        peer.close()
+        network[2].start("kme")
+    assert len(samples) > 10 and set(samples) == {"ok"}, samples
 
 
 def test_master_killed_between_claim_and_answer_is_settled_after_restart(network):

@@ -120,14 +120,19 @@ def probe_peers(config: KmeConfig) -> None:
         health.record_peer(peer.id, *client_for(peer).probe())
 
 
-def housekeeping(config: KmeConfig) -> None:
-    """The KME's periodic work (one background worker of the KME runs it): peer probes, link sharing, settling,
-    expiry."""
+def peer_housekeeping(config: KmeConfig) -> None:
+    """The KME's periodic work with its peers (one background worker of the KME runs it): probes, link sharing,
+    settling, releases. A peer that hangs slows this down, never the local work."""
     probe_peers(config)
     sharing.housekeeping(config, _abandoned_before(config))
-    relays.abandon(_abandoned_before(config))
     settle_pending(config)
     relay.send_releases(config, relays.releases_pending())
+
+
+def local_housekeeping(config: KmeConfig) -> None:
+    """The KME's periodic work on its own database (one background worker of the KME runs it): relays whose
+    worker died, expiry, forgetting."""
+    relays.abandon(_abandoned_before(config))
     expiry = config.this_kme.key_expiry_seconds
     while local.expire_delivered(events.utc_now(expiry)):
         pass

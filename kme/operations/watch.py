@@ -7,14 +7,17 @@ comes from inotify. A periodic rescan of every folder catches what events
 missed (an inotify queue overflow, a fault that interrupted ingestion).
 
 A second thread beats (the health checks read it), triggers the rescan, and
-runs all periodic work of the KME: peer probes, settling of activations left
-pending at peers (kme.domain.activation), expiry of keys their slave SAEs did
-not fetch, WAL checkpoints. Several workers of one KME (one per host) each
-ingest and beat; the periodic work runs in the one holding the database's
-periodic lock (the backend's periodic_lock), and passes to another when it
-stops or loses its connection. Network calls there never delay ingestion.
-Neither thread dies of its input or of its disk: failures are logged once,
-retried with backoff, and shown by /healthz.
+runs the KME's periodic work on its own database: expiry of keys their slave
+SAEs did not fetch, relays whose worker died, WAL checkpoints. A third runs
+the periodic work with the peers: probes, the progress exchange, settling of
+activations left pending at peers (kme.domain.activation), releases; a peer
+that hangs slows that thread only, never the heartbeat, so it never makes
+the KME look dead. Several workers of one KME (one per host) each ingest and
+beat; the periodic work runs in the one holding the database's periodic
+lock (the backend's periodic_lock), and passes to another when it stops or
+loses its connection. Network calls never delay ingestion. No thread dies of
+its input or of its disk: failures are logged once, retried with backoff,
+and shown by /healthz.
 """
 import logging
 import queue
@@ -86,15 +89,15 @@ class Retry:
 
 
 def _keep_house(app, config: KmeConfig, stop: threading.Event, rescan: threading.Event,
-                wake: threading.Event) -> None:
-    """The heartbeat and rescans of this worker, and the KME's periodic work while this worker holds the periodic
-    lock; ``wake`` runs them early (keys were ingested: tell the peers)."""
+                leading: threading.Event) -> None:
+    """The heartbeat and rescans of this worker, and the KME's periodic work on its database while this worker holds
+    the periodic lock (``leading`` says so to the peers' thread)."""
     with app.app_context():
         retry = Retry("housekeeping", stop)
         due = {"checkpoint": time.monotonic(), "rescan": time.monotonic()}
         backend = backends.of(db.engine)
         lock = backend.periodic_lock(db.engine)
-        leading = {"now": None}
+        said = {"held": None}
 
         def step():
             # This thread starts before the first scan creates a new database's schema.
@@ -105,13 +108,14 @@ def _keep_house(app, config: KmeConfig, stop: threading.Event, rescan: threading
                 rescan.set()
                 due["rescan"] = now
             held = lock.held()
-            if held != leading["now"]:
+            if held != said["held"]:
                 log.info("this worker runs the KME's periodic work" if held else
                          "another worker of this KME runs its periodic work; this one ingests and beats only")
-                leading["now"] = held
+                said["held"] = held
+            (leading.set if held else leading.clear)()
             if not held:
                 return
-            activation.housekeeping(config)
+            activation.local_housekeeping(config)
             if now - due["checkpoint"] >= CHECKPOINT_SECONDS:
                 backend.checkpoint(db.engine)
                 due["checkpoint"] = now
@@ -119,10 +123,22 @@ def _keep_house(app, config: KmeConfig, stop: threading.Event, rescan: threading
         try:
             while not stop.is_set():
                 if retry.run(step):
-                    wake.wait(config.this_kme.housekeeping_interval_seconds)
-                    wake.clear()
+                    stop.wait(config.this_kme.housekeeping_interval_seconds)
         finally:
+            leading.clear()
             lock.release()
+
+
+def _keep_in_touch(app, config: KmeConfig, stop: threading.Event, leading: threading.Event,
+                   wake: threading.Event) -> None:
+    """The KME's periodic work with its peers, while this worker leads; ``wake`` runs it early (keys were ingested:
+    tell the peers)."""
+    with app.app_context():
+        retry = Retry("periodic work with the peers", stop)
+        while not stop.is_set():
+            if not leading.is_set() or retry.run(lambda: activation.peer_housekeeping(config)):
+                wake.wait(config.this_kme.housekeeping_interval_seconds)
+                wake.clear()
 
 
 def watch(config: KmeConfig, stop: threading.Event, on_ready=None) -> IngestSummary:
@@ -151,9 +167,13 @@ def watch(config: KmeConfig, stop: threading.Event, on_ready=None) -> IngestSumm
         ingest_file(config, link_id, path, summary)
         wake.set()
 
-    keeper = threading.Thread(target=_keep_house, args=(current_app._get_current_object(), config, stop, rescan,
-                                                        wake), name="housekeeping", daemon=True)
+    app, leading = current_app._get_current_object(), threading.Event()
+    keeper = threading.Thread(target=_keep_house, args=(app, config, stop, rescan, leading), name="housekeeping",
+                              daemon=True)
+    messenger = threading.Thread(target=_keep_in_touch, args=(app, config, stop, leading, wake), name="peers",
+                                 daemon=True)
     keeper.start()
+    messenger.start()
     try:
         if not retry.run(lambda: scan(summary)):
             # A database that cannot be used yet: the worker watches anyway and scans again.
@@ -183,4 +203,5 @@ def watch(config: KmeConfig, stop: threading.Event, on_ready=None) -> IngestSumm
         observer.stop()
         observer.join()
         keeper.join()
+        messenger.join()
     return summary
