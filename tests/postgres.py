@@ -52,25 +52,63 @@ class Cluster:
                        user=self._owner.pw_uid if self._owner else None,
                        group=self._owner.pw_gid if self._owner else None)
 
+    def _own_folder(self, *paths: Path) -> None:
+        if self._owner:
+            for path in (self.folder, *paths):
+                os.chown(path, self._owner.pw_uid, self._owner.pw_gid)
+            self.folder.chmod(0o755)
+
     def start(self) -> None:
         data, secret = self.folder / "data", self.folder / "initdb-password"
         secret.write_text(PASSWORD)
-        if self._owner:
-            os.chown(self.folder, self._owner.pw_uid, self._owner.pw_gid)
-            os.chown(secret, self._owner.pw_uid, self._owner.pw_gid)
-            self.folder.chmod(0o755)
+        self._own_folder(secret)
         self._run(str(self._bin / "initdb"), "-D", str(data), "-U", USER, f"--pwfile={secret}",
                   "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8")
         secret.unlink()
+        self.start_server()
+
+    def start_as_standby_of(self, primary: "Cluster") -> None:
+        """Copy ``primary`` with pg_basebackup and start as its streaming standby (asynchronous unless the primary
+        names standbys in synchronous_standby_names)."""
+        # The standby's WAL receiver runs as the server's user and reads its own copy of the password.
+        replication = self.folder / "pgpass-replication"
+        replication.write_text(f"127.0.0.1:{primary.port}:*:{USER}:{PASSWORD}\n")
+        replication.chmod(0o600)
+        self._own_folder(replication)
+        subprocess.run([str(self._bin / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port), "-U", USER,
+                        "-D", str(self.folder / "data"), "-R", "-X", "stream", "-c", "fast",
+                        "-d", f"host=127.0.0.1 port={primary.port} user={USER} passfile={replication}"],
+                       check=True, capture_output=True, timeout=120,
+                       user=self._owner.pw_uid if self._owner else None,
+                       group=self._owner.pw_gid if self._owner else None)
+        self.start_server()
+
+    def start_server(self) -> None:
+        """Start the server on its data folder (made by start or start_as_standby_of)."""
         options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c max_connections=400 "
                    "-c shared_buffers=64MB")
         if not self.durable:
             options += " -c fsync=off -c full_page_writes=off"
-        self._run(str(self._bin / "pg_ctl"), "-D", str(data), "-l", str(self.folder / "server.log"), "-o", options,
-                  "-w", "-t", "60", "start")
+        self._run(str(self._bin / "pg_ctl"), "-D", str(self.folder / "data"), "-l", str(self.folder / "server.log"),
+                  "-o", options, "-w", "-t", "60", "start")
+
+    def stop_server(self) -> None:
+        """Stop the server, its data kept (a standby cut off from its primary, a primary that died)."""
+        self._run(str(self._bin / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "immediate", "-w", "stop")
+
+    def promote(self) -> None:
+        """Make a standby the primary (a failover)."""
+        self._run(str(self._bin / "pg_ctl"), "-D", str(self.folder / "data"), "-w", "-t", "60", "promote")
+
+    def query(self, database: str, statement: str):
+        """The first row of one statement."""
+        with psycopg.connect(self.uri(database, driver=False), autocommit=True) as connection:
+            return connection.execute(statement).fetchone()
 
     def stop(self) -> None:
-        self._run(str(self._bin / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "immediate", "-w", "stop")
+        """Stop the server if it runs, and remove its folder."""
+        if (self.folder / "data" / "postmaster.pid").exists():
+            self.stop_server()
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def admin(self, statement: str) -> None:

@@ -122,8 +122,9 @@ def update_link(target, link_id: int, deltas: dict[str, int], histogram: bytes |
 
 def spent_total(connection) -> int:
     """Keys of every link whose fate is final (delivered, discarded, set aside): a sum that only grows."""
-    return driver(connection).execute("SELECT COALESCE(SUM(delivered + discarded + set_aside), 0) FROM links"
-                                      ).fetchone()[0]
+    # PostgreSQL sums bigints as numeric (a Decimal).
+    return int(driver(connection).execute("SELECT COALESCE(SUM(delivered + discarded + set_aside), 0) FROM links"
+                                          ).fetchone()[0])
 
 
 def link_row(connection, link_id: int, columns: tuple[str, ...]) -> tuple | None:
