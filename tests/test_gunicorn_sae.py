@@ -1,5 +1,6 @@
 """The real SAE interface: gunicorn with several workers, mutual TLS, session certificates."""
 import base64
+import inspect
 import json
 import socket
 import ssl
@@ -9,7 +10,8 @@ import pytest
 import requests
 
 from kme.domain.errors import KEYS_NOT_FOUND
-from kme.interfaces.gunicorn_worker import request_complete
+from kme.interfaces import gunicorn_worker
+from kme.interfaces.gunicorn_worker import CHUNKED, CONTINUE, INCOMPLETE, WHOLE, staged_request
 from tests.support import (
     Ledger,
     run_cli,
@@ -157,8 +159,11 @@ MALFORMED_HTTP = [
     ("lowercase method", b"get /api/v1/sae/info/me HTTP/1.1\r\nHost: x\r\n\r\n", "400"),
     ("too many headers", b"GET /api/v1/sae/info/me HTTP/1.1\r\n" + b"".join(
         b"X-H%d: v\r\n" % i for i in range(150)) + b"\r\n", "431"),
-    ("broken chunked body", b"POST /api/v1/keys/2/enc_keys HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-     b"Content-Type: application/json\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", "400"),
+    # Every KME request announces its length: a chunked body is refused by the connection stage, at once.
+    ("chunked body", b"POST /api/v1/keys/2/enc_keys HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+     b"Content-Type: application/json\r\n\r\n2\r\n{}\r\n0\r\n\r\n", "411"),
+    # Lines ended by LF alone: answered at once, not after the stage's 10 s.
+    ("LF-only line ends", b"GET /api/v1/keys/2/status HTTP/1.1\nHost: x\n\n", "400"),
 ]
 
 
@@ -196,11 +201,17 @@ def test_stalled_connections_do_not_hold_the_threads_an_sae_needs(tmp_path, pki)
             raw = socket.create_connection(("127.0.0.1", port), timeout=5)
             raw.sendall(half_client_hello())
             stalled.append(raw)
-        for _ in range(5):
-            slow = tls_client_context(pki, pki.client(1, 1)).wrap_socket(
-                socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="127.0.0.1")
-            slow.sendall(b"GET /api/v1/keys/2/status HTTP/1.1\r\nHost: kme\r\nContent-Length: 10\r\n\r\n{")
-            stalled.append(slow)
+        # With a registered SAE's certificate: a body that stops, a chunked body and a body announced with
+        # "Expect: 100-continue" that never come.
+        for head in (b"GET /api/v1/keys/2/status HTTP/1.1\r\nHost: kme\r\nContent-Length: 10\r\n\r\n{",
+                     b"POST /api/v1/keys/2/enc_keys HTTP/1.1\r\nHost: kme\r\nTransfer-Encoding: chunked\r\n\r\n",
+                     b"POST /api/v1/keys/2/enc_keys HTTP/1.1\r\nHost: kme\r\nContent-Length: 20\r\n"
+                     b"Expect: 100-continue\r\n\r\n"):
+            for _ in range(5):
+                slow = tls_client_context(pki, pki.client(1, 1)).wrap_socket(
+                    socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="127.0.0.1")
+                slow.sendall(head)
+                stalled.append(slow)
         # Well within the 10 s a stalled connection is given: the SAE is served at once, twice.
         with sae_session(pki, 1, 1) as session:
             for _ in range(2):
@@ -211,17 +222,34 @@ def test_stalled_connections_do_not_hold_the_threads_an_sae_needs(tmp_path, pki)
         server.stop()
 
 
-@pytest.mark.parametrize("data, complete", [
-    (b"GET / HTTP/1.1\r\nHost: x\r\n", False),
-    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", True),
-    (b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\n{}", False),
-    (b"POST / HTTP/1.1\r\ncontent-length:  4\r\n\r\n{\"a", False),
-    (b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\n{\"\"}", True),
-    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", True),
-    (b"POST / HTTP/1.1\r\nContent-Length: 4000\r\nExpect: 100-continue\r\n\r\n", True),
+@pytest.mark.parametrize("data, verdict", [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n", INCOMPLETE),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", WHOLE),
+    (b"GET / HTTP/1.1\nHost: x\n\n", WHOLE),
+    (b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\n{}", INCOMPLETE),
+    (b"POST / HTTP/1.1\r\ncontent-length:  4\r\n\r\n{\"a", INCOMPLETE),
+    (b"POST / HTTP/1.1\r\nContent-Length: 4\r\n\r\n{\"\"}", WHOLE),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", CHUNKED),
+    (b"POST / HTTP/1.1\r\nContent-Length: 4000\r\nExpect: 100-continue\r\n\r\n", CONTINUE),
+    (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n{}", WHOLE),
 ])
-def test_a_request_is_handed_to_a_thread_only_when_whole(data, complete):
-    assert request_complete(data) is complete
+def test_a_request_is_handed_to_a_thread_only_when_whole(data, verdict):
+    assert staged_request(data) == verdict
+
+
+def test_the_gthread_internals_the_worker_uses_are_there():
+    """The connection stage subclasses and drives gthread's worker: a gunicorn release that moved them fails
+    here, not in production (requirements.txt pins the release)."""
+    from gunicorn.workers.gthread import ThreadWorker, TConn
+
+    for name in ("enqueue_req", "murder_pending", "on_client_socket_readable", "accept", "init_process",
+                 "handle"):
+        assert callable(getattr(ThreadWorker, name, None)), name
+    conn = TConn.__new__(TConn)
+    conn.__dict__.update(initialized=True)
+    assert conn.init() is None and {"init", "close"} <= set(vars(TConn))
+    assert callable(gunicorn_worker.http.get_parser) and callable(gunicorn_worker.util.write_nonblock)
+    assert "conn.sock.setblocking(True)" in inspect.getsource(ThreadWorker.handle)
 
 
 def test_a_client_expecting_100_continue_sends_its_body_after_it(pki, kme):

@@ -16,18 +16,6 @@ from concurrent.futures import ProcessPoolExecutor
 from kme.config import ConfigError, HttpsInterface, load_config
 from kme.storage import kek
 
-# A client that opens a connection and stalls mid-handshake (or mid-request)
-# must not hold a worker thread for longer than this.
-SOCKET_TIMEOUT_SECONDS = 10
-
-
-class _BoundedHandshakeContext(ssl.SSLContext):
-    """Server context that bounds the handshake: gunicorn wraps blocking sockets without a timeout."""
-
-    def wrap_socket(self, sock, *args, **kwargs):
-        sock.settimeout(SOCKET_TIMEOUT_SECONDS)
-        return super().wrap_socket(sock, *args, **kwargs)
-
 
 def server_context(interface: HttpsInterface) -> ssl.SSLContext:
     """TLS 1.2 or higher, our server certificate, client certificates required from one CA, no renegotiation.
@@ -36,7 +24,7 @@ def server_context(interface: HttpsInterface) -> ssl.SSLContext:
     handshake, which the identity middleware may therefore read once per
     connection.
     """
-    context = _BoundedHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_RENEGOTIATION
     context.load_cert_chain(str(interface.server_cert_path), str(interface.server_key_path))

@@ -6,9 +6,18 @@ client that connects and stays silent, stops mid-handshake or sends its
 request a byte at a time holds the thread (the pool has a few). Here the
 worker's own event loop does the TLS handshake and reads the request head
 and a body of announced length without blocking; a thread gets the
-connection only once the whole request is there. Every connection has
-STAGE_SECONDS for that (a kept-alive connection too, for each request);
-then it is closed.
+connection only once the whole request is there. A client that sends
+"Expect: 100-continue" gets the 100 from the stage, which then waits for the
+body too; a chunked body is refused (411: every KME request has a
+Content-Length). Every connection has STAGE_SECONDS for that (a kept-alive
+connection too, for each request); then it is closed. In the thread, every
+socket operation is bounded by STAGE_SECONDS as well (gthread makes the
+socket blocking without a timeout): a client that does not read its answer
+frees the thread then.
+
+The stage and the thread use gunicorn's gthread internals (TConn, the
+poller, enqueue_req, murder_pending): requirements.txt pins the gunicorn
+release they were written for, and a test checks that they are there.
 
 Requests that gunicorn itself refuses before the app sees them (a bad
 request line, a lowercase method, a URI or headers too long, a broken chunked
@@ -35,9 +44,12 @@ from kme.operations import collector
 STAGE_SECONDS = 10.0
 # A request whose head and body exceed this is handed over as it is (gunicorn refuses it).
 STAGE_LIMIT = 1 << 20
-_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*\r\n", re.IGNORECASE)
+_LENGTH = re.compile(rb"\ncontent-length:[ \t]*(\d+)[ \t]*\r?\n", re.IGNORECASE)
 # A client that sends "Expect: 100-continue" waits for the server before it sends the body.
-_EXPECT = re.compile(rb"\r\nexpect:", re.IGNORECASE)
+_EXPECT = re.compile(rb"\r\nexpect:[^\r\n]*", re.IGNORECASE)
+_CHUNKED = re.compile(rb"\ntransfer-encoding:[^\n]*chunked", re.IGNORECASE)
+# What the stage makes of the bytes of a request so far.
+INCOMPLETE, WHOLE, CONTINUE, CHUNKED = "incomplete", "whole", "continue", "chunked"
 
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
@@ -53,25 +65,39 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
 util.write_error = write_json_error
 
 
-def request_complete(data: bytes) -> bool:
-    """Whether ``data`` holds a whole request head, and the whole body its Content-Length announces.
+def staged_request(data: bytes) -> str:
+    """What the stage does with the bytes of a request so far: wait for more (INCOMPLETE), hand it to a thread
+    (WHOLE), answer "100 Continue" and wait for the body (CONTINUE), or refuse a chunked body (CHUNKED).
 
-    A request that expects "100 Continue" is whole with its head: its body
-    comes only once the thread's gunicorn parser has answered.
+    A head that ends its lines with LF alone is whole as soon as it ends: gunicorn refuses it at once (400).
     """
     end = data.find(b"\r\n\r\n")
-    if end < 0:
-        return len(data) >= STAGE_LIMIT
+    bare = data.find(b"\n\n")
+    if end < 0 or 0 <= bare < end:
+        if bare >= 0:
+            return WHOLE
+        return WHOLE if len(data) >= STAGE_LIMIT else INCOMPLETE
+    if _CHUNKED.search(data, 0, end + 2):
+        return CHUNKED
     length = _LENGTH.search(data, 0, end + 2)
-    if length is None or _EXPECT.search(data, 0, end + 2):
-        return True
-    return len(data) >= min(end + 4 + int(length.group(1)), STAGE_LIMIT)
+    if length is None or len(data) >= min(end + 4 + int(length.group(1)), STAGE_LIMIT):
+        return WHOLE
+    return CONTINUE if _EXPECT.search(data, 0, end + 2) else INCOMPLETE
+
+
+class _BoundedConn(TConn):
+    """A connection whose socket operations in a worker thread are bounded by STAGE_SECONDS."""
+
+    def init(self):
+        # Called by gthread's handle() right after it made the socket blocking.
+        self.sock.settimeout(STAGE_SECONDS)
+        super().init()
 
 
 class _Staged:
     """A connection in the connection stage."""
 
-    __slots__ = ("tls", "client", "server", "deadline", "conn", "buffer", "handshaken", "done")
+    __slots__ = ("tls", "client", "server", "deadline", "conn", "buffer", "handshaken", "continued", "done")
 
     def __init__(self, tls, client, server, conn: TConn | None):
         self.tls, self.client, self.server, self.conn = tls, client, server, conn
@@ -79,6 +105,8 @@ class _Staged:
         self.buffer = b""
         # A kept-alive connection did its handshake with its first request.
         self.handshaken = conn is not None
+        # "100 Continue" sent: the body follows.
+        self.continued = False
         self.done = False
 
 
@@ -130,7 +158,14 @@ class PeerCertificateWorker(ThreadWorker):
             if not staged.handshaken:
                 staged.tls.do_handshake()
                 staged.handshaken = True
-            while not request_complete(staged.buffer):
+            while (verdict := staged_request(staged.buffer)) != WHOLE:
+                if verdict == CHUNKED:
+                    write_json_error(staged.tls, 411, "Length Required", "")
+                    self._drop(staged)
+                    return
+                if verdict == CONTINUE and not staged.continued:
+                    staged.tls.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    staged.continued = True
                 chunk = staged.tls.recv(65536)
                 if not chunk:
                     self._drop(staged)
@@ -141,12 +176,15 @@ class PeerCertificateWorker(ThreadWorker):
         except (ssl.SSLError, OSError):
             self._drop(staged)
             return
+        if staged.continued:
+            # The client has its 100: gunicorn must not send another.
+            staged.buffer = _EXPECT.sub(b"", staged.buffer, count=1)
         self._dispatch(staged)
 
     def _dispatch(self, staged: _Staged) -> None:
         self.poller.unregister(staged.tls)
         staged.done = True
-        conn = staged.conn or TConn(self.cfg, staged.tls, staged.client, staged.server)
+        conn = staged.conn or _BoundedConn(self.cfg, staged.tls, staged.client, staged.server)
         conn.initialized = True
         conn.data_ready = True
         conn.parser = http.get_parser(self.cfg, staged.tls, staged.client)
