@@ -8,10 +8,13 @@ import base64
 import json
 import os
 import threading
+import uuid
 
 import pytest
 import requests
 
+from kme.interfaces.peer_client import PeerRefused
+from kme.storage.keystore import leases
 from tests.fake_peer import FakePeer
 from tests.faults import kill_family
 from tests.network import Network
@@ -238,6 +241,40 @@ def test_a_lease_whose_request_left_before_tls_failed_is_kept_and_asked_again(ne
     assert_exact_and_disjoint(network)
 
 
+def test_leases_the_borrower_never_applied_are_taken_back(network):
+    """Twenty lease requests under KME 2's certificate with lease IDs KME 2 never recorded (a peer that
+    misbehaves, or answers lost for good) each lent half of KME 1's free keys: KME 1 asks KME 2 about them,
+    learns that it never applied them, and takes the keys back."""
+    network.write_link_file(1, 2, "link.cor", 400)
+    confirmed(network, 400)
+    kme1 = network[1]
+    before = kme1.ledger.link(2)["available"]
+    client = network.peer_client(2, 1)
+    with pytest.raises(PeerRefused) as refused:
+        client.lease({"lease_ID": str(uuid.uuid4()), "minimum": 0, "wanted": 2**31 - 1})
+    assert refused.value.status == 400 and "wanted" in refused.value.detail
+    lent = sum(run["count"] for _ in range(20) for run in client.lease(
+        {"lease_ID": str(uuid.uuid4()), "minimum": 0, "wanted": leases.MAX_LEASE})["runs"])
+    assert lent > before * 0.9
+    wait_until(lambda: kme1.ledger._query("SELECT COUNT(*) FROM leases WHERE role = 'given'") == [(0,)], timeout=30)
+    assert kme1.ledger.link(2)["available"] == before and lending(kme1, 2) == (0, 0)
+    taken_back = [message for (message,) in kme1.ledger._query("SELECT message FROM events")
+                  if "taken back: KME 2 never applied it" in message]
+    assert len(taken_back) == 20
+    assert_exact_and_disjoint(network)
+    assert take(network, 1, 100).status_code == 200
+
+
+def test_a_lease_applied_is_acknowledged_not_taken_back(network):
+    network.write_link_file(1, 2, "link.cor", 200)
+    confirmed(network, 200)
+    # KME 2's direction is empty: it borrows from KME 1's.
+    assert take(network, 2, 4).status_code == 200
+    wait_until(lambda: network[1].ledger._query("SELECT role FROM leases") == [("acked",)], timeout=30)
+    assert lending(network[1], 2) == lending(network[2], 1)[::-1] != (0, 0)
+    assert_exact_and_disjoint(network)
+
+
 def crash(kme, name: str) -> None:
     """SIGKILL a gunicorn master the test started, and its workers, by pid."""
     process = kme.processes.pop(name)
@@ -273,4 +310,4 @@ def test_a_crash_in_the_middle_of_a_lease(network, crashed):
     answer = take(network, 2, 4)
     assert answer.status_code == 200, answer.text
     assert_exact_and_disjoint(network)
-    assert network[1].ledger._query("SELECT COUNT(*) FROM leases WHERE role = 'given'")[0][0] >= 1
+    assert network[1].ledger._query("SELECT COUNT(*) FROM leases WHERE role IN ('given', 'acked')")[0][0] >= 1

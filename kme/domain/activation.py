@@ -137,5 +137,5 @@ def local_housekeeping(config: KmeConfig) -> None:
     while local.expire_delivered(events.utc_now(expiry)):
         pass
     incoming.forget_before(events.utc_now(max(expiry, 86400) * 2))
-    leases.forget_given_before(events.utc_now(86400 * 2))
+    leases.forget_given_before(events.utc_now(leases.REMEMBER_SECONDS))
     events.prune()

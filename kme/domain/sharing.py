@@ -19,6 +19,7 @@ import uuid
 from kme.config import KmeConfig, OtherKme
 from kme.domain.errors import NotEnoughKeys, PeerFailure
 from kme.interfaces.peer_client import PeerError, PeerOutcomeUnknown, client_for
+from kme.operations import events
 from kme.storage.db import DATABASE_ID, meta
 from kme.storage.keystore import common, leases, progress
 from kme.storage.keystore.progress import Exchange, FileOffer
@@ -70,6 +71,27 @@ def lend(config: KmeConfig, caller: OtherKme, data: dict) -> tuple[list[dict], i
     return leases.give(caller.id, leases.LeaseRequest(data["lease_ID"], data["minimum"], data["wanted"]))
 
 
+def lease_states(caller: OtherKme, lease_ids: list[str]) -> dict:
+    """What we did with leases the calling KME gave us: {"database_ID", "leases": [{"lease_ID", "state"}]}."""
+    found = leases.states(caller.id, lease_ids)
+    return {"database_ID": _database_id(),
+            "leases": [{"lease_ID": lease_id, "state": state} for lease_id, state in found.items()]}
+
+
+def settle_given(peer: OtherKme) -> None:
+    """Ask the peer about the leases we gave it lately that it has not acknowledged; take back those it never
+    applied (PeerError if it did not answer: asked again next time)."""
+    lease_ids = leases.unacknowledged(peer.id, events.utc_now(leases.RECLAIM_WITHIN_SECONDS), progress.PAGE)
+    if not lease_ids:
+        return
+    answer = client_for(peer).lease_states({"lease_IDs": lease_ids})
+    asked = set(lease_ids)
+    back = leases.settle_given(peer.id, {item["lease_ID"]: item["state"] for item in answer["leases"]
+                                         if item["lease_ID"] in asked})
+    if back:
+        log.warning("KME %s never applied leases of ours: %d keys taken back", peer.id, back)
+
+
 def borrow(peer: OtherKme, minimum: int) -> int:
     """Borrow at least ``minimum`` keys (else none) from the peer's direction; how many came.
 
@@ -110,9 +132,10 @@ def housekeeping(config: KmeConfig, asked_before: str) -> None:
     for peer in config.other_kmes:
         try:
             exchange_progress(config, peer)
+            settle_given(peer)
         except PeerError as exc:
             # The peer probe already reports an unreachable peer; this would repeat it every interval.
-            log.debug("progress with KME %s not exchanged: %s", peer.id, exc)
+            log.debug("progress or leases with KME %s not exchanged: %s", peer.id, exc)
         progress.set_aside_unmatched(config.this_kme.id, peer.id, config.this_kme.unmatched_key_grace_seconds)
     settle_leases(config, asked_before)
     common.sample_levels([peer.id for peer in config.other_kmes], time.time())

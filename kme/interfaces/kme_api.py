@@ -20,6 +20,8 @@ from kme.interfaces.kme_wire import (
     CancelledSchema,
     LeaseAnswerSchema,
     LeaseSchema,
+    LeaseStatesAnswerSchema,
+    LeaseStatesSchema,
     ProgressAnswerSchema,
     ProgressSchema,
     RelayCancelSchema,
@@ -36,6 +38,7 @@ bp = Blueprint("kme_api", __name__, url_prefix="/api/v1/kme")
 # using it.
 _ACTIVATION, _ACTIVATED, _CANCELLED = ActivationSchema(), ActivatedSchema(), CancelledSchema()
 _LEASE, _LEASE_ANSWER = LeaseSchema(), LeaseAnswerSchema()
+_LEASE_STATES, _LEASE_STATES_ANSWER = LeaseStatesSchema(), LeaseStatesAnswerSchema()
 _PROGRESS, _PROGRESS_ANSWER = ProgressSchema(), ProgressAnswerSchema()
 _RELAY, _RELAY_CANCEL, _RELEASED = RelaySchema(), RelayCancelSchema(), ReleasedSchema()
 
@@ -92,6 +95,14 @@ def lease():
     data = load(_LEASE, json_body(request))
     runs, free = sharing.lend(current_app.extensions["kme"], caller, data)
     return _LEASE_ANSWER.dump({"lease_ID": data["lease_ID"], "runs": runs, "free": free})
+
+
+@bp.post("/leases/states")
+def lease_states():
+    """What this KME, as the borrower, did with leases the caller gave it (applied, pending, unknown)."""
+    caller = calling_kme()
+    data = load(_LEASE_STATES, json_body(request))
+    return _LEASE_STATES_ANSWER.dump(sharing.lease_states(caller, data["lease_IDs"]))
 
 
 @bp.post("/progress")

@@ -7,6 +7,7 @@ from marshmallow import validate
 
 from kme.config_schema import Bool, Int, List, Nested, Str, StrictSchema
 from kme.interfaces.schemas import KeyIdField
+from kme.storage.keystore.leases import APPLIED, MAX_LEASE, PENDING, UNKNOWN
 from kme.storage.keystore.progress import PAGE as PROGRESS_PAGE
 
 _POSITION = validate.Range(0, 2**62)
@@ -52,8 +53,9 @@ class LeaseSchema(StrictSchema):
     """A lease asked: at least ``minimum`` keys or none, ``wanted`` if the lender can spare them."""
 
     lease_ID = KeyIdField(required=True)
-    minimum = Int(required=True, validate=_COUNT)
-    wanted = Int(required=True, validate=_COUNT)
+    # A borrower asks what it misses for one request at least, and never more than the largest lease.
+    minimum = Int(required=True, validate=validate.Range(0, MAX_LEASE))
+    wanted = Int(required=True, validate=validate.Range(0, MAX_LEASE))
 
 
 class RunSchema(StrictSchema):
@@ -70,6 +72,24 @@ class LeaseAnswerSchema(StrictSchema):
     lease_ID = KeyIdField(required=True)
     runs = List(Nested(RunSchema), required=True)
     free = Int(required=True, validate=_POSITION)
+
+
+class LeaseStatesSchema(StrictSchema):
+    """Leases the caller gave this KME and wants to know the fate of."""
+
+    lease_IDs = List(KeyIdField(), required=True, validate=validate.Length(1, PROGRESS_PAGE))
+
+
+class LeaseStateSchema(StrictSchema):
+    lease_ID = KeyIdField(required=True)
+    state = Str(required=True, validate=validate.OneOf([APPLIED, PENDING, UNKNOWN]))
+
+
+class LeaseStatesAnswerSchema(StrictSchema):
+    """What the borrower did with each lease: applied it, still asks for it, or never recorded it."""
+
+    database_ID = Str(required=True, validate=_DATABASE_ID)
+    leases = List(Nested(LeaseStateSchema), required=True, validate=validate.Length(max=PROGRESS_PAGE))
 
 
 class FileOfferSchema(StrictSchema):

@@ -15,6 +15,8 @@ from kme.interfaces.kme_wire import (
     CancelledSchema,
     LeaseAnswerSchema,
     LeaseSchema,
+    LeaseStatesAnswerSchema,
+    LeaseStatesSchema,
     ProgressAnswerSchema,
     ProgressSchema,
     RELAY_MAC_HEADER,
@@ -123,6 +125,9 @@ def _kme_paths() -> dict:
         "/api/v1/kme/leases": {"post": _operation(
             "Lend keys of this KME's direction of the link to the calling KME's (idempotent by lease_ID)",
             LeaseAnswerSchema, _KME_ERRORS, body=LeaseSchema)},
+        "/api/v1/kme/leases/states": {"post": _operation(
+            "What this KME, as the borrower, did with leases the calling KME gave it: applied, pending, unknown",
+            LeaseStatesAnswerSchema, _KME_ERRORS, body=LeaseStatesSchema)},
         "/api/v1/kme/progress": {"post": _operation(
             "Exchange ingestion progress: which keys of each file each end holds", ProgressAnswerSchema,
             _KME_ERRORS, body=ProgressSchema)},

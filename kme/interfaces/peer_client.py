@@ -27,9 +27,15 @@ from urllib3.connectionpool import HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError
 
 from kme.config import OtherKme
-from kme.interfaces.kme_wire import RELAY_MAC_HEADER, LeaseAnswerSchema, ProgressAnswerSchema
+from kme.interfaces.kme_wire import (
+    RELAY_MAC_HEADER,
+    LeaseAnswerSchema,
+    LeaseStatesAnswerSchema,
+    ProgressAnswerSchema,
+)
 
 _LEASE_ANSWER, _PROGRESS_ANSWER = LeaseAnswerSchema(), ProgressAnswerSchema()
+_LEASE_STATES_ANSWER = LeaseStatesAnswerSchema()
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +180,10 @@ class PeerClient:
     def lease(self, request: dict) -> dict:
         """Ask the peer to lend keys of its direction to ours; its answer (runs of positions, its free keys)."""
         return self._checked(_LEASE_ANSWER, self._post("/leases", request, "lease_ID", request["lease_ID"]))
+
+    def lease_states(self, request: dict) -> dict:
+        """Ask the peer what it did with leases we gave it; its answer."""
+        return self._checked(_LEASE_STATES_ANSWER, self._post("/leases/states", request, "database_ID", None))
 
     def exchange_progress(self, push: dict) -> dict:
         """Tell the peer our ingestion progress; its answer carries its own."""

@@ -7,6 +7,17 @@ lender until its commit, for nobody while the answer travels, for the
 borrower after. A lease asked is recorded before it is sent and answered
 the same on every retry (the lender remembers what it gave), so a lost
 answer is learnt again, never lent twice.
+
+A lease the borrower never applies (its answer lost for good, or asked
+with a lease ID the borrower never recorded) would strand the keys: the
+lender asks the borrower, in the background, about every lease it gave in
+the last RECLAIM_WITHIN_SECONDS and not yet acknowledged. "applied": the
+lease is acknowledged; "pending": the borrower still asks for it (it will
+apply the same runs); "unknown": the borrower holds no record of it, so it
+never applied it and never will (it applies only answers to leases it
+recorded before asking, under fresh random IDs, and keeps what it applied
+for longer than the lender asks), and the lender takes the keys back into
+its own direction. So a position is free for one direction at most, always.
 """
 import json
 import time
@@ -23,6 +34,14 @@ from kme.storage.models import OURS, PEERS, UNCONFIRMED, KeyFile, Lease, Link, P
 
 ASKED = "asked"
 GIVEN = "given"
+# The borrower applied the lease; the lender learnt that it did.
+APPLIED = "applied"
+ACKNOWLEDGED = "acked"
+# What a borrower says of a lease: applied, still asked for, or never recorded.
+PENDING, UNKNOWN = "pending", "unknown"
+# A lender asks about its leases of the last day only; a borrower remembers what it applied for two.
+RECLAIM_WITHIN_SECONDS = 86400.0
+REMEMBER_SECONDS = 2 * RECLAIM_WITHIN_SECONDS
 # Lease sizes, in 256-bit keys: doubled when leases follow each other within
 # FAST_SECONDS, halved after SLOW_SECONDS without one.
 MIN_LEASE, MAX_LEASE = 32, 65536
@@ -92,7 +111,8 @@ def receive(link_id: int, lease_id: str, runs: list[dict], peer_free: int) -> in
         link.peer_free = peer_free
         if asked is None or asked.role != ASKED:
             return 0
-        session.delete(asked)
+        # Kept, as applied, for as long as the lender may ask about it.
+        asked.role = APPLIED
         files = dict(session.execute(select(KeyFile.name, KeyFile.id).where(
             KeyFile.link_id == link_id, KeyFile.name.in_({run["file"] for run in runs}))).all())
         moved = {PEERS: 0, UNCONFIRMED: 0}
@@ -128,9 +148,61 @@ def unanswered(asked_before: str) -> list[tuple[int, LeaseRequest]]:
 
 
 def forget_given_before(created_before: str) -> None:
-    """Drop the memory of old leases given (kept only as long as a peer may ask again)."""
+    """Drop the memory of old leases given or applied (kept only as long as a peer may ask again or ask about
+    them)."""
     with write_transaction() as session:
-        session.execute(delete(Lease).where(Lease.role == GIVEN, Lease.created_at < created_before))
+        session.execute(delete(Lease).where(Lease.role.in_((GIVEN, ACKNOWLEDGED, APPLIED)),
+                                            Lease.created_at < created_before))
+
+
+def unacknowledged(link_id: int, given_after: str, limit: int) -> list[str]:
+    """Leases given to the peer after the given time that it has not said it applied: their IDs."""
+    ids = db.session.scalars(select(Lease.lease_id).where(
+        Lease.link_id == link_id, Lease.role == GIVEN, Lease.created_at > given_after)
+        .order_by(Lease.created_at).limit(limit)).all()
+    db.session.commit()
+    return list(ids)
+
+
+def states(link_id: int, lease_ids: list[str]) -> dict[str, str]:
+    """What this KME, as the borrower on ``link_id``, did with each lease: APPLIED, PENDING or UNKNOWN."""
+    roles = dict(db.session.execute(select(Lease.lease_id, Lease.role).where(
+        Lease.link_id == link_id, Lease.lease_id.in_(lease_ids), Lease.role.in_((ASKED, APPLIED)))).all())
+    db.session.commit()
+    return {lease_id: {ASKED: PENDING, APPLIED: APPLIED}.get(roles.get(lease_id), UNKNOWN) for lease_id in lease_ids}
+
+
+def settle_given(link_id: int, answered: dict[str, str]) -> int:
+    """Apply the borrower's word on leases we gave: acknowledged, or taken back; how many keys came back."""
+    back = 0
+    with write_transaction() as session:
+        for lease_id, state in answered.items():
+            given = session.get(Lease, lease_id)
+            if given is None or given.link_id != link_id or given.role != GIVEN:
+                continue
+            if state == APPLIED:
+                given.role = ACKNOWLEDGED
+            elif state == UNKNOWN:
+                back += _take_back(session, link_id, given)
+    return back
+
+
+def _take_back(session, link_id: int, given: Lease) -> int:
+    """The borrower never applied ``given``: its keys still lent return to our direction."""
+    runs = json.loads(given.parts)
+    files = dict(session.execute(select(KeyFile.name, KeyFile.id).where(
+        KeyFile.link_id == link_id, KeyFile.name.in_({run["file"] for run in runs}))).all()) if runs else {}
+    moved = 0
+    for run in runs:
+        if run["file"] in files:
+            moved += session.execute(update(PoolKey).where(
+                PoolKey.file_id == files[run["file"]], PoolKey.position >= run["first"],
+                PoolKey.position < run["first"] + run["count"], PoolKey.state == PEERS).values(state=OURS)).rowcount
+    update_link(session, link_id, available=moved, peer_held=-moved, lent=-sum(run["count"] for run in runs))
+    session.delete(given)
+    events.record(session, f"Lease {given.lease_id} to KME {link_id} taken back: KME {link_id} never applied it; "
+                           f"{moved} keys back in our direction")
+    return moved
 
 
 def _runs(session, rows: list) -> list[dict]:
