@@ -6,14 +6,16 @@ line; altered rows are refused and change nothing; rotating the KEK and
 sealing a database from before encryption at rest lose nothing under load.
 """
 import base64
+import hashlib
 import os
+import struct
 import threading
 
 import pytest
 
 from kme import create_app
 from kme.config import load_config
-from kme.storage.sealing import histogram_place, pool_place
+from kme.storage.sealing import OVERHEAD, histogram_place, pool_place, secret_place
 from tests.support import (
     Ledger,
     checkpoint,
@@ -97,6 +99,29 @@ def test_no_key_is_in_the_database_or_its_wal_before_or_after_delivery(kme):
     raw = stored_bytes(kme.db)
     assert keys_found(raw, kme.data) == [] and not any(key in raw for key in delivered)
     assert kme.ledger.assert_exact(1)["delivered"] == 8
+
+
+def test_the_fingerprint_secret_is_sealed_and_one_kept_in_clear_is_sealed_in_place(kme):
+    """Whoever copies the database must not be able to test guessed keys against the fingerprints of every key
+    ever ingested: the secret that keys them is sealed under the data key like the keys."""
+    kme.ingest()
+    query = "SELECT value FROM kme_meta WHERE name = 'fingerprint_secret'"
+    ((stored,),) = kme.ledger._query(query)
+    assert len(stored) == 32 + OVERHEAD
+    secret = kme.ledger.sealer().open(stored, secret_place(), lambda: "the fingerprint secret")
+    (first,) = struct.unpack(">q", hashlib.blake2b(kme.data[:32], key=secret, digest_size=8).digest())
+    assert kme.ledger._query("SELECT COUNT(*) FROM key_fingerprints WHERE fingerprint = ?", first) == [(1,)]
+    assert secret not in stored_bytes(kme.db)
+    # As a KME before this release kept it: in clear. The next process seals it in place, the same secret.
+    kme.ledger.write(("UPDATE kme_meta SET value = ? WHERE name = 'fingerprint_secret'", secret))
+    kme.ingest()
+    ((stored,),) = kme.ledger._query(query)
+    assert len(stored) == 32 + OVERHEAD
+    assert kme.ledger.sealer().open(stored, secret_place(), lambda: "the fingerprint secret") == secret
+    # The fingerprints still know every key: the same material under another name is refused.
+    (kme.folder / "keys" / "copy.cor").write_bytes(kme.data)
+    kme.ingest()
+    assert kme.ledger.assert_exact(1)["ingested"] == 64
 
 
 @pytest.mark.sqlite_only

@@ -20,18 +20,19 @@ import os
 import weakref
 from dataclasses import dataclass
 
-from sqlalchemy import delete, insert
+from sqlalchemy import delete, insert, update
 
 from kme.config import KEY_BITS
 from kme.domain.errors import StorageFailure
 from kme.storage import sealing, statements
 from kme.storage.kek import Kek, KekError, context
-from kme.storage.meta_names import CLEAR_POOL, DATA_KEY, DATABASE_ID
+from kme.storage.meta_names import CLEAR_POOL, DATA_KEY, DATABASE_ID, FINGERPRINT_SECRET
 from kme.storage.sealing import Sealer
 
 log = logging.getLogger(__name__)
 
 DATA_KEY_BYTES = 32
+FINGERPRINT_SECRET_BYTES = 32
 CLEAR_KEY_BYTES = KEY_BITS // 8
 HISTOGRAM_BYTES = 256 * 8
 # Rows sealed per transaction by flask encrypt-db: short enough that SAE requests barely wait.
@@ -73,6 +74,11 @@ def establish(connection, engine, kek: Kek, facts: dict[str, bytes]) -> Store:
     if opened.clear_pool:
         log.warning("the database holds pool keys in clear, written by a KME from before encryption at rest: they "
                     "are served, new keys are sealed; run flask encrypt-db to seal them")
+    secret = facts[FINGERPRINT_SECRET]
+    if len(secret) == FINGERPRINT_SECRET_BYTES:
+        # A new database's secret, or one a KME before this release kept in clear: sealed in place.
+        connection.execute(update(Meta).where(Meta.name == FINGERPRINT_SECRET).values(
+            value=opened.sealer.seal([secret], [sealing.secret_place()])[0]))
     _stores[engine] = opened
     return opened
 
@@ -210,6 +216,14 @@ def open_delivered(key_id: str, link_id: int, master_sae_id: int, stored: bytes)
     """The material of a delivered key."""
     return store().sealer.open(stored, sealing.delivered_place(key_id, link_id, master_sae_id),
                                      lambda: f"delivered key {key_id}")
+
+
+def fingerprint_secret(stored: bytes) -> bytes:
+    """The fingerprint secret, as kme_meta holds it (sealed; in clear only as a process that read it before this
+    release sealed it saw it)."""
+    if len(stored) == FINGERPRINT_SECRET_BYTES:
+        return stored
+    return store().sealer.open(stored, sealing.secret_place(), lambda: "the fingerprint secret")
 
 
 def seal_histogram(link_id: int, histogram: bytes, sealer: Sealer | None = None) -> bytes:

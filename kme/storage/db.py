@@ -102,6 +102,7 @@ def ensure_schema() -> bool:
                 raise StorageFailure(problem)
             _check_columns(connection)
             known = set(connection.scalars(select(Meta.name)))
+            # The secret is sealed under the data key by at_rest.establish, in this transaction.
             for name, value in ((DATABASE_ID, uuid.uuid4().hex.encode()), (FINGERPRINT_SECRET, os.urandom(32))):
                 if name not in known:
                     connection.execute(insert(Meta).values(name=name, value=value))

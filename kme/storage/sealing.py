@@ -12,7 +12,9 @@ place, so a value copied to another row does not open:
 
 - a pool key: its link, key file (row ID) and position;
 - a delivered key: its key ID, link and master SAE;
-- a link's byte histogram (which tells the byte frequencies of the keys held): its link.
+- a link's byte histogram (which tells the byte frequencies of the keys held): its link;
+- the secret that keys the fingerprints of every key ever ingested (whoever has it can test guessed keys
+  against them): its name.
 
 Values that do not open raise StorageFailure naming the place: the
 database was altered outside the KME, and the transaction that read them
@@ -142,6 +144,11 @@ def pool_place(link_id: int, file_id: int, position: int) -> bytes:
 def delivered_place(key_id: str, link_id: int, master_sae_id: int) -> bytes:
     """The associated data of a delivered key."""
     return _DELIVERED.pack(b"D", link_id, master_sae_id) + key_id.encode("ascii")
+
+
+def secret_place() -> bytes:
+    """The associated data of the fingerprint secret."""
+    return b"F fingerprint secret"
 
 
 def histogram_place(link_id: int) -> bytes:

@@ -90,7 +90,7 @@ def fingerprints(materials: list[bytes]) -> list[int]:
     copy of the state that has absorbed the secret, which costs less than
     absorbing it again.
     """
-    keyed = hashlib.blake2b(key=meta(FINGERPRINT_SECRET), digest_size=8)
+    keyed = hashlib.blake2b(key=at_rest.fingerprint_secret(meta(FINGERPRINT_SECRET)), digest_size=8)
     digests = []
     for material in materials:
         mac = keyed.copy()
