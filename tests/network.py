@@ -6,6 +6,7 @@ from pathlib import Path
 
 from kme.config import parse_config
 from kme.interfaces.peer_client import PeerClient
+from kme.operations.events import utc_now
 from tests.support import (
     Ledger,
     Pki,
@@ -135,6 +136,13 @@ class Network:
             entry["https_client_authentication_certificate"] = str(
                 self.pki.folder / f"kme{pfx_of}" / f"kme{pfx_of}-to-kme{target}.pfx")
         return PeerClient(parse_config(raw, self.kmes[caller].folder).other_kmes_by_id[target])
+
+    def lease_as(self, borrower: int, lender: int, request: dict) -> dict:
+        """Ask ``lender`` for a lease in the name of ``borrower`` (the test acting as it), recorded at the borrower
+        as applied, as it would record it: the lender, asking about it later, does not take it back."""
+        self.kmes[borrower].ledger.write(("INSERT INTO leases (lease_id, link_id, role, parts, created_at) "
+                                          "VALUES (?, ?, 'applied', '[]', ?)", request["lease_ID"], lender, utc_now()))
+        return self.peer_client(borrower, lender).lease(request)
 
     def write_link_file(self, a: int, b: int, name: str, keys: int) -> bytes:
         """Write the same key file at both ends of link a–b (staged, then moved in)."""

@@ -107,7 +107,7 @@ def test_one_activation_sent_to_both_inter_kme_front_ends_at_once_takes_effect_o
     # Keys KME 1 lends to KME 2's direction of the link (asked directly: KME 2's own store does not know), then
     # activated as KME 2 would ask, at both front ends at once (a retry after a timeout lands on the other host
     # while the first attempt still runs).
-    run = network.peer_client(2, 1).lease({"lease_ID": str(uuid.uuid4()), "minimum": 2, "wanted": 2})["runs"][0]
+    run = network.lease_as(2, 1, {"lease_ID": str(uuid.uuid4()), "minimum": 2, "wanted": 2})["runs"][0]
     positions = [run["first"], run["first"] + 1]
     request = {"activation_ID": str(uuid.uuid4()), "master_SAE_ID": 3, "slave_SAE_IDs": [1], "size": 256,
                "keys": [{"key_ID": str(uuid.uuid4()), "parts": [{"file": run["file"], "position": position}]}

@@ -65,7 +65,7 @@ def refused(network, call, kme_id=1, link=3):
 def test_kme3_cannot_activate_keys_of_link_1_2(network):
     kme3_to_1 = network.peer_client(3, 1)
     # Keys KME 1 lent to KME 2's direction of link 1-2; KME 3 names them as its own.
-    lent = network.peer_client(2, 1).lease({"lease_ID": str(uuid.uuid4()), "minimum": 1, "wanted": 1})["runs"][0]
+    lent = network.lease_as(2, 1, {"lease_ID": str(uuid.uuid4()), "minimum": 1, "wanted": 1})["runs"][0]
     before = network[1].ledger.assert_exact(2)
     message = refused(network, lambda: kme3_to_1.activate(activation(5, [1], [(lent["file"], lent["first"])])))
     assert "not available" in message
@@ -97,18 +97,18 @@ def test_a_certificate_of_another_kme_is_that_kme(network):
 
 def borrowed_position(network) -> tuple[str, int]:
     """A key KME 1 lends to KME 3's direction of link 1-3 (asked directly: KME 3's own store does not know)."""
-    run = network.peer_client(3, 1).lease({"lease_ID": str(uuid.uuid4()), "minimum": 1, "wanted": 1})["runs"][0]
+    run = network.lease_as(3, 1, {"lease_ID": str(uuid.uuid4()), "minimum": 1, "wanted": 1})["runs"][0]
     return run["file"], run["first"]
 
 
 def test_a_lease_is_idempotent_and_lends_only_what_is_free(network):
     to_kme1 = network.peer_client(3, 1)
     request = {"lease_ID": str(uuid.uuid4()), "minimum": 2, "wanted": 3}
-    first = to_kme1.lease(request)
+    first = network.lease_as(3, 1, request)
     assert sum(run["count"] for run in first["runs"]) == 3
     assert to_kme1.lease(request) == first
     free = network[1].ledger.link(3)["available"]
-    nothing = to_kme1.lease({"lease_ID": str(uuid.uuid4()), "minimum": free + 1, "wanted": free + 1})
+    nothing = network.lease_as(3, 1, {"lease_ID": str(uuid.uuid4()), "minimum": free + 1, "wanted": free + 1})
     assert nothing == {"lease_ID": nothing["lease_ID"], "runs": [], "free": free}
     network[1].ledger.assert_exact(3)
 

@@ -85,7 +85,7 @@ def give(link_id: int, request: LeaseRequest) -> tuple[list[dict], int]:
         link = session.get(Link, link_id)
         known = session.get(Lease, request.lease_id)
         if known is not None:
-            if known.link_id != link_id or known.role != GIVEN:
+            if known.link_id != link_id or known.role not in (GIVEN, ACKNOWLEDGED):
                 raise ActivationConflict(f"lease {request.lease_id} belongs to another link")
             return json.loads(known.parts), link.available
         free = link.available
