@@ -8,6 +8,7 @@ import pytest
 from kme.domain import one_time
 from kme.interfaces.kme_wire import RELAY_MAC_HEADER
 from kme.interfaces.peer_client import PeerRefused
+from tests.fake_peer import FakePeer
 from tests.network import Network
 from tests.support import wait_until
 
@@ -168,7 +169,8 @@ def test_a_peers_own_words_go_to_the_log_not_to_the_sae(network):
     assert kme1.ledger.assert_exact(3)["reserved"] == 0
 
 
-def relay_from_kme3(network, targets: dict[int, list[int]], path=(3,), sealed: bytes | None = None, size=256):
+def relay_from_kme3(network, targets: dict[int, list[int]], path=(3,), sealed: bytes | None = None, size=256,
+                    activation_id: str | None = None):
     """A relay KME 3 could send KME 1 on keys KME 1 lent it: (body, MAC, the key it carries)."""
     parts = [borrowed_position(network) for _ in range(2)]
     opened = dict(network[1].ledger.pool_keys("link_id = 3 AND state = 1"))
@@ -177,7 +179,8 @@ def relay_from_kme3(network, targets: dict[int, list[int]], path=(3,), sealed: b
     if sealed is not None:
         entry["sealed"] = base64.b64encode(sealed).decode()
     body = json.dumps({
-        "activation_ID": str(uuid.uuid4()), "relay_ID": str(uuid.uuid4()), "path": list(path), "master_SAE_ID": 5,
+        "activation_ID": activation_id or str(uuid.uuid4()), "relay_ID": str(uuid.uuid4()), "path": list(path),
+        "master_SAE_ID": 5,
         "size": size, "hold": False, "timeout_ms": 2000,
         "targets": [{"kme_ID": kme, "slave_SAE_IDs": slaves} for kme, slaves in targets.items()],
         "keys": [entry], "mac_part": {"file": parts[1][0], "position": parts[1][1]},
@@ -207,6 +210,32 @@ def test_a_relay_is_idempotent_end_to_end_and_so_is_its_cancel(network):
     wait_until(lambda: not network[1].ledger._query("SELECT 1 FROM outgoing_activations"), 20)
     after = network[2].ledger.assert_exact(1)
     assert (after["delivered"], after["discarded"]) == (before["delivered"] - 2, before["discarded"] + 2)
+
+
+def test_a_relay_under_one_of_our_own_activation_ids_leaves_that_activations_keys_alone(network):
+    """A neighbour chooses the activation ID of its relay hop: naming one of KME 1's own pending activations on
+    the link, the relay's held parts and that activation's reserved keys must stay apart."""
+    kme1 = network[1]
+    network[3].stop("kme")
+    certs = network.pki.folder / "kme3"
+    hanging = FakePeer(network[3].port("kmes_https_interface"), str(certs / "kme_server.crt"),
+                       str(certs / "kme_server.key"), "hang")
+    try:
+        # KME 3 never answers: the activation's keys stay reserved, its outcome unknown.
+        assert kme1.sae(1).post(f"{kme1.url()}/keys/5/enc_keys", json={"number": 2}, timeout=15).status_code == 503
+        ((ours,),) = kme1.ledger._query("SELECT activation_id FROM outgoing_activations WHERE link_id = 3")
+        reserved = kme1.ledger._query("SELECT COUNT(*) FROM pool_keys WHERE reservation = ?", ours)
+        assert reserved == [(2,)]
+        body, mac, _key = relay_from_kme3(network, {2: [3]}, activation_id=ours)
+        assert network.peer_client(3, 1).relay(ours, body, mac, 5) == {"activation_ID": ours, "activated": 1}
+        assert kme1.ledger._query("SELECT COUNT(*) FROM pool_keys WHERE reservation = ?", ours) == reserved
+    finally:
+        hanging.close()
+        network[3].start("kme")
+    # KME 1's background worker cancels its own activation at KME 3 and discards exactly its two keys.
+    wait_until(lambda: not kme1.ledger._query("SELECT 1 FROM outgoing_activations"), 30)
+    counts = kme1.ledger.assert_exact(3)
+    assert counts["reserved"] == 0
 
 
 @pytest.mark.parametrize("alteration", ["body", "tag"])

@@ -166,10 +166,10 @@ def reserve_pool_keys(target, link_id: int, count: int, reservation: str) -> lis
     return rows
 
 
-def remove_reserved(target, reservation: str) -> list[tuple]:
-    """Delete the pool keys reserved for ``reservation``; (file_id, position, material) of each."""
-    return driver(target).execute("DELETE FROM pool_keys WHERE reservation = ? RETURNING file_id, position, material",
-                                  (reservation,)).fetchall()
+def remove_reserved(target, link_id: int, reservation: str) -> list[tuple]:
+    """Delete the link's pool keys reserved for ``reservation``; (file_id, position, material) of each."""
+    return driver(target).execute("DELETE FROM pool_keys WHERE reservation = ? AND link_id = ? "
+                                  "RETURNING file_id, position, material", (reservation, link_id)).fetchall()
 
 
 def file_names(target, file_ids) -> dict[int, str]:

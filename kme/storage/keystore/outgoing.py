@@ -95,7 +95,8 @@ def finalize(reservation: Reservation) -> None:
             raise PeerFailure("the peer KME answered after the activation was cancelled; its keys are discarded, "
                               "try again")
         link_id, stored = pending[0], json.loads(pending[1])
-        materials = at_rest.open_pool(link_id, statements.remove_reserved(connection, reservation.activation_id))
+        materials = at_rest.open_pool(link_id, statements.remove_reserved(connection, link_id,
+                                                                          reservation.activation_id))
         wire = stored["wire"]
         local = stored["local_slaves"]
         if local:
@@ -121,7 +122,8 @@ def release(activation_id: str) -> None:
         pending = statements.take_outgoing(session, activation_id, (SENDING,))
         if pending is None:
             return
-        count = session.execute(update(PoolKey).where(PoolKey.reservation == activation_id)
+        count = session.execute(update(PoolKey).where(PoolKey.reservation == activation_id,
+                                                      PoolKey.link_id == pending[0])
                                 .values(state=OURS, reservation=None)).rowcount
         update_link(session, pending[0], reserved=-count, available=count)
 
@@ -158,7 +160,7 @@ def discard(activation_id: str) -> None:
         pending = statements.take_outgoing(session, activation_id, (SENDING, UNKNOWN, CANCELLING))
         if pending is None:
             return
-        materials = at_rest.open_pool(pending[0], statements.remove_reserved(session, activation_id))
+        materials = at_rest.open_pool(pending[0], statements.remove_reserved(session, pending[0], activation_id))
         # A relay hop cancelled after it completed: its keys had left the pool as delivered.
         completed = json.loads(pending[1]).get("completed", 0)
         update_link(session, pending[0], removed=materials, reserved=-len(materials),

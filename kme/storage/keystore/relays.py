@@ -8,6 +8,7 @@ on, so that a cancel or a release follows the key down every hop. Keys in
 clear exist only in the memory of the request that relays them.
 """
 import json
+import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -33,6 +34,16 @@ RELAYED = "relayed"
 FAILED = "failed"
 # Outgoing: the relay was decided; its release still has to reach that next hop.
 RELEASING = "releasing"
+
+
+# Parts a relay passing through holds are reserved under an ID of their own, derived from the link and the
+# activation ID the neighbour chose: never one of our own activation IDs, which a neighbour could choose.
+_HELD = uuid.UUID("2f1c8e4a-6a55-4c1e-9a53-5d1c0b7f3e21")
+
+
+def held(link_id: int, activation_id: str) -> str:
+    """The reservation of the parts held for a relay hop from the neighbour on ``link_id``."""
+    return str(uuid.uuid5(_HELD, f"{link_id}/{activation_id}"))
 
 
 @dataclass(frozen=True)
@@ -149,7 +160,7 @@ def receive(this_kme_id: int, link_id: int, message: Message, body: bytes, mac: 
         materials = [row.material for row in rows.values()]
         key_ids = json.dumps([key.key_id for key in keys])
         if onward:
-            statements.hold_pool_keys(connection, ids, message.activation_id)
+            statements.hold_pool_keys(connection, ids, held(link_id, message.activation_id))
             update_link(connection, link_id, peer_held=unconfirmed - len(rows), unconfirmed=-unconfirmed,
                         reserved=len(rows))
             statements.insert_incoming(connection, message.activation_id, link_id, RELAYING, key_ids, now,
@@ -224,13 +235,15 @@ def complete(node: Node, keys: list[DeliveredKeyMaterial]) -> None:
             record["onward"] = {str(branch.link_id): {**branch.cancel_body(), "count": len(branch.parts)}
                                 for branch in node.branches}
             statements.set_incoming_relay(connection, activation_id, RELAYED, json.dumps(record))
-            materials = at_rest.open_pool(link_id, statements.remove_reserved(connection, activation_id))
+            materials = at_rest.open_pool(link_id, statements.remove_reserved(connection, link_id,
+                                                                              held(link_id, activation_id)))
             update_link(connection, link_id, removed=materials, reserved=-len(materials), delivered=len(materials),
                         relayed=len(materials))
         for branch in node.branches:
             if statements.take_outgoing(connection, branch.activation_id, (outgoing.SENDING,)) is None:
                 raise PeerFailure(f"the relay to KME {branch.link_id} was settled while it was sent")
-            materials = at_rest.open_pool(branch.link_id, statements.remove_reserved(connection, branch.activation_id))
+            materials = at_rest.open_pool(branch.link_id, statements.remove_reserved(connection, branch.link_id,
+                                                                                     branch.activation_id))
             update_link(connection, branch.link_id, removed=materials, reserved=-len(materials),
                         delivered=len(materials), relayed=len(materials))
             if node.hold and node.incoming is None:
@@ -275,7 +288,7 @@ def fail(node: Node, released: list[Branch], to_settle: list[Branch], why: str) 
 
 
 def _discard_held(session, link_id: int, activation_id: str) -> int:
-    materials = at_rest.open_pool(link_id, statements.remove_reserved(session, activation_id))
+    materials = at_rest.open_pool(link_id, statements.remove_reserved(session, link_id, held(link_id, activation_id)))
     update_link(session, link_id, removed=materials, reserved=-len(materials), discarded=len(materials))
     return len(materials)
 
