@@ -9,6 +9,7 @@
   a cancel of it arrives; then finishes the confirmation, and confirms the
   cancel only once the test sets ``release_cancel`` (the order that once
   handed cancelled keys to a master SAE);
+- "gated": confirms an activation or relay once the test sets ``release_answer``;
 - "corrupt": reads the whole request (an activation, relay or lease), then
   sends one TLS record that does not decrypt, as a damaged answer would;
 - "refuse_certificate": TLS 1.3 only, and it trusts no CA of ours: it
@@ -64,6 +65,7 @@ class FakePeer:
         self.cancel_received = threading.Event()
         self.activation_answered = threading.Event()
         self.release_cancel = threading.Event()
+        self.release_answer = threading.Event()
         self._stop = threading.Event()
         self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._context.load_cert_chain(cert, key)
@@ -148,7 +150,12 @@ class FakePeer:
             plain.close()
 
     def _answer_activation(self, conn, body: bytes) -> None:
-        if self.mode == "garbage":
+        if self.mode == "gated":
+            self.release_answer.wait(20)
+            request = json.loads(body)
+            head, answer = _json_answer({"activation_ID": request["activation_ID"], "activated": len(request["keys"])})
+            conn.sendall(head + answer)
+        elif self.mode == "garbage":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 9\r\n\r\n<b>hi</b>")
         elif self.mode == "miscount":
             head, answer = _json_answer({"activation_ID": json.loads(body)["activation_ID"], "activated": 0})

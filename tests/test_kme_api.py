@@ -1,6 +1,7 @@
 """The inter-KME interface: who may activate what, idempotence, three KMEs."""
 import base64
 import json
+import threading
 import uuid
 
 import pytest
@@ -170,7 +171,7 @@ def test_a_peers_own_words_go_to_the_log_not_to_the_sae(network):
 
 
 def relay_from_kme3(network, targets: dict[int, list[int]], path=(3,), sealed: bytes | None = None, size=256,
-                    activation_id: str | None = None):
+                    activation_id: str | None = None, timeout_ms: int = 2000):
     """A relay KME 3 could send KME 1 on keys KME 1 lent it: (body, MAC, the key it carries)."""
     parts = [borrowed_position(network) for _ in range(2)]
     opened = dict(network[1].ledger.pool_keys("link_id = 3 AND state = 1"))
@@ -181,7 +182,7 @@ def relay_from_kme3(network, targets: dict[int, list[int]], path=(3,), sealed: b
     body = json.dumps({
         "activation_ID": activation_id or str(uuid.uuid4()), "relay_ID": str(uuid.uuid4()), "path": list(path),
         "master_SAE_ID": 5,
-        "size": size, "hold": False, "timeout_ms": 2000,
+        "size": size, "hold": False, "timeout_ms": timeout_ms,
         "targets": [{"kme_ID": kme, "slave_SAE_IDs": slaves} for kme, slaves in targets.items()],
         "keys": [entry], "mac_part": {"file": parts[1][0], "position": parts[1][1]},
     }, separators=(",", ":")).encode()
@@ -236,6 +237,65 @@ def test_a_relay_under_one_of_our_own_activation_ids_leaves_that_activations_key
     wait_until(lambda: not kme1.ledger._query("SELECT 1 FROM outgoing_activations"), 30)
     counts = kme1.ledger.assert_exact(3)
     assert counts["reserved"] == 0
+
+
+@pytest.mark.postgresql_only
+def test_a_cancel_racing_the_completion_of_a_relay_hop_is_never_overwritten(network):
+    """PostgreSQL lets transactions interleave: the test holds the relay's row while KME 1 completes the hop
+    (its next hop, a fake KME 2, has confirmed), sends the cancel, then lets both go. The cancel must see the
+    hop completed and discard its parts, or come first and fail it: never be overwritten."""
+    kme1 = network[1]
+    network[2].stop("kme")
+    certs = network.pki.folder / "kme2"
+    gated = FakePeer(network[2].port("kmes_https_interface"), str(certs / "kme_server.crt"),
+                     str(certs / "kme_server.key"), "gated")
+    body, mac, _key = relay_from_kme3(network, {2: [3]}, timeout_ms=20_000)
+    request = json.loads(body)
+    cancel = {"activation_ID": request["activation_ID"],
+              "parts": [request["keys"][0]["parts"][0], request["mac_part"]]}
+    answers, waiting = {}, ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'kme' "
+                            "AND wait_event_type = 'Lock'")
+    before = kme1.ledger.assert_exact(3)
+    to_kme1 = network.peer_client(3, 1)
+    relaying = threading.Thread(target=lambda: answers.update(relay=call(
+        lambda: to_kme1.relay(request["activation_ID"], body, mac, 30))))
+    cancelling = threading.Thread(target=lambda: answers.update(cancel=call(lambda: to_kme1.cancel_relay(cancel))))
+    try:
+        with kme1.ledger.connect(read_only=False) as holder, kme1.ledger.connect() as watcher:
+            relaying.start()
+            assert gated.activation_received.wait(20)
+            holder.execute("BEGIN")
+            holder.execute("SELECT 1 FROM incoming_activations WHERE activation_id = %s FOR UPDATE",
+                           (request["activation_ID"],))
+            gated.release_answer.set()
+            wait_until(lambda: watcher.execute(waiting).fetchone()[0] == 1, 20)
+            cancelling.start()
+            wait_until(lambda: watcher.execute(waiting).fetchone()[0] == 2, 20)
+            holder.execute("COMMIT")
+            relaying.join(30)
+            cancelling.join(30)
+    finally:
+        gated.release_answer.set()
+        gated.close()
+        network[2].start("kme")
+    assert answers["cancel"] is None, answers
+    ((state,),) = kme1.ledger._query("SELECT state FROM incoming_activations WHERE activation_id = ?",
+                                     request["activation_ID"])
+    assert state == "cancelled"
+    # Both parts of the hop are discarded at KME 1, whichever came first, and the hop to KME 2 is cancelled too.
+    wait_until(lambda: not kme1.ledger._query("SELECT 1 FROM outgoing_activations"), 30)
+    after = kme1.ledger.assert_exact(3)
+    assert (after["discarded"], after["reserved"]) == (before["discarded"] + 2, 0)
+    kme1.ledger.assert_exact(2)
+
+
+def call(function):
+    """None if ``function()`` returned, else the exception it raised."""
+    try:
+        function()
+    except Exception as exc:  # noqa: BLE001 - the test reports whatever the call raised
+        return exc
+    return None
 
 
 @pytest.mark.parametrize("alteration", ["body", "tag"])

@@ -255,10 +255,11 @@ def incoming_relay(target, activation_id: str) -> tuple | None:
                                   "relay IS NOT NULL", (activation_id,)).fetchone()
 
 
-def set_incoming_relay(target, activation_id: str, state: str, relay: str) -> None:
-    """Move a relay a peer asked of this KME to ``state``, with what it passed on."""
-    driver(target).execute("UPDATE incoming_activations SET state = ?, relay = ? WHERE activation_id = ?",
-                           (state, relay, activation_id))
+def set_incoming_relay(target, activation_id: str, state: str, relay: str, expected: str) -> bool:
+    """Move a relay a peer asked of this KME from ``expected`` to ``state``, with what it passed on; whether it was
+    still in ``expected`` (a cancel may have moved it meanwhile)."""
+    return driver(target).execute("UPDATE incoming_activations SET state = ?, relay = ? WHERE activation_id = ? "
+                                  "AND state = ?", (state, relay, activation_id, expected)).rowcount == 1
 
 
 def hold_pool_keys(target, ids: list[int], reservation: str) -> None:

@@ -228,13 +228,17 @@ def complete(node: Node, keys: list[DeliveredKeyMaterial]) -> None:
         now = events.utc_now()
         if node.incoming is not None:
             link_id, activation_id = node.incoming
+            cancelled = PeerFailure("the relay was cancelled by the KME before this one while its next hops answered")
+            # A cancel of this hop takes the same lock: it waits for this transaction, or this one for it.
+            statements.lock_name(connection, activation_id)
             known = statements.incoming_relay(connection, activation_id)
             if known is None or known[0] != RELAYING:
-                raise PeerFailure("the relay was cancelled by the KME before this one while its next hops answered")
+                raise cancelled
             record = json.loads(known[1])
             record["onward"] = {str(branch.link_id): {**branch.cancel_body(), "count": len(branch.parts)}
                                 for branch in node.branches}
-            statements.set_incoming_relay(connection, activation_id, RELAYED, json.dumps(record))
+            if not statements.set_incoming_relay(connection, activation_id, RELAYED, json.dumps(record), RELAYING):
+                raise cancelled
             materials = at_rest.open_pool(link_id, statements.remove_reserved(connection, link_id,
                                                                               held(link_id, activation_id)))
             update_link(connection, link_id, removed=materials, reserved=-len(materials), delivered=len(materials),
@@ -278,10 +282,11 @@ def fail(node: Node, released: list[Branch], to_settle: list[Branch], why: str) 
         return
     link_id, activation_id = node.incoming
     with write_transaction() as session:
+        statements.lock_name(session, activation_id)
         known = statements.incoming_relay(session, activation_id)
-        if known is None or known[0] != RELAYING:
+        if known is None or known[0] != RELAYING or not statements.set_incoming_relay(
+                session, activation_id, FAILED, known[1], RELAYING):
             return
-        statements.set_incoming_relay(session, activation_id, FAILED, known[1])
         _discard_held(session, link_id, activation_id)
         events.record(session, f"Relay {node.relay_id} (activation {activation_id} from KME {link_id}) failed: "
                                f"{why}")
