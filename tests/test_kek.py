@@ -2,6 +2,7 @@
 refusals, and the wrapping of the data key."""
 import base64
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -149,6 +150,7 @@ def softhsm(tmp_path_factory):
                              template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})
     pin = folder / "pin"
     pin.write_text(PIN + "\n")
+    pin.chmod(0o600)
     return folder, f"pkcs11:token=kme;object=kme-kek?module-path={SOFTHSM_MODULE}&pin-source={pin}"
 
 
@@ -169,6 +171,47 @@ def test_a_softhsm2_key_wraps_and_a_wrong_pin_or_label_is_one_line(softhsm, tmp_
         bad = load_config(write_config(tmp_path, pki, key_encryption_key=value)).this_kme.key_encryption_key
         with pytest.raises(KekError, match=expected):
             open_kek(bad)
+
+
+def test_a_pin_file_others_may_read_is_refused(softhsm, tmp_path, pki):
+    folder, uri = softhsm
+    loose = tmp_path / "pin"
+    loose.write_text(PIN + "\n")
+    loose.chmod(0o644)
+    source = load_config(write_config(tmp_path, pki, key_encryption_key=uri.replace(
+        str(folder / "pin"), str(loose)))).this_kme.key_encryption_key
+    with pytest.raises(KekError, match=f"the PIN file {loose} may be read by others \\(mode 644\\)"):
+        open_kek(source)
+
+
+def test_a_token_that_fails_is_named_as_the_token_not_as_a_wrong_key(softhsm, tmp_path, pki):
+    """SoftHSM2 reports a tag that does not verify and a token gone alike (GeneralError): the KME tells them
+    apart, so that an operator is not told to look for another key when the token failed."""
+    folder, _ = softhsm
+    before = set((folder / "tokens").iterdir())
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "gone", "--pin", PIN, "--so-pin", "5678"],
+                   check=True, capture_output=True)
+    import pkcs11
+    from pkcs11 import Attribute, KeyType
+
+    library = pkcs11.lib(SOFTHSM_MODULE)
+    library.reinitialize()
+    with library.get_token(token_label="gone").open(user_pin=PIN, rw=True) as session:
+        session.generate_key(KeyType.AES, 256, label="kme-kek", store=True,
+                             template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})
+    value = f"pkcs11:token=gone;object=kme-kek?module-path={SOFTHSM_MODULE}&pin-value={PIN}"
+    opened, _ = open_kek(load_config(write_config(tmp_path, pki, key_encryption_key=value)).this_kme.key_encryption_key)
+    wrapped = opened.wrap(b"k" * 32, kek.context(b"db"))
+    with pytest.raises(KekError, match="does not open"):
+        opened.unwrap(wrapped, kek.context(b"other"))
+    for token_folder in set((folder / "tokens").iterdir()) - before:
+        shutil.rmtree(token_folder)
+    try:
+        with pytest.raises(KekError, match=r"the PKCS#11 token 'gone' failed \(\w+\): is it present and working\?"):
+            opened.unwrap(wrapped, kek.context(b"db"))
+    finally:
+        # The module forgets the token it lost, for the tests after this one.
+        library.reinitialize()
 
 
 def test_a_token_missing_from_one_reading_of_the_slots_is_looked_up_again(softhsm, tmp_path, pki, monkeypatch):

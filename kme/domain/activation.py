@@ -16,6 +16,7 @@ from kme.domain import relay, sharing
 from kme.domain.errors import BadRequest, Forbidden, PeerFailure
 from kme.interfaces.peer_client import PeerError, PeerOutcomeUnknown, PeerRefused, client_for
 from kme.operations import events, health, metrics
+from kme.storage import at_rest
 from kme.storage.keystore import incoming, leases, local, outgoing, relays
 from kme.storage.keystore.common import DeliveredKeyMaterial, pool_keys_per_key
 from kme.storage.keystore.incoming import ActivationRequest
@@ -133,6 +134,7 @@ def local_housekeeping(config: KmeConfig) -> None:
     """The KME's periodic work on its own database (one background worker of the KME runs it): relays whose
     worker died, expiry, forgetting."""
     relays.abandon(_abandoned_before(config))
+    at_rest.end_rotation(expired_only=True)
     expiry = config.this_kme.key_expiry_seconds
     while local.expire_delivered(events.utc_now(expiry)):
         pass

@@ -13,20 +13,38 @@ from kme.storage.meta_names import DATABASE_ID
 
 
 @click.command("rotate-kek")
-@click.option("--new-kek", "new_kek", required=True, metavar="SOURCE",
+@click.option("--new-kek", "new_kek", metavar="SOURCE",
               help="The new key-encryption key, named as this_kme.key_encryption_key names one: a file path, "
                    "credential:NAME or a pkcs11: URI.")
-def rotate_kek_command(new_kek: str) -> None:
+@click.option("--at-once", is_flag=True,
+              help="The previous key stops opening the database now, not in an hour (it was exposed).")
+@click.option("--finish", is_flag=True,
+              help="End the rotation: every process runs with the new key; the previous one stops opening the "
+                   "database.")
+def rotate_kek_command(new_kek: str | None, at_once: bool, finish: bool) -> None:
     """Wrap the database's data key under a new key-encryption key; the key rows are not touched.
 
-    The KME's running processes keep serving. Then name the new key in
-    this_kme.key_encryption_key (or put it where the old one was) and
-    restart them when convenient. Running it again changes nothing.
+    The KME's running processes keep serving, and for an hour a process
+    started with the previous key (a gunicorn master forking a worker again)
+    still opens the database. Name the new key in
+    this_kme.key_encryption_key (or put it where the old one was), restart
+    the processes, then run it with --finish. Running it again changes
+    nothing.
     """
     config = command_config()
     uri = config.this_kme.database_uri
     if config.in_memory:
         raise click.ClickException("an in-memory database has no key-encryption key to rotate")
+    if finish:
+        if new_kek or at_once:
+            raise click.ClickException("--finish takes no other option")
+        open_database()
+        ended = at_rest.end_rotation(expired_only=False)
+        click.echo("the previous key-encryption key no longer opens this database" if ended else
+                   "no rotation under way; nothing to do")
+        return
+    if not new_kek:
+        raise click.ClickException("--new-kek SOURCE (or --finish) is required")
     try:
         source = kek_source(new_kek, Path.cwd(), None, config.this_kme.database_uri)
         new, _created = kek.open_kek(source)
@@ -37,14 +55,17 @@ def rotate_kek_command(new_kek: str) -> None:
         click.echo(f"the data key is already wrapped under {source.describe()}; nothing to do")
         return
     open_database()
+    grace = 0 if at_once else kek.ROTATION_GRACE_SECONDS
     try:
-        at_rest.rewrap(current_app.extensions["kme_kek"], new, meta(DATABASE_ID))
+        at_rest.rewrap(current_app.extensions["kme_kek"], new, meta(DATABASE_ID), grace)
     except kek.KekError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"the data key is now wrapped under {source.describe()}; the previous key-encryption key no longer "
-               "opens this database")
-    click.echo("next: name the new key in this_kme.key_encryption_key (or put it where the old one was), then restart "
-               "the KME's processes when convenient; the running ones keep serving")
+    click.echo(f"the data key is now wrapped under {source.describe()}; " + (
+        "the previous key-encryption key no longer opens this database" if at_once else
+        f"the previous key-encryption key still opens it for {grace // 60} minutes, for processes started with "
+        "it meanwhile"))
+    click.echo("next: name the new key in this_kme.key_encryption_key (or put it where the old one was), restart "
+               "the KME's processes (the running ones keep serving), then run flask rotate-kek --finish")
 
 
 def _opens(candidate: kek.Kek, uri: str) -> bool:

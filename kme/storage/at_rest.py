@@ -17,6 +17,7 @@ pool key is refused as an alteration.
 """
 import logging
 import os
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -25,8 +26,8 @@ from sqlalchemy import delete, insert, update
 from kme.config import KEY_BITS
 from kme.domain.errors import StorageFailure
 from kme.storage import sealing, statements
-from kme.storage.kek import Kek, KekError, context
-from kme.storage.meta_names import CLEAR_POOL, DATA_KEY, DATABASE_ID, FINGERPRINT_SECRET
+from kme.storage.kek import Kek, KekError, context, unwrap
+from kme.storage.meta_names import CLEAR_POOL, DATA_KEY, DATA_KEY_PREVIOUS, DATABASE_ID, FINGERPRINT_SECRET
 from kme.storage.sealing import Sealer
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def establish(connection, engine, kek: Kek, facts: dict[str, bytes]) -> Store:
 
     wrapped = facts.get(DATA_KEY)
     if wrapped is not None:
-        opened = _opened(kek, wrapped, facts[DATABASE_ID], CLEAR_POOL in facts)
+        opened = _opened(kek, facts)
     else:
         data_key = os.urandom(DATA_KEY_BYTES)
         connection.execute(insert(Meta).values(name=DATA_KEY, value=kek.wrap(data_key, context(facts[DATABASE_ID]))))
@@ -104,28 +105,32 @@ def store() -> Store:
     engine = db.engine
     found = _stores.get(engine)
     if found is None:
-        wrapped = meta(DATA_KEY)
-        if wrapped is None:
+        if meta(DATA_KEY) is None:
             raise RuntimeError("the database has no data key yet (ensure_schema makes it)")
-        found = _stores.setdefault(engine, _opened(current_app.extensions["kme_kek"], wrapped, meta(DATABASE_ID),
-                                                   meta(CLEAR_POOL) is not None))
+        facts = {name: meta(name) for name in (DATA_KEY, DATABASE_ID, DATA_KEY_PREVIOUS, CLEAR_POOL)}
+        found = _stores.setdefault(engine, _opened(current_app.extensions["kme_kek"],
+                                                   {name: value for name, value in facts.items() if value is not None}))
     return found
 
 
-def _opened(kek: Kek, wrapped: bytes, database_id: bytes, clear_pool: bool) -> Store:
-    """The store of a data key wrapped under ``kek``; StorageFailure (the KEK's one line) if it does not open."""
+def _opened(kek: Kek, facts: dict[str, bytes]) -> Store:
+    """The store of the data key that ``kek`` (or, during a rotation, the previous wrap) opens, from the kme_meta
+    rows ``facts``; StorageFailure (the KEK's one line) if it does not open."""
     try:
-        return Store(Sealer(kek.unwrap(wrapped, context(database_id))), clear_pool)
+        return Store(Sealer(unwrap(kek, facts)), CLEAR_POOL in facts)
     except KekError as exc:
         raise StorageFailure(str(exc)) from None
 
 
-def rewrap(kek: Kek, new: Kek, database_id: bytes) -> bool:
+def rewrap(kek: Kek, new: Kek, database_id: bytes, grace_seconds: float) -> bool:
     """Wrap the data key under ``new`` instead of ``kek``; False if it already was (nothing changed).
 
     The database is open (ensure_schema made its data key). One update of
     the kme_meta row, read and written under the write lock: the key rows
     are not touched and processes that have the data key open go on serving.
+    The previous wrap is kept for ``grace_seconds`` (none if 0), so that a
+    process started with the previous KEK meanwhile (a gunicorn master
+    forking a worker again) still opens the database.
     """
     from kme.storage.db import write_transaction
     from kme.storage.models import Meta
@@ -137,7 +142,25 @@ def rewrap(kek: Kek, new: Kek, database_id: bytes) -> bool:
             new.unwrap(row.value, bound)
             return False
         except KekError:
-            row.value = new.wrap(kek.unwrap(row.value, bound), bound)
+            previous = row.value
+            row.value = new.wrap(kek.unwrap(previous, bound), bound)
+        session.execute(delete(Meta).where(Meta.name == DATA_KEY_PREVIOUS))
+        if grace_seconds:
+            expiry = int(time.time() + grace_seconds).to_bytes(8, "big")
+            session.add(Meta(name=DATA_KEY_PREVIOUS, value=expiry + previous))
+    return True
+
+
+def end_rotation(expired_only: bool) -> bool:
+    """Forget the previous wrap of the data key (only once expired if ``expired_only``); whether there was one."""
+    from kme.storage.db import write_transaction
+    from kme.storage.models import Meta
+
+    with write_transaction() as session:
+        row = session.get(Meta, DATA_KEY_PREVIOUS)
+        if row is None or (expired_only and int.from_bytes(row.value[:8], "big") >= time.time()):
+            return False
+        session.delete(row)
     return True
 
 
@@ -149,6 +172,8 @@ def rebind(session, kek: Kek, new_database_id: bytes) -> None:
     identity, wrapped = session.get(Meta, DATABASE_ID), session.get(Meta, DATA_KEY)
     wrapped.value = kek.wrap(kek.unwrap(wrapped.value, context(identity.value)), context(new_database_id))
     identity.value = new_database_id
+    # A previous KEK's wrap is bound to the former ID: it could not open the database any more.
+    session.execute(delete(Meta).where(Meta.name == DATA_KEY_PREVIOUS))
 
 
 def encrypt_pool_batch(after_id: int) -> tuple[int, int | None]:

@@ -17,9 +17,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kme.config import KekSource
 from kme.storage import backends
-from kme.storage.meta_names import DATA_KEY, DATABASE_ID
+from kme.storage.meta_names import DATA_KEY, DATA_KEY_PREVIOUS, DATABASE_ID
 
 KEK_BYTES = 32
+# After flask rotate-kek, how long processes still configured with the previous KEK keep working.
+ROTATION_GRACE_SECONDS = 3600
 _NONCE_BYTES = 12
 _WRAP_VERSION = b"\x01"
 # Readings of a PKCS#11 module's slots before a token counts as missing (0.1 s, then 0.2 s, 0.4 s between them).
@@ -104,13 +106,31 @@ def open_at_start(config, warn, check: bool = True) -> Kek:
 
 
 def check_database(uri: str, kek: Kek) -> bool:
-    """KekError unless ``kek`` opens the data key of the database at ``uri``; False if there is none to open
-    (no database, or no data key yet)."""
+    """KekError unless ``kek`` opens the data key of the database at ``uri`` (or, during a rotation, its previous
+    wrap); False if there is none to open (no database, or no data key yet)."""
     facts = backends.for_uri(uri).read_meta(uri)
     if DATA_KEY not in facts or DATABASE_ID not in facts:
         return False
-    kek.unwrap(facts[DATA_KEY], context(facts[DATABASE_ID]))
+    unwrap(kek, facts)
     return True
+
+
+def unwrap(kek: Kek, facts: dict[str, bytes]) -> bytes:
+    """The data key of the database whose kme_meta rows are ``facts``: unwrapped by ``kek``, or, while a rotation
+    is under way (flask rotate-kek, for ROTATION_GRACE_SECONDS), by the previous KEK; KekError otherwise."""
+    bound = context(facts[DATABASE_ID])
+    try:
+        return kek.unwrap(facts[DATA_KEY], bound)
+    except KekError:
+        previous = facts.get(DATA_KEY_PREVIOUS)
+        if previous is None or int.from_bytes(previous[:8], "big") < time.time():
+            raise
+    try:
+        return kek.unwrap(previous[8:], bound)
+    except KekError:
+        pass
+    # Neither wrap opens: say it of the current one.
+    return kek.unwrap(facts[DATA_KEY], bound)
 
 
 def context(database_id: bytes) -> bytes:
@@ -207,9 +227,13 @@ def _pkcs11(source: KekSource) -> Kek:
     pin = source.pin_value
     if source.pin_source is not None:
         try:
+            status = os.stat(source.pin_source)
             pin = source.pin_source.read_text().strip()
         except OSError as exc:
             raise KekError(f"the PIN file {source.pin_source} cannot be read ({exc.strerror})") from None
+        if status.st_mode & 0o077:
+            raise KekError(f"the PIN file {source.pin_source} may be read by others (mode {status.st_mode & 0o777:o}); "
+                           "chmod 600 it (or 400)")
     try:
         token = _token(pkcs11.lib(source.module), source)
     except pkcs11.NoSuchToken:
@@ -217,29 +241,37 @@ def _pkcs11(source: KekSource) -> Kek:
     except (pkcs11.PKCS11Error, RuntimeError, OSError) as exc:
         raise KekError(f"the PKCS#11 module {source.module} cannot be used ({exc.__class__.__name__})") from None
 
-    def on_token(operation):
-        def run(nonce: bytes, data: bytes, context: bytes) -> bytes:
+    def on_token(operation: str, nonce: bytes, data: bytes, context: bytes) -> bytes:
+        with token.open(user_pin=pin or None) as session:
+            key = session.get_key(label=source.name, key_type=KeyType.AES, object_class=ObjectClass.SECRET_KEY)
+            return getattr(key, operation)(data, mechanism=Mechanism.AES_GCM,
+                                           mechanism_param=GCMParams(nonce, context, 128))
+
+    def token_works() -> bool:
+        nonce = os.urandom(_NONCE_BYTES)
+        try:
+            return on_token("decrypt", nonce, on_token("encrypt", nonce, b"probe", b"probe"), b"probe") == b"probe"
+        except pkcs11.PKCS11Error:
+            return False
+
+    def run(operation: str):
+        def call(nonce: bytes, data: bytes, context: bytes) -> bytes:
             try:
-                with token.open(user_pin=pin or None) as session:
-                    key = session.get_key(label=source.name, key_type=KeyType.AES,
-                                          object_class=ObjectClass.SECRET_KEY)
-                    return getattr(key, operation)(data, mechanism=Mechanism.AES_GCM,
-                                                   mechanism_param=GCMParams(nonce, context, 128))
+                return on_token(operation, nonce, data, context)
             except pkcs11.PinIncorrect:
                 raise KekError(f"the PKCS#11 token {source.token!r} refused the PIN") from None
             except pkcs11.NoSuchKey:
                 raise KekError(f"no AES key labelled {source.name!r} on the PKCS#11 token {source.token!r}") from None
-            except pkcs11.PKCS11Error:
-                if operation == "decrypt":
-                    # Tokens report a failed GCM tag check as a generic failure.
+            except pkcs11.PKCS11Error as exc:
+                # Tokens report a GCM tag that does not verify as a generic failure (SoftHSM2: GeneralError),
+                # like a failure of their own: a round trip that works says which it was.
+                if operation == "decrypt" and token_works():
                     raise InvalidTag() from None
-                raise
-        return run
+                raise KekError(f"the PKCS#11 token {source.token!r} failed ({exc.__class__.__name__}): is it present "
+                               "and working?") from None
+        return call
 
-    kek = Kek(source, on_token("encrypt"), on_token("decrypt"))
+    kek = Kek(source, run("encrypt"), run("decrypt"))
     # Open a session now: a wrong PIN or a missing key stops the process at start, not at first use.
-    try:
-        kek.unwrap(kek.wrap(b"\0" * KEK_BYTES, b"probe"), b"probe")
-    except pkcs11.PKCS11Error as exc:
-        raise KekError(f"the PKCS#11 key {source.name!r} cannot encrypt ({exc.__class__.__name__})") from None
+    kek.unwrap(kek.wrap(b"\0" * KEK_BYTES, b"probe"), b"probe")
     return kek
