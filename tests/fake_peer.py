@@ -9,7 +9,8 @@
   a cancel of it arrives; then finishes the confirmation, and confirms the
   cancel only once the test sets ``release_cancel`` (the order that once
   handed cancelled keys to a master SAE);
-- "gated": confirms an activation or relay once the test sets ``release_answer``;
+- "gated": confirms an activation or relay, trickling the answer (so that the caller's read timeout never
+  runs out) until the test sets ``release_answer``, then at once;
 - "corrupt": reads the whole request (an activation, relay or lease), then
   sends one TLS record that does not decrypt, as a damaged answer would;
 - "refuse_certificate": TLS 1.3 only, and it trusts no CA of ours: it
@@ -151,10 +152,14 @@ class FakePeer:
 
     def _answer_activation(self, conn, body: bytes) -> None:
         if self.mode == "gated":
-            self.release_answer.wait(20)
             request = json.loads(body)
             head, answer = _json_answer({"activation_ID": request["activation_ID"], "activated": len(request["keys"])})
-            conn.sendall(head + answer)
+            conn.sendall(head)
+            sent = 0
+            while sent < len(answer) - 1 and not self.release_answer.wait(TRICKLE_SECONDS):
+                conn.sendall(answer[sent:sent + 1])
+                sent += 1
+            conn.sendall(answer[sent:])
         elif self.mode == "garbage":
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 9\r\n\r\n<b>hi</b>")
         elif self.mode == "miscount":

@@ -253,8 +253,10 @@ def test_a_cancel_racing_the_completion_of_a_relay_hop_is_never_overwritten(netw
     request = json.loads(body)
     cancel = {"activation_ID": request["activation_ID"],
               "parts": [request["keys"][0]["parts"][0], request["mac_part"]]}
-    answers, waiting = {}, ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'kme' "
-                            "AND wait_event_type = 'Lock'")
+    # KME 1's transactions that wait for a lock (its own database only: the cluster serves every KME) running a
+    # statement like this: the completion's write of the hop, the cancel's lock on the hop's activation ID.
+    answers, waiting = {}, ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND application_name = 'kme' AND wait_event_type = 'Lock' AND query LIKE %s")
     before = kme1.ledger.assert_exact(3)
     to_kme1 = network.peer_client(3, 1)
     relaying = threading.Thread(target=lambda: answers.update(relay=call(
@@ -268,9 +270,10 @@ def test_a_cancel_racing_the_completion_of_a_relay_hop_is_never_overwritten(netw
             holder.execute("SELECT 1 FROM incoming_activations WHERE activation_id = %s FOR UPDATE",
                            (request["activation_ID"],))
             gated.release_answer.set()
-            wait_until(lambda: watcher.execute(waiting).fetchone()[0] == 1, 20)
+            wait_until(lambda: watcher.execute(waiting, ("UPDATE incoming_activations%",)).fetchone()[0] == 1, 20)
             cancelling.start()
-            wait_until(lambda: watcher.execute(waiting).fetchone()[0] == 2, 20)
+            wait_until(lambda: watcher.execute(waiting, ("%pg_advisory_xact_lock(hashtextextended%",)).fetchone()[0]
+                       == 1, 20)
             holder.execute("COMMIT")
             relaying.join(30)
             cancelling.join(30)

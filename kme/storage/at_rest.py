@@ -75,9 +75,13 @@ def establish(connection, engine, kek: Kek, facts: dict[str, bytes]) -> Store:
     if opened.clear_pool:
         log.warning("the database holds pool keys in clear, written by a KME from before encryption at rest: they "
                     "are served, new keys are sealed; run flask encrypt-db to seal them")
-    secret = facts[FINGERPRINT_SECRET]
-    if len(secret) == FINGERPRINT_SECRET_BYTES:
-        # A new database's secret, or one a KME before this release kept in clear: sealed in place.
+    secret = facts.get(FINGERPRINT_SECRET)
+    if secret is None:
+        # Drawn and sealed at once: never written in clear (PostgreSQL's WAL would keep it).
+        connection.execute(insert(Meta).values(name=FINGERPRINT_SECRET, value=opened.sealer.seal(
+            [os.urandom(FINGERPRINT_SECRET_BYTES)], [sealing.secret_place()])[0]))
+    elif len(secret) == FINGERPRINT_SECRET_BYTES:
+        # One a KME before this release kept in clear: sealed in place.
         connection.execute(update(Meta).where(Meta.name == FINGERPRINT_SECRET).values(
             value=opened.sealer.seal([secret], [sealing.secret_place()])[0]))
     _stores[engine] = opened

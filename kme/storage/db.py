@@ -1,6 +1,5 @@
 """The database handle, schema creation and identity, and the write transaction every writer uses."""
 import gc
-import os
 import uuid
 import weakref
 from contextlib import contextmanager
@@ -12,7 +11,7 @@ from sqlalchemy.orm import DeclarativeBase
 
 from kme.domain.errors import StorageFailure
 from kme.storage import at_rest, backends, migrations
-from kme.storage.meta_names import DATABASE_ID, FINGERPRINT_SECRET
+from kme.storage.meta_names import DATABASE_ID
 
 
 
@@ -102,10 +101,8 @@ def ensure_schema() -> bool:
                 raise StorageFailure(problem)
             _check_columns(connection)
             known = set(connection.scalars(select(Meta.name)))
-            # The secret is sealed under the data key by at_rest.establish, in this transaction.
-            for name, value in ((DATABASE_ID, uuid.uuid4().hex.encode()), (FINGERPRINT_SECRET, os.urandom(32))):
-                if name not in known:
-                    connection.execute(insert(Meta).values(name=name, value=value))
+            if DATABASE_ID not in known:
+                connection.execute(insert(Meta).values(name=DATABASE_ID, value=uuid.uuid4().hex.encode()))
             facts = dict(connection.execute(select(Meta.name, Meta.value)).all())
             at_rest.establish(connection, engine, current_app.extensions["kme_kek"], facts)
             _meta[engine] = dict(connection.execute(select(Meta.name, Meta.value)).all())

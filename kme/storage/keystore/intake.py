@@ -10,7 +10,8 @@ from sqlalchemy import select
 from kme.domain import entropy
 from kme.operations import events
 from kme.storage import at_rest, statements
-from kme.storage.db import FINGERPRINT_SECRET, db, meta, write_transaction
+from kme.storage.db import db, meta, write_transaction
+from kme.storage.meta_names import FINGERPRINT_SECRET
 from kme.storage.keystore.common import KEY_BYTES, update_link
 from kme.storage.keystore.progress import confirm, next_seq
 from kme.storage.models import OURS, UNCONFIRMED, KeyFile, Link
