@@ -2,6 +2,8 @@
 
 It shows IDs, counts, file names and where the key-encryption key comes from, never key material or a key.
 """
+from urllib.parse import urlsplit
+
 from flask import Blueprint, Response, current_app, render_template, request
 
 from kme.domain.errors import Forbidden
@@ -22,11 +24,17 @@ def _config():
 @bp.before_app_request
 def only_for_this_host():
     """A page of another site that a browser reaches through DNS rebinding names that site in Host: refused."""
-    name = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
-    name = name.strip("[]")
-    configured = (_config().this_kme.debugging_http_interface or "").rsplit(":", 1)[0].strip("[]")
-    if name not in _LOOPBACK_NAMES | {configured}:
+    configured = urlsplit(f"//{_config().this_kme.debugging_http_interface or ''}").hostname
+    if _host_name(request.host) not in _LOOPBACK_NAMES | {configured}:
         raise Forbidden(f"the debugging page answers requests for this host only, not for {request.host[:64]!r}")
+
+
+def _host_name(host: str) -> str | None:
+    """The name in a Host header, without port or IPv6 brackets (None if it is not one)."""
+    try:
+        return urlsplit(f"//{host}").hostname
+    except ValueError:
+        return None
 
 
 @bp.get("/")

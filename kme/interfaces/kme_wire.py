@@ -11,7 +11,6 @@ from kme.storage.keystore.leases import APPLIED, MAX_LEASE, PENDING, UNKNOWN
 from kme.storage.keystore.progress import PAGE as PROGRESS_PAGE
 
 _POSITION = validate.Range(0, 2**62)
-_COUNT = validate.Range(0, 2**31)
 # A key file's name as the file system has it: never a NUL (PostgreSQL's text refuses it) nor a slash.
 _FILE = [validate.Length(1, 255), validate.Regexp(r"^[^\x00/]+$", error="not a file name")]
 _DATABASE_ID = validate.Regexp("^[0-9a-f]{32}$", error="32 lowercase hexadecimal digits")

@@ -29,10 +29,10 @@ def restored_from_backup_command(force: bool) -> None:
     zone = config.this_kme.key_directory_to_watch
     database_id = meta(DATABASE_ID).decode()
     try:
+        mark = handout_mark.read(zone)
         with read_connection() as connection:
             spent = statements.spent_total(connection)
-        behind = handout_mark.behind(zone, database_id, lambda: spent)
-        if behind is None and not force:
+        if handout_mark.problem(zone, mark, database_id, spent) is None and not force:
             raise click.ClickException(f"the database is not behind the hand-out mark in {zone}: nothing to do "
                                        "(--force sets its keys aside all the same)")
         sizes = {link_id: dict(key_files(directory)) for link_id, directory in config.key_directories().items()

@@ -26,7 +26,7 @@ from sqlalchemy import delete, insert, update
 from kme.config import KEY_BITS
 from kme.domain.errors import StorageFailure
 from kme.storage import sealing, statements
-from kme.storage.kek import Kek, KekError, context, unwrap
+from kme.storage.kek import Kek, KekError, context, rotation_over, unwrap
 from kme.storage.meta_names import CLEAR_POOL, DATA_KEY, DATA_KEY_PREVIOUS, DATABASE_ID, FINGERPRINT_SECRET
 from kme.storage.sealing import Sealer
 
@@ -162,7 +162,7 @@ def end_rotation(expired_only: bool) -> bool:
 
     with write_transaction() as session:
         row = session.get(Meta, DATA_KEY_PREVIOUS)
-        if row is None or (expired_only and int.from_bytes(row.value[:8], "big") >= time.time()):
+        if row is None or (expired_only and not rotation_over(row.value)):
             return False
         session.delete(row)
     return True

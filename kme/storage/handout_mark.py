@@ -63,19 +63,15 @@ def _write(folder: Path, database_id: str, spent: int, wanted) -> None:
         os.close(descriptor)
 
 
-def behind(folder: Path, database_id: str, spent_now) -> str | None:
-    """Why the database must not hand out keys, or None: it is behind the mark, or the mark is another database's.
-
-    ``spent_now()`` reads the database's sum; it is called after the mark is read.
-    """
-    mark = read(folder)
+def problem(folder: Path, mark: tuple[str, int] | None, database_id: str, spent: int) -> str | None:
+    """Why the database must not hand out keys, or None: it is behind ``mark`` (read from ``folder`` before
+    ``spent`` was read from the database), or the mark is another database's."""
     if mark is None:
         return None
     if mark[0] != database_id:
         return (f"{folder / MARK_NAME} names database {mark[0]}, not this one ({database_id}): a process that "
                 "still runs since `flask restored-from-backup` must be restarted; a new database takes the folders "
                 "over with `flask adopt-key-folders`")
-    spent = spent_now()
     if spent >= mark[1]:
         return None
     return (f"the database is behind what this KME already handed out ({spent} keys used, {mark[1]} by "

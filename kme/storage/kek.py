@@ -119,18 +119,23 @@ def unwrap(kek: Kek, facts: dict[str, bytes]) -> bytes:
     """The data key of the database whose kme_meta rows are ``facts``: unwrapped by ``kek``, or, while a rotation
     is under way (flask rotate-kek, for ROTATION_GRACE_SECONDS), by the previous KEK; KekError otherwise."""
     bound = context(facts[DATABASE_ID])
+    previous = facts.get(DATA_KEY_PREVIOUS)
     try:
         return kek.unwrap(facts[DATA_KEY], bound)
     except KekError:
-        previous = facts.get(DATA_KEY_PREVIOUS)
-        if previous is None or int.from_bytes(previous[:8], "big") < time.time():
+        if previous is None or rotation_over(previous):
             raise
-    try:
-        return kek.unwrap(previous[8:], bound)
-    except KekError:
-        pass
-    # Neither wrap opens: say it of the current one.
-    return kek.unwrap(facts[DATA_KEY], bound)
+        try:
+            return kek.unwrap(previous[8:], bound)
+        except KekError:
+            pass
+        # Neither wrap opens: said of the current one.
+        raise
+
+
+def rotation_over(previous: bytes) -> bool:
+    """Whether the previous wrap kept by a rotation (its expiry, then the wrap) has expired."""
+    return int.from_bytes(previous[:8], "big") < time.time()
 
 
 def context(database_id: bytes) -> bytes:

@@ -29,18 +29,12 @@ def check(connection) -> int:
     """The database's sum of final fates, read in the caller's transaction; StorageFailure if it is behind the
     mark (the transaction must hand nothing out)."""
     place = _place()
-    spent = []
-
-    def spent_now() -> int:
-        spent.append(statements.spent_total(connection))
-        return spent[0]
-
-    if place is None:
-        return spent_now()
-    problem = handout_mark.behind(*place, spent_now)
-    if problem:
-        raise StorageFailure(problem)
-    return spent[0] if spent else spent_now()
+    # The mark first, then the sum (kme.storage.handout_mark says why).
+    mark = handout_mark.read(place[0]) if place else None
+    spent = statements.spent_total(connection)
+    if place and (problem_found := handout_mark.problem(place[0], mark, place[1], spent)):
+        raise StorageFailure(problem_found)
+    return spent
 
 
 def record(spent: int) -> None:
@@ -63,9 +57,6 @@ def problem() -> str | None:
     place = _place()
     if place is None:
         return None
-
-    def spent_now() -> int:
-        with read_connection() as connection:
-            return statements.spent_total(connection)
-
-    return handout_mark.behind(*place, spent_now)
+    mark = handout_mark.read(place[0])
+    with read_connection() as connection:
+        return handout_mark.problem(place[0], mark, place[1], statements.spent_total(connection))

@@ -113,17 +113,8 @@ def receive(link_id: int, lease_id: str, runs: list[dict], peer_free: int) -> in
             return 0
         # Kept, as applied, for as long as the lender may ask about it.
         asked.role = APPLIED
-        files = dict(session.execute(select(KeyFile.name, KeyFile.id).where(
-            KeyFile.link_id == link_id, KeyFile.name.in_({run["file"] for run in runs}))).all())
-        moved = {PEERS: 0, UNCONFIRMED: 0}
-        for run in runs:
-            if run["file"] not in files:
-                continue
-            for state in moved:
-                # An unconfirmed key here is one the peer confirmed first: it holds it, and lends it.
-                moved[state] += session.execute(update(PoolKey).where(
-                    PoolKey.file_id == files[run["file"]], PoolKey.position >= run["first"],
-                    PoolKey.position < run["first"] + run["count"], PoolKey.state == state).values(state=OURS)).rowcount
+        # An unconfirmed key here is one the peer confirmed first: it holds it, and lends it.
+        moved = _to_ours(session, link_id, runs, (PEERS, UNCONFIRMED))
         total = moved[PEERS] + moved[UNCONFIRMED]
         update_link(session, link_id, available=total, peer_held=-moved[PEERS], unconfirmed=-moved[UNCONFIRMED],
                     borrowed=total)
@@ -190,18 +181,26 @@ def settle_given(link_id: int, answered: dict[str, str]) -> int:
 def _take_back(session, link_id: int, given: Lease) -> int:
     """The borrower never applied ``given``: its keys still lent return to our direction."""
     runs = json.loads(given.parts)
-    files = dict(session.execute(select(KeyFile.name, KeyFile.id).where(
-        KeyFile.link_id == link_id, KeyFile.name.in_({run["file"] for run in runs}))).all()) if runs else {}
-    moved = 0
-    for run in runs:
-        if run["file"] in files:
-            moved += session.execute(update(PoolKey).where(
-                PoolKey.file_id == files[run["file"]], PoolKey.position >= run["first"],
-                PoolKey.position < run["first"] + run["count"], PoolKey.state == PEERS).values(state=OURS)).rowcount
+    moved = _to_ours(session, link_id, runs, (PEERS,))[PEERS]
     update_link(session, link_id, available=moved, peer_held=-moved, lent=-sum(run["count"] for run in runs))
     session.delete(given)
     events.record(session, f"Lease {given.lease_id} to KME {link_id} taken back: KME {link_id} never applied it; "
                            f"{moved} keys back in our direction")
+    return moved
+
+
+def _to_ours(session, link_id: int, runs: list[dict], states: tuple[int, ...]) -> dict[int, int]:
+    """Move the keys of the runs that are in ``states`` into our direction; how many moved from each state."""
+    files = dict(session.execute(select(KeyFile.name, KeyFile.id).where(
+        KeyFile.link_id == link_id, KeyFile.name.in_({run["file"] for run in runs}))).all()) if runs else {}
+    moved = dict.fromkeys(states, 0)
+    for run in runs:
+        if run["file"] not in files:
+            continue
+        for state in states:
+            moved[state] += session.execute(update(PoolKey).where(
+                PoolKey.file_id == files[run["file"]], PoolKey.position >= run["first"],
+                PoolKey.position < run["first"] + run["count"], PoolKey.state == state).values(state=OURS)).rowcount
     return moved
 
 

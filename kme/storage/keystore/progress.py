@@ -134,37 +134,45 @@ def set_aside_unmatched(this_kme_id: int, link_id: int, grace_seconds: float) ->
             KeyFile.changed_at < link.progress_at - grace_seconds)).all()
         total = 0
         for row in rows:
-            erased = at_rest.open_pool(link_id, session.execute(delete(PoolKey).where(
-                PoolKey.file_id == row.id, PoolKey.position >= row.decided, PoolKey.state == UNCONFIRMED)
-                .returning(PoolKey.file_id, PoolKey.position, PoolKey.material)).all())
+            erased = set_aside(session, link_id, (UNCONFIRMED,), PoolKey.file_id == row.id,
+                               PoolKey.position >= row.decided)
             row.offer_limit = row.decided if row.offer_limit is None else min(row.offer_limit, row.decided)
             row.decided = row.next_position
             row.seq = next_seq(session, link_id)
-            update_link(session, link_id, removed=erased, unconfirmed=-len(erased), set_aside=len(erased))
-            total += len(erased)
-            events.record(session, f"Key file {row.name} on link {link_id}: {len(erased)} keys that KME {link_id} "
+            total += erased
+            events.record(session, f"Key file {row.name} on link {link_id}: {erased} keys that KME {link_id} "
                                    f"does not hold after {grace_seconds:g} s set aside "
                                    f"(positions from {row.offer_limit})")
         return total
+
+
+# The states of keys that are free: of our direction, of the peer's, or not yet known to be held by both.
+FREE = (OURS, PEERS, UNCONFIRMED)
+
+
+def set_aside(session, link_id: int, states: tuple[int, ...], *where) -> int:
+    """Erase the pool keys of ``link_id`` in ``states`` that match ``where`` (which names the link or a file of
+    it: a file's keys are found by the (file_id, position) index), counted as set aside; how many."""
+    erased = session.execute(delete(PoolKey).where(PoolKey.state.in_(states), *where)
+                             .returning(PoolKey.state, PoolKey.file_id, PoolKey.position, PoolKey.material)).all()
+    if erased:
+        found = [state for state, *_ in erased]
+        update_link(session, link_id, removed=at_rest.open_pool(link_id, [tuple(rest) for _, *rest in erased]),
+                    available=-found.count(OURS), peer_held=-found.count(PEERS),
+                    unconfirmed=-found.count(UNCONFIRMED), set_aside=len(erased))
+    return len(erased)
 
 
 def _withdrawn(session, link_id: int, row: KeyFile, offered: int) -> None:
     """The peer now holds fewer leading positions of a file than both ends had decided: it went back (restored
     from a backup, a retired file, keys it set aside). The free keys here from ``offered`` on can never be used
     at both ends: set them aside, and offer no more than the peer."""
-    erased = session.execute(delete(PoolKey).where(
-        PoolKey.file_id == row.id, PoolKey.position >= offered, PoolKey.state.in_((OURS, PEERS, UNCONFIRMED)))
-        .returning(PoolKey.state, PoolKey.file_id, PoolKey.position, PoolKey.material)).all()
+    erased = set_aside(session, link_id, FREE, PoolKey.file_id == row.id, PoolKey.position >= offered)
     row.offer_limit = offered if row.offer_limit is None else min(row.offer_limit, offered)
     row.seq = next_seq(session, link_id)
-    if not erased:
-        return
-    states = [state for state, *_ in erased]
-    update_link(session, link_id, removed=at_rest.open_pool(link_id, [tuple(rest) for _, *rest in erased]),
-                available=-states.count(OURS), peer_held=-states.count(PEERS),
-                unconfirmed=-states.count(UNCONFIRMED), set_aside=len(erased))
-    events.record(session, f"Key file {row.name} on link {link_id}: KME {link_id} holds only its first {offered} "
-                           f"positions now; {len(erased)} keys set aside here")
+    if erased:
+        events.record(session, f"Key file {row.name} on link {link_id}: KME {link_id} holds only its first "
+                               f"{offered} positions now; {erased} keys set aside here")
 
 
 def _peer_database(session, link_id: int, database_id: str) -> Link:

@@ -15,12 +15,12 @@ import uuid
 from sqlalchemy import select, update
 
 from kme.operations import events
-from kme.storage import at_rest, statements
+from kme.storage import at_rest
 from kme.storage.db import write_transaction
 from kme.storage.kek import Kek
-from kme.storage.keystore.common import KEY_BYTES, erase_delivered, update_link
-from kme.storage.keystore.progress import next_seq
-from kme.storage.models import OURS, PEERS, UNCONFIRMED, DeliveredKey, KeyFile, Link, PoolKey
+from kme.storage.keystore.common import KEY_BYTES, erase_delivered
+from kme.storage.keystore.progress import FREE, next_seq, set_aside
+from kme.storage.models import DeliveredKey, KeyFile, Link, PoolKey
 
 
 def forget_since_backup(kek: Kek, sizes: dict[int, dict[str, int]]) -> tuple[str, dict[int, tuple[int, int]]]:
@@ -45,19 +45,11 @@ def forget_since_backup(kek: Kek, sizes: dict[int, dict[str, int]]) -> tuple[str
 
 
 def _set_aside(session, link_id: int) -> int:
-    rows = session.execute(select(PoolKey.id, PoolKey.state, PoolKey.file_id, PoolKey.position, PoolKey.material)
-                           .where(PoolKey.link_id == link_id, PoolKey.state.in_((OURS, PEERS, UNCONFIRMED)))).all()
-    if not rows:
-        return 0
-    statements.delete_pool_keys(session, [row.id for row in rows])
-    states = [row.state for row in rows]
-    update_link(session, link_id, removed=at_rest.open_pool(link_id, [(row.file_id, row.position, row.material)
-                                                                      for row in rows]),
-                available=-states.count(OURS), peer_held=-states.count(PEERS),
-                unconfirmed=-states.count(UNCONFIRMED), set_aside=len(rows))
-    events.record(session, f"Link {link_id}: {len(rows)} keys set aside (the database was restored from a backup: "
-                           "they may have been handed out since)")
-    return len(rows)
+    erased = set_aside(session, link_id, FREE, PoolKey.link_id == link_id)
+    if erased:
+        events.record(session, f"Link {link_id}: {erased} keys set aside (the database was restored from a "
+                               "backup: they may have been handed out since)")
+    return erased
 
 
 def _erase_waiting(session, link_id: int) -> int:
