@@ -1,7 +1,6 @@
-"""Flask CLI commands: ingest-keys (one shot or --watch), kme-status, adopt-key-folders and gen-certs
-(rotate-kek and encrypt-db are in kme.operations.key_encryption_cli, restored-from-backup in
-kme.operations.recovery_cli)."""
-import os
+"""Flask CLI commands: ingest-keys (one shot or --watch), kme-status, adopt-key-folders and gen-certs, and the
+registration of every command (rotate-kek and encrypt-db are in kme.operations.key_encryption_cli,
+restored-from-backup in kme.operations.recovery_cli, what they share in kme.operations.command_support)."""
 import signal
 import sys
 import threading
@@ -9,43 +8,14 @@ from pathlib import Path
 
 import click
 from flask import current_app
-from sqlalchemy.exc import DBAPIError
 
-from kme.domain.errors import StorageFailure
-from kme.operations import certs, health, key_folders, status
-from kme.operations.ingest import KEY_FILE_SUFFIX, ingest_directories
+from kme.operations import certs, health, key_encryption_cli, key_folders, recovery_cli, status
+from kme.operations.command_support import cause, command_config, key_files, open_database, storage_errors
+from kme.operations.ingest import ingest_directories
 from kme.operations.watch import watch
-from kme.storage import backends, handout_mark, kek, statements
-from kme.storage.db import DATABASE_ID, ensure_schema, meta, read_connection
+from kme.storage import handout_mark, kek, statements
+from kme.storage.db import DATABASE_ID, meta, read_connection
 from kme.storage.keystore import intake
-
-
-def command_config():
-    """The configuration of the KME a command works on; a one-line error without one."""
-    config = current_app.extensions.get("kme")
-    if config is None:
-        raise click.ClickException("KME_CONFIG: not set (it names the configuration file)")
-    return config
-
-
-def storage_errors() -> tuple:
-    """The exceptions that mean the database failed, for the configured engine."""
-    return DBAPIError, *backends.for_uri(command_config().this_kme.database_uri).DRIVER_ERRORS, StorageFailure
-
-
-def cause(error: Exception) -> str:
-    """A storage failure in one line, without key material."""
-    if isinstance(error, StorageFailure):
-        return error.cause
-    return backends.for_uri(command_config().this_kme.database_uri).failure_cause(error)
-
-
-def open_database() -> None:
-    """Open the database (schema, data key) for a command; a one-line error if it cannot be used (a wrong KEK)."""
-    try:
-        ensure_schema()
-    except storage_errors() as exc:
-        raise click.ClickException(cause(exc)) from None
 
 
 def _print_summary(summary) -> None:
@@ -117,12 +87,6 @@ def adopt_key_folders_command(existing: str) -> None:
         with read_connection() as connection:
             handout_mark.reset(zone, database_id, statements.spent_total(connection))
     click.echo(f"{adopted} key folders adopted by database {database_id}")
-
-
-def key_files(directory: Path) -> list[tuple[str, int]]:
-    """(name, size) of the .cor files directly in ``directory``."""
-    return [(entry.name, entry.stat(follow_symlinks=False).st_size) for entry in os.scandir(directory)
-            if entry.name.endswith(KEY_FILE_SUFFIX) and entry.is_file(follow_symlinks=False)]
 
 
 def _parse_sae(value: str) -> tuple[int, int]:
@@ -198,8 +162,6 @@ def init_app(app) -> None:
     app.cli.add_command(gen_certs_command)
     app.cli.add_command(kme_status_command)
     app.cli.add_command(adopt_key_folders_command)
-    from kme.operations import key_encryption_cli, recovery_cli
-
     app.cli.add_command(key_encryption_cli.rotate_kek_command)
     app.cli.add_command(key_encryption_cli.encrypt_db_command)
     app.cli.add_command(recovery_cli.restored_from_backup_command)

@@ -6,7 +6,7 @@ import click
 from flask import current_app
 
 from kme.config import ConfigError, kek_source
-from kme.operations.cli import command_config, open_database
+from kme.operations.command_support import command_config, open_database
 from kme.storage import at_rest, backends, kek, statements
 from kme.storage.db import db, meta, read_connection
 from kme.storage.meta_names import DATABASE_ID

@@ -3,7 +3,7 @@ import click
 from flask import current_app
 
 from kme.operations import key_folders
-from kme.operations.cli import cause, command_config, key_files, open_database, storage_errors
+from kme.operations.command_support import cause, command_config, key_files, open_database, storage_errors
 from kme.storage import handout_mark, statements
 from kme.storage.db import DATABASE_ID, meta, read_connection
 from kme.storage.keystore import recovery
