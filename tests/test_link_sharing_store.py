@@ -51,6 +51,16 @@ def test_only_keys_both_ends_hold_are_confirmed_and_the_arbiter_owns_them(arbite
     assert (counts["available"], counts["peer_held"], counts["unconfirmed"]) == (6, 0, 4)
 
 
+def test_a_push_naming_a_new_file_twice_records_it_once(arbiter):
+    """Found by the fuzz of the inter-KME interface: the second mention made a second row (503)."""
+    app, ledger = arbiter
+    with app.app_context():
+        progress.incoming(1, 2, "cd" * 16, progress.Exchange("ab" * 16, [
+            progress.FileOffer("new.cor", 3, 1), progress.FileOffer("new.cor", 4, 2)], 0, 0), None)
+    assert ledger._query("SELECT peer_position FROM key_files WHERE name = 'new.cor'") == [(4,)]
+    ledger.assert_exact(2)
+
+
 def test_the_other_end_holds_confirmed_keys_for_the_arbiters_direction(tmp_path, pki):
     app, ledger = kme(tmp_path, pki, 3, 1)
     with app.app_context():

@@ -199,6 +199,8 @@ def _apply(session, this_kme_id: int, link_id: int, link: Link, files: list[File
                               duplicates=0, decided=0, seq=0, changed_at=0.0)
                 session.add(row)
                 session.flush()
+                # A push that names the file twice finds it the second time.
+                rows[item.name] = row
             row.peer_position = item.offered
             if item.offered < row.decided:
                 _withdrawn(session, link_id, row, item.offered)
