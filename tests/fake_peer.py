@@ -17,7 +17,10 @@
   refuses the caller's certificate after the caller finished its handshake,
   so the request is already on its way (it counts the bytes that still came);
 - "refuse_certificate_tls12": the same in TLS 1.2, where the refusal ends the
-  handshake before the caller can send anything.
+  handshake before the caller can send anything;
+- "together": confirms a relay only once every fake sharing its ``barrier``
+  received one (within BARRIER_SECONDS, else it never answers), and
+  confirms releases.
 """
 import json
 import os
@@ -26,6 +29,8 @@ import ssl
 import threading
 
 TRICKLE_SECONDS = 0.4
+# How long "together" waits for the other fakes' relays: longer than the caller's read timeout in tests.
+BARRIER_SECONDS = 10
 
 
 def _read_request(conn) -> tuple[bytes, bytes]:
@@ -56,9 +61,12 @@ def _json_answer(payload: dict) -> tuple[bytes, bytes]:
 class FakePeer:
     """Listens on 127.0.0.1:port with the peer's server certificate and misbehaves by ``mode``."""
 
-    def __init__(self, port: int, cert: str, key: str, mode: str, untrusted_ca: str | None = None):
-        """``untrusted_ca``: with "refuse_certificate", the only CA whose client certificates it accepts."""
+    def __init__(self, port: int, cert: str, key: str, mode: str, untrusted_ca: str | None = None,
+                 barrier: threading.Barrier | None = None):
+        """``untrusted_ca``: with "refuse_certificate", the only CA whose client certificates it accepts;
+        ``barrier``: with "together", the barrier it shares with the other fakes."""
         self.mode = mode
+        self._barrier = barrier
         # Set when an activation arrives (the background worker's health probes also come here).
         self.activation_received = threading.Event()
         # Set when any request arrives (a probe, a progress exchange, an activation...).
@@ -116,6 +124,8 @@ class FakePeer:
             if line.startswith((b"POST /api/v1/kme/activations/", b"POST /api/v1/kme/relays/")) and b"/cancel" in line:
                 self.cancel_received.set()
                 self._answer_cancel(conn, body)
+            elif self.mode == "together" and line.startswith(b"POST /api/v1/kme/relays/") and b"/release" in line:
+                conn.sendall(b"".join(_json_answer({"activation_ID": json.loads(body)["activation_ID"]})))
             elif self.mode == "corrupt" and line.startswith(b"POST /api/v1/kme/"):
                 self.activation_received.set()
                 self._corrupt(conn)
@@ -151,7 +161,15 @@ class FakePeer:
             plain.close()
 
     def _answer_activation(self, conn, body: bytes) -> None:
-        if self.mode == "gated":
+        if self.mode == "together":
+            request = json.loads(body)
+            try:
+                self._barrier.wait(BARRIER_SECONDS)
+            except threading.BrokenBarrierError:
+                return
+            conn.sendall(b"".join(_json_answer({"activation_ID": request["activation_ID"],
+                                                "activated": len(request["keys"])})))
+        elif self.mode == "gated":
             request = json.loads(body)
             head, answer = _json_answer({"activation_ID": request["activation_ID"], "activated": len(request["keys"])})
             conn.sendall(head)

@@ -3,6 +3,8 @@
 Only a failure before the first byte of the request is "unreachable" (the keys may go back to the pool);
 a TLS error once the request started is an unknown outcome (the keys are held back and cancelled).
 """
+import time
+
 import pytest
 
 from kme.interfaces.peer_client import PeerOutcomeUnknown, PeerUnreachable
@@ -74,3 +76,24 @@ def test_a_handshake_that_fails_before_the_request_is_unreachable(network, mode,
 def test_a_refused_connection_is_unreachable(network):
     with pytest.raises(PeerUnreachable, match=r"KME 2 could not be reached \(connection refused\)"):
         network.peer_client(1, 2).activate(ACTIVATION)
+
+
+def test_a_deadline_cuts_the_wait_for_the_answer(network):
+    """The read timeout of a call is what is left until its request's deadline (the network's peers wait 2 s)."""
+    peer = fake_kme_2(network, "hang")
+    try:
+        with pytest.raises(PeerOutcomeUnknown, match=r"KME 2 did not answer within 0\.[0-5] s"):
+            network.peer_client(1, 2).activate(ACTIVATION, time.monotonic() + 0.5)
+        assert peer.activation_received.is_set()
+    finally:
+        peer.close()
+
+
+def test_a_call_whose_deadline_passed_is_not_made(network):
+    peer = fake_kme_2(network, "hang")
+    try:
+        with pytest.raises(PeerUnreachable, match="KME 2 was not called: the request's time ran out before"):
+            network.peer_client(1, 2).activate(ACTIVATION, time.monotonic())
+        assert not peer.request_received.is_set()
+    finally:
+        peer.close()

@@ -1,9 +1,11 @@
 """Relays on a ring 1–2–3–4–1 of real KMEs with static routes (each KME reaches the opposite one clockwise),
 and multicast over several next hops, all or none."""
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.fake_peer import FakePeer
 from tests.network import Network
 
 # Routing and multicast over several next hops: the statements of each hop are those of test_relay.py, which
@@ -78,3 +80,25 @@ def test_multicast_is_all_or_none_when_one_branch_fails(ring):
     assert after[1, 2]["discarded"] - before[1, 2]["discarded"] == 3
     assert after[2, 3]["discarded"] - before[2, 3]["discarded"] == 3
     assert after[4, 1]["discarded"] == before[4, 1]["discarded"]
+
+
+def test_the_branches_of_a_multicast_leave_together(ring):
+    """KME 1 sends its two next hops their messages at once: KMEs 2 and 4, replaced by fakes, confirm a relay only
+    once both received theirs (one after the other, the first would wait past KME 1's read timeout).
+
+    Last in the module: the fakes keep no keys, so the ring's two ends no longer match on links 1–2 and 4–1."""
+    barrier = threading.Barrier(2)
+    fakes = []
+    for kme in (2, 4):
+        ring[kme].stop("kme")
+        certs = ring.pki.folder / f"kme{kme}"
+        fakes.append(FakePeer(ring[kme].port("kmes_https_interface"), str(certs / "kme_server.crt"),
+                              str(certs / "kme_server.key"), "together", barrier=barrier))
+    try:
+        answer = enc_keys(ring, 1, 1, 3, number=2, additional_slave_SAE_IDs=[6])
+    finally:
+        for fake in fakes:
+            fake.close()
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["keys"]) == 2
+    assert not barrier.broken

@@ -9,6 +9,7 @@ the calling KME acts only on its own link, for its own master SAE and our
 slave SAEs, then activate.
 """
 import logging
+import time
 from functools import partial
 
 from kme.config import KmeConfig, OtherKme, Sae
@@ -23,19 +24,22 @@ from kme.storage.keystore.incoming import ActivationRequest
 
 log = logging.getLogger(__name__)
 
-# A web worker waits at most connect + read timeout for a peer; a SENDING
+# A web worker waits at most connect + read timeout of the longest peer for
+# all the peer calls of one request (kme.domain.relay.peer_wait); a SENDING
 # activation older than this margin times that has lost its worker.
 _SENDING_MARGIN = 2
 
 
 def activate_at_peer(config: KmeConfig, peer: OtherKme, master: Sae, remote_slaves: list[Sae],
                      local_slaves: list[Sae], number: int, size_bits: int) -> list[DeliveredKeyMaterial]:
-    """Get key for slave SAEs behind ``peer``: answered only once the peer confirmed the activation."""
+    """Get key for slave SAEs behind ``peer``: answered only once the peer confirmed the activation; leases and
+    the activation together wait no longer than the peer's connect and read timeouts."""
+    deadline = time.monotonic() + relay.peer_wait([peer])
     reserve = partial(outgoing.reserve, peer.id, master.id, [s.id for s in remote_slaves],
                       [s.id for s in local_slaves], number, size_bits)
-    reservation = sharing.reserve_borrowing(peer, reserve, number * pool_keys_per_key(size_bits))
+    reservation = sharing.reserve_borrowing(peer, reserve, number * pool_keys_per_key(size_bits), deadline)
     try:
-        client_for(peer).activate(reservation.request)
+        client_for(peer).activate(reservation.request, deadline)
     except PeerOutcomeUnknown as exc:
         metrics.PEER_FAILURES.labels(str(peer.id), "unknown").inc()
         outgoing.mark_unknown(reservation.activation_id, "has an unknown outcome; its keys are held back")
@@ -87,8 +91,7 @@ def _check_sides(config: KmeConfig, caller: OtherKme, request: ActivationRequest
 
 def _abandoned_before(config: KmeConfig) -> str:
     """Requests to peers sent before this time have lost the worker that waited for them."""
-    longest = max((p.connect_timeout_seconds + p.read_timeout_seconds for p in config.other_kmes), default=0)
-    return events.utc_now(longest * _SENDING_MARGIN)
+    return events.utc_now(relay.peer_wait(config.other_kmes) * _SENDING_MARGIN)
 
 
 def settle_pending(config: KmeConfig) -> int:

@@ -8,11 +8,16 @@ key material (kme.domain.one_time). A hop answers only once every hop after
 it committed, so the master gets the key only once every destination holds
 it. Any failure answers 503 naming the hop where it happened; keys that
 left a KME on a hop are cancelled at both ends of it, never used again.
+A node sends its next hops their messages at once, in parallel, and every
+wait of one relay at a node (leases, connections, answers) ends by one
+deadline, so the background never takes a live relay for abandoned.
 """
 import base64
 import json
 import logging
 import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 from kme.config import KmeConfig, OtherKme, Sae
 from kme.domain import one_time
@@ -30,21 +35,27 @@ log = logging.getLogger(__name__)
 ONWARD_SHARE = 0.8
 
 
+def peer_wait(peers: Iterable[OtherKme]) -> float:
+    """The longest a request waits for ``peers``, all its calls together: the longest connect + read timeout."""
+    return max((peer.connect_timeout_seconds + peer.read_timeout_seconds for peer in peers), default=0)
+
+
 def send(config: KmeConfig, master: Sae, slaves_by_kme: dict[int, list[int]], local_slaves: list[int], number: int,
          size_bits: int) -> list[DeliveredKeyMaterial]:
     """Keys for ``master`` and slaves behind other KMEs (by KME), relayed where there is no link: answered only
     once every destination committed them (and, for several destinations, the relay is decided for all)."""
     this = config.this_kme.id
     plan = _plan(config, slaves_by_kme, [this])
+    deadline = time.monotonic() + peer_wait(config.other_kmes_by_id[hop] for hop in plan)
     relay_id = new_key_id()
     per_key = pool_keys_per_key(size_bits)
     # The key itself comes from the link of the first next hop; the other hops get it under a pad.
-    branches = _reserve(config, relay_id, {hop: number * per_key + 1 for hop in plan})
+    branches = _reserve(config, relay_id, {hop: number * per_key + 1 for hop in plan}, deadline)
     keys = build_keys(new_key_ids(number), branches[0].materials[:-1], size_bits)
     slave_ids = local_slaves + [slave for _kme, slaves in sorted(slaves_by_kme.items()) for slave in slaves]
     node = Node(relay_id, master.id, slave_ids, None, branches, branches[0].link_id, local_slaves,
                 len(slaves_by_kme) > 1)
-    _pass_on(config, node, keys, plan, [this], None, time.monotonic())
+    _pass_on(config, node, keys, plan, [this], deadline)
     if node.hold:
         send_releases(config, [(branch.activation_id, branch.link_id, branch.cancel_body()) for branch in branches])
     return keys
@@ -59,6 +70,9 @@ def accept(config: KmeConfig, caller: OtherKme, message: Message, body: bytes, m
     local = message.targets.get(this, [])
     plan = _plan(config, {kme: slaves for kme, slaves in message.targets.items() if kme != this},
                  message.path + [this])
+    # Never longer than we would wait ourselves: the background takes a relay older than that for abandoned.
+    deadline = started + min(message.timeout_seconds * ONWARD_SHARE,
+                             peer_wait(config.other_kmes_by_id[hop] for hop in plan))
     onward = {hop: new_key_id() for hop in plan}
     received = relays.receive(this, caller.id, message, body, mac, local, onward)
     if received.finished is not None:
@@ -66,15 +80,14 @@ def accept(config: KmeConfig, caller: OtherKme, message: Message, body: bytes, m
     slave_ids = [slave for _kme, slaves in sorted(message.targets.items()) for slave in slaves]
     incoming = (caller.id, message.activation_id)
     try:
-        branches = _reserve(config, message.relay_id, {hop: len(message.parts) for hop in plan}, onward)
+        branches = _reserve(config, message.relay_id, {hop: len(message.parts) for hop in plan}, deadline, onward)
     except RelayFailure as failure:
         relays.fail(Node(message.relay_id, message.master_sae_id, slave_ids, incoming, [], caller.id, local,
                          message.hold), [], [], str(failure))
         raise
     node = Node(message.relay_id, message.master_sae_id, slave_ids, incoming, branches, caller.id, local,
                 message.hold)
-    _pass_on(config, node, received.keys, plan, message.path + [this], message.timeout_seconds * ONWARD_SHARE,
-             started)
+    _pass_on(config, node, received.keys, plan, message.path + [this], deadline)
     return len(received.keys)
 
 
@@ -123,16 +136,17 @@ def _plan(config: KmeConfig, slaves_by_kme: dict[int, list[int]], path: list[int
     return plan
 
 
-def _reserve(config: KmeConfig, relay_id: str, counts: dict[int, int],
+def _reserve(config: KmeConfig, relay_id: str, counts: dict[int, int], deadline: float,
              activation_ids: dict[int, str] | None = None) -> list[Branch]:
-    """Reserve the keys of each next hop (borrowing from the neighbour's direction when ours is short); all or none."""
+    """Reserve the keys of each next hop (borrowing by ``deadline`` from the neighbour's direction when ours is
+    short); all or none."""
     branches: list[Branch] = []
     for hop, count in counts.items():
         peer = config.other_kmes_by_id[hop]
         activation_id = (activation_ids or {}).get(hop) or new_key_id()
         try:
             branches.append(reserve_borrowing(
-                peer, lambda: relays.reserve_branch(hop, activation_id, count, relay_id), count))
+                peer, lambda: relays.reserve_branch(hop, activation_id, count, relay_id), count, deadline))
         except (NotEnoughKeys, PeerFailure):
             relays.release_branches(branches)
             metrics.RELAY_FAILURES.labels(str(hop), "no_keys").inc()
@@ -163,46 +177,27 @@ def _body(node: Node, branch: Branch, keys: list[DeliveredKeyMaterial], targets:
 
 
 def _pass_on(config: KmeConfig, node: Node, keys: list[DeliveredKeyMaterial], plan: dict[int, dict[int, list[int]]],
-             path: list[int], budget: float | None, started: float) -> None:
-    """Send each next hop its message, then commit the relay here, or fail it and raise the RelayFailure."""
-    this = config.this_kme.id
+             path: list[int], deadline: float) -> None:
+    """Send every next hop its message at once, then commit the relay here, or fail it and raise the RelayFailure
+    (of the first failing branch)."""
     size_bits = len(keys[0].material) * 8
-    sent, unsent, to_settle = [], [], []
-    failure = None
+    calls = []
     for branch in node.branches:
-        if failure is not None:
-            unsent.append(branch)
-            continue
         peer = config.other_kmes_by_id[branch.link_id]
-        timeout = peer.read_timeout_seconds
-        if budget is not None:
-            timeout = min(timeout, budget - (time.monotonic() - started))
-        if timeout <= 0:
-            unsent.append(branch)
-            failure = RelayFailure(this, peer.id, "unknown")
-            continue
-        body = _body(node, branch, keys, plan[peer.id], path, timeout, not node.incoming and branch is node.branches[0],
-                     size_bits)
-        try:
-            answer = client_for(peer).relay(branch.activation_id, body, one_time.tag(branch.materials[-1], body),
-                                            timeout)
-        except PeerUnreachable:
-            unsent.append(branch)
-            failure = RelayFailure(this, peer.id, "unreachable")
-        except PeerRefused as exc:
-            to_settle.append(branch)
-            log.warning("relay %s to KME %s: %s: %s", node.relay_id, peer.id, exc, exc.detail)
-            failure = _passed_back(exc.relay_failure) or RelayFailure(this, peer.id, "refused", exc.status)
-        except PeerOutcomeUnknown as exc:
-            to_settle.append(branch)
-            log.warning("relay %s to KME %s: %s", node.relay_id, peer.id, exc)
-            failure = RelayFailure(this, peer.id, "unknown")
-        else:
-            if answer.get("activated") != len(keys):
-                to_settle.append(branch)
-                failure = RelayFailure(this, peer.id, "unknown")
-            else:
-                sent.append(branch)
+        left = min(peer.read_timeout_seconds, deadline - time.monotonic())
+        plain = not node.incoming and branch is node.branches[0]
+        body = _body(node, branch, keys, plan[peer.id], path, left, plain, size_bits) if left > 0 else None
+        calls.append((peer, branch, body))
+    this = config.this_kme.id
+    if len(calls) == 1:
+        outcomes = [_send(this, node, len(keys), deadline, *calls[0])]
+    else:
+        with ThreadPoolExecutor(len(calls), thread_name_prefix="relay") as pool:
+            outcomes = list(pool.map(lambda call: _send(this, node, len(keys), deadline, *call), calls))
+    fates: dict[str, list[Branch]] = {"sent": [], "unsent": [], "settle": []}
+    for branch, (fate, _failure) in zip(node.branches, outcomes):
+        fates[fate].append(branch)
+    failure = next((failure for _fate, failure in outcomes if failure is not None), None)
     if failure is None:
         try:
             relays.complete(node, keys)
@@ -211,8 +206,30 @@ def _pass_on(config: KmeConfig, node: Node, keys: list[DeliveredKeyMaterial], pl
         except PeerFailure:
             failure = RelayFailure(this, node.incoming[0] if node.incoming else this, "cancelled")
     metrics.RELAY_FAILURES.labels(str(failure.next_kme), failure.reason).inc()
-    relays.fail(node, unsent, to_settle + sent, str(failure))
+    relays.fail(node, fates["unsent"], fates["settle"] + fates["sent"], str(failure))
     raise failure
+
+
+def _send(this: int, node: Node, count: int, deadline: float, peer: OtherKme, branch: Branch,
+          body: bytes | None) -> tuple[str, RelayFailure | None]:
+    """One branch's call (no database here: it may run in a thread of its own): what became of its keys ("sent",
+    "unsent", or "settle" when they may be at the peer without effect) and the failure, if any."""
+    if body is None:
+        return "unsent", RelayFailure(this, peer.id, "unknown")
+    try:
+        answer = client_for(peer).relay(branch.activation_id, body, one_time.tag(branch.materials[-1], body),
+                                        deadline)
+    except PeerUnreachable:
+        return "unsent", RelayFailure(this, peer.id, "unreachable")
+    except PeerRefused as exc:
+        log.warning("relay %s to KME %s: %s: %s", node.relay_id, peer.id, exc, exc.detail)
+        return "settle", _passed_back(exc.relay_failure) or RelayFailure(this, peer.id, "refused", exc.status)
+    except PeerOutcomeUnknown as exc:
+        log.warning("relay %s to KME %s: %s", node.relay_id, peer.id, exc)
+        return "settle", RelayFailure(this, peer.id, "unknown")
+    if answer.get("activated") != count:
+        return "settle", RelayFailure(this, peer.id, "unknown")
+    return "sent", None
 
 
 def _passed_back(detail: dict | None) -> RelayFailure | None:

@@ -92,20 +92,21 @@ def settle_given(peer: OtherKme) -> None:
         log.warning("KME %s never applied leases of ours: %d keys taken back", peer.id, back)
 
 
-def borrow(peer: OtherKme, minimum: int) -> int:
-    """Borrow at least ``minimum`` keys (else none) from the peer's direction; how many came.
+def borrow(peer: OtherKme, minimum: int, deadline: float | None = None) -> int:
+    """Borrow at least ``minimum`` keys (else none) from the peer's direction, answered by ``deadline``
+    (time.monotonic()); how many came.
 
     PeerError if the peer failed; after an unknown outcome the lease stays
     recorded and the background worker asks again with the same lease ID.
     """
     request = leases.ask(peer.id, str(uuid.uuid4()), minimum)
-    return _ask(peer, request)
+    return _ask(peer, request, deadline)
 
 
-def _ask(peer: OtherKme, request: leases.LeaseRequest) -> int:
+def _ask(peer: OtherKme, request: leases.LeaseRequest, deadline: float | None = None) -> int:
     try:
         answer = client_for(peer).lease({"lease_ID": request.lease_id, "minimum": request.minimum,
-                                         "wanted": request.wanted})
+                                         "wanted": request.wanted}, deadline)
     except PeerError as exc:
         # Only a failure that proves the peer lent nothing lets us forget the lease.
         if not isinstance(exc, PeerOutcomeUnknown):
@@ -141,9 +142,9 @@ def housekeeping(config: KmeConfig, asked_before: str) -> None:
     common.sample_levels([peer.id for peer in config.other_kmes], time.time())
 
 
-def reserve_borrowing(peer: OtherKme, reserve, needed: int):
+def reserve_borrowing(peer: OtherKme, reserve, needed: int, deadline: float):
     """``reserve()`` (of ``needed`` keys of our direction of the link with ``peer``); while our direction is
-    short, borrow what is missing from the peer's and try again.
+    short, borrow what is missing from the peer's and try again, every lease answered by ``deadline``.
 
     A lease is all or nothing, sized by what we miss; if keys arrive or go
     by another way meanwhile (another worker's lease or claim), what we miss
@@ -161,7 +162,7 @@ def reserve_borrowing(peer: OtherKme, reserve, needed: int):
             previous = short
             try:
                 if short > 0:
-                    borrow(peer, short)
+                    borrow(peer, short, deadline)
             except PeerError as exc:
                 log.warning("lease from KME %s: %s", peer.id, exc)
                 raise PeerFailure(str(exc)) from None

@@ -16,6 +16,7 @@ import os
 import ssl
 import tempfile
 import threading
+import time
 
 import requests
 from cryptography.hazmat.primitives import serialization
@@ -25,6 +26,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError
+from urllib3.util import Timeout
 
 from kme.config import OtherKme
 from kme.interfaces.kme_wire import (
@@ -154,19 +156,19 @@ class PeerClient:
             status = "no valid JSON"
         return True, f"HTTP {response.status_code}, {status}"
 
-    def activate(self, request: dict) -> None:
+    def activate(self, request: dict, deadline: float | None = None) -> None:
         """Ask the peer to activate keys; returns only once it confirmed."""
-        self._post("/activations", request, "activation_ID", request["activation_ID"])
+        self._post("/activations", request, "activation_ID", request["activation_ID"], deadline=deadline)
 
     def cancel(self, request: dict) -> None:
         """Make sure the peer never activates, or erases, the keys of an activation."""
         activation_id = request["activation_ID"]
         self._post(f"/activations/{activation_id}/cancel", request, "activation_ID", activation_id)
 
-    def relay(self, activation_id: str, body: bytes, mac: bytes, read_timeout: float) -> dict:
+    def relay(self, activation_id: str, body: bytes, mac: bytes, deadline: float) -> dict:
         """Pass a relay hop on (``body``: the JSON bytes the one-time ``mac`` authenticates); its answer once the
         peer and every hop after it committed."""
-        return self._post("/relays", body, "activation_ID", activation_id, read_timeout=read_timeout,
+        return self._post("/relays", body, "activation_ID", activation_id, deadline=deadline,
                           headers={"Content-Type": "application/json", RELAY_MAC_HEADER: base64.b64encode(mac)})
 
     def cancel_relay(self, request: dict) -> None:
@@ -177,9 +179,10 @@ class PeerClient:
         """Let the slaves of a decided multicast relay fetch its keys, at the peer and every hop after it."""
         self._post(f"/relays/{request['activation_ID']}/release", request, "activation_ID", request["activation_ID"])
 
-    def lease(self, request: dict) -> dict:
+    def lease(self, request: dict, deadline: float | None = None) -> dict:
         """Ask the peer to lend keys of its direction to ours; its answer (runs of positions, its free keys)."""
-        return self._checked(_LEASE_ANSWER, self._post("/leases", request, "lease_ID", request["lease_ID"]))
+        return self._checked(_LEASE_ANSWER, self._post("/leases", request, "lease_ID", request["lease_ID"],
+                                                       deadline=deadline))
 
     def lease_states(self, request: dict) -> dict:
         """Ask the peer what it did with leases we gave it; its answer."""
@@ -195,23 +198,34 @@ class PeerClient:
         except ValidationError:
             raise PeerOutcomeUnknown(f"KME {self.peer.id} answered with an invalid body") from None
 
+    def _timeout(self, deadline: float | None) -> Timeout:
+        """The peer's connect and read timeouts, cut to what is left until ``deadline`` (time.monotonic()) and
+        with that as their total; PeerUnreachable, before anything is sent, when nothing is left."""
+        connect, read = self.peer.connect_timeout_seconds, self.peer.read_timeout_seconds
+        if deadline is None:
+            return Timeout(connect=connect, read=read)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PeerUnreachable(f"KME {self.peer.id} was not called: the request's time ran out before")
+        return Timeout(connect=min(connect, left), read=min(read, left), total=left)
+
     def _post(self, path: str, body: dict | bytes, id_field: str, expected_id: str | None,
-              read_timeout: float | None = None, headers: dict | None = None) -> dict:
-        """POST ``body`` (an object, or JSON bytes sent as they are); the answer, whose ``id_field`` must be a
-        string, equal to ``expected_id`` unless that is None."""
+              deadline: float | None = None, headers: dict | None = None) -> dict:
+        """POST ``body`` (an object, or JSON bytes sent as they are) with every wait over by ``deadline``; the
+        answer, whose ``id_field`` must be a string, equal to ``expected_id`` unless that is None."""
         name = f"KME {self.peer.id}"
-        read_timeout = read_timeout or self.peer.read_timeout_seconds
+        timeout = self._timeout(deadline)
         _writing.started = False
         try:
             response = self.session.post(self.base + path, **({"data": body} if isinstance(body, bytes)
                                                                else {"json": body}),
-                                         headers=headers, timeout=(self.peer.connect_timeout_seconds, read_timeout))
+                                         headers=headers, timeout=timeout)
         except requests.exceptions.RequestException as exc:
             if not _writing.started:
                 # Refused, timed out or failed before the request: not one byte of it left.
                 raise PeerUnreachable(f"{name} could not be reached ({_unreachable_reason(exc)})") from None
             if isinstance(exc, requests.exceptions.Timeout):
-                raise PeerOutcomeUnknown(f"{name} did not answer within {read_timeout:.1f} s") from None
+                raise PeerOutcomeUnknown(f"{name} did not answer within {timeout.read_timeout:.1f} s") from None
             if isinstance(exc, requests.exceptions.SSLError):
                 raise PeerOutcomeUnknown(f"{name} broke TLS after the request was sent") from None
             if isinstance(exc, requests.exceptions.ConnectionError):
