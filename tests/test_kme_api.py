@@ -2,6 +2,7 @@
 import base64
 import json
 import threading
+import time
 import uuid
 
 import pytest
@@ -53,6 +54,11 @@ def test_slaves_behind_two_other_kmes_share_one_key(network):
         fetched = network[kme].sae(slave).post(f"{network[kme].url()}/keys/1/dec_keys",
                                                json={"key_IDs": [{"key_ID": k["key_ID"]} for k in keys]}, timeout=10)
         assert fetched.json()["keys"] == keys
+
+
+def soon(seconds: float) -> float:
+    """A call's deadline ``seconds`` from now."""
+    return time.monotonic() + seconds
 
 
 def refused(network, call, kme_id=1, link=3):
@@ -147,6 +153,27 @@ def test_malformed_activations_are_400(network, body, fragment):
     assert response.status_code == 400 and fragment in response.json()["message"]
 
 
+def progress_push(**fields) -> dict:
+    return {"database_ID": "ab" * 16, "known_database_ID": None, "since": 0, "after": 0, "free": 0,
+            "files": [{"file": "l13.cor", "offered": 1, "seq": 1}], **fields}
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (progress_push(head=0), "files: a file's seq is past the sender's last change (head)"),
+    (progress_push(since=2**53), f"since: Must be greater than or equal to 0 and less than or equal to {2**53 - 1}."),
+    (progress_push(files=[{"file": "l13.cor", "offered": 1, "seq": 2**62}]), "files[0].seq: Must be greater"),
+])
+def test_progress_past_what_its_sender_made_is_400_and_changes_nothing(network, body, fragment):
+    to_kme1 = network.peer_client(3, 1)
+    # Applied, the push would make KME 1 take "abab…" for KME 3's database (the background's exchanges move the
+    # cursors meanwhile).
+    cursors = "SELECT peer_database FROM links WHERE peer_kme_id = 3"
+    before = network[1].ledger._query(cursors), network[1].ledger.assert_exact(3)
+    response = to_kme1.session.post(f"{to_kme1.base}/progress", json=body, timeout=10)
+    assert response.status_code == 400 and fragment in response.json()["message"], response.text
+    assert (network[1].ledger._query(cursors), network[1].ledger.assert_exact(3)) == before
+
+
 def test_json_nested_beyond_the_recursion_limit_is_400(network):
     to_kme1 = network.peer_client(3, 1)
     before = network[1].ledger.assert_exact(3)
@@ -193,8 +220,9 @@ def test_a_relay_is_idempotent_end_to_end_and_so_is_its_cancel(network):
     to_kme1 = network.peer_client(3, 1)
     body, mac, key = relay_from_kme3(network, {2: [3]})
     activation_id = json.loads(body)["activation_ID"]
-    first = to_kme1.relay(activation_id, body, mac, 5)
-    assert to_kme1.relay(activation_id, body, mac, 5) == first == {"activation_ID": activation_id, "activated": 1}
+    first = to_kme1.relay(activation_id, body, mac, soon(5))
+    again = to_kme1.relay(activation_id, body, mac, soon(5))
+    assert again == first == {"activation_ID": activation_id, "activated": 1}
     assert network[2].ledger.waiting() == 1
     key_id = json.loads(body)["keys"][0]["key_ID"]
     got = network[2].sae(3).get(f"{network[2].url()}/keys/5/dec_keys", params={"key_ID": key_id}, timeout=10)
@@ -206,7 +234,7 @@ def test_a_relay_is_idempotent_end_to_end_and_so_is_its_cancel(network):
     before = network[2].ledger.assert_exact(1)
     to_kme1.cancel_relay(cancel)
     to_kme1.cancel_relay(cancel)
-    assert "cancelled" in refused(network, lambda: to_kme1.relay(activation_id, body, mac, 5))
+    assert "cancelled" in refused(network, lambda: to_kme1.relay(activation_id, body, mac, soon(5)))
     # The cancel follows the key to KME 2 (KME 1's background worker): both parts of that hop discarded there.
     wait_until(lambda: not network[1].ledger._query("SELECT 1 FROM outgoing_activations"), 20)
     after = network[2].ledger.assert_exact(1)
@@ -228,7 +256,7 @@ def test_a_relay_under_one_of_our_own_activation_ids_leaves_that_activations_key
         reserved = kme1.ledger._query("SELECT COUNT(*) FROM pool_keys WHERE reservation = ?", ours)
         assert reserved == [(2,)]
         body, mac, _key = relay_from_kme3(network, {2: [3]}, activation_id=ours)
-        assert network.peer_client(3, 1).relay(ours, body, mac, 5) == {"activation_ID": ours, "activated": 1}
+        assert network.peer_client(3, 1).relay(ours, body, mac, soon(5)) == {"activation_ID": ours, "activated": 1}
         assert kme1.ledger._query("SELECT COUNT(*) FROM pool_keys WHERE reservation = ?", ours) == reserved
     finally:
         hanging.close()
@@ -260,7 +288,7 @@ def test_a_cancel_racing_the_completion_of_a_relay_hop_is_never_overwritten(netw
     before = kme1.ledger.assert_exact(3)
     to_kme1 = network.peer_client(3, 1)
     relaying = threading.Thread(target=lambda: answers.update(relay=call(
-        lambda: to_kme1.relay(request["activation_ID"], body, mac, 30))))
+        lambda: to_kme1.relay(request["activation_ID"], body, mac, soon(30)))))
     cancelling = threading.Thread(target=lambda: answers.update(cancel=call(lambda: to_kme1.cancel_relay(cancel))))
     try:
         with kme1.ledger.connect(read_only=False) as holder, kme1.ledger.connect() as watcher:
@@ -317,7 +345,8 @@ def test_a_relay_that_fails_its_mac_is_400_and_its_parts_never_serve_again(netwo
     assert after[1] == before[1]
     assert (after[0]["discarded"], after[0]["peer_held"]) == (before[0]["discarded"] + 2, before[0]["peer_held"] - 2)
     # The genuine message, later, finds the hop cancelled; the sender's own cancel changes nothing more.
-    assert "cancelled" in refused(network, lambda: to_kme1.relay(json.loads(body)["activation_ID"], body, mac, 5))
+    activation_id = json.loads(body)["activation_ID"]
+    assert "cancelled" in refused(network, lambda: to_kme1.relay(activation_id, body, mac, soon(5)))
     to_kme1.cancel_relay({"activation_ID": json.loads(body)["activation_ID"],
                           "parts": [json.loads(body)["keys"][0]["parts"][0], json.loads(body)["mac_part"]]})
     assert network[1].ledger.assert_exact(3) == after[0]

@@ -33,8 +33,12 @@ def kme(tmp_path, pki, kme_id: int, peer_id: int, keys: int = 10):
 
 
 def peer_says(this_kme_id: int, link_id: int, offered: int, database: str = "ab" * 16, seq: int = 1) -> None:
-    progress.answered(this_kme_id, link_id, progress.Exchange(database, [progress.FileOffer("link.cor", offered, seq)],
-                                                              0, 0))
+    progress.answered(this_kme_id, link_id, 0,
+                      progress.Exchange(database, [progress.FileOffer("link.cor", offered, seq)], 0, 0))
+
+
+def events_of(ledger) -> list[str]:
+    return [message for (message,) in ledger._query("SELECT message FROM events")]
 
 
 @pytest.fixture
@@ -84,6 +88,67 @@ def test_keys_only_this_end_holds_are_set_aside_after_the_grace_period_and_no_lo
     assert (counts["available"], counts["unconfirmed"], counts["set_aside"]) == (6, 0, 4)
 
 
+def test_a_file_the_peer_never_reported_is_never_set_aside(arbiter):
+    """The peer answers, but of other files only (its progress lags, or its cursor of ours is lost): our keys of
+    link.cor wait, whatever the grace period, until the peer reported what it holds of the file."""
+    app, ledger = arbiter
+    with app.app_context():
+        progress.answered(1, 2, 0, progress.Exchange("ab" * 16, [progress.FileOffer("other.cor", 0, 1)], 0, 0))
+        assert progress.set_aside_unmatched(1, 2, 0) == 0
+        peer_says(1, 2, 0, seq=2)
+        assert progress.set_aside_unmatched(1, 2, 0) == 10
+    assert ledger.assert_exact(2)["set_aside"] == 10
+
+
+def test_a_file_the_peer_names_first_is_reported_back_as_not_held(arbiter):
+    """So that the peer may set its keys of it aside once the grace period is over."""
+    app, _ledger = arbiter
+    with app.app_context():
+        progress.incoming(1, 2, "cd" * 16, progress.Exchange("ab" * 16, [progress.FileOffer("new.cor", 3, 1)], 0, 0),
+                          None)
+        push, _ = progress.outgoing(2, "cd" * 16)
+    assert ("new.cor", 0) in [(item.name, item.offered) for item in push.files]
+
+
+def test_a_peer_with_more_of_our_changes_than_we_made_hears_all_of_them_again(arbiter):
+    """Its cursor of our changes is past our last one: our database went back (a restore, a failover) or the
+    peer is wrong. We answer with every file and go on pushing our changes."""
+    app, ledger = arbiter
+    with app.app_context():
+        answer = progress.incoming(1, 2, "cd" * 16, progress.Exchange("ab" * 16, [], 0, 2**40), "cd" * 16)
+        assert [item.name for item in answer.files] == ["link.cor"]
+        push, _ = progress.outgoing(2, "cd" * 16)
+    assert [item.name for item in push.files] == ["link.cor"]
+    assert "KME 2 has our changes up to 1099511627776, past our last (1): this database went back " \
+           "(a restore or a failover?); all our files are announced again" in events_of(ledger)
+
+
+def test_an_answer_with_more_of_our_changes_than_we_made_does_not_stop_our_pushes(arbiter):
+    app, ledger = arbiter
+    with app.app_context():
+        progress.answered(1, 2, 0, progress.Exchange("ab" * 16, [], 0, 2**40))
+        push, _ = progress.outgoing(2, "cd" * 16)
+    assert [item.name for item in push.files] == ["link.cor"]
+    assert "KME 2 has our changes up to 1099511627776, past our last (1): this database went back " \
+           "(a restore or a failover?); all our files are announced again" in events_of(ledger)
+
+
+def test_a_peer_whose_last_change_is_before_changes_of_it_we_had_is_learnt_again(arbiter):
+    """Its database went back: changes it makes now may reuse numbers we had, so we ask for all of them. A push
+    that crossed our exchange carries an older last change, and proves nothing."""
+    app, ledger = arbiter
+    with app.app_context():
+        peer_says(1, 2, 6, seq=5)
+        progress.incoming(1, 2, "cd" * 16, progress.Exchange("ab" * 16, [], 0, 0, head=3), "cd" * 16)
+        push, _ = progress.outgoing(2, "cd" * 16)
+        assert push.seen == 5
+        progress.answered(1, 2, push.seen, progress.Exchange("ab" * 16, [], 0, 0, head=3))
+        push, _ = progress.outgoing(2, "cd" * 16)
+    assert push.seen == 0
+    assert "KME 2's last change (3) is before changes of it we had (5): its database went back " \
+           "(a restore or a failover?); its progress is learnt again" in events_of(ledger)
+
+
 def test_a_new_database_at_the_peer_is_learnt_afresh(arbiter):
     app, ledger = arbiter
     with app.app_context():
@@ -92,8 +157,7 @@ def test_a_new_database_at_the_peer_is_learnt_afresh(arbiter):
         push, known = progress.outgoing(2, "cd" * 16)
     assert known == "ef" * 16 and push.seen == 1
     assert ledger.assert_exact(2)["available"] == 8
-    messages = [message for (message,) in ledger._query("SELECT message FROM events")]
-    assert "KME 2 has a new database: its ingestion progress is learnt again" in messages
+    assert "KME 2 has a new database: its ingestion progress is learnt again" in events_of(ledger)
 
 
 def test_a_lease_is_all_or_nothing_at_most_half_beyond_the_minimum_and_idempotent(arbiter):

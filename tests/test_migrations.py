@@ -3,7 +3,7 @@ database at another version with one line."""
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, inspect, text
 
 from kme.config import load_config
 from kme.storage import migrations
@@ -137,3 +137,33 @@ def test_the_events_table_takes_a_line_longer_than_the_first_version_allowed(kme
     finally:
         engine.dispose()
     assert Ledger(kme.parent / "kme.db")._query("SELECT length(message) FROM events") == [(2000,)]
+
+
+def _insert(connection, table: str, **values) -> None:
+    """A row of ``table`` with ``values`` and a zero of its type in every other column that must have one."""
+    zeros = {str: "", bool: False, bytes: b""}
+    for column in inspect(connection).get_columns(table):
+        if column["name"] not in values and not column["nullable"] and column.get("autoincrement") is not True:
+            values[column["name"]] = zeros.get(column["type"].python_type, 0)
+    names = ", ".join(values)
+    connection.execute(text(f"INSERT INTO {table} ({names}) VALUES ({', '.join(':' + n for n in values)})"), values)
+
+
+def test_version_4_keeps_the_grace_of_files_the_peer_holds_and_learns_every_peers_progress_again(kme):
+    """A file the peer holds keys of was reported; of the others nobody can tell: each is reported again once the
+    peer's progress is learnt from the start."""
+    upgrade(kme, "0003")
+    engine = engine_of(kme)
+    try:
+        with engine.begin() as connection:
+            _insert(connection, "links", peer_kme_id=2, progress_seen=40, progress_sent=30)
+            _insert(connection, "key_files", id=1, link_id=2, name="held.cor", peer_position=5, changed_at=100.0)
+            _insert(connection, "key_files", id=2, link_id=2, name="unknown.cor", peer_position=0, changed_at=100.0)
+        upgrade(kme)
+        with engine.connect() as connection:
+            files = connection.execute(text("SELECT name, peer_reported_at FROM key_files ORDER BY id")).all()
+            cursors = connection.execute(text("SELECT progress_seen, progress_sent FROM links")).all()
+    finally:
+        engine.dispose()
+    assert [tuple(row) for row in files] == [("held.cor", 100.0), ("unknown.cor", None)]
+    assert [tuple(row) for row in cursors] == [(0, 30)]

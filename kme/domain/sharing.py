@@ -51,9 +51,9 @@ def exchange_progress(config: KmeConfig, peer: OtherKme) -> None:
         push, known = progress.outgoing(peer.id, _database_id())
         answer = client_for(peer).exchange_progress({
             "database_ID": push.database_id, "known_database_ID": known, "since": push.seen, "after": push.after,
-            "free": push.free, "files": _wire(push.files)})
-        progress.answered(config.this_kme.id, peer.id, Exchange(answer["database_ID"], _offers(answer["files"]),
-                                                                answer["free"], answer["seen"]))
+            "free": push.free, "files": _wire(push.files), "head": push.head})
+        progress.answered(config.this_kme.id, peer.id, push.seen, Exchange(
+            answer["database_ID"], _offers(answer["files"]), answer["free"], answer["seen"], head=answer["head"]))
         if len(push.files) < progress.PAGE and len(answer["files"]) < progress.PAGE:
             return
 
@@ -61,9 +61,11 @@ def exchange_progress(config: KmeConfig, peer: OtherKme) -> None:
 def answer_progress(config: KmeConfig, caller: OtherKme, data: dict) -> dict:
     """Apply the progress a peer KME sent; our own progress, as the answer."""
     database_id = _database_id()
-    push = Exchange(data["database_ID"], _offers(data["files"]), data["free"], data["since"], data["after"])
+    push = Exchange(data["database_ID"], _offers(data["files"]), data["free"], data["since"], data["after"],
+                    data["head"])
     answer = progress.incoming(config.this_kme.id, caller.id, database_id, push, data["known_database_ID"])
-    return {"database_ID": database_id, "seen": answer.seen, "free": answer.free, "files": _wire(answer.files)}
+    return {"database_ID": database_id, "seen": answer.seen, "free": answer.free, "files": _wire(answer.files),
+            "head": answer.head}
 
 
 def lend(config: KmeConfig, caller: OtherKme, data: dict) -> tuple[list[dict], int]:

@@ -3,7 +3,7 @@
 Both ends use them: the interface loads requests with them, the peer client
 loads answers with them, and the OpenAPI document is built from them.
 """
-from marshmallow import validate
+from marshmallow import ValidationError, validate, validates_schema
 
 from kme.config_schema import Bool, Int, List, Nested, Str, StrictSchema
 from kme.interfaces.schemas import KeyIdField
@@ -11,6 +11,8 @@ from kme.storage.keystore.leases import APPLIED, MAX_LEASE, PENDING, UNKNOWN
 from kme.storage.keystore.progress import PAGE as PROGRESS_PAGE
 
 _POSITION = validate.Range(0, 2**62)
+# A change number or cursor of the progress exchange: an integer any JSON parser keeps exact.
+_CHANGE = validate.Range(0, 2**53 - 1)
 # A key file's name as the file system has it: never a NUL (PostgreSQL's text refuses it) nor a slash.
 _FILE = [validate.Length(1, 255), validate.Regexp(r"^[^\x00/]+$", error="not a file name")]
 _DATABASE_ID = validate.Regexp("^[0-9a-f]{32}$", error="32 lowercase hexadecimal digits")
@@ -96,25 +98,37 @@ class FileOfferSchema(StrictSchema):
 
     file = Str(required=True, validate=_FILE)
     offered = Int(required=True, validate=_POSITION)
-    seq = Int(required=True, validate=_POSITION)
+    seq = Int(required=True, validate=_CHANGE)
 
 
-class ProgressSchema(StrictSchema):
+class _HeadSchema(StrictSchema):
+    """A progress message with the sender's last change number, ``head`` (optional: a KME of an earlier release
+    does not send it), which no file's change number exceeds."""
+
+    head = Int(load_default=None, validate=_CHANGE)
+
+    @validates_schema
+    def _files_up_to_head(self, data, **_kwargs):
+        if data.get("head") is not None and any(item["seq"] > data["head"] for item in data.get("files", [])):
+            raise ValidationError("a file's seq is past the sender's last change (head)", "files")
+
+
+class ProgressSchema(_HeadSchema):
     """The caller's ingestion progress and cursors."""
 
     database_ID = Str(required=True, validate=_DATABASE_ID)
     known_database_ID = Str(required=True, allow_none=True, validate=_DATABASE_ID)
-    since = Int(required=True, validate=_POSITION)
-    after = Int(required=True, validate=_POSITION)
+    since = Int(required=True, validate=_CHANGE)
+    after = Int(required=True, validate=_CHANGE)
     free = Int(required=True, validate=_POSITION)
     files = List(Nested(FileOfferSchema), required=True, validate=validate.Length(max=PROGRESS_PAGE))
 
 
-class ProgressAnswerSchema(StrictSchema):
+class ProgressAnswerSchema(_HeadSchema):
     """The callee's ingestion progress since the caller's cursor, and how far it has the caller's."""
 
     database_ID = Str(required=True, validate=_DATABASE_ID)
-    seen = Int(required=True, validate=_POSITION)
+    seen = Int(required=True, validate=_CHANGE)
     free = Int(required=True, validate=_POSITION)
     files = List(Nested(FileOfferSchema), required=True, validate=validate.Length(max=PROGRESS_PAGE))
 

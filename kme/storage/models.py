@@ -101,8 +101,10 @@ class KeyFile(db.Model):
     peer says it holds, ``decided`` how many leading positions were confirmed
     or set aside here, ``offer_limit`` caps what we offer once keys only we
     held were set aside, ``seq`` orders our changes for the exchange and
-    ``changed_at`` (epoch seconds) starts the grace period of unmatched keys.
-    A file the peer named before we saw it has a row with nothing ingested.
+    ``changed_at`` (epoch seconds) starts the grace period of unmatched keys,
+    as does ``peer_reported_at``, when the peer last changed what it says it
+    holds (None: it never said, and no key of the file is set aside). A file
+    the peer named before we saw it has a row with nothing ingested.
     """
 
     __tablename__ = "key_files"
@@ -120,6 +122,7 @@ class KeyFile(db.Model):
     offer_limit: Mapped[int | None] = mapped_column(BigInteger)
     seq: Mapped[int] = mapped_column(BigInteger, default=0)
     changed_at: Mapped[float] = mapped_column(Float, default=0.0)
+    peer_reported_at: Mapped[float | None] = mapped_column(Float)
 
 
 # PoolKey.state: the values of kme.storage.pool_states (imported from here by the key store).

@@ -10,7 +10,11 @@ grace period, are set aside: erased, counted, never used.
 
 Offers are absolute values, so applying one twice changes nothing; the
 change sequence of each side (``KeyFile.seq``) only saves resending what
-the peer already has.
+the peer already has. Each message carries its sender's last change
+number (``head``), so a cursor is never trusted past what its side made:
+a peer that has more of our changes than we made, or whose last change is
+before changes of it we had, tells that a database went back, and the
+changes are exchanged again from the start.
 """
 import time
 from dataclasses import dataclass
@@ -46,6 +50,8 @@ class Exchange:
     # Caller: our cursors (peer's changes we have, ours the peer acknowledged). Answer: ``seen`` only.
     seen: int
     after: int = 0
+    # The sender's last change number (None from a KME that does not say).
+    head: int | None = None
 
 
 def is_arbiter(this_kme_id: int, link_id: int) -> bool:
@@ -58,9 +64,14 @@ def offer(row: KeyFile) -> int:
     return row.next_position if row.offer_limit is None else min(row.next_position, row.offer_limit)
 
 
+def head(session, link_id: int) -> int:
+    """Our last change number of the link's files (the (link_id, seq) index makes it one search)."""
+    return session.scalar(select(func.max(KeyFile.seq)).where(KeyFile.link_id == link_id)) or 0
+
+
 def next_seq(session, link_id: int) -> int:
-    """The next change number of the link's files (the (link_id, seq) index makes it one search)."""
-    return (session.scalar(select(func.max(KeyFile.seq)).where(KeyFile.link_id == link_id)) or 0) + 1
+    """The next change number of the link's files."""
+    return head(session, link_id) + 1
 
 
 def confirm(session, this_kme_id: int, link_id: int, row: KeyFile) -> int:
@@ -84,7 +95,7 @@ def outgoing(link_id: int, database_id: str) -> tuple[Exchange, str | None]:
     rows = session.scalars(select(KeyFile).where(KeyFile.link_id == link_id, KeyFile.seq > link.progress_sent)
                            .order_by(KeyFile.seq).limit(PAGE)).all()
     push = Exchange(database_id, [FileOffer(row.name, offer(row), row.seq) for row in rows], link.available,
-                    link.progress_seen, link.progress_sent)
+                    link.progress_seen, link.progress_sent, head(session, link_id))
     known = link.peer_database
     session.commit()
     return push, known
@@ -95,32 +106,49 @@ def incoming(this_kme_id: int, link_id: int, database_id: str, push: Exchange,
     """Apply a peer's push; answer with our changes after the peer's cursor (all if it knew another database)."""
     with write_transaction() as session:
         link = _peer_database(session, link_id, push.database_id)
-        since = push.seen
-        if known_database != database_id:
-            since = 0
-        else:
-            link.progress_sent = max(link.progress_sent, since)
+        ours = head(session, link_id)
+        since = 0
+        if known_database == database_id:
+            # What the peer acknowledges, even below what it did before (it went back): resending is harmless.
+            since = link.progress_sent = _acknowledged(session, link_id, push.seen, ours)
         _apply(session, this_kme_id, link_id, link, push.files, push.free, contiguous=link.progress_seen >= push.after)
         rows = session.scalars(select(KeyFile).where(KeyFile.link_id == link_id, KeyFile.seq > since)
                                .order_by(KeyFile.seq).limit(PAGE)).all()
         # Confirmation changed the counters past the ORM: read them afresh.
         free = session.scalar(select(Link.available).where(Link.peer_kme_id == link_id))
         return Exchange(database_id, [FileOffer(row.name, offer(row), row.seq) for row in rows], free,
-                        link.progress_seen)
+                        link.progress_seen, head=head(session, link_id))
 
 
-def answered(this_kme_id: int, link_id: int, answer: Exchange) -> None:
-    """Apply the peer's answer to our push."""
+def answered(this_kme_id: int, link_id: int, asked_since: int, answer: Exchange) -> None:
+    """Apply the peer's answer to our push, which asked for its changes after ``asked_since``."""
     with write_transaction() as session:
         link = _peer_database(session, link_id, answer.database_id)
+        if answer.head is not None and answer.head < asked_since:
+            # Its answer was made after every message that told us of those changes: not a crossing message.
+            events.record(session, f"KME {link_id}'s last change ({answer.head}) is before changes of it we had "
+                                   f"({asked_since}): its database went back (a restore or a failover?); "
+                                   "its progress is learnt again")
+            link.progress_seen = 0
         _apply(session, this_kme_id, link_id, link, answer.files, answer.free, contiguous=True)
-        link.progress_sent = answer.seen
+        link.progress_sent = _acknowledged(session, link_id, answer.seen, head(session, link_id))
+
+
+def _acknowledged(session, link_id: int, seen: int, ours: int) -> int:
+    """The peer's cursor of our changes, ``seen``, unless it is past our last change ``ours``: then our database
+    went back (or the peer is wrong), and every change of ours is sent again."""
+    if seen <= ours:
+        return seen
+    events.record(session, f"KME {link_id} has our changes up to {seen}, past our last ({ours}): this database went "
+                           "back (a restore or a failover?); all our files are announced again")
+    return 0
 
 
 def set_aside_unmatched(this_kme_id: int, link_id: int, grace_seconds: float) -> int:
     """Erase the keys only this KME holds, once the peer answered without them for ``grace_seconds``.
 
-    Only an answering peer counts: a partition never sets keys aside. Our
+    Only an answering peer counts: a partition never sets keys aside; and
+    only a file the peer reported, unchanged for as long. Our
     offer of each such file is capped where the peer stopped, so the peer
     sets its own surplus aside too and no position is ever confirmed at one
     end only. Returns how many keys were set aside.
@@ -131,7 +159,8 @@ def set_aside_unmatched(this_kme_id: int, link_id: int, grace_seconds: float) ->
             return 0
         rows = session.scalars(select(KeyFile).where(
             KeyFile.link_id == link_id, KeyFile.complete, KeyFile.decided < KeyFile.next_position,
-            KeyFile.changed_at < link.progress_at - grace_seconds)).all()
+            KeyFile.changed_at < link.progress_at - grace_seconds,
+            KeyFile.peer_reported_at <= link.progress_at - grace_seconds)).all()
         total = 0
         for row in rows:
             erased = set_aside(session, link_id, (UNCONFIRMED,), PoolKey.file_id == row.id,
@@ -180,7 +209,8 @@ def _peer_database(session, link_id: int, database_id: str) -> Link:
     link = session.get(Link, link_id)
     if link.peer_database != database_id:
         if link.peer_database is not None:
-            session.execute(update(KeyFile).where(KeyFile.link_id == link_id).values(peer_position=0))
+            session.execute(update(KeyFile).where(KeyFile.link_id == link_id)
+                            .values(peer_position=0, peer_reported_at=None))
             events.record(session, f"KME {link_id} has a new database: its ingestion progress is learnt again")
         link.peer_database, link.progress_sent, link.progress_seen = database_id, 0, 0
     return link
@@ -188,19 +218,23 @@ def _peer_database(session, link_id: int, database_id: str) -> Link:
 
 def _apply(session, this_kme_id: int, link_id: int, link: Link, files: list[FileOffer], free: int,
            contiguous: bool) -> None:
+    now = time.time()
     if files:
         rows = {row.name: row for row in session.scalars(select(KeyFile).where(
             KeyFile.link_id == link_id, KeyFile.name.in_([item.name for item in files])))}
         for item in files:
             row = rows.get(item.name)
             if row is None:
-                # Named by the peer before we saw it: our ingestion will find the row.
+                # Named by the peer before we saw it: our ingestion will find the row. Its change number tells
+                # the peer that we hold none of it yet.
                 row = KeyFile(link_id=link_id, name=item.name, next_position=0, complete=False, length=0,
-                              duplicates=0, decided=0, seq=0, changed_at=0.0)
+                              duplicates=0, decided=0, seq=next_seq(session, link_id), changed_at=0.0)
                 session.add(row)
                 session.flush()
                 # A push that names the file twice finds it the second time.
                 rows[item.name] = row
+            if row.peer_reported_at is None or item.offered != row.peer_position:
+                row.peer_reported_at = now
             row.peer_position = item.offered
             if item.offered < row.decided:
                 _withdrawn(session, link_id, row, item.offered)
@@ -208,4 +242,4 @@ def _apply(session, this_kme_id: int, link_id: int, link: Link, files: list[File
         if contiguous:
             link.progress_seen = max(link.progress_seen, max(item.seq for item in files))
     link.peer_free = free
-    link.progress_at = time.time()
+    link.progress_at = now
