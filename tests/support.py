@@ -348,11 +348,11 @@ class Ledger:
         from kme.storage.sealing import pool_place
 
         sealer = self.sealer()
-        rows = self._query(f"SELECT link_id, file_id, position, material FROM pool_keys WHERE {where} "
-                           "ORDER BY file_id, position", *args)
+        rows = self._query(f"SELECT link_id, (SELECT name FROM key_files WHERE id = file_id), position, material "
+                           f"FROM pool_keys WHERE {where} ORDER BY file_id, position", *args)
         return [(position, material if len(material) == 32 else
-                 sealer.open(material, pool_place(link_id, file_id, position), lambda: "a pool key"))
-                for link_id, file_id, position, material in rows]
+                 sealer.open(material, pool_place(link_id, name, position), lambda: "a pool key"))
+                for link_id, name, position, material in rows]
 
     def _uri(self) -> str | None:
         return _databases.get(self.db_path.parent.resolve())

@@ -229,6 +229,48 @@ def test_an_altered_row_is_refused_and_changes_nothing(kme, alter, expected):
     assert (kme.snapshot(), kme.ledger.link(1)) == before
 
 
+def test_key_files_whose_names_were_swapped_serve_nothing(kme):
+    """Peers name a key by its file's name: a key sealed for one name does not open under another, so swapped
+    names can never make two requests name different keys by one material (or one key by two names)."""
+    write_keys(kme.folder / "keys" / "b.cor", 64)
+    kme.ingest()
+    kme.ledger.write(("UPDATE key_files SET name = 'swap' WHERE name = 'a.cor'",),
+                     ("UPDATE key_files SET name = 'a.cor' WHERE name = 'b.cor'",),
+                     ("UPDATE key_files SET name = 'b.cor' WHERE name = 'swap'",))
+    checkpoint(kme.db)
+    before = (kme.snapshot(), kme.ledger.link(1))
+    kme.start()
+    answer = kme.enc(number=2)
+    assert answer.status_code == 503
+    assert answer.json()["message"] == (
+        "key data access error: pool key 0 of key file b.cor on link 1 does not open under this database's data key "
+        "(moved, altered or truncated outside the KME)")
+    kme.stop()
+    checkpoint(kme.db)
+    assert (kme.snapshot(), kme.ledger.link(1)) == before
+
+
+def test_a_slave_added_to_a_waiting_key_outside_the_kme_gets_nothing(kme):
+    """The key is sealed for the slaves it was made for: a row of key_slaves added by someone who can write the
+    database, but has no KEK, makes the key refuse to open, for that slave and every other."""
+    kme.ingest()
+    kme.start()
+    (key,) = kme.enc().json()["keys"]
+    kme.ledger.write(("INSERT INTO key_slaves (key_id, slave_sae_id, fetched) VALUES (?, 1, FALSE)", key["key_ID"]))
+    checkpoint(kme.db)
+    before = kme.snapshot()
+    stolen = sae_session(kme.pki, 1, 1).post(f"{kme.url}/api/v1/keys/1/dec_keys",
+                                             json={"key_IDs": [{"key_ID": key["key_ID"]}]}, timeout=10)
+    assert stolen.status_code == 503
+    assert stolen.json()["message"] == (
+        f"key data access error: delivered key {key['key_ID']} does not open under this database's data key "
+        "(moved, altered or truncated outside the KME)")
+    assert kme.dec([key["key_ID"]]).status_code == 503
+    kme.stop()
+    checkpoint(kme.db)
+    assert kme.snapshot() == before
+
+
 class Load:
     """SAE 1 asks for keys and SAE 2 fetches each, in a thread, until stopped; every answer is kept."""
 
@@ -318,10 +360,11 @@ def make_legacy(kme: Kme) -> None:
     """Turn the database into one a KME from before encryption at rest wrote: material in clear, no data key."""
     ledger = kme.ledger
     sealer = ledger.sealer()
-    rows = ledger._query("SELECT id, link_id, file_id, position, material FROM pool_keys")
+    rows = ledger._query("SELECT p.id, p.link_id, f.name, p.position, p.material FROM pool_keys AS p "
+                         "JOIN key_files AS f ON f.id = p.file_id")
     ledger.write_rows("UPDATE pool_keys SET material = ? WHERE id = ?", [
-        (sealer.open(material, pool_place(link, file, position), str), key_id)
-        for key_id, link, file, position, material in rows])
+        (sealer.open(material, pool_place(link, name, position), str), key_id)
+        for key_id, link, name, position, material in rows])
     links = ledger._query("SELECT peer_kme_id, byte_histogram FROM links")
     ledger.write_rows("UPDATE links SET byte_histogram = ? WHERE peer_kme_id = ?", [
         (histogram if len(histogram) == 2048 else sealer.open(histogram, histogram_place(link), str), link)

@@ -92,6 +92,8 @@ def test_a_database_of_the_release_before_versions_is_refused_then_upgraded_in_p
     assert result.returncode == 0, result.stderr
     ledger.write(("DROP TABLE alembic_version",))
     assert version_of(kme) == migrations.BASELINE
+    # Sealed at that release's places, which this release's do not open: compared as stored.
+    stored = ledger._query("SELECT id, material FROM pool_keys ORDER BY id")
 
     refused = sae_answer(kme, pki, tmp_path, "/keys/2/status")
     assert refused.status_code == 503
@@ -100,7 +102,7 @@ def test_a_database_of_the_release_before_versions_is_refused_then_upgraded_in_p
         f"{migrations.head()}: run `flask db upgrade` (docs/deployment.md, Upgrading)")
     line = run_cli(["kme-status"], kme)
     assert line.returncode == 1 and line.stderr.strip().endswith("run `flask db upgrade` (docs/deployment.md, Upgrading)")
-    assert ledger.pool_keys() == keys
+    assert ledger._query("SELECT id, material FROM pool_keys ORDER BY id") == stored
 
     result = upgrade(kme)
     assert "predates schema versions: recorded as version 0001" in result.stderr
@@ -167,3 +169,28 @@ def test_version_4_keeps_the_grace_of_files_the_peer_holds_and_learns_every_peer
         engine.dispose()
     assert [tuple(row) for row in files] == [("held.cor", 100.0), ("unknown.cor", None)]
     assert [tuple(row) for row in cursors] == [(0, 30)]
+
+
+def test_version_5_seals_every_key_again_at_its_new_place_and_back(kme, pki, tmp_path):
+    """Pool keys bound to their file's name, a waiting key to its slaves: the step opens each at the place it had
+    and seals it at the new one (with the KEK of the configuration); a downgrade does the reverse."""
+    assert run_cli(["ingest-keys"], kme).returncode == 0
+    process = start_sae_interface(kme, tmp_path / "sae.log")
+    try:
+        url = f"https://127.0.0.1:{sae_port(kme)}/api/v1"
+        (key,) = sae_session(pki, 1, 1).post(f"{url}/keys/2/enc_keys", json={}, timeout=10).json()["keys"]
+        ledger = Ledger(kme.parent / "kme.db")
+        keys = ledger.pool_keys()
+        stored = ledger._query("SELECT material FROM pool_keys ORDER BY id"), ledger._query(
+            "SELECT material FROM delivered_keys")
+        upgrade(kme)
+        assert run_cli(["db", "downgrade", "0004"], kme).returncode == 0
+        resealed = ledger._query("SELECT material FROM pool_keys ORDER BY id"), ledger._query(
+            "SELECT material FROM delivered_keys")
+        assert all(old != new for old, new in zip(stored[0] + stored[1], resealed[0] + resealed[1]))
+        upgrade(kme)
+        assert ledger.pool_keys() == keys
+        fetched = sae_session(pki, 1, 2).get(f"{url}/keys/1/dec_keys", params={"key_ID": key["key_ID"]}, timeout=10)
+        assert fetched.json()["keys"] == [key]
+    finally:
+        process.stop()

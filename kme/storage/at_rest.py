@@ -91,8 +91,10 @@ def establish(connection, engine, kek: Kek, facts: dict[str, bytes]) -> Store:
 def _seal_delivered_and_histograms(raw, sealer: Sealer) -> None:
     """Seal the keys waiting for their slaves and the histograms a database from before held in clear."""
     rows = statements.all_delivered(raw)
+    slaves = statements.slaves_of(raw, [key_id for key_id, *_ in rows])
     sealed = sealer.seal([material for *_, material in rows],
-                         [sealing.delivered_place(key_id, link_id, master) for key_id, link_id, master, _m in rows])
+                         [sealing.delivered_place(key_id, link_id, master, slaves.get(key_id, ()))
+                          for key_id, link_id, master, _m in rows])
     statements.replace_delivered_material(raw, [(value, row[0]) for value, row in zip(sealed, rows)])
     for link_id, histogram in statements.all_histograms(raw):
         if len(histogram) == HISTOGRAM_BYTES:
@@ -198,25 +200,30 @@ def encrypt_pool_batch(after_id: int) -> tuple[int, int | None]:
             session.execute(delete(Meta).where(Meta.name == CLEAR_POOL))
             found.clear_pool = False
             return 0, None
+        names = statements.file_names(raw, {file_id for _id, _link, file_id, _p, _m in rows})
         sealed = found.sealer.seal([material for *_, material in rows],
-                                   [sealing.pool_place(link_id, file_id, position)
+                                   [sealing.pool_place(link_id, names[file_id], position)
                                     for _id, link_id, file_id, position, _m in rows])
         statements.replace_pool_material(raw, [(value, row[0]) for value, row in zip(sealed, rows)])
         return len(rows), rows[-1][0]
 
 
-def open_pool(link_id: int, rows) -> list[bytes]:
-    """The material of pool keys given as (file_id, position, stored) rows of one link, in their order."""
+def open_pool(target, link_id: int, rows, names: dict[int, str] | None = None) -> list[bytes]:
+    """The material of pool keys given as (file_id, position, stored) rows of one link, in their order, each
+    opened for the name of its file: as ``names`` has it (by file ID) when the caller used those names, else as
+    the transaction of ``target`` (a Session or a driver connection) reads it."""
     found = store()
+    if names is None:
+        names = statements.file_names(target, {file_id for file_id, _position, _stored in rows})
     if not any(len(stored) == CLEAR_KEY_BYTES for _file_id, _position, stored in rows):
-        return found.sealer.open_pool(link_id, rows)
+        return found.sealer.open_pool(link_id, rows, names)
     opened = []
     for file_id, position, stored in rows:
         if len(stored) == CLEAR_KEY_BYTES:
-            _clear_allowed(found, f"pool key {position} of key file {file_id} on link {link_id}")
+            _clear_allowed(found, f"pool key {position} of key file {names[file_id]} on link {link_id}")
             opened.append(stored)
         else:
-            opened.extend(found.sealer.open_pool(link_id, [(file_id, position, stored)]))
+            opened.extend(found.sealer.open_pool(link_id, [(file_id, position, stored)], names))
     return opened
 
 
@@ -231,20 +238,20 @@ def _clear_allowed(found: Store, where: str) -> None:
                              "outside the KME")
 
 
-def seal_pool(link_id: int, file_id: int, positions, materials: list[bytes]) -> list[bytes]:
+def seal_pool(link_id: int, file_name: str, positions, materials: list[bytes]) -> list[bytes]:
     """Keys of one key file sealed for their places."""
-    return store().sealer.seal_pool(link_id, file_id, positions, materials)
+    return store().sealer.seal_pool(link_id, file_name, positions, materials)
 
 
-def seal_delivered(link_id: int, master_sae_id: int, keys) -> list[bytes]:
+def seal_delivered(link_id: int, master_sae_id: int, slave_ids, keys) -> list[bytes]:
     """The material of delivered keys (key_id, material) sealed for their places."""
-    return store().sealer.seal_delivered(link_id, master_sae_id, keys)
+    return store().sealer.seal_delivered(link_id, master_sae_id, slave_ids, keys)
 
 
-def open_delivered(key_id: str, link_id: int, master_sae_id: int, stored: bytes) -> bytes:
-    """The material of a delivered key."""
-    return store().sealer.open(stored, sealing.delivered_place(key_id, link_id, master_sae_id),
-                                     lambda: f"delivered key {key_id}")
+def open_delivered(key_id: str, link_id: int, master_sae_id: int, slave_ids, stored: bytes) -> bytes:
+    """The material of a delivered key that ``slave_ids`` may fetch."""
+    return store().sealer.open(stored, sealing.delivered_place(key_id, link_id, master_sae_id, slave_ids),
+                               lambda: f"delivered key {key_id}")
 
 
 def fingerprint_secret(stored: bytes) -> bytes:

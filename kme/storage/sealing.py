@@ -10,8 +10,11 @@ restored from a backup cannot make a process reuse a nonce either, since no
 nonce state is kept in the database. The associated data is the value's
 place, so a value copied to another row does not open:
 
-- a pool key: its link, key file (row ID) and position;
-- a delivered key: its key ID, link and master SAE;
+- a pool key: its link, position and key file name (the name peers use for it: a name swapped between two
+  rows of key_files makes their keys refuse to open);
+- a delivered key: its key ID, link, master SAE and the sorted IDs of the slave SAEs that may fetch it (a
+  slave added to key_slaves outside the KME makes it refuse to open; a release that lets the slaves of a
+  held relay fetch seals it again for them);
 - a link's byte histogram (which tells the byte frequencies of the keys held): its link;
 - the secret that keys the fingerprints of every key ever ingested (whoever has it can test guessed keys
   against them): its name.
@@ -38,8 +41,8 @@ TAG_BYTES = 16
 OVERHEAD = SALT_BYTES + COUNTER_BYTES + TAG_BYTES
 _NONCE_PAD = bytes(12 - COUNTER_BYTES)
 _INFO = b"kme key material at rest v1"
-_POOL = struct.Struct(">cqqq")
-_DELIVERED = struct.Struct(">cqq")
+_POOL = struct.Struct(">cqq")
+_DELIVERED = struct.Struct(">cqqH")
 # Subkeys of other processes kept for opening; a KME sees a few per restart of a process.
 _OPENERS_KEPT = 4096
 
@@ -85,42 +88,47 @@ class Sealer:
             sealed.append(salt + stamp + encrypt(_NONCE_PAD + stamp, value, place))
         return sealed
 
-    def seal_pool(self, link_id: int, file_id: int, positions, values: list[bytes]) -> list[bytes]:
+    def seal_pool(self, link_id: int, file_name: str, positions, values: list[bytes]) -> list[bytes]:
         """Keys of one key file, for ingestion (the places built here: a million keys a file is common)."""
         salt, cipher, first = self._counters(len(values))
         encrypt = cipher.encrypt
-        head = _POOL.pack(b"P", link_id, file_id, 0)[:17]
+        head, name = _POOL.pack(b"N", link_id, 0)[:9], file_name.encode()
         return [salt + (stamp := counter.to_bytes(COUNTER_BYTES, "big"))
-                + encrypt(_NONCE_PAD + stamp, value, head + position.to_bytes(8, "big", signed=True))
+                + encrypt(_NONCE_PAD + stamp, value, head + position.to_bytes(8, "big", signed=True) + name)
                 for counter, position, value in zip(itertools.count(first), positions, values)]
 
-    def seal_delivered(self, link_id: int, master_sae_id: int, keys) -> list[bytes]:
-        """Delivered keys (key_id, material) of one link and master (the places built here: 128 a request)."""
+    def seal_delivered(self, link_id: int, master_sae_id: int, slave_ids, keys) -> list[bytes]:
+        """Delivered keys (key_id, material) of one link, master and slaves (the places built here: 128 a
+        request)."""
         salt, cipher, first = self._counters(len(keys))
         encrypt = cipher.encrypt
-        head = _DELIVERED.pack(b"D", link_id, master_sae_id)
+        slaves = _slaves(slave_ids)
         return [salt + (stamp := counter.to_bytes(COUNTER_BYTES, "big"))
-                + encrypt(_NONCE_PAD + stamp, key.material, head + key.key_id.encode("ascii"))
+                + encrypt(_NONCE_PAD + stamp, key.material, _delivered_head(key.key_id, link_id, master_sae_id)
+                          + slaves)
                 for counter, key in zip(itertools.count(first), keys)]
 
-    def open_pool(self, link_id: int, rows) -> list[bytes]:
-        """Sealed pool keys of one link given as (file_id, position, sealed) rows, in their order.
+    def open_pool(self, link_id: int, rows, names: dict[int, str]) -> list[bytes]:
+        """Sealed pool keys of one link given as (file_id, position, sealed) rows, in their order; ``names``: the
+        name of each file by ID, as the caller's transaction reads it.
 
         The SAE hot path: places built inline, one subkey lookup a row; a
         value that does not open is then found again by ``open``, which
         names it.
         """
         pack, openers, opened = _POOL.pack, self._openers, []
+        encoded = {file_id: name.encode() for file_id, name in names.items()}
         try:
             for file_id, position, sealed in rows:
                 salt = sealed[:SALT_BYTES]
                 cipher = openers.get(salt) or self._opener(salt)
                 opened.append(cipher.decrypt(_NONCE_PAD + sealed[SALT_BYTES:SALT_BYTES + COUNTER_BYTES],
-                                             sealed[SALT_BYTES + COUNTER_BYTES:], pack(b"P", link_id, file_id, position)))
+                                             sealed[SALT_BYTES + COUNTER_BYTES:],
+                                             pack(b"N", link_id, position) + encoded[file_id]))
         except (InvalidTag, ValueError):
             file_id, position, sealed = rows[len(opened)]
-            self.open(sealed, pool_place(link_id, file_id, position),
-                      lambda: f"pool key {position} of key file {file_id} on link {link_id}")
+            self.open(sealed, pool_place(link_id, names[file_id], position),
+                      lambda: f"pool key {position} of key file {names[file_id]} on link {link_id}")
             raise
         return opened
 
@@ -136,14 +144,24 @@ class Sealer:
                                  "truncated outside the KME)") from None
 
 
-def pool_place(link_id: int, file_id: int, position: int) -> bytes:
+def pool_place(link_id: int, file_name: str, position: int) -> bytes:
     """The associated data of a pool key."""
-    return _POOL.pack(b"P", link_id, file_id, position)
+    return _POOL.pack(b"N", link_id, position) + file_name.encode()
 
 
-def delivered_place(key_id: str, link_id: int, master_sae_id: int) -> bytes:
+def delivered_place(key_id: str, link_id: int, master_sae_id: int, slave_ids) -> bytes:
     """The associated data of a delivered key."""
-    return _DELIVERED.pack(b"D", link_id, master_sae_id) + key_id.encode("ascii")
+    return _delivered_head(key_id, link_id, master_sae_id) + _slaves(slave_ids)
+
+
+def _delivered_head(key_id: str, link_id: int, master_sae_id: int) -> bytes:
+    encoded = key_id.encode()
+    return _DELIVERED.pack(b"E", link_id, master_sae_id, len(encoded)) + encoded
+
+
+def _slaves(slave_ids) -> bytes:
+    ordered = sorted(set(slave_ids))
+    return len(ordered).to_bytes(2, "big") + b"".join(slave.to_bytes(8, "big", signed=True) for slave in ordered)
 
 
 def secret_place() -> bytes:

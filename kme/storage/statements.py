@@ -270,13 +270,6 @@ def hold_pool_keys(target, ids: list[int], reservation: str) -> None:
                            (reservation, *chunk))
 
 
-def delivered_ids(target, key_ids: list[str]) -> list[str]:
-    """Which of ``key_ids`` still wait here for their slaves."""
-    connection = driver(target)
-    return [row[0] for chunk, marks in _chunks(key_ids)
-            for row in connection.execute(f"SELECT key_id FROM delivered_keys WHERE key_id IN ({marks})", chunk)]
-
-
 def add_slaves(target, rows: list[tuple[str, int]]) -> None:
     """Let slave SAEs fetch delivered keys: (key_id, slave_sae_id) rows."""
     if rows:
@@ -300,9 +293,25 @@ def all_delivered(connection) -> list[tuple]:
     return connection.execute("SELECT key_id, link_id, master_sae_id, material FROM delivered_keys").fetchall()
 
 
-def replace_delivered_material(connection, rows: list[tuple]) -> None:
+def delivered_material(target, key_ids: list[str]) -> list[tuple]:
+    """(key_id, link_id, master_sae_id, material) of the delivered keys among ``key_ids``."""
+    return [row for chunk, marks in _chunks(key_ids) for row in driver(target).execute(
+        f"SELECT key_id, link_id, master_sae_id, material FROM delivered_keys WHERE key_id IN ({marks})", chunk)]
+
+
+def slaves_of(target, key_ids: list[str]) -> dict[str, list[int]]:
+    """The slave SAEs of each delivered key among ``key_ids`` that has any."""
+    found: dict[str, list[int]] = {}
+    for chunk, marks in _chunks(key_ids):
+        for key_id, slave in driver(target).execute(
+                f"SELECT key_id, slave_sae_id FROM key_slaves WHERE key_id IN ({marks})", chunk):
+            found.setdefault(key_id, []).append(slave)
+    return found
+
+
+def replace_delivered_material(target, rows: list[tuple]) -> None:
     """Store (material, key_id) rows' material."""
-    connection.executemany("UPDATE delivered_keys SET material = ? WHERE key_id = ?", rows)
+    driver(target).executemany("UPDATE delivered_keys SET material = ? WHERE key_id = ?", rows)
 
 
 def all_histograms(connection) -> list[tuple]:

@@ -98,20 +98,36 @@ def update_link(transaction, link_id: int, added=(), removed=(), **deltas: int) 
 def store_delivered(transaction, link_id: int, master_sae_id: int, slave_ids: list[int],
                     keys: list[DeliveredKeyMaterial], now: str) -> None:
     """Keep keys for their slave SAEs at this KME (the caller updates the counters)."""
-    sealed = at_rest.seal_delivered(link_id, master_sae_id, keys)
+    sealed = at_rest.seal_delivered(link_id, master_sae_id, slave_ids, keys)
     statements.insert_delivered(transaction, [(key.key_id, link_id, master_sae_id, material, now)
                                               for key, material in zip(keys, sealed)],
                                 [(key.key_id, slave) for key in keys for slave in slave_ids])
 
 
-def erase_delivered(transaction, key_ids: list[str]) -> int:
-    """Erase delivered keys (and their slave rows) wherever they stand; how many were still there."""
+def admit_slaves(transaction, key_ids: list[str], slave_ids: list[int]) -> None:
+    """Let ``slave_ids`` fetch delivered keys stored for no slave yet (a held relay, released): their slave rows,
+    and each key sealed again for its slaves (keys that expired meanwhile are gone and stay so)."""
+    rows = statements.delivered_material(transaction, key_ids)
+    statements.add_slaves(transaction, [(key_id, slave) for key_id, *_ in rows for slave in slave_ids])
+    resealed = []
+    for key_id, link_id, master_sae_id, stored in rows:
+        key = DeliveredKeyMaterial(key_id, at_rest.open_delivered(key_id, link_id, master_sae_id, (), stored))
+        resealed.append((at_rest.seal_delivered(link_id, master_sae_id, slave_ids, [key])[0], key_id))
+    statements.replace_delivered_material(transaction, resealed)
+
+
+def erase_delivered(transaction, key_ids: list[str], slaves: dict[str, list[int]] | None = None) -> int:
+    """Erase delivered keys (and their slave rows) wherever they stand; how many were still there. ``slaves``:
+    the slave SAEs of each key, if the caller read them in its transaction."""
     if not key_ids:
         return 0
+    if slaves is None:
+        slaves = statements.slaves_of(transaction, key_ids)
     erased = statements.delete_delivered(transaction, key_ids)
     by_link: dict[int, list[bytes]] = {}
     for key_id, link_id, master_sae_id, stored in erased:
-        by_link.setdefault(link_id, []).append(at_rest.open_delivered(key_id, link_id, master_sae_id, stored))
+        by_link.setdefault(link_id, []).append(
+            at_rest.open_delivered(key_id, link_id, master_sae_id, slaves.get(key_id, ()), stored))
     for link_id, materials in by_link.items():
         update_link(transaction, link_id, removed=materials)
     return len(erased)

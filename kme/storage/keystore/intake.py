@@ -136,7 +136,7 @@ def store_keys(this_kme_id: int, link_id: int, progress: FileProgress, materials
             fresh, added = range(first, first + len(materials)), materials
         zone = link_id == this_kme_id
         if added:
-            sealed = at_rest.seal_pool(link_id, file_id, fresh, added)
+            sealed = at_rest.seal_pool(link_id, row.name, fresh, added)
             statements.insert_pool_keys(session, zip(repeat(link_id), repeat(file_id), fresh,
                                                      repeat(OURS if zone else UNCONFIRMED), sealed))
         refused = len(materials) - len(added)

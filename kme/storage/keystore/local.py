@@ -41,7 +41,7 @@ def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number
 
     def deliver(connection) -> tuple[list[DeliveredKeyMaterial], int]:
         spent = handed_out.check(connection)
-        taken = at_rest.open_pool(link_id, statements.take_pool_keys(connection, link_id, needed))
+        taken = at_rest.open_pool(connection, link_id, statements.take_pool_keys(connection, link_id, needed))
         if len(taken) < needed:
             raise not_enough_keys(number, size_bits, len(taken))
         keys = build_keys(key_ids, taken, size_bits)
@@ -69,10 +69,11 @@ def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -
     def fetch(connection) -> list[DeliveredKeyMaterial]:
         # A database gone back in time may hold keys that their slaves fetched since.
         handed_out.check(connection)
-        keys, mine, waiting = {}, {}, set()
+        keys, slaves, mine, waiting = {}, {}, {}, set()
         rows = statements.delivered_keys_and_slaves(connection, key_ids)
         for key_id, link_id, master, material, slave, fetched in rows:
             keys[key_id] = (link_id, master, material)
+            slaves.setdefault(key_id, []).append(slave)
             if slave == slave_sae_id:
                 mine[key_id] = fetched
             elif not fetched:
@@ -86,10 +87,13 @@ def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -
         kept = [key_id for key_id in key_ids if key_id in waiting]
         if kept:
             statements.mark_fetched(connection, kept, slave_sae_id)
-        erase_delivered(connection, [key_id for key_id in key_ids if key_id not in waiting])
+        erase_delivered(connection, [key_id for key_id in key_ids if key_id not in waiting], slaves)
         events.record(connection, *(f"SAE {slave_sae_id} requested key {key_id} (from {master_sae_id})"
                                     for key_id in key_ids))
-        return [DeliveredKeyMaterial(key_id, at_rest.open_delivered(key_id, *keys[key_id])) for key_id in key_ids]
+        # Opened for the slaves the key's rows name: a slave added outside the KME makes it refuse to open.
+        return [DeliveredKeyMaterial(key_id, at_rest.open_delivered(key_id, keys[key_id][0], keys[key_id][1],
+                                                                    slaves[key_id], keys[key_id][2]))
+                for key_id in key_ids]
 
     return grouped_write(fetch)
 

@@ -59,7 +59,8 @@ def reserve(link_id: int, master_sae_id: int, slave_ids: list[int], local_slave_
         if len(rows) < needed:
             raise not_enough_keys(number, size_bits, len(rows))
         names = statements.file_names(connection, {file_id for _id, file_id, _position, _material in rows})
-        keys = build_keys(key_ids, at_rest.open_pool(link_id, [row[1:] for row in rows]), size_bits)
+        materials = at_rest.open_pool(connection, link_id, [row[1:] for row in rows], names)
+        keys = build_keys(key_ids, materials, size_bits)
         request = {
             "activation_ID": activation_id,
             "master_SAE_ID": master_sae_id,
@@ -95,8 +96,8 @@ def finalize(reservation: Reservation) -> None:
             raise PeerFailure("the peer KME answered after the activation was cancelled; its keys are discarded, "
                               "try again")
         link_id, stored = pending[0], json.loads(pending[1])
-        materials = at_rest.open_pool(link_id, statements.remove_reserved(connection, link_id,
-                                                                          reservation.activation_id))
+        materials = at_rest.open_pool(connection, link_id, statements.remove_reserved(
+            connection, link_id, reservation.activation_id))
         wire = stored["wire"]
         local = stored["local_slaves"]
         if local:
@@ -160,7 +161,8 @@ def discard(activation_id: str) -> None:
         pending = statements.take_outgoing(session, activation_id, (SENDING, UNKNOWN, CANCELLING))
         if pending is None:
             return
-        materials = at_rest.open_pool(pending[0], statements.remove_reserved(session, pending[0], activation_id))
+        materials = at_rest.open_pool(session, pending[0],
+                                      statements.remove_reserved(session, pending[0], activation_id))
         # A relay hop cancelled after it completed: its keys had left the pool as delivered.
         completed = json.loads(pending[1]).get("completed", 0)
         update_link(session, pending[0], removed=materials, reserved=-len(materials),

@@ -186,7 +186,8 @@ def set_aside(session, link_id: int, states: tuple[int, ...], *where) -> int:
                              .returning(PoolKey.state, PoolKey.file_id, PoolKey.position, PoolKey.material)).all()
     if erased:
         found = [state for state, *_ in erased]
-        update_link(session, link_id, removed=at_rest.open_pool(link_id, [tuple(rest) for _, *rest in erased]),
+        update_link(session, link_id, removed=at_rest.open_pool(session, link_id,
+                                                                     [tuple(rest) for _, *rest in erased]),
                     available=-found.count(OURS), peer_held=-found.count(PEERS),
                     unconfirmed=-found.count(UNCONFIRMED), set_aside=len(erased))
     return len(erased)

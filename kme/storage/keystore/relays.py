@@ -21,6 +21,7 @@ from kme.storage.db import grouped_write, write_transaction
 from kme.storage.keystore import outgoing
 from kme.storage.keystore.common import (
     DeliveredKeyMaterial,
+    admit_slaves,
     erase_delivered,
     store_delivered,
     update_link,
@@ -92,7 +93,7 @@ def reserve_branch(link_id: int, activation_id: str, count: int, relay_id: str) 
             raise NotEnoughKeys(f"not enough key material on the link with KME {link_id}")
         names = statements.file_names(connection, {file_id for _id, file_id, _position, _material in rows})
         branch = Branch(link_id, activation_id, [(names[file_id], position) for _id, file_id, position, _m in rows],
-                        at_rest.open_pool(link_id, [row[1:] for row in rows]))
+                        at_rest.open_pool(connection, link_id, [row[1:] for row in rows], names))
         statements.insert_outgoing(connection, activation_id, link_id, outgoing.SENDING, events.utc_now(),
                                    json.dumps({"wire": branch.cancel_body(), "relay": True}))
         update_link(connection, link_id, available=-count, reserved=count)
@@ -239,15 +240,15 @@ def complete(node: Node, keys: list[DeliveredKeyMaterial]) -> None:
                                 for branch in node.branches}
             if not statements.set_incoming_relay(connection, activation_id, RELAYED, json.dumps(record), RELAYING):
                 raise cancelled
-            materials = at_rest.open_pool(link_id, statements.remove_reserved(connection, link_id,
-                                                                              held(link_id, activation_id)))
+            materials = at_rest.open_pool(connection, link_id, statements.remove_reserved(
+                connection, link_id, held(link_id, activation_id)))
             update_link(connection, link_id, removed=materials, reserved=-len(materials), delivered=len(materials),
                         relayed=len(materials))
         for branch in node.branches:
             if statements.take_outgoing(connection, branch.activation_id, (outgoing.SENDING,)) is None:
                 raise PeerFailure(f"the relay to KME {branch.link_id} was settled while it was sent")
-            materials = at_rest.open_pool(branch.link_id, statements.remove_reserved(connection, branch.link_id,
-                                                                                     branch.activation_id))
+            materials = at_rest.open_pool(connection, branch.link_id, statements.remove_reserved(
+                connection, branch.link_id, branch.activation_id))
             update_link(connection, branch.link_id, removed=materials, reserved=-len(materials),
                         delivered=len(materials), relayed=len(materials))
             if node.hold and node.incoming is None:
@@ -293,7 +294,8 @@ def fail(node: Node, released: list[Branch], to_settle: list[Branch], why: str) 
 
 
 def _discard_held(session, link_id: int, activation_id: str) -> int:
-    materials = at_rest.open_pool(link_id, statements.remove_reserved(session, link_id, held(link_id, activation_id)))
+    materials = at_rest.open_pool(session, link_id,
+                                   statements.remove_reserved(session, link_id, held(link_id, activation_id)))
     update_link(session, link_id, removed=materials, reserved=-len(materials), discarded=len(materials))
     return len(materials)
 
@@ -359,9 +361,7 @@ def release(link_id: int, activation_id: str) -> list[tuple[str, int, dict]]:
         record["released"] = True
         known.relay = json.dumps(record)
         # Keys that expired meanwhile are gone: their slaves find nothing, as for any expired key.
-        statements.add_slaves(session, [(key_id, slave)
-                                        for key_id in statements.delivered_ids(session, json.loads(known.key_ids))
-                                        for slave in record["local_slaves"]])
+        admit_slaves(session, json.loads(known.key_ids), record["local_slaves"])
         now = events.utc_now()
         pending = [(hop["activation_ID"], int(link), {"activation_ID": hop["activation_ID"], "parts": hop["parts"]})
                    for link, hop in record["onward"].items()]
