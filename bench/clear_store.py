@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kme.storage import at_rest  # noqa: E402
 
 _IDENTITY = {
-    "seal_pool": lambda link_id, file_id, positions, materials: list(materials),
-    "open_pool": lambda link_id, rows: [stored for _file_id, _position, stored in rows],
-    "seal_delivered": lambda link_id, master_sae_id, keys: [key.material for key in keys],
-    "open_delivered": lambda key_id, link_id, master_sae_id, stored: stored,
+    "seal_pool": lambda link_id, file_name, positions, materials: list(materials),
+    "open_pool": lambda target, link_id, rows, names=None: [stored for _file_id, _position, stored in rows],
+    "seal_delivered": lambda link_id, master_sae_id, slave_ids, keys: [key.material for key in keys],
+    "open_delivered": lambda key_id, link_id, master_sae_id, slave_ids, stored: stored,
     "seal_histogram": lambda link_id, histogram, sealer=None: histogram,
 }
 

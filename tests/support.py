@@ -462,4 +462,4 @@ def confirm_link(this_kme_id: int, link_id: int) -> None:
     names = db.session.scalars(select(KeyFile.name).where(KeyFile.link_id == link_id)).all()
     db.session.commit()
     offers = [progress.FileOffer(name, 2**40, seq) for seq, name in enumerate(names, start=1)]
-    progress.answered(this_kme_id, link_id, progress.Exchange("ab" * 16, offers, 0, 0))
+    progress.answered(this_kme_id, link_id, 0, progress.Exchange("ab" * 16, offers, 0, 0))
