@@ -21,10 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kme.config import ConfigError, load_config  # noqa: E402
-from kme.storage.backends.sqlite import path_of_uri  # noqa: E402
+from kme.config import load_config  # noqa: E402
+from kme.errors import ConfigError  # noqa: E402
 from kme.operations.key_folders import MARK_NAME  # noqa: E402
 from kme.storage import handout_mark  # noqa: E402
+from kme.storage.backends.sqlite import path_of_uri  # noqa: E402
 
 STARTUP_SECONDS = 30
 

@@ -6,7 +6,8 @@ import sys
 
 from flask import Flask, request
 
-from kme.config import ConfigError, KmeConfig, load_config
+from kme.config import KmeConfig, load_config
+from kme.errors import ConfigError
 
 # Key requests and key ID lists are small; anything bigger is refused with 413.
 MAX_REQUEST_BYTES = 64 * 1024
@@ -66,8 +67,7 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
 
     from flask_migrate import Migrate
 
-    from kme.domain import errors
-    from kme.interfaces import debug_page, gunicorn_conf, health_api, kme_api, openapi, sae_api
+    from kme.interfaces import debug_page, gunicorn_conf, health_api, http_errors, kme_api, openapi, sae_api
     from kme.operations import cli, logs, metrics
     from kme.operations.ingest import ingest_directories
     from kme.storage import db, kek, migrations
@@ -94,7 +94,7 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
     if interface == "cli":
         # `flask db upgrade` and the other schema commands (kme.storage.migrations).
         Migrate(app, db.db, directory=str(migrations.DIRECTORY))
-    errors.init_app(app)
+    http_errors.init_app(app)
     app.extensions["kme_interface"] = interface
     blueprints = {"sae": [sae_api.bp, health_api.bp, openapi.bp], "kme": [kme_api.bp, health_api.bp, openapi.bp],
                   "debug": [debug_page.bp, health_api.bp], "cli": []}[interface]

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from marshmallow import ValidationError
 
 from kme.config_schema import ConfigSchema, first_error
+from kme.errors import ConfigError
 from kme.storage import backends
 from kme.storage.backends import sqlite
 from kme.storage.backends.sqlite import IN_MEMORY_URI
@@ -31,10 +32,6 @@ DEFAULT_SETTLE_SECONDS = 2.0
 DEFAULT_UNMATCHED_GRACE_SECONDS = 3600.0
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 3.0
 DEFAULT_READ_TIMEOUT_SECONDS = 10.0
-
-
-class ConfigError(Exception):
-    """A configuration mistake; str() is the one-line message for the operator."""
 
 
 @dataclass(frozen=True)

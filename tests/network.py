@@ -4,9 +4,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from kme.clock import utc_now
 from kme.config import parse_config
-from kme.interfaces.peer_client import PeerClient
-from kme.operations.events import utc_now
+from kme.peers.client import PeerClient
 from tests.support import (
     Ledger,
     Pki,

@@ -7,7 +7,8 @@ import sys
 import pytest
 from sqlalchemy.engine import make_url
 
-from kme.config import ConfigError, KEY_BITS, load_config
+from kme.config import KEY_BITS, load_config
+from kme.errors import ConfigError
 from kme.storage.backends import postgresql
 from tests.support import ROOT, run_cli, write_config
 

@@ -1,7 +1,7 @@
 """Byte histograms and Shannon entropy."""
 import pytest
 
-from kme.domain import entropy
+from kme.key_math import entropy
 
 pytestmark = pytest.mark.engine_independent
 

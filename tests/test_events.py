@@ -1,5 +1,5 @@
 """The event log, in process on a temporary database."""
-from kme.operations import events
+from kme.storage import events
 from kme.storage.db import write_transaction
 from tests.support import Ledger
 

@@ -9,7 +9,7 @@ import uuid
 import pytest
 import requests
 
-from kme.domain.errors import KEYS_NOT_FOUND
+from kme.errors import KEYS_NOT_FOUND
 from kme.interfaces import gunicorn_worker
 from kme.interfaces.gunicorn_worker import CHUNKED, CONTINUE, INCOMPLETE, WHOLE, staged_request
 from tests.support import (
@@ -240,7 +240,7 @@ def test_a_request_is_handed_to_a_thread_only_when_whole(data, verdict):
 def test_the_gthread_internals_the_worker_uses_are_there():
     """The connection stage subclasses and drives gthread's worker: a gunicorn release that moved them fails
     here, not in production (requirements.txt pins the release)."""
-    from gunicorn.workers.gthread import ThreadWorker, TConn
+    from gunicorn.workers.gthread import TConn, ThreadWorker
 
     for name in ("enqueue_req", "murder_pending", "on_client_socket_readable", "accept", "init_process",
                  "handle"):

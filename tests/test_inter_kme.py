@@ -4,7 +4,7 @@ import base64
 import pytest
 import requests
 
-from kme.domain.errors import KEYS_NOT_FOUND
+from kme.errors import KEYS_NOT_FOUND
 from tests.network import Network
 
 

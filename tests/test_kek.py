@@ -9,11 +9,21 @@ import threading
 
 import pytest
 
-from kme.config import ConfigError, KekSource, load_config
+from kme.config import KekSource, load_config
+from kme.errors import ConfigError
 from kme.storage import kek
 from kme.storage.kek import KekError, open_kek, read_key_file, write_key_file
-from tests.support import ROOT, keys_found, run_cli, sae_port, sae_session, start_sae_interface, stored_bytes, write_config, \
-    write_keys
+from tests.support import (
+    ROOT,
+    keys_found,
+    run_cli,
+    sae_port,
+    sae_session,
+    start_sae_interface,
+    stored_bytes,
+    write_config,
+    write_keys,
+)
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 PIN = "1234"

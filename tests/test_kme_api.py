@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
-from kme.domain import one_time
-from kme.interfaces.kme_wire import RELAY_MAC_HEADER
-from kme.interfaces.peer_client import PeerRefused
+from kme.key_math import one_time
+from kme.peers.client import PeerRefused
+from kme.peers.wire import RELAY_MAC_HEADER
 from tests.fake_peer import FakePeer
 from tests.network import Network
 from tests.support import wait_until

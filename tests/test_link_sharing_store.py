@@ -5,7 +5,7 @@ import pytest
 
 from kme import create_app
 from kme.config import load_config
-from kme.domain.errors import ActivationConflict
+from kme.errors import ActivationConflict
 from kme.operations.ingest import ingest_directories
 from kme.storage.db import ensure_schema
 from kme.storage.keystore import incoming, leases, progress

@@ -8,7 +8,7 @@ import pytest
 
 from kme import create_app
 from kme.config import load_config
-from kme.domain.errors import EXTENSION_MANDATORY_UNSUPPORTED, KEYS_NOT_FOUND, SIZE_NOT_MULTIPLE_OF_8
+from kme.errors import EXTENSION_MANDATORY_UNSUPPORTED, KEYS_NOT_FOUND, SIZE_NOT_MULTIPLE_OF_8
 from kme.interfaces.schemas import EntropySchema, KeyContainerSchema, StatusSchema, key_container, status_body
 from kme.storage.keystore.common import DeliveredKeyMaterial
 from tests.conftest import client_with, sae_environ

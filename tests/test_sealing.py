@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from kme.domain.errors import StorageFailure
+from kme.errors import StorageFailure
 from kme.storage import sealing
 from kme.storage.sealing import OVERHEAD, SALT_BYTES, Sealer, delivered_place, histogram_place, pool_place
 

@@ -12,12 +12,13 @@ import logging
 import time
 from functools import partial
 
+from kme import clock
 from kme.config import KmeConfig, OtherKme, Sae
 from kme.domain import relay, sharing
-from kme.domain.errors import BadRequest, Forbidden, PeerFailure
-from kme.interfaces.peer_client import PeerError, PeerOutcomeUnknown, PeerRefused, client_for
-from kme.operations import events, health, metrics
-from kme.storage import at_rest
+from kme.errors import BadRequest, Forbidden, PeerFailure
+from kme.operations import health, metrics
+from kme.peers.client import PeerError, PeerOutcomeUnknown, PeerRefused, client_for
+from kme.storage import at_rest, events
 from kme.storage.keystore import incoming, leases, local, outgoing, relays
 from kme.storage.keystore.common import DeliveredKeyMaterial, pool_keys_per_key
 from kme.storage.keystore.incoming import ActivationRequest
@@ -91,7 +92,7 @@ def _check_sides(config: KmeConfig, caller: OtherKme, request: ActivationRequest
 
 def _abandoned_before(config: KmeConfig) -> str:
     """Requests to peers sent before this time have lost the worker that waited for them."""
-    return events.utc_now(relay.peer_wait(config.other_kmes) * _SENDING_MARGIN)
+    return clock.utc_now(relay.peer_wait(config.other_kmes) * _SENDING_MARGIN)
 
 
 def settle_pending(config: KmeConfig) -> int:
@@ -139,8 +140,8 @@ def local_housekeeping(config: KmeConfig) -> None:
     relays.abandon(_abandoned_before(config))
     at_rest.end_rotation(expired_only=True)
     expiry = config.this_kme.key_expiry_seconds
-    while local.expire_delivered(events.utc_now(expiry)):
+    while local.expire_delivered(clock.utc_now(expiry)):
         pass
-    incoming.forget_before(events.utc_now(max(expiry, 86400) * 2))
-    leases.forget_given_before(events.utc_now(leases.REMEMBER_SECONDS))
+    incoming.forget_before(clock.utc_now(max(expiry, 86400) * 2))
+    leases.forget_given_before(clock.utc_now(leases.REMEMBER_SECONDS))
     events.prune()

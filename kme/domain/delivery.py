@@ -1,11 +1,12 @@
 """The three ETSI GS QKD 014 methods as plain functions of explicit arguments.
 
 No Flask request here: views, the CLI and tests call these directly. Errors
-are kme.domain.errors domain errors with the standard's messages.
+are kme.errors domain errors with the standard's messages.
 """
 from kme.config import KmeConfig, Sae
-from kme.domain import activation, entropy, relay
-from kme.domain.errors import EXTENSION_MANDATORY_UNSUPPORTED, SIZE_NOT_MULTIPLE_OF_8, BadRequest
+from kme.domain import activation, relay
+from kme.errors import EXTENSION_MANDATORY_UNSUPPORTED, SIZE_NOT_MULTIPLE_OF_8, BadRequest
+from kme.key_math import entropy
 from kme.storage.keystore import common
 from kme.storage.keystore import local as keystore_local
 from kme.storage.keystore.common import DeliveredKeyMaterial

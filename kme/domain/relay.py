@@ -4,7 +4,7 @@
 The KME of the master takes the key from its link with the first next hop;
 every KME on the way passes it on sealed with a one-time pad of its next
 link, each message authenticated by a one-time MAC keyed with that link's
-key material (kme.domain.one_time). A hop answers only once every hop after
+key material (kme.key_math.one_time). A hop answers only once every hop after
 it committed, so the master gets the key only once every destination holds
 it. Any failure answers 503 naming the hop where it happened; keys that
 left a KME on a hop are cancelled at both ends of it, never used again.
@@ -20,11 +20,11 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from kme.config import KmeConfig, OtherKme, Sae
-from kme.domain import one_time
 from kme.domain.sharing import reserve_borrowing
-from kme.domain.errors import BadRequest, Forbidden, NotEnoughKeys, PeerFailure, RelayFailure
-from kme.interfaces.peer_client import PeerError, PeerOutcomeUnknown, PeerRefused, PeerUnreachable, client_for
+from kme.errors import BadRequest, Forbidden, NotEnoughKeys, PeerFailure, RelayFailure
+from kme.key_math import one_time
 from kme.operations import metrics
+from kme.peers.client import PeerError, PeerOutcomeUnknown, PeerRefused, PeerUnreachable, client_for
 from kme.storage.keystore import relays
 from kme.storage.keystore.common import DeliveredKeyMaterial, build_keys, new_key_id, new_key_ids, pool_keys_per_key
 from kme.storage.keystore.relays import Branch, Message, Node

@@ -16,10 +16,10 @@ import logging
 import time
 import uuid
 
+from kme import clock
 from kme.config import KmeConfig, OtherKme
-from kme.domain.errors import NotEnoughKeys, PeerFailure
-from kme.interfaces.peer_client import PeerError, PeerOutcomeUnknown, client_for
-from kme.operations import events
+from kme.errors import NotEnoughKeys, PeerFailure
+from kme.peers.client import PeerError, PeerOutcomeUnknown, client_for
 from kme.storage.db import DATABASE_ID, meta
 from kme.storage.keystore import common, leases, progress
 from kme.storage.keystore.progress import Exchange, FileOffer
@@ -83,7 +83,7 @@ def lease_states(caller: OtherKme, lease_ids: list[str]) -> dict:
 def settle_given(peer: OtherKme) -> None:
     """Ask the peer about the leases we gave it lately that it has not acknowledged; take back those it never
     applied (PeerError if it did not answer: asked again next time)."""
-    lease_ids = leases.unacknowledged(peer.id, events.utc_now(leases.RECLAIM_WITHIN_SECONDS), progress.PAGE)
+    lease_ids = leases.unacknowledged(peer.id, clock.utc_now(leases.RECLAIM_WITHIN_SECONDS), progress.PAGE)
     if not lease_ids:
         return
     answer = client_for(peer).lease_states({"lease_IDs": lease_ids})

@@ -6,8 +6,9 @@ from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, current_app, render_template, request
 
-from kme.domain.errors import Forbidden
-from kme.operations import events, health, metrics, status
+from kme.errors import Forbidden
+from kme.operations import health, metrics, status
+from kme.storage import events
 from kme.storage.db import db
 
 bp = Blueprint("debug_page", __name__)

@@ -13,7 +13,8 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-from kme.config import ConfigError, HttpsInterface, load_config
+from kme.config import HttpsInterface, load_config
+from kme.errors import ConfigError
 from kme.storage import kek
 
 

@@ -10,10 +10,13 @@ from flask import Blueprint, current_app, g, request
 from marshmallow import ValidationError
 
 from kme.config import OtherKme
-from kme.domain import activation, one_time, relay, sharing
-from kme.domain.errors import BadRequest, NotAuthorized
+from kme.domain import activation, relay, sharing
+from kme.errors import BadRequest, NotAuthorized
 from kme.interfaces.identity import client_serial
-from kme.interfaces.kme_wire import (
+from kme.interfaces.schemas import json_body, load
+from kme.key_ids import parse_key_id
+from kme.key_math import one_time
+from kme.peers.wire import (
     RELAY_MAC_HEADER,
     ActivatedSchema,
     ActivationSchema,
@@ -28,7 +31,6 @@ from kme.interfaces.kme_wire import (
     RelaySchema,
     ReleasedSchema,
 )
-from kme.interfaces.schemas import json_body, load, parse_key_id
 from kme.storage.keystore.incoming import ActivationRequest
 from kme.storage.keystore.relays import Message
 

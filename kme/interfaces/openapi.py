@@ -9,21 +9,6 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, current_app
 
-from kme.interfaces.kme_wire import (
-    ActivatedSchema,
-    ActivationSchema,
-    CancelledSchema,
-    LeaseAnswerSchema,
-    LeaseSchema,
-    LeaseStatesAnswerSchema,
-    LeaseStatesSchema,
-    ProgressAnswerSchema,
-    ProgressSchema,
-    RELAY_MAC_HEADER,
-    RelayCancelSchema,
-    RelaySchema,
-    ReleasedSchema,
-)
 from kme.interfaces.schemas import (
     EntropySchema,
     ErrorSchema,
@@ -34,6 +19,21 @@ from kme.interfaces.schemas import (
     SaeId,
     SaeInfoSchema,
     StatusSchema,
+)
+from kme.peers.wire import (
+    RELAY_MAC_HEADER,
+    ActivatedSchema,
+    ActivationSchema,
+    CancelledSchema,
+    LeaseAnswerSchema,
+    LeaseSchema,
+    LeaseStatesAnswerSchema,
+    LeaseStatesSchema,
+    ProgressAnswerSchema,
+    ProgressSchema,
+    RelayCancelSchema,
+    RelaySchema,
+    ReleasedSchema,
 )
 
 bp = Blueprint("openapi", __name__)

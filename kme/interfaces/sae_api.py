@@ -7,7 +7,7 @@ from marshmallow import ValidationError
 
 from kme.config import Sae
 from kme.domain import delivery
-from kme.domain.errors import BadRequest, NotAuthorized
+from kme.errors import BadRequest, NotAuthorized
 from kme.interfaces.identity import client_serial
 from kme.interfaces.schemas import (
     KeyIdsSchema,
@@ -16,9 +16,9 @@ from kme.interfaces.schemas import (
     json_body,
     key_container,
     load,
-    parse_key_id,
     status_body,
 )
+from kme.key_ids import parse_key_id
 from kme.operations import metrics
 
 bp = Blueprint("sae_api", __name__, url_prefix="/api/v1")

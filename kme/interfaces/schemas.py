@@ -6,13 +6,13 @@ limits are the domain's (kme.domain.delivery).
 """
 import base64
 import json
-import uuid
 
 from marshmallow import Schema, ValidationError, fields, validate
 from werkzeug.exceptions import HTTPException
 
 from kme.config_schema import Int, List, Nested, PlainMessages, StrictSchema, first_error
-from kme.domain.errors import BadRequest
+from kme.errors import BadRequest
+from kme.key_ids import KeyIdField
 
 
 class _Object(fields.Dict):
@@ -30,23 +30,6 @@ class SaeId(PlainMessages, fields.Field):
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
         raise ValidationError("not an SAE ID")
-
-
-class KeyIdField(PlainMessages, fields.Field):
-    """A key ID: a UUID string, returned in canonical lower-case form."""
-
-    def _deserialize(self, value, attr, data, **kwargs):
-        return parse_key_id(value)
-
-
-def parse_key_id(value) -> str:
-    """Canonical form of a key ID, or ValidationError."""
-    if not isinstance(value, str) or len(value) != 36:
-        raise ValidationError("not a UUID")
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise ValidationError("not a UUID") from None
 
 
 class KeyRequestSchema(StrictSchema):

@@ -7,7 +7,7 @@ import click
 from flask import current_app
 from sqlalchemy.exc import DBAPIError
 
-from kme.domain.errors import StorageFailure
+from kme.errors import StorageFailure
 from kme.operations.ingest import KEY_FILE_SUFFIX
 from kme.storage import backends
 from kme.storage.db import ensure_schema

@@ -10,8 +10,9 @@ import time
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
+from kme import clock
 from kme.config import KekSource, KmeConfig
-from kme.operations import events, key_folders
+from kme.operations import key_folders
 from kme.storage import backends, statements
 from kme.storage.db import DATABASE_ID, db, meta, reset_connections, write_transaction
 from kme.storage.keystore import handed_out
@@ -37,7 +38,7 @@ def record_peer(peer_kme_id: int, reachable: bool, detail: str) -> None:
     """Store the outcome of a reachability probe of a peer KME."""
     with write_transaction() as session:
         row = session.get(PeerStatus, peer_kme_id) or PeerStatus(peer_kme_id=peer_kme_id)
-        row.reachable, row.checked_at, row.detail = reachable, events.utc_now(), detail[:256]
+        row.reachable, row.checked_at, row.detail = reachable, clock.utc_now(), detail[:256]
         session.add(row)
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import click
 from flask import current_app
 
-from kme.config import ConfigError, kek_source
+from kme.config import kek_source
+from kme.errors import ConfigError
 from kme.operations.command_support import command_config, open_database
 from kme.storage import at_rest, backends, kek, statements
 from kme.storage.db import db, meta, read_connection

@@ -12,28 +12,11 @@ import time
 
 from flask import g, request
 
+from kme.text import printable
+
 REQUEST_ID_HEADER = "X-Request-ID"
 log = logging.getLogger("kme.request")
 _REQUEST_ID_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters and undecodable bytes escaped, so it cannot forge a log line or event.
-
-    File names that are not valid UTF-8 arrive with surrogate escapes
-    (os.fsdecode); their bytes are shown as \\xNN.
-    """
-    if text.isprintable():
-        return text
-    out = []
-    for char in text:
-        if "\udc80" <= char <= "\udcff":
-            out.append(f"\\x{ord(char) - 0xdc00:02x}")
-        elif char.isprintable():
-            out.append(char)
-        else:
-            out.append(char.encode("unicode_escape", "backslashreplace").decode("ascii"))
-    return "".join(out)
 
 
 class _PrintableText(logging.Formatter):

@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, g
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kme.config import KmeConfig
-from kme.domain import entropy
+from kme.key_math import entropy
 from kme.operations import health, status
 
 REQUESTS = Counter("kme_http_requests", "HTTP requests served", ["interface", "route", "method", "status"])

@@ -2,7 +2,7 @@
 from sqlalchemy import func, select
 
 from kme.config import KmeConfig
-from kme.domain import entropy
+from kme.key_math import entropy
 from kme.operations import health
 from kme.storage import at_rest
 from kme.storage.db import db

@@ -29,7 +29,7 @@ from urllib3.exceptions import NewConnectionError
 from urllib3.util import Timeout
 
 from kme.config import OtherKme
-from kme.interfaces.kme_wire import (
+from kme.peers.wire import (
     RELAY_MAC_HEADER,
     LeaseAnswerSchema,
     LeaseStatesAnswerSchema,

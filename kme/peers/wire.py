@@ -6,7 +6,7 @@ loads answers with them, and the OpenAPI document is built from them.
 from marshmallow import ValidationError, validate, validates_schema
 
 from kme.config_schema import Bool, Int, List, Nested, Str, StrictSchema
-from kme.interfaces.schemas import KeyIdField
+from kme.key_ids import KeyIdField
 from kme.storage.keystore.leases import APPLIED, MAX_LEASE, PENDING, UNKNOWN
 from kme.storage.keystore.progress import PAGE as PROGRESS_PAGE
 

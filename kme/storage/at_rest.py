@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, insert, update
 
 from kme.config import KEY_BITS
-from kme.domain.errors import StorageFailure
+from kme.errors import StorageFailure
 from kme.storage import sealing, statements
 from kme.storage.kek import Kek, KekError, context, rotation_over, unwrap
 from kme.storage.meta_names import CLEAR_POOL, DATA_KEY, DATA_KEY_PREVIOUS, DATABASE_ID, FINGERPRINT_SECRET

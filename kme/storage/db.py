@@ -9,10 +9,9 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import insert, inspect, select
 from sqlalchemy.orm import DeclarativeBase
 
-from kme.domain.errors import StorageFailure
+from kme.errors import StorageFailure
 from kme.storage import at_rest, backends, migrations
 from kme.storage.meta_names import DATABASE_ID
-
 
 
 class Base(DeclarativeBase):

@@ -1,27 +1,18 @@
 """The KME's event log: short lines for operators, never key material."""
 import logging
-from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import delete, func, select
 
-from kme.operations.logs import printable
+from kme.clock import utc_now
 from kme.storage import statements
 from kme.storage.db import write_transaction
 from kme.storage.models import Event
+from kme.text import printable
 
 log = logging.getLogger("kme.events")
 
 # Older events are pruned by the background worker; the debugging page shows the newest.
 KEPT_EVENTS = 10_000
-
-
-def utc_now(seconds_ago: float = 0) -> str:
-    """The current time (or ``seconds_ago`` before it) as the event log writes it: ISO 8601, microseconds, Z.
-
-    All stored times use this form, so they compare correctly as strings.
-    """
-    moment = datetime.now(timezone.utc) - timedelta(seconds=seconds_ago)
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def record(transaction, *messages: str) -> None:

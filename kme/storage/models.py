@@ -2,7 +2,7 @@
 
 Only the kme.storage.keystore package writes key rows (pool_keys, key_fingerprints,
 delivered_keys, key_slaves, activations, leases) and the link counters and levels;
-kme.operations.ingest writes key_files through it; kme.operations.events writes
+kme.operations.ingest writes key_files through it; kme.storage.events writes
 events. SAEs and KMEs are not tables: the configuration file is their only source
 of truth (see docs/design.md).
 """

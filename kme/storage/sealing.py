@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from kme.domain.errors import StorageFailure
+from kme.errors import StorageFailure
 
 SALT_BYTES = 16
 COUNTER_BYTES = 8

@@ -27,6 +27,7 @@ from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from kme.errors import ConfigError
 from kme.storage.statements import claims
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,6 @@ class Connection(psycopg.Connection):
 def database_uri(value: str, base_dir: Path) -> str:
     """The URI of ``postgresql+psycopg://user[:password]@host[:port]/database[?...]``; a relative ``passfile``
     is taken from ``base_dir``."""
-    from kme.config import ConfigError
 
     try:
         url = make_url(value)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sqlalchemy import event
 
+from kme.errors import ConfigError
 from kme.storage.backends import sqlite_connections
 from kme.storage.backends.sqlite_connections import database_path
 from kme.storage.statements import claims
@@ -77,7 +78,6 @@ class Connection(sqlite3.Connection):
 
 def database_uri(value: str, base_dir: Path) -> str:
     """The URI a ``db_uri`` of ``sqlite:///path`` (relative to ``base_dir``) or ``:memory:`` stands for."""
-    from kme.config import ConfigError
 
     if value != ":memory:" and not value.startswith("sqlite:///"):
         raise ConfigError("this_kme.db_uri: SQLite is named sqlite:///path or :memory:")

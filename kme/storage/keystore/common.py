@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from sqlalchemy import delete, func, select
 
 from kme.config import KEY_BITS
-from kme.domain import entropy
+from kme.key_math import entropy
 from kme.storage import at_rest, statements
 from kme.storage.db import db, read_connection, write_transaction
 from kme.storage.models import Link, PoolLevel
@@ -163,7 +163,7 @@ def level_history(link_id: int) -> list[tuple[float, int, int]]:
 
 
 def link_histograms() -> tuple[bytes, ...]:
-    """The byte-value histograms of every link (kme.domain.entropy merges them)."""
+    """The byte-value histograms of every link (kme.key_math.entropy merges them)."""
     with read_connection() as connection:
         stored = statements.all_histograms(connection)
     return tuple(at_rest.open_histogram(link_id, histogram) for link_id, histogram in stored)

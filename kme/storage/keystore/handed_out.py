@@ -9,7 +9,7 @@ import logging
 
 from flask import current_app
 
-from kme.domain.errors import StorageFailure
+from kme.errors import StorageFailure
 from kme.storage import handout_mark, statements
 from kme.storage.db import DATABASE_ID, meta, read_connection
 

@@ -11,9 +11,9 @@ from typing import NamedTuple
 
 from sqlalchemy import delete, select
 
-from kme.domain.errors import ActivationConflict, BadRequest
-from kme.operations import events
-from kme.storage import at_rest, statements
+from kme import clock
+from kme.errors import ActivationConflict, BadRequest
+from kme.storage import at_rest, events, statements
 from kme.storage.db import grouped_write, write_transaction
 from kme.storage.keystore import handed_out
 from kme.storage.keystore.common import (
@@ -74,7 +74,7 @@ def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:
             DeliveredKeyMaterial(key_id, b"".join(rows[part].material for part in parts)[: request.size_bits // 8])
             for key_id, parts in request.keys
         ]
-        now = events.utc_now()
+        now = clock.utc_now()
         store_delivered(connection, link_id, request.master_sae_id, request.slave_ids, keys, now)
         unconfirmed = sum(1 for row in rows.values() if row.state == UNCONFIRMED)
         update_link(connection, link_id, removed=[row.material for row in rows.values()],
@@ -122,7 +122,7 @@ def cancel(this_kme_id: int, link_id: int, request: ActivationRequest) -> None:
         update_link(session, link_id, removed=[row.material for row in rows.values()],
                     peer_held=unconfirmed - len(rows), unconfirmed=-unconfirmed, discarded=len(rows))
         session.add(IncomingActivation(activation_id=request.activation_id, link_id=link_id, state=CANCELLED,
-                                       key_ids="[]", created_at=events.utc_now()))
+                                       key_ids="[]", created_at=clock.utc_now()))
         events.record(session, f"Activation {request.activation_id} cancelled by KME {link_id} before it arrived: "
                                f"{len(rows)} keys discarded")
 

@@ -2,18 +2,18 @@
 import hashlib
 import struct
 import time
-from itertools import repeat
 from dataclasses import dataclass
+from itertools import repeat
 
 from sqlalchemy import select
 
-from kme.domain import entropy
-from kme.operations import events
-from kme.storage import at_rest, statements
+from kme import clock
+from kme.key_math import entropy
+from kme.storage import at_rest, events, statements
 from kme.storage.db import db, meta, write_transaction
-from kme.storage.meta_names import FINGERPRINT_SECRET
 from kme.storage.keystore.common import KEY_BYTES, update_link
 from kme.storage.keystore.progress import confirm, next_seq
+from kme.storage.meta_names import FINGERPRINT_SECRET
 from kme.storage.models import OURS, UNCONFIRMED, KeyFile, Link
 
 
@@ -73,7 +73,7 @@ def retire_files(link_id: int, files: list[tuple[str, int]]) -> int:
             row = known.get(name) or KeyFile(link_id=link_id, name=name, duplicates=0, peer_position=0, decided=0)
             row.next_position = row.decided = size // KEY_BYTES
             row.complete, row.length, row.offer_limit = True, size, 0
-            row.ingested_at, row.changed_at, row.seq = events.utc_now(), time.time(), next_seq(session, link_id)
+            row.ingested_at, row.changed_at, row.seq = clock.utc_now(), time.time(), next_seq(session, link_id)
             session.add(row)
             session.flush()
             events.record(session, f"Key file {name} on link {link_id} retired by an operator: never ingested")
@@ -155,7 +155,7 @@ def store_keys(this_kme_id: int, link_id: int, progress: FileProgress, materials
             events.record(session, f"Key file {row.name} on link {link_id}: {refused} keys refused, their material "
                                    "was ingested before (a renamed or copied file?)")
         if complete:
-            row.ingested_at = events.utc_now()
+            row.ingested_at = clock.utc_now()
             events.record(session, f"Ingested key file {row.name} ({row.next_position - row.duplicates} keys) "
                                    f"on link {link_id}")
         return FileProgress(row.id, row.next_position, row.complete, row.length), refused

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, select, update
 
-from kme.domain.errors import ActivationConflict
-from kme.operations import events
-from kme.storage import statements
+from kme import clock
+from kme.errors import ActivationConflict
+from kme.storage import events, statements
 from kme.storage.db import db, write_transaction
 from kme.storage.keystore.common import update_link
 from kme.storage.models import OURS, PEERS, UNCONFIRMED, KeyFile, Lease, Link, PoolKey
@@ -69,7 +69,7 @@ def ask(link_id: int, lease_id: str, minimum: int) -> LeaseRequest:
             size //= 2
         link.lease_size, link.lease_at = min(max(size, MIN_LEASE), MAX_LEASE), now
         request = LeaseRequest(lease_id, minimum, max(minimum, link.lease_size))
-        session.add(Lease(lease_id=lease_id, link_id=link_id, role=ASKED, created_at=events.utc_now(),
+        session.add(Lease(lease_id=lease_id, link_id=link_id, role=ASKED, created_at=clock.utc_now(),
                           parts=json.dumps({"minimum": request.minimum, "wanted": request.wanted})))
         return request
 
@@ -96,7 +96,7 @@ def give(link_id: int, request: LeaseRequest) -> tuple[list[dict], int]:
         runs = _runs(session, rows)
         update_link(session, link_id, available=-len(rows), peer_held=len(rows), lent=len(rows))
         session.add(Lease(lease_id=request.lease_id, link_id=link_id, role=GIVEN, parts=json.dumps(runs),
-                          created_at=events.utc_now()))
+                          created_at=clock.utc_now()))
         if rows:
             events.record(session, f"Lent {len(rows)} keys to KME {link_id}'s direction of the link "
                                    f"(lease {request.lease_id})")

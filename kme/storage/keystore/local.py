@@ -1,10 +1,10 @@
 """Keys for SAEs of this KME: delivery inside the zone, fetch by key ID, expiry."""
 from sqlalchemy import select
 
+from kme import clock
 from kme.config import KEY_BITS
-from kme.domain.errors import KeysNotFound, NotAuthorized, NotEnoughKeys
-from kme.operations import events
-from kme.storage import at_rest, statements
+from kme.errors import KeysNotFound, NotAuthorized, NotEnoughKeys
+from kme.storage import at_rest, events, statements
 from kme.storage.db import grouped_write, write_transaction
 from kme.storage.keystore import handed_out
 from kme.storage.keystore.common import (
@@ -45,7 +45,7 @@ def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number
         if len(taken) < needed:
             raise not_enough_keys(number, size_bits, len(taken))
         keys = build_keys(key_ids, taken, size_bits)
-        store_delivered(connection, link_id, master_sae_id, slave_ids, keys, events.utc_now())
+        store_delivered(connection, link_id, master_sae_id, slave_ids, keys, clock.utc_now())
         update_link(connection, link_id, removed=taken, added=[key.material for key in keys],
                     available=-needed, delivered=needed)
         events.record(connection, f"SAE {master_sae_id} requested a key to communicate with {slaves}",

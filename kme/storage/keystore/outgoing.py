@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from sqlalchemy import select, update
 
-from kme.domain.errors import PeerFailure
-from kme.operations import events
-from kme.storage import at_rest, statements
+from kme import clock
+from kme.errors import PeerFailure
+from kme.storage import at_rest, events, statements
 from kme.storage.db import db, grouped_write, write_transaction
 from kme.storage.keystore import handed_out
 from kme.storage.keystore.common import (
@@ -71,7 +71,7 @@ def reserve(link_id: int, master_sae_id: int, slave_ids: list[int], local_slave_
                                 for _id, file_id, position, _material in rows[i * per_key:(i + 1) * per_key]]}
                      for i, key in enumerate(keys)],
         }
-        statements.insert_outgoing(connection, activation_id, link_id, SENDING, events.utc_now(),
+        statements.insert_outgoing(connection, activation_id, link_id, SENDING, clock.utc_now(),
                                    json.dumps({"wire": request, "local_slaves": local_slave_ids}))
         update_link(connection, link_id, available=-needed, reserved=needed)
         events.record(connection, f"SAE {master_sae_id} requested a key to communicate with "
@@ -101,7 +101,7 @@ def finalize(reservation: Reservation) -> None:
         wire = stored["wire"]
         local = stored["local_slaves"]
         if local:
-            store_delivered(connection, link_id, wire["master_SAE_ID"], local, reservation.keys, events.utc_now())
+            store_delivered(connection, link_id, wire["master_SAE_ID"], local, reservation.keys, clock.utc_now())
         update_link(connection, link_id, removed=materials,
                     added=[key.material for key in reservation.keys] if local else (),
                     reserved=-len(materials), delivered=len(materials))

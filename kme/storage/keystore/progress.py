@@ -21,8 +21,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select, update
 
-from kme.operations import events
-from kme.storage import at_rest
+from kme.storage import at_rest, events
 from kme.storage.db import db, write_transaction
 from kme.storage.keystore.common import update_link
 from kme.storage.models import OURS, PEERS, UNCONFIRMED, KeyFile, Link, PoolKey

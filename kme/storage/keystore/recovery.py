@@ -14,8 +14,8 @@ import uuid
 
 from sqlalchemy import select, update
 
-from kme.operations import events
-from kme.storage import at_rest
+from kme import clock
+from kme.storage import at_rest, events
 from kme.storage.db import write_transaction
 from kme.storage.kek import Kek
 from kme.storage.keystore.common import KEY_BYTES, erase_delivered
@@ -64,7 +64,7 @@ def _close_files(session, link_id: int, files: dict[str, int]) -> None:
         row = known.get(name)
         if row is None:
             row = KeyFile(link_id=link_id, name=name, next_position=0, length=0, duplicates=0, peer_position=0,
-                          decided=0, ingested_at=events.utc_now())
+                          decided=0, ingested_at=clock.utc_now())
             session.add(row)
         row.length = max(row.length, files.get(name, 0))
         row.next_position = row.decided = max(row.next_position, row.length // KEY_BYTES)

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from sqlalchemy import select, update
 
-from kme.domain import one_time
-from kme.domain.errors import ActivationConflict, BadRequest, NotEnoughKeys, PeerFailure
-from kme.operations import events
-from kme.storage import at_rest, statements
+from kme import clock
+from kme.errors import ActivationConflict, BadRequest, NotEnoughKeys, PeerFailure
+from kme.key_math import one_time
+from kme.storage import at_rest, events, statements
 from kme.storage.db import grouped_write, write_transaction
 from kme.storage.keystore import outgoing
 from kme.storage.keystore.common import (
@@ -49,7 +49,7 @@ def held(link_id: int, activation_id: str) -> str:
 
 @dataclass(frozen=True)
 class Message:
-    """A relay as one hop receives it (kme.interfaces.kme_wire.RelaySchema)."""
+    """A relay as one hop receives it (kme.peers.wire.RelaySchema)."""
 
     activation_id: str
     relay_id: str
@@ -94,7 +94,7 @@ def reserve_branch(link_id: int, activation_id: str, count: int, relay_id: str) 
         names = statements.file_names(connection, {file_id for _id, file_id, _position, _material in rows})
         branch = Branch(link_id, activation_id, [(names[file_id], position) for _id, file_id, position, _m in rows],
                         at_rest.open_pool(connection, link_id, [row[1:] for row in rows], names))
-        statements.insert_outgoing(connection, activation_id, link_id, outgoing.SENDING, events.utc_now(),
+        statements.insert_outgoing(connection, activation_id, link_id, outgoing.SENDING, clock.utc_now(),
                                    json.dumps({"wire": branch.cancel_body(), "relay": True}))
         update_link(connection, link_id, available=-count, reserved=count)
         return branch
@@ -152,7 +152,7 @@ def receive(this_kme_id: int, link_id: int, message: Message, body: bytes, mac: 
                                              else one_time.xor(sealed, pad)))
         if local_slaves and statements.any_delivered(connection, [key.key_id for key in keys]):
             raise ActivationConflict("a key ID of this relay is already in use")
-        now = events.utc_now()
+        now = clock.utc_now()
         unconfirmed = sum(1 for row in rows.values() if row.state == UNCONFIRMED)
         record = {"relay_ID": message.relay_id, "parts": len(parts), "local_slaves": local_slaves,
                   "held": message.hold, "released": False,
@@ -193,7 +193,7 @@ def _discard_unarrived(transaction, link_id: int, activation_id: str, rows: dict
     unconfirmed = sum(1 for row in rows.values() if row.state == UNCONFIRMED)
     update_link(transaction, link_id, removed=[row.material for row in rows.values()],
                 peer_held=unconfirmed - len(rows), unconfirmed=-unconfirmed, discarded=len(rows))
-    statements.insert_incoming(transaction, activation_id, link_id, CANCELLED, "[]", events.utc_now(), "{}")
+    statements.insert_incoming(transaction, activation_id, link_id, CANCELLED, "[]", clock.utc_now(), "{}")
     events.record(transaction, f"{why}: {len(rows)} keys discarded")
 
 
@@ -226,7 +226,7 @@ def complete(node: Node, keys: list[DeliveredKeyMaterial]) -> None:
     """
 
     def work(connection) -> None:
-        now = events.utc_now()
+        now = clock.utc_now()
         if node.incoming is not None:
             link_id, activation_id = node.incoming
             cancelled = PeerFailure("the relay was cancelled by the KME before this one while its next hops answered")
@@ -331,7 +331,7 @@ def cancel(this_kme_id: int, link_id: int, activation_id: str, parts: list[tuple
             erase_delivered(session, json.loads(known.key_ids))
             discarded = record["parts"]
             update_link(session, link_id, delivered=-discarded, relayed=-discarded, discarded=discarded)
-            now = events.utc_now()
+            now = clock.utc_now()
             for link, hop in record["onward"].items():
                 statements.insert_outgoing(session, hop["activation_ID"], int(link), outgoing.CANCELLING, now,
                                            json.dumps({"wire": {"activation_ID": hop["activation_ID"],
@@ -362,7 +362,7 @@ def release(link_id: int, activation_id: str) -> list[tuple[str, int, dict]]:
         known.relay = json.dumps(record)
         # Keys that expired meanwhile are gone: their slaves find nothing, as for any expired key.
         admit_slaves(session, json.loads(known.key_ids), record["local_slaves"])
-        now = events.utc_now()
+        now = clock.utc_now()
         pending = [(hop["activation_ID"], int(link), {"activation_ID": hop["activation_ID"], "parts": hop["parts"]})
                    for link, hop in record["onward"].items()]
         for hop_id, link, wire in pending:
