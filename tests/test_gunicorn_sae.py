@@ -2,8 +2,11 @@
 import base64
 import inspect
 import json
+import os
 import socket
 import ssl
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -13,6 +16,7 @@ from kme.errors import KEYS_NOT_FOUND
 from kme.interfaces import gunicorn_worker
 from kme.interfaces.gunicorn_worker import CHUNKED, CONTINUE, INCOMPLETE, WHOLE, staged_request
 from tests.support import (
+    ROOT,
     Ledger,
     run_cli,
     sae_port,
@@ -250,6 +254,17 @@ def test_the_gthread_internals_the_worker_uses_are_there():
     assert conn.init() is None and {"init", "close"} <= set(vars(TConn))
     assert callable(gunicorn_worker.http.get_parser) and callable(gunicorn_worker.util.write_nonblock)
     assert "conn.sock.setblocking(True)" in inspect.getsource(ThreadWorker.handle)
+
+
+def test_the_master_loads_the_apps_modules_and_builds_no_app(kme):
+    """gunicorn reads its settings in the master: the app's modules are imported there, once, so that every worker
+    forks with them (kme.preload); the app itself is built only in the workers."""
+    probe = ("import sys, kme; from kme.interfaces.gunicorn_conf import settings; settings('saes_https_interface'); "
+             "print(sorted(set(kme._APP_MODULES) - set(sys.modules)), 'wsgi' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=dict(os.environ, KME_CONFIG=str(kme)),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]", "False"]
 
 
 def test_a_client_expecting_100_continue_sends_its_body_after_it(pki, kme):
