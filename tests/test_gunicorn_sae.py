@@ -258,9 +258,10 @@ def test_the_gthread_internals_the_worker_uses_are_there():
 
 def test_the_master_loads_the_apps_modules_and_builds_no_app(kme):
     """gunicorn reads its settings in the master: the app's modules are imported there, once, so that every worker
-    forks with them (kme.preload); the app itself is built only in the workers."""
-    probe = ("import sys, kme; from kme.interfaces.gunicorn_conf import settings; settings('saes_https_interface'); "
-             "print(sorted(set(kme._APP_MODULES) - set(sys.modules)), 'wsgi' in sys.modules)")
+    forks with them (kme.interfaces.startup.preload); the app itself is built only in the workers."""
+    probe = ("import sys; from kme.interfaces import startup; from kme.interfaces.gunicorn_conf import settings; "
+             "settings('saes_https_interface'); print(sorted(set(startup._APP_MODULES) - set(sys.modules)), "
+             "'wsgi' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=dict(os.environ, KME_CONFIG=str(kme)),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

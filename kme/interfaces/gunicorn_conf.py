@@ -2,7 +2,7 @@
 
 deploy/sae.py, deploy/kme.py and deploy/debug.py are one-line gunicorn config
 files over this module. It never builds the Flask app: workers create it after fork, so no
-database connection is shared across processes; it imports the app's modules (kme.preload), so
+database connection is shared across processes; it imports the app's modules (kme.interfaces.startup.preload), so
 that workers fork with them loaded. It checks the key-encryption key before any worker starts
 (a read-only look at the database, closed at once).
 """
@@ -16,6 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from kme.config import HttpsInterface, load_config
 from kme.errors import ConfigError
+from kme.interfaces.startup import preload
 from kme.storage import kek
 
 
@@ -49,13 +50,6 @@ def _environment_int(name: str, default: int) -> int:
 def _worker_ready(worker) -> None:
     """Say when a worker has loaded the app, so that supervisors and tests know it can serve."""
     worker.log.info("kme: worker %s ready", worker.pid)
-
-
-def _preload(config) -> None:
-    """The app's modules loaded in the master (never the app itself): workers fork with them."""
-    from kme import preload
-
-    preload(config)
 
 
 def _load():
@@ -119,7 +113,7 @@ def _common(config, short: str, port: int) -> dict:
 def settings(interface_name: str) -> dict:
     """The gunicorn settings for ``saes_https_interface`` or ``kmes_https_interface``."""
     config = _load()
-    _preload(config)
+    preload(config)
     interface = getattr(config.this_kme, interface_name)
     if interface is None:
         sys.exit(f"kme: this_kme.{interface_name}: missing")
@@ -159,7 +153,7 @@ def _cached_context(interface: HttpsInterface):
 def debug_settings() -> dict:
     """The gunicorn settings of the debugging page: plain HTTP, loopback unless the config allows more."""
     config = _load()
-    _preload(config)
+    preload(config)
     address = config.this_kme.debugging_http_interface
     if address is None:
         sys.exit("kme: this_kme.debugging_http_interface: missing (no debugging page is configured)")

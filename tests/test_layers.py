@@ -1,0 +1,131 @@
+"""The layers of kme/, read from the code's own imports (an AST walk, function-level imports included).
+
+From the top: the app factory; interfaces (HTTP, the flask commands, the ingestion worker); the domain (with
+the operations that mean something: ingestion, health, metrics); the peers; storage; shared leaves
+(configuration, errors, clock, text, key IDs, key math). A module imports only from its own layer or those
+below, and no modules import each other in a circle. What does not hold yet is listed below, each entry to
+be removed by the change that mends it: the test fails on a new one, and on a listed one that is gone.
+"""
+import ast
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.engine_independent
+
+PACKAGE = Path(__file__).resolve().parent.parent / "kme"
+
+# (module prefix, layer): the longest matching prefix decides; higher layers may import lower ones.
+LAYERS = [
+    ("kme", 6),
+    ("kme.interfaces", 5),
+    ("kme.operations.cli", 5),
+    ("kme.operations.command_support", 5),
+    ("kme.operations.key_encryption_cli", 5),
+    ("kme.operations.recovery_cli", 5),
+    ("kme.operations.watch", 5),
+    ("kme.domain", 4),
+    ("kme.operations", 4),
+    ("kme.peers", 3),
+    ("kme.storage", 2),
+    ("kme.config", 1),
+    ("kme.config_schema", 1),
+    ("kme.errors", 1),
+    ("kme.clock", 1),
+    ("kme.text", 1),
+    ("kme.key_ids", 1),
+    ("kme.key_math", 1),
+]
+
+# Imports that still run up a layer (importer, imported).
+KNOWN_UPWARD = {
+    # The configuration checks database URIs with the backends (issue 22: the URI forms become a leaf).
+    ("kme.config", "kme.storage.backends"),
+    ("kme.config", "kme.storage.backends.sqlite"),
+}
+
+# Circles of modules that import each other (issue 22: one Storage object per app takes them apart).
+KNOWN_CIRCLES = {
+    frozenset({"kme.storage.at_rest", "kme.storage.db", "kme.storage.events", "kme.storage.keystore.common",
+               "kme.storage.keystore.intake", "kme.storage.keystore.progress", "kme.storage.models"}),
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(path): path for path in PACKAGE.rglob("*.py") if "migrations" not in path.parts}
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The kme modules ``name`` imports (a name imported from a package counts as its module when it is one)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            found.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names)
+    return {module for module in found if module in known and module != name}
+
+
+def _layer(module: str) -> int:
+    return max((prefix for prefix in LAYERS if module == prefix[0] or module.startswith(prefix[0] + ".")),
+               key=lambda prefix: len(prefix[0]))[1]
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+
+
+def _circles(graph: dict[str, set[str]]) -> set[frozenset]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), set()
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for child in graph[node]:
+            if child not in index:
+                visit(child)
+                low[node] = min(low[node], low[child])
+            elif child in on_stack:
+                low[node] = min(low[node], index[child])
+        if low[node] == index[node]:
+            component = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.add(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.add(frozenset(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_every_module_has_a_layer():
+    assert all(_layer(module) for module in _modules())
+
+
+def test_imports_run_down_the_layers_only():
+    graph = _graph()
+    upward = {(importer, imported) for importer, imports in graph.items() for imported in imports
+              if _layer(imported) > _layer(importer)}
+    assert upward == KNOWN_UPWARD
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    assert _circles(_graph()) == KNOWN_CIRCLES
