@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kme.config import load_config  # noqa: E402
+from kme.database_uris import sqlite_path  # noqa: E402
 from kme.errors import ConfigError  # noqa: E402
 from kme.operations.key_folders import MARK_NAME  # noqa: E402
 from kme.storage import handout_mark  # noqa: E402
-from kme.storage.backends.sqlite import path_of_uri  # noqa: E402
 
 STARTUP_SECONDS = 30
 
@@ -54,7 +54,7 @@ def _wait_for_ingestion(config, processes: list[subprocess.Popen]) -> None:
     Only then does the README's first call find its keys: a key is used only
     once the peer KME said it holds it too.
     """
-    database = path_of_uri(config.this_kme.database_uri)
+    database = sqlite_path(config.this_kme.database_uri)
     expected = {link: len(list(folder.glob("*.cor"))) for link, folder in config.key_directories().items()}
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
@@ -107,7 +107,7 @@ def _fresh_state(config) -> None:
     Removing the marks is the demo's own decision that the shipped keys count
     as new (what `flask adopt-key-folders --existing new` does for an operator).
     """
-    database = Path(path_of_uri(config.this_kme.database_uri))
+    database = Path(sqlite_path(config.this_kme.database_uri))
     for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm"),
                  *(directory / MARK_NAME for directory in config.key_directories().values()),
                  config.this_kme.key_directory_to_watch / handout_mark.MARK_NAME):

@@ -18,11 +18,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 from marshmallow import ValidationError
 
+from kme import database_uris
 from kme.config_schema import ConfigSchema, first_error
+from kme.database_uris import IN_MEMORY_URI
 from kme.errors import ConfigError
-from kme.storage import backends
-from kme.storage.backends import sqlite
-from kme.storage.backends.sqlite import IN_MEMORY_URI
 
 KEY_BITS = 256
 DEFAULT_KEY_EXPIRY_SECONDS = 3600.0
@@ -282,15 +281,9 @@ def _database_uri(data: dict, base_dir: Path) -> str:
     if "sqlite_db_path" in data and "db_uri" in data:
         raise ConfigError("this_kme.db_uri: give either sqlite_db_path or db_uri, not both")
     if "db_uri" in data:
-        value = data["db_uri"]
-        try:
-            backend = backends.for_uri(value)
-        except KeyError:
-            raise ConfigError(f"this_kme.db_uri: the KME runs on {' or '.join(backends.known())}, not "
-                              f"{backends.scheme_of(value)}") from None
-        return backend.database_uri(value, base_dir)
+        return database_uris.normalized(data["db_uri"], base_dir)
     if "sqlite_db_path" in data:
-        return sqlite.path_uri(data["sqlite_db_path"], base_dir)
+        return database_uris.sqlite_path_uri(data["sqlite_db_path"], base_dir)
     raise ConfigError("this_kme.sqlite_db_path: missing")
 
 

@@ -7,9 +7,9 @@ import sys
 import pytest
 from sqlalchemy.engine import make_url
 
+from kme import database_uris
 from kme.config import KEY_BITS, load_config
 from kme.errors import ConfigError
-from kme.storage.backends import postgresql
 from tests.support import ROOT, run_cli, write_config
 
 pytestmark = pytest.mark.engine_independent
@@ -164,7 +164,7 @@ def test_a_postgresql_uri_keeps_its_password_and_takes_its_passfile_from_the_con
         "postgresql+psycopg", "s3cret", "db1.example", 5433, "kme")
     assert uri.query == {"passfile": str(config_file.parent / "pgpass"), "sslmode": "verify-full"}
     uri = uri.render_as_string(hide_password=False)
-    assert "s3cret" not in postgresql.describe(uri) and "db1.example:5433/kme" in postgresql.describe(uri)
+    assert "s3cret" not in database_uris.describe(uri) and "db1.example:5433/kme" in database_uris.describe(uri)
 
 
 def test_kme_config_unset(monkeypatch):

@@ -15,6 +15,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from kme import database_uris
 from kme.config import KekSource
 from kme.storage import backends
 from kme.storage.meta_names import DATA_KEY, DATA_KEY_PREVIOUS, DATABASE_ID
@@ -93,7 +94,7 @@ def open_at_start(config, warn, check: bool = True) -> Kek:
     if source.kind == "generated" and not source.path.exists() and DATA_KEY in backend.read_meta(uri):
         # A fresh key would never open this database: the file was lost or moved, and is what is needed.
         raise KekError(f"the key-encryption key file {source.path} does not exist, and the database "
-                       f"{backend.describe(uri)} was written under one: restore the file, or name where it is in "
+                       f"{database_uris.describe(uri)} was written under one: restore the file, or name where it is in "
                        "this_kme.key_encryption_key")
     kek, created = open_kek(source)
     if created:

@@ -1,10 +1,8 @@
-"""The database engines the KME runs on, one module each, behind one interface.
+"""The database engines the KME runs on, one module each, behind one interface (the forms of their URIs are
+kme.database_uris').
 
 A backend module provides:
 
-- ``database_uri(value, base_dir)``, the URI a configured ``db_uri`` stands
-  for (ConfigError if it is wrong);
-  ``describe(uri)``, the database as logs and pages may name it (never a password);
 - ``DRIVER_ERRORS``, its driver's exceptions; ``failure_cause(error)``, one
   key-free line for an error;
 - ``engine_options(threads)`` for SQLAlchemy's engine and ``install(engine)``,
@@ -28,7 +26,9 @@ A backend module provides:
 """
 import importlib
 
-INTERFACE = ("database_uri", "describe", "DRIVER_ERRORS", "failure_cause", "engine_options", "install",
+from kme.database_uris import scheme_of
+
+INTERFACE = ("DRIVER_ERRORS", "failure_cause", "engine_options", "install",
              "write_session", "schema_connection", "grouped_write", "read_connection", "dispose", "periodic_lock",
              "file_problem", "write_probe", "read_meta", "checkpoint")
 SQL_INTERFACE = ("TAKE", "RESERVE", "LEND", "ROW_LOCK", "BYTE_LENGTH", "lock_name", "add_fingerprints")
@@ -44,11 +44,6 @@ def _named(name: str):
     return module
 
 
-def scheme_of(uri: str) -> str:
-    """The engine a URI names: "sqlite", "postgresql", or what stands before its "://" or "+"."""
-    return uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else "sqlite"
-
-
 def for_uri(uri: str):
     """The backend module of a database URI; KeyError for an engine the KME does not run on."""
     return _named(scheme_of(uri))
@@ -58,7 +53,3 @@ def of(engine):
     """The backend module of a SQLAlchemy engine."""
     return _named(engine.dialect.name)
 
-
-def known() -> tuple[str, ...]:
-    """The engines the KME runs on."""
-    return tuple(_MODULES)

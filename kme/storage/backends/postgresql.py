@@ -12,27 +12,23 @@ deadlock or a serialization failure is run again.
 
 The password comes from the URI, or from libpq itself: PGPASSWORD, the
 passfile named by PGPASSFILE or by ``passfile=`` in the URI. It is never
-written anywhere: describe() leaves it out.
+written anywhere: kme.database_uris.describe() leaves it out.
 """
 import functools
 import itertools
 import logging
 from contextlib import closing, contextmanager
-from pathlib import Path
 
 import psycopg
 from psycopg import errors as pg_errors
 from sqlalchemy import event
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
-from kme.errors import ConfigError
 from kme.storage.statements import claims
 
 log = logging.getLogger(__name__)
 
-DRIVER = "postgresql+psycopg"
 WRITE_OPTION = "kme_write"
 DRIVER_ERRORS = (psycopg.Error,)
 # Keys of the database's advisory locks (any 64-bit numbers; they only have to differ from each other).
@@ -92,27 +88,8 @@ class Connection(psycopg.Connection):
         return cursor
 
 
-def database_uri(value: str, base_dir: Path) -> str:
-    """The URI of ``postgresql+psycopg://user[:password]@host[:port]/database[?...]``; a relative ``passfile``
-    is taken from ``base_dir``."""
-
-    try:
-        url = make_url(value)
-    except ArgumentError:
-        raise ConfigError("this_kme.db_uri: not a database URI") from None
-    if url.drivername not in ("postgresql", DRIVER):
-        raise ConfigError(f"this_kme.db_uri: PostgreSQL is reached through psycopg 3: {DRIVER}://...")
-    if not url.database:
-        raise ConfigError("this_kme.db_uri: names no database (postgresql+psycopg://user@host/database)")
-    query = dict(url.query)
-    if "passfile" in query:
-        query["passfile"] = str((base_dir / query["passfile"]).resolve())
-    return url.set(drivername=DRIVER, query=query).render_as_string(hide_password=False)
 
 
-def describe(uri: str) -> str:
-    """The database as logs and pages name it: the URI without its password."""
-    return make_url(uri).render_as_string(hide_password=True)
 
 
 def engine_options(threads: int) -> dict:

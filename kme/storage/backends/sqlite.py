@@ -11,16 +11,14 @@ import sqlite3
 import time
 import weakref
 from contextlib import closing, contextmanager
-from pathlib import Path
 
 from sqlalchemy import event
 
-from kme.errors import ConfigError
+from kme.database_uris import sqlite_path
 from kme.storage.backends import sqlite_connections
 from kme.storage.backends.sqlite_connections import database_path
 from kme.storage.statements import claims
 
-IN_MEMORY_URI = "sqlite:///:memory:"
 WRITE_OPTION = "kme_write"
 # Errors of the driver itself, raised by the statements that run past SQLAlchemy.
 DRIVER_ERRORS = (sqlite3.Error,)
@@ -76,24 +74,10 @@ class Connection(sqlite3.Connection):
     sql = _Sql
 
 
-def database_uri(value: str, base_dir: Path) -> str:
-    """The URI a ``db_uri`` of ``sqlite:///path`` (relative to ``base_dir``) or ``:memory:`` stands for."""
-
-    if value != ":memory:" and not value.startswith("sqlite:///"):
-        raise ConfigError("this_kme.db_uri: SQLite is named sqlite:///path or :memory:")
-    return path_uri(value.removeprefix("sqlite:///"), base_dir)
 
 
-def path_uri(path: str, base_dir: Path) -> str:
-    """The URI of a ``sqlite_db_path``: a file (relative to ``base_dir``) or ``:memory:``."""
-    if path == ":memory:":
-        return IN_MEMORY_URI
-    return "sqlite:///" + str((base_dir / path).resolve())
 
 
-def describe(uri: str) -> str:
-    """The database as logs and pages name it."""
-    return path_of_uri(uri) or ":memory:"
 
 
 def engine_options(_threads: int) -> dict:
@@ -194,7 +178,7 @@ def periodic_lock(engine) -> PeriodicLock:
 def read_meta(uri: str) -> dict[str, bytes]:
     """The kme_meta rows of the database, read-only; empty before the file or the schema exists, and when the
     file cannot be read now (the process's first use of the database reports why)."""
-    path = path_of_uri(uri)
+    path = sqlite_path(uri)
     if path is None or not os.path.exists(path):
         return {}
     try:
@@ -216,10 +200,6 @@ def checkpoint(engine) -> None:
         raw.close()
 
 
-def path_of_uri(uri: str) -> str | None:
-    """The database file a ``sqlite:///path`` URI names (None in memory)."""
-    database = uri.removeprefix("sqlite:///")
-    return None if not database or database == ":memory:" else database
 
 
 def file_problem(engine) -> str | None:

@@ -11,7 +11,6 @@ import weakref
 from contextlib import contextmanager
 
 
-
 def database_path(engine) -> str | None:
     """The database file of ``engine`` (None in memory)."""
     database = engine.url.database
