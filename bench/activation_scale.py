@@ -22,9 +22,9 @@ from kme import create_app  # noqa: E402
 from kme.config import load_config  # noqa: E402
 from kme.operations.certs import generate_pki  # noqa: E402
 from kme.operations.ingest import ingest_directories  # noqa: E402
-from kme.storage.db import ensure_schema  # noqa: E402
 from kme.storage.keystore import incoming, leases, outgoing  # noqa: E402
 from kme.storage.keystore.incoming import ActivationRequest  # noqa: E402
+from kme.storage.schema import ensure_schema  # noqa: E402
 from tests.conftest import PKI_LAYOUT  # noqa: E402
 from tests.network import Network  # noqa: E402
 from tests.support import PASSWORD, Pki, confirm_link  # noqa: E402

@@ -46,7 +46,7 @@ def keys_in_clear():
 def main() -> int:
     from kme import create_app
     from kme.operations.ingest import ingest_directories
-    from kme.storage.db import ensure_schema
+    from kme.storage.schema import ensure_schema
 
     app = create_app(interface="cli")
     with keys_in_clear(), app.app_context():

@@ -24,15 +24,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.clear_store import keys_in_clear  # noqa: E402
 from kme import create_app  # noqa: E402
 from kme.config import load_config  # noqa: E402
 from kme.operations.certs import generate_pki  # noqa: E402
 from kme.operations.ingest import BATCH_KEYS, ingest_directories  # noqa: E402
-from kme.storage.db import ensure_schema  # noqa: E402
-from kme.storage.keystore.intake import fingerprints  # noqa: E402
-from kme.storage.sealing import OVERHEAD  # noqa: E402
 from kme.storage.backends.sqlite import _PRAGMAS  # noqa: E402
-from bench.clear_store import keys_in_clear  # noqa: E402
+from kme.storage.keystore.intake import fingerprints  # noqa: E402
+from kme.storage.schema import ensure_schema  # noqa: E402
+from kme.storage.sealing import OVERHEAD  # noqa: E402
 from tests.support import Pki, write_config  # noqa: E402
 
 

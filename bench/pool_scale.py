@@ -20,7 +20,7 @@ from kme import create_app  # noqa: E402
 from kme.config import load_config  # noqa: E402
 from kme.operations.certs import generate_pki  # noqa: E402
 from kme.operations.ingest import ingest_directories  # noqa: E402
-from kme.storage.db import ensure_schema  # noqa: E402
+from kme.storage.schema import ensure_schema  # noqa: E402
 from tests.conftest import client_with, sae_environ  # noqa: E402
 from tests.support import Pki, write_config  # noqa: E402
 

@@ -31,7 +31,7 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
     from kme.interfaces import debug_page, gunicorn_conf, health_api, http_errors, kme_api, openapi, sae_api
     from kme.operations import cli, logs, metrics
     from kme.operations.ingest import ingest_directories
-    from kme.storage import db, kek, migrations
+    from kme.storage import db, kek, migrations, schema
     from kme.storage.kek import KekError
 
     app = Flask(__name__)
@@ -72,7 +72,7 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
         db.check_database_file()
         # An in-memory database lives and dies with this process, which
         # therefore ingests the key files itself.
-        if db.ensure_schema() and config.in_memory:
+        if schema.ensure_schema() and config.in_memory:
             ingest_directories(config)
 
     return app

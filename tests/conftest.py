@@ -78,7 +78,7 @@ def app(config_path):
     app.config["TESTING"] = True
     with app.app_context():
         from kme.operations.ingest import ingest_directories
-        from kme.storage.db import ensure_schema
+        from kme.storage.schema import ensure_schema
 
         ensure_schema()
         ingest_directories(app.extensions["kme"])

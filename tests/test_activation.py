@@ -7,8 +7,8 @@ from kme import create_app
 from kme.config import load_config
 from kme.domain import activation
 from kme.operations.ingest import ingest_directories
-from kme.storage.db import ensure_schema
 from kme.storage.keystore import outgoing
+from kme.storage.schema import ensure_schema
 from tests.support import Ledger, confirm_link, free_port, write_config, write_keys
 
 

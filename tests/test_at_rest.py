@@ -420,7 +420,7 @@ def test_sealing_stopped_half_way_goes_on_where_it_stood(tmp_path, pki):
     app = create_app(load_config(kme.config), interface="cli")
     with app.app_context():
         from kme.storage import at_rest
-        from kme.storage.db import ensure_schema
+        from kme.storage.schema import ensure_schema
 
         ensure_schema()
         count, after = at_rest.encrypt_pool_batch(0)

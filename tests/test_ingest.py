@@ -9,8 +9,8 @@ from kme import create_app
 from kme.config import load_config
 from kme.operations import ingest
 from kme.operations.ingest import IngestSummary, ingest_directories
-from kme.storage.db import ensure_schema
 from kme.storage.keystore import intake
+from kme.storage.schema import ensure_schema
 from tests.support import Ledger, run_cli, write_config, write_keys
 
 

@@ -9,7 +9,7 @@ from kme.config import load_config
 from kme.operations import health
 from kme.operations.ingest import ingest_directories
 from kme.operations.key_folders import MARK_NAME
-from kme.storage.db import ensure_schema
+from kme.storage.schema import ensure_schema
 from tests.network import Network
 from tests.support import Ledger, lose_database, run_cli, start_ingest_worker, wait_until, write_config, write_keys
 

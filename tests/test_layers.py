@@ -42,11 +42,8 @@ LAYERS = [
 # Imports that still run up a layer (importer, imported).
 KNOWN_UPWARD: set[tuple[str, str]] = set()
 
-# Circles of modules that import each other (issue 22: one Storage object per app takes them apart).
-KNOWN_CIRCLES = {
-    frozenset({"kme.storage.at_rest", "kme.storage.db", "kme.storage.events", "kme.storage.keystore.common",
-               "kme.storage.keystore.intake", "kme.storage.keystore.progress", "kme.storage.models"}),
-}
+# Circles of modules that import each other.
+KNOWN_CIRCLES: set[frozenset] = set()
 
 
 def _module_name(path: Path) -> str:

@@ -7,9 +7,9 @@ from kme import create_app
 from kme.config import load_config
 from kme.errors import ActivationConflict
 from kme.operations.ingest import ingest_directories
-from kme.storage.db import ensure_schema
 from kme.storage.keystore import incoming, leases, progress
 from kme.storage.keystore.incoming import ActivationRequest
+from kme.storage.schema import ensure_schema
 from tests.support import Ledger, free_port, write_config, write_keys
 
 

@@ -14,9 +14,10 @@ from sqlalchemy import event
 from kme import create_app
 from kme.config import load_config
 from kme.operations.ingest import ingest_directories
-from kme.storage.db import db, ensure_schema
+from kme.storage.db import db
 from kme.storage.keystore import common, incoming, leases, local, outgoing, progress
 from kme.storage.keystore.incoming import ActivationRequest
+from kme.storage.schema import ensure_schema
 from tests.network import Network
 from tests.support import confirm_link, write_keys
 

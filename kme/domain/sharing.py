@@ -20,9 +20,10 @@ from kme import clock
 from kme.config import KmeConfig, OtherKme
 from kme.errors import NotEnoughKeys, PeerFailure
 from kme.peers.client import PeerError, PeerOutcomeUnknown, client_for
-from kme.storage.db import DATABASE_ID, meta
+from kme.storage.db import meta
 from kme.storage.keystore import common, leases, progress
 from kme.storage.keystore.progress import Exchange, FileOffer
+from kme.storage.meta_names import DATABASE_ID
 
 log = logging.getLogger(__name__)
 

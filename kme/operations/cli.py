@@ -14,8 +14,9 @@ from kme.operations.command_support import cause, command_config, key_files, ope
 from kme.operations.ingest import ingest_directories
 from kme.operations.watch import watch
 from kme.storage import handout_mark, kek, statements
-from kme.storage.db import DATABASE_ID, meta, read_connection
+from kme.storage.db import meta, read_connection
 from kme.storage.keystore import intake
+from kme.storage.meta_names import DATABASE_ID
 
 
 def _print_summary(summary) -> None:

@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError
 from kme.errors import StorageFailure
 from kme.operations.ingest import KEY_FILE_SUFFIX
 from kme.storage import backends
-from kme.storage.db import ensure_schema
+from kme.storage.schema import ensure_schema
 
 
 def command_config():

@@ -14,9 +14,9 @@ from kme import clock
 from kme.config import KekSource, KmeConfig
 from kme.operations import key_folders
 from kme.storage import backends, statements
-from kme.storage.db import DATABASE_ID, db, meta, reset_connections, write_transaction
+from kme.storage.db import db, meta, reset_connections, write_transaction
 from kme.storage.keystore import handed_out
-from kme.storage.meta_names import CLEAR_POOL, DATA_KEY
+from kme.storage.meta_names import CLEAR_POOL, DATA_KEY, DATABASE_ID
 from kme.storage.models import Heartbeat, PeerStatus
 
 WORKER = "ingest-worker"

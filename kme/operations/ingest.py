@@ -18,9 +18,10 @@ import click
 
 from kme.config import KmeConfig
 from kme.operations import key_folders
-from kme.storage.db import DATABASE_ID, meta
+from kme.storage.db import meta
 from kme.storage.keystore import intake
 from kme.storage.keystore.common import KEY_BYTES
+from kme.storage.meta_names import DATABASE_ID
 from kme.text import printable
 
 log = logging.getLogger(__name__)

@@ -5,8 +5,9 @@ from flask import current_app
 from kme.operations import key_folders
 from kme.operations.command_support import cause, command_config, key_files, open_database, storage_errors
 from kme.storage import handout_mark, statements
-from kme.storage.db import DATABASE_ID, meta, read_connection
+from kme.storage.db import meta, read_connection
 from kme.storage.keystore import recovery
+from kme.storage.meta_names import DATABASE_ID
 
 
 @click.command("restored-from-backup")

@@ -34,7 +34,8 @@ from kme.domain import activation
 from kme.operations import health
 from kme.operations.ingest import IngestSummary, ingest_directories, ingest_file, link_of
 from kme.storage import backends
-from kme.storage.db import db, ensure_schema
+from kme.storage.db import db
+from kme.storage.schema import ensure_schema
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ The data key (32 random bytes) is made with the database and stored in
 kme_meta wrapped by the KEK (kme.storage.kek), bound to the database's ID:
 a database written under one KEK never opens under another, and a wrapped
 key copied into another database does not open there either. Every process
-unwraps it once, at its first use of the database (kme.storage.db.ensure_schema),
+unwraps it once, at its first use of the database (kme.storage.schema.ensure_schema),
 after checking at start that its KEK opens it (kme.storage.kek.check_database).
 
 A database made by a KME before encryption at rest holds its pool in
@@ -21,13 +21,16 @@ import time
 import weakref
 from dataclasses import dataclass
 
+from flask import current_app
 from sqlalchemy import delete, insert, update
 
 from kme.config import KEY_BITS
 from kme.errors import StorageFailure
 from kme.storage import sealing, statements
+from kme.storage.db import db, meta, write_transaction
 from kme.storage.kek import Kek, KekError, context, rotation_over, unwrap
 from kme.storage.meta_names import CLEAR_POOL, DATA_KEY, DATA_KEY_PREVIOUS, DATABASE_ID, FINGERPRINT_SECRET
+from kme.storage.models import Meta
 from kme.storage.sealing import Sealer
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,6 @@ ENCRYPT_BATCH = 2000
 @dataclass
 class Store:
     """What a process knows of its database's encryption: the sealer, and whether clear keys may be left."""
-
     sealer: Sealer
     clear_pool: bool
 
@@ -58,8 +60,6 @@ def establish(connection, engine, kek: Kek, facts: dict[str, bytes]) -> Store:
     transaction; ``facts``: the kme_meta rows. StorageFailure if the KEK
     does not open the data key.
     """
-    from kme.storage.models import Meta
-
     wrapped = facts.get(DATA_KEY)
     if wrapped is not None:
         opened = _opened(kek, facts)
@@ -104,10 +104,6 @@ def _seal_delivered_and_histograms(raw, sealer: Sealer) -> None:
 def store() -> Store:
     """The encryption state of the app's database: established by ensure_schema, or opened here from the data key
     another process made (StorageFailure if the KEK does not open it)."""
-    from flask import current_app
-
-    from kme.storage.db import db, meta
-
     engine = db.engine
     found = _stores.get(engine)
     if found is None:
@@ -138,9 +134,6 @@ def rewrap(kek: Kek, new: Kek, database_id: bytes, grace_seconds: float) -> bool
     process started with the previous KEK meanwhile (a gunicorn master
     forking a worker again) still opens the database.
     """
-    from kme.storage.db import write_transaction
-    from kme.storage.models import Meta
-
     bound = context(database_id)
     with write_transaction() as session:
         row = session.get(Meta, DATA_KEY)
@@ -159,9 +152,6 @@ def rewrap(kek: Kek, new: Kek, database_id: bytes, grace_seconds: float) -> bool
 
 def end_rotation(expired_only: bool) -> bool:
     """Forget the previous wrap of the data key (only once expired if ``expired_only``); whether there was one."""
-    from kme.storage.db import write_transaction
-    from kme.storage.models import Meta
-
     with write_transaction() as session:
         row = session.get(Meta, DATA_KEY_PREVIOUS)
         if row is None or (expired_only and not rotation_over(row.value)):
@@ -173,8 +163,6 @@ def end_rotation(expired_only: bool) -> bool:
 def rebind(session, kek: Kek, new_database_id: bytes) -> None:
     """Give the database a new ID in the caller's transaction: the data key is wrapped again for it (the wrap is
     bound to the ID); the key rows are not touched."""
-    from kme.storage.models import Meta
-
     identity, wrapped = session.get(Meta, DATABASE_ID), session.get(Meta, DATA_KEY)
     wrapped.value = kek.wrap(kek.unwrap(wrapped.value, context(identity.value)), context(new_database_id))
     identity.value = new_database_id
@@ -189,9 +177,6 @@ def encrypt_pool_batch(after_id: int) -> tuple[int, int | None]:
     left, and then the database's clear mark is removed in the same
     transaction.
     """
-    from kme.storage.db import write_transaction
-    from kme.storage.models import Meta
-
     found = store()
     with write_transaction() as session:
         raw = statements.driver(session)
@@ -229,8 +214,6 @@ def open_pool(target, link_id: int, rows, names: dict[int, str] | None = None) -
 
 def _clear_allowed(found: Store, where: str) -> None:
     """A clear pool key is served only while the database still holds keys from before encryption at rest."""
-    from kme.storage.db import db
-
     if found.clear_pool and CLEAR_POOL not in statements.meta_names(db.engine):
         found.clear_pool = False
     if not found.clear_pool:

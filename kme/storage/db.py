@@ -1,17 +1,18 @@
-"""The database handle, schema creation and identity, and the write transaction every writer uses."""
+"""The database handle, the write transaction every writer uses, and the database's facts (kme_meta).
+
+The schema is made by kme.storage.schema, which stands above this module:
+here nothing imports the tables or the key store.
+"""
 import gc
-import uuid
 import weakref
 from contextlib import contextmanager
 
-from flask import current_app
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import insert, inspect, select
+from sqlalchemy import text
 from sqlalchemy.orm import DeclarativeBase
 
 from kme.errors import StorageFailure
-from kme.storage import at_rest, backends, migrations
-from kme.storage.meta_names import DATABASE_ID
+from kme.storage import backends
 
 
 class Base(DeclarativeBase):
@@ -20,8 +21,8 @@ class Base(DeclarativeBase):
 
 db = SQLAlchemy(model_class=Base)
 
-_schema_ready: "weakref.WeakSet" = weakref.WeakSet()
 _meta: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_READ_META = text("SELECT name, value FROM kme_meta")
 
 
 def init_app(app, database_uri: str, threads: int) -> None:
@@ -76,71 +77,26 @@ def read_connection():
     return backends.of(db.engine).read_connection(db.engine)
 
 
-def ensure_schema() -> bool:
-    """Create the schema of a new database (at the newest version), the database's identity and data key, and link
-    rows, once per process, and open the data key; True the first time.
-
-    Runs exclusively (the backend's schema_connection), so processes starting together do not race.
-    StorageFailure if the database is at another version of the schema (`flask db upgrade` upgrades it), or if
-    the process's KEK does not open the data key.
-    """
-    from kme.storage.keystore import intake
-    from kme.storage.models import Meta
-
-    engine = db.engine
-    if engine in _schema_ready:
-        return False
-    with backends.of(engine).schema_connection(engine) as connection:
-        with connection.begin():
-            found = migrations.version(connection)
-            if found is None:
-                db.metadata.create_all(connection)
-                migrations.stamp_head(connection)
-            elif problem := migrations.problem(found):
-                raise StorageFailure(problem)
-            _check_columns(connection)
-            known = set(connection.scalars(select(Meta.name)))
-            if DATABASE_ID not in known:
-                connection.execute(insert(Meta).values(name=DATABASE_ID, value=uuid.uuid4().hex.encode()))
-            facts = dict(connection.execute(select(Meta.name, Meta.value)).all())
-            at_rest.establish(connection, engine, current_app.extensions["kme_kek"], facts)
-            _meta[engine] = dict(connection.execute(select(Meta.name, Meta.value)).all())
-    intake.ensure_links(current_app.extensions["kme"].key_directories())
-    _schema_ready.add(engine)
-    return True
-
-
-def _check_columns(connection) -> None:
-    """StorageFailure if a table lacks a column of the models: the database was made by an older KME.
-
-    create_all() adds missing tables, never missing columns; without this a
-    request would fail later on an SQL error naming the column.
-    """
-    inspector = inspect(connection)
-    for table in db.metadata.sorted_tables:
-        present = {column["name"] for column in inspector.get_columns(table.name)}
-        missing = [column.name for column in table.columns if column.name not in present]
-        if missing:
-            raise StorageFailure(f"the database was created by an older version of the KME (table {table.name} has "
-                                 f"no column {missing[0]}); see docs/deployment.md, Upgrading")
-
-
 def meta(name: str) -> bytes | None:
     """A fact about this database (DATABASE_ID, FINGERPRINT_SECRET), or None before the schema exists.
 
     Read once per process, on a connection of its own, so that it never
     touches a transaction of the caller's.
     """
-    from kme.storage.models import Meta
-
     engine = db.engine
     if engine not in _meta:
         with engine.connect() as connection:
-            facts = dict(connection.execute(select(Meta.name, Meta.value)).all())
+            facts = dict(connection.execute(_READ_META).all())
         if not facts:
             return None
         _meta[engine] = facts
     return _meta[engine].get(name)
+
+
+def remember_meta(engine, connection) -> None:
+    """Keep the facts of ``engine``'s database as ``connection`` reads them now (the schema's transaction, once it
+    made them)."""
+    _meta[engine] = dict(connection.execute(_READ_META).all())
 
 
 def reset_connections() -> None:

@@ -1,4 +1,4 @@
-"""The names of the facts kept in kme_meta, made with the database (kme.storage.db.ensure_schema)."""
+"""The names of the facts kept in kme_meta, made with the database (kme.storage.schema.ensure_schema)."""
 
 # The database's random ID (the key folders and the peer KME know it).
 DATABASE_ID = "database_id"

@@ -11,7 +11,8 @@ from flask import current_app
 
 from kme.errors import StorageFailure
 from kme.storage import handout_mark, statements
-from kme.storage.db import DATABASE_ID, meta, read_connection
+from kme.storage.db import meta, read_connection
+from kme.storage.meta_names import DATABASE_ID
 
 log = logging.getLogger(__name__)
 _unwritable: set = set()

@@ -2,7 +2,7 @@
 whether a database is at the version it needs.
 
 A new database gets the models' tables and the newest version at once
-(kme.storage.db.ensure_schema); an existing one is upgraded only by
+(kme.storage.schema.ensure_schema); an existing one is upgraded only by
 `flask db upgrade`, never by a KME starting, so that the hosts of a KME
 upgrade once, together, at a time the operator chooses (docs/deployment.md).
 """
