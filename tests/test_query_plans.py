@@ -128,6 +128,13 @@ def test_reserving_and_settling_our_own_activation_searches_indexes(kme1):
         outgoing.mark_unknown(held.activation_id, "has an unknown outcome")
         assert outgoing.begin_cancel(held.activation_id)
         outgoing.discard(held.activation_id)
+        refused = outgoing.reserve(2, 1, [3], [], 1, 256)
+        outgoing.release(refused.activation_id)
 
     plans = explained(kme1, own_activation)
     assert not full_scans(plans), full_scans(plans)
+    # Reserved keys are found by their reservation, never by walking the link's keys (the link's index would
+    # make a relay's or an activation's settling grow with the pool).
+    by_reservation = [plan for plan in plans if re.search(r"WHERE (pool_keys\.)?reservation = ", plan)]
+    assert len(by_reservation) >= 3, plans
+    assert all("ix_pool_keys_reservation" in plan for plan in by_reservation), by_reservation

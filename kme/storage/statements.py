@@ -167,8 +167,13 @@ def reserve_pool_keys(target, link_id: int, count: int, reservation: str) -> lis
 
 
 def remove_reserved(target, link_id: int, reservation: str) -> list[tuple]:
-    """Delete the link's pool keys reserved for ``reservation``; (file_id, position, material) of each."""
-    return driver(target).execute("DELETE FROM pool_keys WHERE reservation = ? AND link_id = ? "
+    """Delete the link's pool keys reserved for ``reservation``; (file_id, position, material) of each.
+
+    ``+link_id`` keeps SQLite from searching the link's index, which walks
+    every key of the link, instead of the reservation's (PostgreSQL takes it
+    as plain ``link_id``).
+    """
+    return driver(target).execute("DELETE FROM pool_keys WHERE reservation = ? AND +link_id = ? "
                                   "RETURNING file_id, position, material", (reservation, link_id)).fetchall()
 
 

@@ -123,8 +123,10 @@ def release(activation_id: str) -> None:
         pending = statements.take_outgoing(session, activation_id, (SENDING,))
         if pending is None:
             return
+        # "link_id + 0": SQLite would otherwise search the link's index, every key of the link, instead of the
+        # reservation's (statements.remove_reserved).
         count = session.execute(update(PoolKey).where(PoolKey.reservation == activation_id,
-                                                      PoolKey.link_id == pending[0])
+                                                      PoolKey.link_id + 0 == pending[0])
                                 .values(state=OURS, reservation=None)).rowcount
         update_link(session, pending[0], reserved=-count, available=count)
 
