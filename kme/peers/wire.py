@@ -101,10 +101,14 @@ class FileOfferSchema(StrictSchema):
     seq = Int(required=True, validate=_CHANGE)
 
 
-class _HeadSchema(StrictSchema):
-    """A progress message with the sender's last change number, ``head`` (optional: a KME of an earlier release
-    does not send it), which no file's change number exceeds."""
+class _ProgressMessage(StrictSchema):
+    """What both messages of the progress exchange carry: the sender's database, free keys, changed files, and its
+    last change number ``head`` (optional: a KME of an earlier release does not send it), which no file's change
+    number exceeds."""
 
+    database_ID = Str(required=True, validate=_DATABASE_ID)
+    free = Int(required=True, validate=_POSITION)
+    files = List(Nested(FileOfferSchema), required=True, validate=validate.Length(max=PROGRESS_PAGE))
     head = Int(load_default=None, validate=_CHANGE)
 
     @validates_schema
@@ -113,24 +117,18 @@ class _HeadSchema(StrictSchema):
             raise ValidationError("a file's seq is past the sender's last change (head)", "files")
 
 
-class ProgressSchema(_HeadSchema):
+class ProgressSchema(_ProgressMessage):
     """The caller's ingestion progress and cursors."""
 
-    database_ID = Str(required=True, validate=_DATABASE_ID)
     known_database_ID = Str(required=True, allow_none=True, validate=_DATABASE_ID)
     since = Int(required=True, validate=_CHANGE)
     after = Int(required=True, validate=_CHANGE)
-    free = Int(required=True, validate=_POSITION)
-    files = List(Nested(FileOfferSchema), required=True, validate=validate.Length(max=PROGRESS_PAGE))
 
 
-class ProgressAnswerSchema(_HeadSchema):
+class ProgressAnswerSchema(_ProgressMessage):
     """The callee's ingestion progress since the caller's cursor, and how far it has the caller's."""
 
-    database_ID = Str(required=True, validate=_DATABASE_ID)
     seen = Int(required=True, validate=_CHANGE)
-    free = Int(required=True, validate=_POSITION)
-    files = List(Nested(FileOfferSchema), required=True, validate=validate.Length(max=PROGRESS_PAGE))
 
 
 # The header carrying the one-time MAC of a relay message's body (base64).
