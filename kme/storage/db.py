@@ -8,7 +8,7 @@ import weakref
 from contextlib import contextmanager
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import text
+from sqlalchemy import column, select, table
 from sqlalchemy.orm import DeclarativeBase
 
 from kme.errors import StorageFailure
@@ -22,7 +22,9 @@ class Base(DeclarativeBase):
 db = SQLAlchemy(model_class=Base)
 
 _meta: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_READ_META = text("SELECT name, value FROM kme_meta")
+# kme_meta as Core sees it without the models (which import this module).
+_META = table("kme_meta", column("name"), column("value"))
+_READ_META = select(_META.c.name, _META.c.value)
 
 
 def init_app(app, database_uri: str, threads: int) -> None:

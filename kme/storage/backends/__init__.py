@@ -6,11 +6,11 @@ A backend module provides:
 - ``DRIVER_ERRORS``, its driver's exceptions; ``failure_cause(error)``, one
   key-free line for an error;
 - ``engine_options(threads)`` for SQLAlchemy's engine and ``install(engine)``,
-  hooks on its connections; driver connections have an ``sql`` attribute,
-  the engine's spelling of what kme.storage.statements leaves to it (the
-  ``TAKE``, ``RESERVE`` and ``LEND`` claims, ``ROW_LOCK``, ``BYTE_LENGTH``,
-  ``lock_name(connection, name)``, ``add_fingerprints(connection, ordered,
-  chunks)``);
+  hooks on its connections; driver connections have an ``sql`` attribute:
+  the SQLAlchemy dialect the statements are compiled for (``dialect``,
+  kme.storage.compiled) and what the engine does its own way
+  (``lock_name(connection, name)``, ``add_fingerprints(connection, ordered,
+  chunk)``);
 - ``write_session(session)``, a context manager that starts a session's write
   transaction, exclusive among the write sessions of the KME;
   ``schema_connection(engine)``, a connection whose transaction is exclusive
@@ -31,7 +31,7 @@ from kme.database_uris import scheme_of
 INTERFACE = ("DRIVER_ERRORS", "failure_cause", "engine_options", "install",
              "write_session", "schema_connection", "grouped_write", "read_connection", "dispose", "periodic_lock",
              "file_problem", "write_probe", "read_meta", "checkpoint")
-SQL_INTERFACE = ("TAKE", "RESERVE", "LEND", "ROW_LOCK", "BYTE_LENGTH", "lock_name", "add_fingerprints")
+SQL_INTERFACE = ("dialect", "lock_name", "add_fingerprints")
 _MODULES = {"sqlite": "kme.storage.backends.sqlite", "postgresql": "kme.storage.backends.postgresql"}
 _loaded: dict = {}
 

@@ -14,18 +14,19 @@ The password comes from the URI, or from libpq itself: PGPASSWORD, the
 passfile named by PGPASSFILE or by ``passfile=`` in the URI. It is never
 written anywhere: kme.database_uris.describe() leaves it out.
 """
-import functools
 import itertools
 import logging
 from contextlib import closing, contextmanager
 
 import psycopg
 from psycopg import errors as pg_errors
-from sqlalchemy import event
+from sqlalchemy import BigInteger, bindparam, event, func, select
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.engine import make_url
 
-from kme.storage.statements import claims
+from kme.storage.compiled import POSTGRESQL, Statement, run
+from kme.storage.models import Heartbeat, KeyFingerprint, Meta
 
 log = logging.getLogger(__name__)
 
@@ -40,56 +41,46 @@ CONNECT_TIMEOUT = 5
 RETRIES = 3
 _RETRYABLE = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 
+_fingerprints = KeyFingerprint.__table__
+_LOCK_NAME = Statement(select(func.pg_advisory_xact_lock(func.hashtextextended(bindparam("name"), 0))))
+_ADD_FINGERPRINTS = Statement(
+    insert(_fingerprints).from_select(["fingerprint"], select(func.unnest(bindparam(
+        "fingerprints", type_=ARRAY(BigInteger))))).on_conflict_do_nothing().returning(_fingerprints.c.fingerprint))
+_TAKE_PERIODIC = Statement(select(func.pg_try_advisory_lock(PERIODIC_LOCK)))
+_ALIVE = Statement(select(1))
+# Run through SQLAlchemy: it begins a Session's write transaction.
+_TAKE_WRITERS = select(func.pg_advisory_xact_lock(WRITERS_LOCK))
+_META = Statement(select(Meta.__table__.c.name, Meta.__table__.c.value))
+_heartbeats = Heartbeat.__table__
+_PROBE = Statement(insert(_heartbeats).values(name="healthz-probe", beat_at=func.extract("epoch", func.now()))
+                   .on_conflict_do_update(index_elements=[_heartbeats.c.name],
+                                          set_={"beat_at": insert(_heartbeats).excluded.beat_at}))
+
 
 class _Sql:
-    """PostgreSQL's spelling of the statements kme.storage.statements leaves to the engine."""
+    """PostgreSQL's dialect, and what it does its own way."""
 
-    # Claims lock the rows they take and skip those another transaction holds: claims on several hosts never
-    # wait for each other's keys.
-    TAKE, RESERVE, LEND = claims(" FOR UPDATE SKIP LOCKED")
-    ROW_LOCK = " FOR UPDATE"
-    BYTE_LENGTH = "octet_length"
+    dialect = POSTGRESQL
 
     @staticmethod
     def lock_name(connection, name: str) -> None:
         """A transaction-scoped advisory lock on a 64-bit hash of the name (a collision only makes two
         transactions wait for each other)."""
-        connection.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (name,))
+        run(connection, _LOCK_NAME, name=name)
 
     @staticmethod
-    def add_fingerprints(connection, ordered: list[int], _chunks) -> set[int]:
+    def add_fingerprints(connection, ordered: list[int], _chunk: int) -> set[int]:
         """One statement: the array is inserted, known fingerprints skipped; those inserted come back."""
-        inserted = connection.execute(
-            "INSERT INTO key_fingerprints (fingerprint) SELECT unnest(?::bigint[]) ON CONFLICT DO NOTHING "
-            "RETURNING fingerprint", (ordered,)).fetchall()
+        inserted = run(connection, _ADD_FINGERPRINTS, fingerprints=ordered).fetchall()
         if len(inserted) == len(ordered):
             return set()
         return set(ordered) - {row[0] for row in inserted}
 
 
-# Bounded: a lookup of n keys has its own statement for each n (up to the chunk of 4096).
-@functools.lru_cache(maxsize=1024)
-def _translated(query: str) -> str:
-    """``query`` with psycopg's %s for each ``?`` (the statements never hold a literal ? or %)."""
-    return query.replace("?", "%s")
-
-
 class Connection(psycopg.Connection):
-    """A psycopg connection that takes the key store's ``?`` parameters and carries PostgreSQL's spelling."""
+    """A psycopg connection that carries PostgreSQL's dialect."""
 
     sql = _Sql
-
-    def execute(self, query, params=None, **kwargs):
-        return super().execute(_translated(query) if isinstance(query, str) else query, params, **kwargs)
-
-    def executemany(self, query: str, rows):
-        cursor = self.cursor()
-        cursor.executemany(_translated(query), rows)
-        return cursor
-
-
-
-
 
 
 def engine_options(threads: int) -> dict:
@@ -110,7 +101,7 @@ def install(engine) -> None:
     @event.listens_for(engine, "begin")
     def on_begin(connection):
         if connection.get_execution_options().get(WRITE_OPTION):
-            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITERS_LOCK})")
+            connection.execute(_TAKE_WRITERS)
 
 
 @contextmanager
@@ -178,8 +169,8 @@ def _connect(uri: str, **options) -> psycopg.Connection:
     """A psycopg connection to the database of ``uri``, outside any pool, with the parameters SQLAlchemy's engine
     would give it (several hosts, the query string's libpq options)."""
     _args, parameters = psycopg_dialect().create_connect_args(make_url(uri))
-    return psycopg.connect(**{"connect_timeout": CONNECT_TIMEOUT, "application_name": "kme", **parameters},
-                           **options)
+    return Connection.connect(**{"connect_timeout": CONNECT_TIMEOUT, "application_name": "kme", **parameters},
+                              **options)
 
 
 class PeriodicLock:
@@ -198,9 +189,9 @@ class PeriodicLock:
                 self._connection = _connect(self._uri, autocommit=True)
             if self._held:
                 # The lock lives as long as the session: a query that works proves both.
-                self._connection.execute("SELECT 1")
+                run(self._connection, _ALIVE)
             else:
-                self._held = self._connection.execute(f"SELECT pg_try_advisory_lock({PERIODIC_LOCK})").fetchone()[0]
+                self._held = run(self._connection, _TAKE_PERIODIC).fetchone()[0]
         except psycopg.Error:
             self.release()
         return self._held
@@ -221,7 +212,7 @@ def read_meta(uri: str) -> dict[str, bytes]:
     process's first use of the database reports why)."""
     try:
         with closing(_connect(uri, autocommit=True)) as connection:
-            return {name: bytes(value) for name, value in connection.execute("SELECT name, value FROM kme_meta")}
+            return {name: bytes(value) for name, value in run(connection, _META)}
     except psycopg.Error:
         return {}
 
@@ -239,9 +230,7 @@ def write_probe(engine) -> str | None:
     """Try a small write on a fresh connection; the database error, or None if writes work."""
     try:
         with closing(_connect(engine.url.render_as_string(hide_password=False))) as connection:
-            connection.execute("INSERT INTO heartbeats (name, beat_at) VALUES ('healthz-probe', "
-                               "extract(epoch from now())) ON CONFLICT (name) DO UPDATE SET beat_at = "
-                               "excluded.beat_at")
+            run(connection, _PROBE)
             connection.commit()
     except psycopg.Error as exc:
         # psycopg's first line names the failure; the next ones repeat the statement.

@@ -12,14 +12,26 @@ import time
 import weakref
 from contextlib import closing, contextmanager
 
-from sqlalchemy import event
+from sqlalchemy import bindparam, event, select
+from sqlalchemy.dialects.sqlite import insert
 
 from kme.database_uris import sqlite_path
 from kme.storage.backends import sqlite_connections
 from kme.storage.backends.sqlite_connections import database_path
-from kme.storage.statements import claims
+from kme.storage.compiled import SQLITE, Statement, many, run, run_many
+from kme.storage.models import Heartbeat, KeyFingerprint, Meta
 
 WRITE_OPTION = "kme_write"
+_fingerprints = KeyFingerprint.__table__
+_INSERT_FINGERPRINT = Statement(insert(_fingerprints).values(fingerprint=bindparam("fingerprint")),
+                                row=("fingerprint",))
+_ADD_FINGERPRINT = Statement(insert(_fingerprints).values(fingerprint=bindparam("fingerprint"))
+                             .on_conflict_do_nothing(), row=("fingerprint",))
+_KNOWN_FINGERPRINTS = Statement(lambda fingerprints: select(_fingerprints.c.fingerprint).where(
+    _fingerprints.c.fingerprint.in_(many("fingerprints", fingerprints))), lists=("fingerprints",))
+_META = Statement(select(Meta.__table__.c.name, Meta.__table__.c.value))
+_PROBE = Statement(insert(Heartbeat.__table__).values(name="healthz-probe", beat_at=bindparam("beat_at"))
+                   .prefix_with("OR REPLACE"))
 # Errors of the driver itself, raised by the statements that run past SQLAlchemy.
 DRIVER_ERRORS = (sqlite3.Error,)
 
@@ -36,35 +48,32 @@ _PRAGMAS = (
 )
 
 class _Sql:
-    """SQLite's spelling of the statements kme.storage.statements leaves to the engine."""
+    """SQLite's dialect, and what it does its own way."""
 
-    TAKE, RESERVE, LEND = claims("")
-    # Every write transaction holds the database's write lock: there are no row locks to take.
-    ROW_LOCK = ""
-    BYTE_LENGTH = "length"
+    dialect = SQLITE
 
     @staticmethod
     def lock_name(_connection, _name: str) -> None:
         """Nothing to take: the transaction holds the database's write lock."""
 
     @staticmethod
-    def add_fingerprints(connection, ordered: list[int], chunks) -> set[int]:
-        """The usual case costs one executemany: INSERT OR IGNORE, whose row count says whether any fingerprint
-        was known. Only then is it undone to a savepoint, the known ones looked up, and the others inserted."""
+    def add_fingerprints(connection, ordered: list[int], chunk: int) -> set[int]:
+        """The usual case costs one executemany: an insert that skips known fingerprints, whose row count says
+        whether any was known. Only then is it undone to a savepoint, the known ones looked up, and the others
+        inserted."""
         connection.execute("SAVEPOINT fingerprints")
-        inserted = connection.executemany("INSERT OR IGNORE INTO key_fingerprints (fingerprint) VALUES (?)",
-                                          zip(ordered)).rowcount
+        inserted = run_many(connection, _ADD_FINGERPRINT, zip(ordered)).rowcount
         if inserted == len(ordered):
             connection.execute("RELEASE fingerprints")
             return set()
         connection.execute("ROLLBACK TO fingerprints")
         connection.execute("RELEASE fingerprints")
         known = set()
-        for chunk, marks in chunks(ordered):
-            known.update(row[0] for row in connection.execute(
-                f"SELECT fingerprint FROM key_fingerprints WHERE fingerprint IN ({marks})", chunk))
-        connection.executemany("INSERT INTO key_fingerprints (fingerprint) VALUES (?)",
-                               zip(fingerprint for fingerprint in ordered if fingerprint not in known))
+        for start in range(0, len(ordered), chunk):
+            known.update(row[0] for row in run(connection, _KNOWN_FINGERPRINTS,
+                                               fingerprints=ordered[start:start + chunk]))
+        run_many(connection, _INSERT_FINGERPRINT, zip(fingerprint for fingerprint in ordered
+                                                      if fingerprint not in known))
         return known
 
 
@@ -182,8 +191,8 @@ def read_meta(uri: str) -> dict[str, bytes]:
     if path is None or not os.path.exists(path):
         return {}
     try:
-        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as raw:
-            return dict(raw.execute("SELECT name, value FROM kme_meta").fetchall())
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, factory=Connection)) as raw:
+            return dict(run(raw, _META).fetchall())
     except sqlite3.Error:
         return {}
 
@@ -234,10 +243,10 @@ def write_probe(engine) -> str | None:
     if path is None:
         return None
     try:
-        with closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=2, isolation_level=None)) as raw:
+        with closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=2, isolation_level=None,
+                                     factory=Connection)) as raw:
             raw.execute("BEGIN IMMEDIATE")
-            raw.execute("INSERT OR REPLACE INTO heartbeats (name, beat_at) VALUES ('healthz-probe', ?)",
-                        (time.time(),))
+            run(raw, _PROBE, beat_at=time.time())
             raw.execute("COMMIT")
     except sqlite3.Error as exc:
         return str(exc)

@@ -67,8 +67,9 @@ def ask(link_id: int, lease_id: str, minimum: int) -> LeaseRequest:
             size *= 2
         elif now - link.lease_at > SLOW_SECONDS:
             size //= 2
-        link.lease_size, link.lease_at = min(max(size, MIN_LEASE), MAX_LEASE), now
-        request = LeaseRequest(lease_id, minimum, max(minimum, link.lease_size))
+        size = min(max(size, MIN_LEASE), MAX_LEASE)
+        statements.set_link(session, link_id, lease_size=size, lease_at=now)
+        request = LeaseRequest(lease_id, minimum, max(minimum, size))
         session.add(Lease(lease_id=lease_id, link_id=link_id, role=ASKED, created_at=clock.utc_now(),
                           parts=json.dumps({"minimum": request.minimum, "wanted": request.wanted})))
         return request
@@ -107,8 +108,7 @@ def receive(link_id: int, lease_id: str, runs: list[dict], peer_free: int) -> in
     """Take the keys the peer lent us into our direction; how many (0 if this lease was settled before)."""
     with write_transaction() as session:
         asked = session.get(Lease, lease_id)
-        link = session.get(Link, link_id)
-        link.peer_free = peer_free
+        statements.set_link(session, link_id, peer_free=peer_free)
         if asked is None or asked.role != ASKED:
             return 0
         # Kept, as applied, for as long as the lender may ask about it.

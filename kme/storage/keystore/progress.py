@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select, update
 
-from kme.storage import at_rest, events
+from kme.storage import at_rest, events, statements
 from kme.storage.db import db, write_transaction
 from kme.storage.keystore.common import update_link
 from kme.storage.models import OURS, PEERS, UNCONFIRMED, KeyFile, Link, PoolKey
@@ -104,33 +104,35 @@ def incoming(this_kme_id: int, link_id: int, database_id: str, push: Exchange,
              known_database: str | None) -> Exchange:
     """Apply a peer's push; answer with our changes after the peer's cursor (all if it knew another database)."""
     with write_transaction() as session:
-        link = _peer_database(session, link_id, push.database_id)
+        seen = _peer_database(session, link_id, push.database_id)
         ours = head(session, link_id)
         since = 0
         if known_database == database_id:
             # What the peer acknowledges, even below what it did before (it went back): resending is harmless.
-            since = link.progress_sent = _acknowledged(session, link_id, push.seen, ours)
-        _apply(session, this_kme_id, link_id, link, push.files, push.free, contiguous=link.progress_seen >= push.after)
+            since = _acknowledged(session, link_id, push.seen, ours)
+            statements.set_link(session, link_id, progress_sent=since)
+        seen = _apply(session, this_kme_id, link_id, seen, push.files, push.free, contiguous=seen >= push.after)
         rows = session.scalars(select(KeyFile).where(KeyFile.link_id == link_id, KeyFile.seq > since)
                                .order_by(KeyFile.seq).limit(PAGE)).all()
-        # Confirmation changed the counters past the ORM: read them afresh.
-        free = session.scalar(select(Link.available).where(Link.peer_kme_id == link_id))
-        return Exchange(database_id, [FileOffer(row.name, offer(row), row.seq) for row in rows], free,
-                        link.progress_seen, head=head(session, link_id))
+        # Confirmation changed the counters: read them from the row.
+        free = statements.link_row(session, link_id, ("available",))[0]
+        return Exchange(database_id, [FileOffer(row.name, offer(row), row.seq) for row in rows], free, seen,
+                        head=head(session, link_id))
 
 
 def answered(this_kme_id: int, link_id: int, asked_since: int, answer: Exchange) -> None:
     """Apply the peer's answer to our push, which asked for its changes after ``asked_since``."""
     with write_transaction() as session:
-        link = _peer_database(session, link_id, answer.database_id)
+        seen = _peer_database(session, link_id, answer.database_id)
         if answer.head is not None and answer.head < asked_since:
             # Its answer was made after every message that told us of those changes: not a crossing message.
             events.record(session, f"KME {link_id}'s last change ({answer.head}) is before changes of it we had "
                                    f"({asked_since}): its database went back (a restore or a failover?); "
                                    "its progress is learnt again")
-            link.progress_seen = 0
-        _apply(session, this_kme_id, link_id, link, answer.files, answer.free, contiguous=True)
-        link.progress_sent = _acknowledged(session, link_id, answer.seen, head(session, link_id))
+            seen = 0
+        _apply(session, this_kme_id, link_id, seen, answer.files, answer.free, contiguous=True)
+        statements.set_link(session, link_id, progress_sent=_acknowledged(session, link_id, answer.seen,
+                                                                          head(session, link_id)))
 
 
 def _acknowledged(session, link_id: int, seen: int, ours: int) -> int:
@@ -204,20 +206,23 @@ def _withdrawn(session, link_id: int, row: KeyFile, offered: int) -> None:
                                f"{offered} positions now; {erased} keys set aside here")
 
 
-def _peer_database(session, link_id: int, database_id: str) -> Link:
-    """The link row, forgetting what a previous database of the peer said."""
-    link = session.get(Link, link_id)
-    if link.peer_database != database_id:
-        if link.peer_database is not None:
+def _peer_database(session, link_id: int, database_id: str) -> int:
+    """Our cursor of the peer's changes (``progress_seen``), after forgetting what a previous database of the
+    peer said."""
+    known, seen = statements.link_row(session, link_id, ("peer_database", "progress_seen"))
+    if known != database_id:
+        if known is not None:
             session.execute(update(KeyFile).where(KeyFile.link_id == link_id)
                             .values(peer_position=0, peer_reported_at=None))
             events.record(session, f"KME {link_id} has a new database: its ingestion progress is learnt again")
-        link.peer_database, link.progress_sent, link.progress_seen = database_id, 0, 0
-    return link
+        statements.set_link(session, link_id, peer_database=database_id, progress_sent=0, progress_seen=0)
+        seen = 0
+    return seen
 
 
-def _apply(session, this_kme_id: int, link_id: int, link: Link, files: list[FileOffer], free: int,
-           contiguous: bool) -> None:
+def _apply(session, this_kme_id: int, link_id: int, seen: int, files: list[FileOffer], free: int,
+           contiguous: bool) -> int:
+    """Apply the peer's file changes and free keys; our cursor of its changes (``seen``) after them."""
     now = time.time()
     if files:
         rows = {row.name: row for row in session.scalars(select(KeyFile).where(
@@ -240,6 +245,6 @@ def _apply(session, this_kme_id: int, link_id: int, link: Link, files: list[File
                 _withdrawn(session, link_id, row, item.offered)
             confirm(session, this_kme_id, link_id, row)
         if contiguous:
-            link.progress_seen = max(link.progress_seen, max(item.seq for item in files))
-    link.peer_free = free
-    link.progress_at = now
+            seen = max(seen, max(item.seq for item in files))
+    statements.set_link(session, link_id, progress_seen=seen, peer_free=free, progress_at=now)
+    return seen
