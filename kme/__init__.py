@@ -26,12 +26,10 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
     if kme_config is not None:
         share_metrics(kme_config)
 
-    from flask_migrate import Migrate
-
     from kme.interfaces import debug_page, gunicorn_conf, health_api, http_errors, kme_api, openapi, sae_api
     from kme.operations import cli, logs, metrics
     from kme.operations.ingest import ingest_directories
-    from kme.storage import db, kek, migrations, schema
+    from kme.storage import db, kek, schema
     from kme.storage.kek import KekError
 
     app = Flask(__name__)
@@ -52,9 +50,6 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
     except KekError as exc:
         raise ConfigError(f"this_kme.key_encryption_key: {exc}") from None
     db.init_app(app, config.this_kme.database_uri, gunicorn_conf.threads())
-    if interface == "cli":
-        # `flask db upgrade` and the other schema commands (kme.storage.migrations).
-        Migrate(app, db.db, directory=str(migrations.DIRECTORY))
     http_errors.init_app(app)
     app.extensions["kme_interface"] = interface
     blueprints = {"sae": [sae_api.bp, health_api.bp, openapi.bp], "kme": [kme_api.bp, health_api.bp, openapi.bp],

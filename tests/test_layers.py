@@ -23,6 +23,7 @@ LAYERS = [
     ("kme.operations.command_support", 5),
     ("kme.operations.key_encryption_cli", 5),
     ("kme.operations.recovery_cli", 5),
+    ("kme.operations.schema_cli", 5),
     ("kme.operations.watch", 5),
     ("kme.domain", 4),
     ("kme.operations", 4),

@@ -1,5 +1,9 @@
 """Schema versions: `flask db upgrade` makes or upgrades a database (on the session's engine), and a KME refuses a
 database at another version with one line."""
+import os
+import subprocess
+import sys
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -9,6 +13,7 @@ from kme.config import load_config
 from kme.storage import migrations
 from kme.storage.db import db
 from tests.support import (
+    ROOT,
     Ledger,
     run_cli,
     sae_port,
@@ -194,3 +199,28 @@ def test_version_5_seals_every_key_again_at_its_new_place_and_back(kme, pki, tmp
         assert fetched.json()["keys"] == [key]
     finally:
         process.stop()
+
+
+@pytest.mark.engine_independent
+def test_the_versions_a_kme_reads_without_alembic_are_alembics():
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory(str(migrations.DIRECTORY))
+    assert migrations.revisions() == tuple(reversed([script.revision for script in scripts.walk_revisions()]))
+    assert migrations.head() == scripts.get_current_head()
+
+
+def test_a_kme_process_makes_and_checks_its_schema_without_loading_alembic(kme):
+    check = ("import sys\nfrom kme import create_app\nfrom kme.storage.schema import ensure_schema\n"
+             "for interface in ('cli', 'sae'):\n"
+             "    with create_app(interface=interface).app_context():\n"
+             "        ensure_schema()\n"
+             "print(sorted({name.split('.')[0] for name in sys.modules} & {'alembic', 'flask_migrate'}))\n")
+    env = {**os.environ, "KME_CONFIG": str(kme)}
+
+    made = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    result = run_cli(["db", "current"], kme)
+
+    assert made.returncode == 0 and made.stdout.strip() == "[]", made.stderr
+    assert result.returncode == 0 and migrations.head() in result.stdout, result.stderr

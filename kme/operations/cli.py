@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from flask import current_app
 
-from kme.operations import certs, health, key_encryption_cli, key_folders, recovery_cli, status
+from kme.operations import certs, health, key_encryption_cli, key_folders, recovery_cli, schema_cli, status
 from kme.operations.command_support import cause, command_config, key_files, open_database, storage_errors
 from kme.operations.ingest import ingest_directories
 from kme.operations.watch import watch
@@ -166,3 +166,5 @@ def init_app(app) -> None:
     app.cli.add_command(key_encryption_cli.rotate_kek_command)
     app.cli.add_command(key_encryption_cli.encrypt_db_command)
     app.cli.add_command(recovery_cli.restored_from_backup_command)
+    # `flask db upgrade` and the other schema commands (kme.storage.migrations).
+    app.cli.add_command(schema_cli.schema_commands)
