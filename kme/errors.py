@@ -1,7 +1,8 @@
 """The KME's one vocabulary of errors, a leaf every layer may import: domain errors, which carry the message
-for the client (storage and the peer client raise them too), and the configuration's error.
+for the client (storage and the peer client raise them too); the configuration's error; an ingestion that must
+stop; and a broken invariant, which is a bug.
 
-Only kme.interfaces.http_errors knows their HTTP statuses.
+Only kme.interfaces.http_errors knows the domain errors' HTTP statuses.
 """
 
 # Messages the standard prescribes byte for byte.
@@ -13,6 +14,15 @@ SERVER_ERROR = "key data access error"
 
 class ConfigError(Exception):
     """A configuration mistake; str() is the one-line message for the operator."""
+
+
+class IngestionHalted(Exception):
+    """A key file's ingestion cannot go on now (the pool would exceed max_key_count; another process moved the
+    file's position meanwhile): what was stored stays, the rest waits for a later run. str() says why."""
+
+
+class BrokenInvariant(Exception):
+    """A rule that holds by construction was broken (the accounting, a pad too short): a bug, never input."""
 
 
 class KmeError(Exception):

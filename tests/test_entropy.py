@@ -1,6 +1,7 @@
 """Byte histograms and Shannon entropy."""
 import pytest
 
+from kme.errors import BrokenInvariant
 from kme.key_math import entropy
 
 pytestmark = pytest.mark.engine_independent
@@ -28,7 +29,7 @@ def test_apply_adds_and_removes_and_refuses_negative():
     assert entropy.merge([histogram, histogram])[ord("b")] == 4
     assert entropy.apply(histogram, added=[b"a"], removed=[b"ab", b"ba"]) == entropy.apply(entropy.EMPTY, [b"a"], [b"a"])
     assert entropy.apply(histogram, removed=[b"ab", b"b"]) == entropy.EMPTY
-    with pytest.raises(ValueError):
+    with pytest.raises(BrokenInvariant, match="accounting is broken"):
         entropy.apply(entropy.EMPTY, removed=[b"a"])
     assert not entropy.changed([b"ab", b"c"], [b"abc"]) and entropy.changed([b"ab"], [b"abc"])
 

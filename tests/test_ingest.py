@@ -7,6 +7,7 @@ import pytest
 
 from kme import create_app
 from kme.config import load_config
+from kme.errors import IngestionHalted
 from kme.operations import ingest
 from kme.operations.ingest import IngestSummary, ingest_directories
 from kme.storage.keystore import intake
@@ -120,6 +121,19 @@ def test_pool_never_exceeds_max_key_count(setup):
     assert any("max_key_count" in warning for warning in summary.warnings)
     assert ledger.assert_exact(1)["available"] == 10
     assert (keys / "b.cor").exists()
+
+
+def test_a_file_another_process_moved_on_meanwhile_is_left_to_it(setup):
+    app, keys, ledger = setup()
+    write_keys(keys / "a.cor", 10)
+    with app.app_context():
+        opened = intake.open_key_file(1, "a.cor")
+        moved, _refused = intake.store_keys(1, 1, opened, [os.urandom(32) for _ in range(3)], 96, False, 100)
+        with pytest.raises(IngestionHalted, match="another process"):
+            intake.store_keys(1, 1, opened, [os.urandom(32) for _ in range(3)], 96, False, 100)
+
+    assert moved.next_position == 3
+    assert [position for position, _ in ledger.pool_keys()] == [0, 1, 2]
 
 
 def test_delete_key_file_after_read_only_once_stored(setup):

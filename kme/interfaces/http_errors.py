@@ -39,11 +39,23 @@ STATUS = {
     StorageFailure: 503,
 }
 
-_HTTP_MESSAGES = {
+HTTP_MESSAGES = {
     400: "the request is malformed",
     404: "no such method: see ETSI GS QKD 014 for the routes",
     405: "method not allowed for this route",
     413: "request body too large",
+}
+
+# What each status answered above means to a client: the OpenAPI documents (kme.interfaces.openapi) say it.
+MEANINGS = {
+    400: "Bad request format (ETSI Error body)",
+    401: "Unauthorized: no registered client certificate, or not a slave SAE of a requested key",
+    403: "The calling KME acts outside its own link, master SAE or our slave SAEs",
+    404: "No such route",
+    405: "Method not allowed",
+    409: "Keys not available at this KME, or the activation was settled otherwise",
+    413: "Request body too large",
+    503: "Error on the server side: not enough keys, a peer KME or the storage failed (named in the message)",
 }
 
 
@@ -75,7 +87,7 @@ def init_app(app) -> None:
     def handle_http_exception(error: HTTPException):
         db.session.rollback()
         code = error.code or 500
-        message = _HTTP_MESSAGES.get(code, (error.description or error.name).rstrip("."))
+        message = HTTP_MESSAGES.get(code, (error.description or error.name).rstrip("."))
         response = answer(code, {"message": message})
         if code == 405 and error.valid_methods:
             response.headers["Allow"] = ", ".join(error.valid_methods)

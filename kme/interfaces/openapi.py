@@ -9,6 +9,7 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, current_app
 
+from kme.interfaces.http_errors import MEANINGS
 from kme.interfaces.schemas import (
     EntropySchema,
     ErrorSchema,
@@ -38,16 +39,6 @@ from kme.peers.wire import (
 
 bp = Blueprint("openapi", __name__)
 
-_ERRORS = {
-    400: "Bad request format (ETSI Error body)",
-    401: "Unauthorized: no registered client certificate, or not a slave SAE of a requested key",
-    403: "The calling KME acts outside its own link, master SAE or our slave SAEs",
-    404: "No such route",
-    405: "Method not allowed",
-    409: "Keys not available at this KME, or the activation was settled otherwise",
-    413: "Request body too large",
-    503: "Error on the server side: not enough keys, a peer KME or the storage failed (named in the message)",
-}
 _SAE_ERRORS = (400, 401, 404, 405, 413, 503)
 _KME_ERRORS = (400, 401, 403, 404, 405, 409, 413, 503)
 
@@ -63,7 +54,7 @@ def _query(name: str, schema: dict, description: str) -> dict:
 
 def _operation(summary: str, answer, errors, parameters=(), body=None) -> dict:
     responses = {"200": {"description": "OK", "content": {"application/json": {"schema": answer}}}}
-    responses.update({str(code): {"description": _ERRORS[code],
+    responses.update({str(code): {"description": MEANINGS[code],
                                   "content": {"application/json": {"schema": ErrorSchema}}} for code in errors})
     operation = {"summary": summary, "responses": responses}
     if parameters:

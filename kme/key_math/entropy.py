@@ -9,6 +9,8 @@ from functools import lru_cache
 
 import numpy
 
+from kme.errors import BrokenInvariant
+
 # A stored histogram: 256 little-endian unsigned 64-bit counts, one per byte value.
 _COUNT = numpy.dtype("<u8")
 EMPTY = bytes(256 * _COUNT.itemsize)
@@ -31,7 +33,7 @@ def apply(histogram: bytes, added=(), removed=()) -> bytes:
     if removed:
         current = current - _counts(b"".join(removed))
     if (current < 0).any():
-        raise ValueError("byte histogram would go negative: accounting is broken")
+        raise BrokenInvariant("byte histogram would go negative: accounting is broken")
     return current.astype(_COUNT).tobytes()
 
 

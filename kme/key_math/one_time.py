@@ -13,6 +13,8 @@ import hmac
 
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
+from kme.errors import BrokenInvariant
+
 MAC_KEY_BYTES = 32
 TAG_BYTES = 16
 
@@ -20,7 +22,7 @@ TAG_BYTES = 16
 def xor(data: bytes, pad: bytes) -> bytes:
     """``data`` XOR the first len(data) bytes of ``pad`` (sealing and opening are the same)."""
     if len(pad) < len(data):
-        raise ValueError("the pad is shorter than the data")
+        raise BrokenInvariant("the pad is shorter than the data")
     return (int.from_bytes(data, "big") ^ int.from_bytes(pad[:len(data)], "big")).to_bytes(len(data), "big")
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from kme.config import KmeConfig
+from kme.errors import IngestionHalted
 from kme.operations import key_folders
 from kme.storage.db import meta
 from kme.storage.keystore import intake
@@ -209,7 +210,7 @@ def _read_batches(config, link_id, shown, handle, file_progress, summary, progre
             file_progress, refused = intake.store_keys(
                 config.this_kme.id, link_id, file_progress, materials, handle.tell(), at_end,
                 config.this_kme.limits.max_key_count)
-        except ValueError as exc:
+        except IngestionHalted as exc:
             summary.warn(f"{shown}: {exc}; {added} keys kept, the rest on a later run")
             return None
         if refused:

@@ -8,6 +8,7 @@ from itertools import repeat
 from sqlalchemy import select
 
 from kme import clock
+from kme.errors import IngestionHalted
 from kme.key_math import entropy
 from kme.storage import at_rest, events, statements
 from kme.storage.db import db, meta, write_transaction
@@ -110,19 +111,20 @@ def store_keys(this_kme_id: int, link_id: int, progress: FileProgress, materials
     position left unused. Keys of a link with another KME wait, unconfirmed,
     until the peer says it holds them too (kme.storage.keystore.progress).
     Returns the new progress and the number refused.
-    Raises ValueError if the pool would exceed ``max_key_count``.
+    IngestionHalted if the pool would exceed ``max_key_count``, or if the
+    file's position is no longer ``progress`` (another process ingested it).
     """
     with write_transaction() as session:
         row = session.get(KeyFile, progress.file_id)
         if row.next_position != progress.next_position:
-            raise RuntimeError(f"key file {row.name} was ingested concurrently")
+            raise IngestionHalted(f"key file {row.name} was ingested by another process meanwhile")
         if row.complete:
             events.record(session, f"Key file {row.name} on link {link_id} grew after it was ingested: "
                                    f"reading on from position {row.next_position}")
         link_row = session.get(Link, link_id)
         if (link_row.available + link_row.reserved + link_row.peer_held + link_row.unconfirmed + len(materials)
                 > max_key_count):
-            raise ValueError(f"the pool of link {link_id} would exceed max_key_count ({max_key_count})")
+            raise IngestionHalted(f"the pool of link {link_id} would exceed max_key_count ({max_key_count})")
         first, file_id = row.next_position, row.id
         prints = fingerprints(materials)
         # The first occurrence of a material in the batch counts; later ones are duplicates. Built backwards,

@@ -1,0 +1,27 @@
+"""kme.interfaces.http_errors: the one table of statuses, and the documents' words for each."""
+import pytest
+
+from kme.errors import BadRequest, KeysNotFound, NotEnoughKeys, PeerFailure, RelayFailure, StorageFailure
+from kme.interfaces import http_errors, openapi
+
+pytestmark = pytest.mark.engine_independent
+
+
+def test_every_status_answered_has_its_meaning_and_no_other_status_does():
+    answered = set(http_errors.STATUS.values()) | set(http_errors.HTTP_MESSAGES) | {503}
+
+    assert set(http_errors.MEANINGS) == answered
+
+
+def test_a_domain_error_gets_the_status_of_its_kind():
+    assert http_errors.http_status(KeysNotFound()) == http_errors.http_status(BadRequest("x")) == 400
+    assert http_errors.http_status(RelayFailure(1, 2, "no_route")) == http_errors.http_status(PeerFailure("x")) == 503
+    assert http_errors.http_status(NotEnoughKeys("x")) == http_errors.http_status(StorageFailure("x")) == 503
+
+
+def test_the_documents_describe_each_error_status_as_the_table_does():
+    document = openapi.document("all")
+    described = {code: answer["description"] for path in document["paths"].values() for operation in path.values()
+                 for code, answer in operation["responses"].items() if code != "200"}
+
+    assert described and all(http_errors.MEANINGS[int(code)] == text for code, text in described.items())
