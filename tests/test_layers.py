@@ -121,3 +121,22 @@ def test_imports_run_down_the_layers_only():
 
 def test_no_modules_import_each_other_in_a_circle():
     assert _circles(_graph()) == set()
+
+
+def test_modules_of_the_kme_are_imported_at_the_top_but_by_the_app_factory():
+    # Only create_app imports the app's modules when it runs (gunicorn's master imports them, never the app).
+    inside = set()
+    for name, path in _modules().items():
+        for function in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) or function.name == "create_app":
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    names = ["kme" if node.level else node.module or ""]
+                else:
+                    continue
+                if any(found == "kme" or found.startswith("kme.") for found in names):
+                    inside.add(f"{name}.{function.name}")
+    assert inside == set()

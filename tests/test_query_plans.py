@@ -82,7 +82,7 @@ def test_the_sae_hot_path_searches_indexes(kme1):
     # Its statements run on the driver connection, past SQLAlchemy: the trace sees them too.
     def hot_path():
         keys = local.deliver_local(1, 1, [2], 2, 512)
-        local.fetch_delivered(1, 2, [key.key_id for key in keys])
+        local.fetch_delivered(1, 2, [key.key_id for key in keys], lambda found: None)
         common.link_counts(1)
         common.link_histograms()
 

@@ -16,10 +16,9 @@ from kme import clock
 from kme.config import KmeConfig, OtherKme, Sae
 from kme.domain import relay, sharing
 from kme.errors import BadRequest, Forbidden, PeerFailure
-from kme.operations import health, metrics
+from kme.operations import metrics
 from kme.peers.client import PeerError, PeerOutcomeUnknown, PeerRefused, client_for
-from kme.storage import at_rest, events
-from kme.storage.keystore import incoming, leases, local, outgoing, relays
+from kme.storage.keystore import incoming, outgoing
 from kme.storage.keystore.common import DeliveredKeyMaterial, pool_keys_per_key
 from kme.storage.keystore.incoming import ActivationRequest
 
@@ -71,6 +70,9 @@ def accept_activation(config: KmeConfig, caller: OtherKme, request: ActivationRe
     refusal = config.this_kme.limits.refusal(request.size_bits, len(request.keys), "activation")
     if refusal:
         raise BadRequest(refusal)
+    per_key = pool_keys_per_key(request.size_bits)
+    if any(len(parts) != per_key for _, parts in request.keys):
+        raise BadRequest(f"each key of {request.size_bits} bits has {per_key} parts")
     return incoming.activate(config.this_kme.id, caller.id, request)
 
 
@@ -90,7 +92,7 @@ def _check_sides(config: KmeConfig, caller: OtherKme, request: ActivationRequest
             raise Forbidden(f"SAE {slave_id} is not an SAE of this KME")
 
 
-def _abandoned_before(config: KmeConfig) -> str:
+def abandoned_before(config: KmeConfig) -> str:
     """Requests to peers sent before this time have lost the worker that waited for them."""
     return clock.utc_now(relay.peer_wait(config.other_kmes) * _SENDING_MARGIN)
 
@@ -98,7 +100,7 @@ def _abandoned_before(config: KmeConfig) -> str:
 def settle_pending(config: KmeConfig) -> int:
     """Cancel at their peers the activations nobody waits for, then discard their keys; how many settled."""
     settled = 0
-    for activation_id, link_id, request, is_relay in outgoing.to_settle(_abandoned_before(config)):
+    for activation_id, link_id, request, is_relay in outgoing.to_settle(abandoned_before(config)):
         peer = config.other_kmes_by_id.get(link_id)
         if peer is None:
             # The link left the configuration: its keys can never be used again.
@@ -117,31 +119,3 @@ def settle_pending(config: KmeConfig) -> int:
         outgoing.discard(activation_id)
         settled += 1
     return settled
-
-
-def probe_peers(config: KmeConfig) -> None:
-    """Record whether each peer KME's inter-KME interface answers (shown by the debugging page)."""
-    for peer in config.other_kmes:
-        health.record_peer(peer.id, *client_for(peer).probe())
-
-
-def peer_housekeeping(config: KmeConfig) -> None:
-    """The KME's periodic work with its peers (one background worker of the KME runs it): probes, link sharing,
-    settling, releases. A peer that hangs slows this down, never the local work."""
-    probe_peers(config)
-    sharing.housekeeping(config, _abandoned_before(config))
-    settle_pending(config)
-    relay.send_releases(config, relays.releases_pending())
-
-
-def local_housekeeping(config: KmeConfig) -> None:
-    """The KME's periodic work on its own database (one background worker of the KME runs it): relays whose
-    worker died, expiry, forgetting."""
-    relays.abandon(_abandoned_before(config))
-    at_rest.end_rotation(expired_only=True)
-    expiry = config.this_kme.key_expiry_seconds
-    while local.expire_delivered(clock.utc_now(expiry)):
-        pass
-    incoming.forget_before(clock.utc_now(max(expiry, 86400) * 2))
-    leases.forget_given_before(clock.utc_now(leases.REMEMBER_SECONDS))
-    events.prune()

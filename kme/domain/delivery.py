@@ -5,7 +5,7 @@ are kme.errors domain errors with the standard's messages.
 """
 from kme.config import KmeConfig, Sae
 from kme.domain import activation, relay
-from kme.errors import EXTENSION_MANDATORY_UNSUPPORTED, SIZE_NOT_MULTIPLE_OF_8, BadRequest
+from kme.errors import EXTENSION_MANDATORY_UNSUPPORTED, SIZE_NOT_MULTIPLE_OF_8, BadRequest, KeysNotFound, NotAuthorized
 from kme.key_math import entropy
 from kme.storage.keystore import common
 from kme.storage.keystore import local as keystore_local
@@ -117,7 +117,18 @@ def get_key_with_key_ids(config: KmeConfig, slave: Sae, master_id: str, key_ids:
         raise BadRequest("key_IDs: the same key ID is requested twice")
     if len(key_ids) > config.this_kme.limits.max_key_per_request:
         raise BadRequest(f"key_IDs: at most {config.this_kme.limits.max_key_per_request} per request")
-    return keystore_local.fetch_delivered(master.id, slave.id, key_ids)
+    return keystore_local.fetch_delivered(master.id, slave.id, key_ids,
+                                          lambda found: _may_fetch(slave.id, master.id, key_ids, found))
+
+
+def _may_fetch(slave_id: int, master_id: int, key_ids: list[str], found: dict[str, tuple[int, bool | None]]) -> None:
+    """Who may fetch: only a slave SAE of every key (401), each key once, all of them made by ``master_id`` (else
+    the standard's 400). ``found``: for each key that exists, its master and whether this slave fetched it
+    (None: it is not one of its slaves)."""
+    if any(fetched is None for _master, fetched in found.values()):
+        raise NotAuthorized(f"SAE {slave_id} is not a slave SAE of one or more requested keys")
+    if len(found) != len(key_ids) or any(fetched or master != master_id for master, fetched in found.values()):
+        raise KeysNotFound()
 
 
 def total_entropy() -> float:

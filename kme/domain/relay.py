@@ -74,7 +74,10 @@ def accept(config: KmeConfig, caller: OtherKme, message: Message, body: bytes, m
     deadline = started + min(message.timeout_seconds * ONWARD_SHARE,
                              peer_wait(config.other_kmes_by_id[hop] for hop in plan))
     onward = {hop: new_key_id() for hop in plan}
-    received = relays.receive(this, caller.id, message, body, mac, local, onward)
+    received = relays.receive(this, caller.id, message, lambda mac_key: one_time.verify(mac_key, body, mac), local,
+                              onward)
+    if received is None:
+        raise BadRequest("the relay message fails its integrity check (one-time MAC)")
     if received.finished is not None:
         return received.finished
     slave_ids = [slave for _kme, slaves in sorted(message.targets.items()) for slave in slaves]

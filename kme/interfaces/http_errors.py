@@ -24,6 +24,8 @@ from kme.errors import (
     PeerFailure,
     StorageFailure,
 )
+from kme.storage import backends
+from kme.storage.db import db, reset_connections
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,6 @@ def answer(status: int, body: dict):
 
 def init_app(app) -> None:
     """Register the handlers that turn every failure into an ETSI Error body."""
-    from kme.storage import backends
-    from kme.storage.db import db, reset_connections
-
     backend = backends.for_uri(app.config["SQLALCHEMY_DATABASE_URI"])
 
     @app.errorhandler(KmeError)

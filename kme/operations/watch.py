@@ -30,7 +30,7 @@ from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEventHand
 from watchdog.observers.inotify import InotifyObserver
 
 from kme.config import KmeConfig
-from kme.domain import activation
+from kme.domain import periodic
 from kme.operations import health
 from kme.operations.ingest import IngestSummary, ingest_directories, ingest_file, link_of
 from kme.storage import backends
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 # How often the worker truncates the WAL, so that erased key bytes do not
 # linger in the -wal file (see docs/design.md).
 CHECKPOINT_SECONDS = 10.0
+# Seconds between two heartbeats, at least (/healthz allows three housekeeping intervals and 2 s).
+BEAT_SECONDS = 1.0
 # How soon the worker notices that it was asked to stop.
 STOP_POLL_SECONDS = 0.5
 # Retry delays after a failure: doubling from the first to the last.
@@ -95,16 +97,19 @@ def _keep_house(app, config: KmeConfig, stop: threading.Event, rescan: threading
     the periodic lock (``leading`` says so to the peers' thread)."""
     with app.app_context():
         retry = Retry("housekeeping", stop)
-        due = {"checkpoint": time.monotonic(), "rescan": time.monotonic()}
+        due = {"checkpoint": time.monotonic(), "rescan": time.monotonic(), "beat": float("-inf")}
         backend = backends.of(db.engine)
         lock = backend.periodic_lock(db.engine)
         said = {"held": None}
+        jobs = periodic.Schedule(periodic.DATABASE_JOBS)
 
         def step():
             # This thread starts before the first scan creates a new database's schema.
             ensure_schema()
-            health.beat()
             now = time.monotonic()
+            if now - due["beat"] >= max(config.this_kme.housekeeping_interval_seconds, BEAT_SECONDS):
+                health.beat()
+                due["beat"] = now
             if now - due["rescan"] >= config.this_kme.rescan_interval_seconds:
                 rescan.set()
                 due["rescan"] = now
@@ -116,7 +121,7 @@ def _keep_house(app, config: KmeConfig, stop: threading.Event, rescan: threading
             (leading.set if held else leading.clear)()
             if not held:
                 return
-            activation.local_housekeeping(config)
+            jobs.run_due(config)
             if now - due["checkpoint"] >= CHECKPOINT_SECONDS:
                 backend.checkpoint(db.engine)
                 due["checkpoint"] = now
@@ -136,9 +141,12 @@ def _keep_in_touch(app, config: KmeConfig, stop: threading.Event, leading: threa
     tell the peers)."""
     with app.app_context():
         retry = Retry("periodic work with the peers", stop)
+        jobs = periodic.Schedule(periodic.PEER_JOBS)
+        woken = False
         while not stop.is_set():
-            if not leading.is_set() or retry.run(lambda: activation.peer_housekeeping(config)):
-                wake.wait(config.this_kme.housekeeping_interval_seconds)
+            now_too = (periodic.SHARING,) if woken else ()
+            if not leading.is_set() or retry.run(lambda: jobs.run_due(config, now_too)):
+                woken = wake.wait(config.this_kme.housekeeping_interval_seconds)
                 wake.clear()
 
 

@@ -12,7 +12,7 @@ from typing import NamedTuple
 from sqlalchemy import delete, select
 
 from kme import clock
-from kme.errors import ActivationConflict, BadRequest
+from kme.errors import ActivationConflict
 from kme.storage import at_rest, events, statements
 from kme.storage.db import grouped_write, write_transaction
 from kme.storage.keystore import handed_out
@@ -42,13 +42,11 @@ class ActivationRequest:
 
 
 def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:
-    """Activate the keys for our slave SAEs; the number of keys. Refused whole (409) if any part is missing.
+    """Activate the keys for our slave SAEs; the number of keys. Refused whole (ActivationConflict) if any part is
+    missing.
 
     Committed with concurrent requests (group commit) before this returns.
     """
-    per_key = pool_keys_per_key(request.size_bits)
-    if any(len(parts) != per_key for _, parts in request.keys):
-        raise BadRequest(f"each key of {request.size_bits} bits has {per_key} parts")
     wanted = [part for _, parts in request.keys for part in parts]
     states = peer_states(this_kme_id, link_id)
 

@@ -1,9 +1,11 @@
 """Keys for SAEs of this KME: delivery inside the zone, fetch by key ID, expiry."""
+from collections.abc import Callable
+
 from sqlalchemy import select
 
 from kme import clock
 from kme.config import KEY_BITS
-from kme.errors import KeysNotFound, NotAuthorized, NotEnoughKeys
+from kme.errors import NotEnoughKeys
 from kme.storage import at_rest, events, statements
 from kme.storage.db import grouped_write, write_transaction
 from kme.storage.keystore import handed_out
@@ -29,7 +31,7 @@ def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number
                   size_bits: int) -> list[DeliveredKeyMaterial]:
     """Take ``number`` keys of ``size_bits`` from the zone's pool for a master SAE and its slaves here.
 
-    All or nothing: without enough pool keys nothing is taken (503). Each key
+    All or nothing: without enough pool keys nothing is taken (NotEnoughKeys). Each key
     is built from consecutive pool keys; the unused bits of the last one are
     discarded with it, never reused. The keys wait for their slave SAEs under
     fresh random key IDs. Committed with concurrent requests (group commit)
@@ -57,13 +59,15 @@ def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number
     return keys
 
 
-def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -> list[DeliveredKeyMaterial]:
+def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str],
+                    check: Callable[[dict[str, tuple[int, bool | None]]], None]) -> list[DeliveredKeyMaterial]:
     """Hand delivered keys to one of their slave SAEs; a key is erased once all its slaves have it.
 
-    401 if any requested key was made for other slave SAEs only; 400 with the
-    standard's message if any is unknown, already fetched by this slave, or
-    from another master. Nothing changes unless every key is handed out.
-    Committed with concurrent requests (group commit) before this returns.
+    ``check`` (the domain's rule) sees, for each requested key that exists,
+    its master SAE and whether this slave fetched it already (None: it is
+    not one of its slaves), and raises to refuse; nothing changes unless
+    every key is handed out. Committed with concurrent requests (group
+    commit) before this returns.
     """
 
     def fetch(connection) -> list[DeliveredKeyMaterial]:
@@ -78,11 +82,7 @@ def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str]) -
                 mine[key_id] = fetched
             elif not fetched:
                 waiting.add(key_id)
-        if any(key_id not in mine for key_id in keys):
-            raise NotAuthorized(f"SAE {slave_sae_id} is not a slave SAE of one or more requested keys")
-        if (len(keys) != len(key_ids) or any(mine.values())
-                or any(master != master_sae_id for _link, master, _material in keys.values())):
-            raise KeysNotFound()
+        check({key_id: (master, mine.get(key_id)) for key_id, (_link, master, _material) in keys.items()})
         # Keys that other slaves still wait for are marked fetched by this one; the others are erased.
         kept = [key_id for key_id in key_ids if key_id in waiting]
         if kept:

@@ -44,7 +44,7 @@ class Reservation:
 
 def reserve(link_id: int, master_sae_id: int, slave_ids: list[int], local_slave_ids: list[int], number: int,
             size_bits: int) -> Reservation:
-    """Reserve keys of our direction of the link and record the pending activation (503 if too few).
+    """Reserve keys of our direction of the link and record the pending activation (NotEnoughKeys if too few).
 
     Committed with concurrent requests (group commit) before this returns.
     """

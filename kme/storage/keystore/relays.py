@@ -9,12 +9,13 @@ clear exist only in the memory of the request that relays them.
 """
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
 
 from kme import clock
-from kme.errors import ActivationConflict, BadRequest, NotEnoughKeys, PeerFailure
+from kme.errors import ActivationConflict, NotEnoughKeys, PeerFailure
 from kme.key_math import one_time
 from kme.storage import at_rest, events, statements
 from kme.storage.db import grouped_write, write_transaction
@@ -116,14 +117,15 @@ class Received:
     finished: int | None
 
 
-def receive(this_kme_id: int, link_id: int, message: Message, body: bytes, mac: bytes, local_slaves: list[int],
-            onward: dict[int, str]) -> Received:
-    """Check and open a relay from the neighbour on ``link_id``: the last hop stores its keys for our slaves; a
-    trusted node holds the parts until its next hops (``onward``: link -> activation ID) answer.
+def receive(this_kme_id: int, link_id: int, message: Message, authentic: Callable[[bytes], bool],
+            local_slaves: list[int], onward: dict[int, str]) -> Received | None:
+    """Open a relay from the neighbour on ``link_id``: the last hop stores its keys for our slaves; a trusted node
+    holds the parts until its next hops (``onward``: link -> activation ID) answer.
 
-    Refused whole: 409 if a part is not of the neighbour's direction here, changing nothing; 400 if the MAC fails,
-    with the named parts discarded (a forger has seen a tag under that MAC key: it must never serve again) and
-    the activation recorded as cancelled, as if the neighbour had cancelled it before it arrived.
+    Refused whole: ActivationConflict if a part is not of the neighbour's direction here, changing nothing. None
+    if ``authentic`` (the domain's check of the message under the material of its MAC part) says no: the named
+    parts are discarded (a forger has seen a tag under that MAC key: it must never serve again) and the
+    activation recorded as cancelled, as if the neighbour had cancelled it before it arrived.
     """
     parts = message.parts
 
@@ -141,7 +143,7 @@ def receive(this_kme_id: int, link_id: int, message: Message, body: bytes, mac: 
             raise ActivationConflict(f"{len(set(parts)) - len(rows)} of the {len(parts)} keys named are not "
                                      f"available on this KME's link with KME {link_id} (used, set aside, "
                                      "or never held here)")
-        if not one_time.verify(rows[message.mac_part].material, body, mac):
+        if not authentic(rows[message.mac_part].material):
             _discard_unarrived(connection, link_id, message.activation_id, rows,
                                f"Relay activation {message.activation_id} from KME {link_id} fails its one-time MAC")
             return None
@@ -181,10 +183,7 @@ def receive(this_kme_id: int, link_id: int, message: Message, body: bytes, mac: 
         _record_arrival(connection, message, local_slaves, keys)
         return Received(keys, len(keys))
 
-    received = grouped_write(work)
-    if received is None:
-        raise BadRequest("the relay message fails its integrity check (one-time MAC)")
-    return received
+    return grouped_write(work)
 
 
 def _discard_unarrived(transaction, link_id: int, activation_id: str, rows: dict, why: str) -> None:
@@ -347,7 +346,7 @@ def release(link_id: int, activation_id: str) -> list[tuple[str, int, dict]]:
     """A held multicast relay was decided: our slaves may fetch its keys; the releases of its next hops to send
     (activation ID, link, request), recorded until they are confirmed.
 
-    Idempotent; 409 for a relay that is not passed on or activated here.
+    Idempotent; ActivationConflict for a relay that is not passed on or activated here.
     """
     with write_transaction() as session:
         statements.lock_name(session, activation_id)
