@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test bench openapi clean
+.PHONY: run test suite bench openapi clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ run: $(VENV)/.run-deps
 
 # The suite on SQLite and on PostgreSQL (tests/run-engines.sh); KME_TEST_ENGINE=sqlite or postgresql and
 # `$(BIN)/python -m pytest -c tests/pytest.ini` run one of them.
-test: $(VENV)/.test-deps
+# Its last line is the time it took, the venv, installs and tools included (budget: 10 minutes on 2 cores).
+test:
+	@start=$$(date +%s); $(MAKE) --no-print-directory suite; status=$$?; \
+		took=$$(( $$(date +%s) - start )); echo "== make test took $$((took / 60)) min $$((took % 60)) s"; exit $$status
+
+suite: $(VENV)/.test-deps
 	tests/install-tools.sh
 	tests/run-engines.sh $(BIN)/python $(PYTEST_ARGS)
 

@@ -43,13 +43,17 @@ def close_engines() -> None:
 
 
 # Listening ports come from a range below the kernel's ephemeral ports (which client connections take), one range
-# per engine: the two passes of `make test` run at the same time and never pick the same port.
-_PORTS = {"sqlite": range(20000, 26000), "postgresql": range(26000, 32000)}[ENGINE]
+# per engine, shared out between the pass's pytest-xdist workers: the passes and workers of `make test` run at the
+# same time and never pick the same port.
+_ENGINE_PORTS = {"sqlite": range(20000, 26000), "postgresql": range(26000, 32000)}[ENGINE]
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_SHARE = len(_ENGINE_PORTS) // _WORKERS
+_PORTS = _ENGINE_PORTS[int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]) * _SHARE:][:_SHARE]
 _next_port = iter(_PORTS)
 
 
 def free_port() -> int:
-    """A loopback port free now, never the same twice in this process, never one of the other engine's pass."""
+    """A loopback port free now, never the same twice in this process, never one of another pass or worker."""
     for port in _next_port:
         with socket.socket() as sock:
             try:
@@ -186,9 +190,15 @@ def keys_found(raw: bytes, data: bytes) -> list[int]:
     return [i // 32 for i in range(0, len(data) - 31, 32) if data[i:i + 32] in raw]
 
 
-def wait_until(predicate, timeout: float = 10, interval: float = 0.02):
+# Seconds between two polls: the first ones soon, then further apart (a predicate may cost a TLS request or a
+# database connection, and the suite's time is the machine's CPU).
+POLL_INTERVALS = (0.02, 0.2)
+
+
+def wait_until(predicate, timeout: float = 10):
     """Poll ``predicate`` until it returns a true value (returned), or fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
+    interval = POLL_INTERVALS[0]
     while True:
         value = predicate()
         if value:
@@ -196,6 +206,7 @@ def wait_until(predicate, timeout: float = 10, interval: float = 0.02):
         if time.monotonic() > deadline:
             raise TimeoutError(f"condition not met within {timeout} s")
         time.sleep(interval)
+        interval = min(interval * 1.5, POLL_INTERVALS[1])
 
 
 class Process:

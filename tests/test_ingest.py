@@ -147,6 +147,8 @@ def test_delete_key_file_after_read_only_once_stored(setup):
     assert ledger.assert_exact(1)["available"] == 10
 
 
+# The reader's memory: the statements it runs are the other tests' on both engines.
+@pytest.mark.one_engine
 def test_large_file_is_streamed_not_loaded(setup, monkeypatch):
     app, keys, ledger = setup()
     # Smaller batches keep the traced run short; memory must not follow file size.

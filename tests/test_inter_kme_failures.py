@@ -50,6 +50,7 @@ def assert_never_handed_out(network, held: set[bytes], rounds=5):
             assert base64.b64decode(key["key"]) not in held
 
 
+@pytest.mark.one_engine
 def test_peer_interface_stopped_gives_503_and_returns_the_keys(network):
     kme1 = network[1]
     network[2].stop("kme")
@@ -62,6 +63,7 @@ def test_peer_interface_stopped_gives_503_and_returns_the_keys(network):
     assert enc_keys(network).status_code == 200
 
 
+@pytest.mark.one_engine
 def test_peer_refusing_gives_503_and_returns_the_keys(network):
     kme1, kme2 = network[1], network[2]
     # KME 2 accepts smaller keys than KME 1: it refuses the activation, which changed nothing there.
@@ -86,6 +88,7 @@ def lose_keys(kme, link: int, positions: int) -> None:
     assert lost == positions
 
 
+@pytest.mark.one_engine
 def test_keys_the_peer_no_longer_holds_are_set_aside_and_the_link_serves_on(network):
     kme1, kme2 = network[1], network[2]
     lose_keys(kme2, 1, 10)
@@ -100,12 +103,12 @@ def test_keys_the_peer_no_longer_holds_are_set_aside_and_the_link_serves_on(netw
     assert kme1.ledger.link(2)["delivered"] == kme2.ledger.link(1)["delivered"] == 50
 
 
+@pytest.mark.one_engine
 @pytest.mark.parametrize("mode", [
     "hang", "garbage",
     # TLS broken once the request started: a damaged answer; a TLS 1.3 peer refusing our certificate after the
     # request left. Both differ from "hang" only in the HTTP client.
-    pytest.param("corrupt", marks=pytest.mark.one_engine),
-    pytest.param("refuse_certificate", marks=pytest.mark.one_engine),
+    "corrupt", "refuse_certificate",
 ])
 def test_unknown_outcome_holds_keys_back_until_settled(network, mode):
     kme1, kme2 = network[1], network[2]
@@ -203,6 +206,7 @@ def test_unfetched_key_expires_with_its_event(tmp_path, pki):
         network.stop_all()
 
 
+@pytest.mark.one_engine
 def test_a_peer_answer_that_breaks_off_is_a_503_naming_the_peer(network):
     kme1, kme2 = network[1], network[2]
     kme2.stop("kme")
@@ -216,6 +220,7 @@ def test_a_peer_answer_that_breaks_off_is_a_503_naming_the_peer(network):
     assert "Traceback" not in kme1.processes["sae"].output()
 
 
+@pytest.mark.one_engine
 def test_a_late_confirmation_of_a_cancelled_activation_never_reaches_the_master(network):
     """The background worker cancels an activation whose answer is slower than the settle delay."""
     kme1, kme2 = network[1], network[2]
@@ -235,6 +240,7 @@ def test_a_late_confirmation_of_a_cancelled_activation_never_reaches_the_master(
     assert (counts["delivered"], counts["discarded"]) == (0, 2)
 
 
+@pytest.mark.one_engine
 def test_the_peer_counts_a_cancelled_activation_as_discarded_like_the_master(network):
     kme2 = network[2]
     client = network.peer_client(1, 2)

@@ -120,6 +120,7 @@ def test_one_master_alone_drains_a_multi_file_link(network):
     assert lending(network[1], 2) == (300, 0)
 
 
+@pytest.mark.one_engine
 @pytest.mark.parametrize("ratio", [(3, 1), (10, 1), (1, 1)], ids=["3:1", "10:1", "alternating"])
 def test_lopsided_demand_uses_every_key_before_a_refusal(network, ratio):
     placements = Placements()
@@ -144,6 +145,7 @@ def status(network: Network, side: int) -> int:
     return kme.sae(master).get(f"{kme.url()}/keys/{slave}/status", timeout=10).json()["stored_key_count"]
 
 
+@pytest.mark.one_engine
 def test_keys_the_peer_has_not_ingested_are_neither_counted_nor_served(network):
     network.write_link_file(1, 2, "first.cor", 50)
     confirmed(network, 50)
@@ -163,6 +165,7 @@ def test_keys_the_peer_has_not_ingested_are_neither_counted_nor_served(network):
     assert_exact_and_disjoint(network)
 
 
+@pytest.mark.one_engine
 def test_a_file_shorter_at_one_end_sets_the_surplus_aside_and_the_link_serves_the_rest(impatient_network):
     network = impatient_network
     placements = Placements()
@@ -188,6 +191,7 @@ def pending_leases(kme) -> int:
     return kme.ledger._query("SELECT COUNT(*) FROM leases WHERE role = 'asked'")[0][0]
 
 
+@pytest.mark.one_engine
 def test_a_lease_whose_answer_was_lost_is_asked_again_and_nothing_is_lost(network):
     network.write_link_file(1, 2, "link.cor", 200)
     confirmed(network, 200)
@@ -241,6 +245,7 @@ def test_a_lease_whose_request_left_before_tls_failed_is_kept_and_asked_again(ne
     assert_exact_and_disjoint(network)
 
 
+@pytest.mark.one_engine
 def test_leases_the_borrower_never_applied_are_taken_back(network):
     """Twenty lease requests under KME 2's certificate with lease IDs KME 2 never recorded (a peer that
     misbehaves, or answers lost for good) each lent half of KME 1's free keys: KME 1 asks KME 2 about them,
@@ -265,6 +270,7 @@ def test_leases_the_borrower_never_applied_are_taken_back(network):
     assert take(network, 1, 100).status_code == 200
 
 
+@pytest.mark.one_engine
 def test_a_lease_applied_is_acknowledged_not_taken_back(network):
     network.write_link_file(1, 2, "link.cor", 200)
     confirmed(network, 200)
@@ -282,6 +288,7 @@ def crash(kme, name: str) -> None:
     process.log.close()
 
 
+@pytest.mark.one_engine
 @pytest.mark.parametrize("crashed", [1, 2], ids=["lender", "borrower"])
 def test_a_crash_in_the_middle_of_a_lease(network, crashed):
     network.write_link_file(1, 2, "link.cor", 200)

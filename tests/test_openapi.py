@@ -52,6 +52,7 @@ def kme2_to_kme1(pair):
     peer.session.close()
 
 
+@pytest.mark.one_engine
 def test_each_interface_serves_its_own_document(pair, sae1, kme2_to_kme1):
     assert sae1.get(f"{pair[1].url()}/openapi.json", timeout=10).json() == document("sae")
     inter_kme = kme2_to_kme1.get(f"https://127.0.0.1:{pair[1].port('kmes_https_interface')}/api/v1/openapi.json",
@@ -75,6 +76,7 @@ sae_fuzz = schemathesis.openapi.from_dict(document("sae"))
 kme_fuzz = schemathesis.openapi.from_dict(document("kme"))
 
 
+@pytest.mark.one_engine
 @sae_fuzz.parametrize()
 @FUZZ_SETTINGS
 def test_fuzz_the_sae_interface(case, pair, sae1):
@@ -83,6 +85,7 @@ def test_fuzz_the_sae_interface(case, pair, sae1):
     check(case, response)
 
 
+@pytest.mark.one_engine
 @kme_fuzz.parametrize()
 @FUZZ_SETTINGS
 def test_fuzz_the_inter_kme_interface(case, pair, kme2_to_kme1):
