@@ -1,6 +1,7 @@
 """Key-encryption keys: each source (file, generated file, systemd credential, PKCS#11 token on SoftHSM2), their
 refusals, and the wrapping of the data key."""
 import base64
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -192,6 +193,31 @@ def test_a_pin_file_others_may_read_is_refused(softhsm, tmp_path, pki):
         str(folder / "pin"), str(loose)))).this_kme.key_encryption_key
     with pytest.raises(KekError, match=f"the PIN file {loose} may be read by others \\(mode 644\\)"):
         open_kek(source)
+
+
+def _wrap_and_unwrap(source: KekSource, rounds: int) -> str | None:
+    """In a process of its own: open the KEK and wrap and unwrap ``rounds`` times; what failed, or None."""
+    try:
+        opened, _ = open_kek(source)
+        for _ in range(rounds):
+            if opened.unwrap(opened.wrap(b"k" * 32, kek.context(b"db")), kek.context(b"db")) != b"k" * 32:
+                return "a different key came back"
+    except KekError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.engine_independent
+def test_processes_using_one_softhsm2_token_at_once_all_succeed(softhsm, tmp_path, pki):
+    # SoftHSM2 rewrites its token file at each login: without calling again, workers of one KME starting or
+    # serving together failed with "the PKCS#11 token 'kme' failed (GeneralError)".
+    _, uri = softhsm
+    source = load_config(write_config(tmp_path, pki, key_encryption_key=uri)).this_kme.key_encryption_key
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        failures = pool.starmap(_wrap_and_unwrap, [(source, 30)] * 8)
+
+    assert failures == [None] * 8
 
 
 def test_a_token_that_fails_is_named_as_the_token_not_as_a_wrong_key(softhsm, tmp_path, pki):

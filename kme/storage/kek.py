@@ -207,17 +207,17 @@ def _software(source: KekSource, key: bytes) -> Kek:
 def _token(library, source: KekSource):
     """The token labelled as ``source`` says; NoSuchToken once TOKEN_LOOKUPS readings of the slots lack it.
 
-    A token another process is updating can be missing from one reading
-    (SoftHSM2 rewrites its token file at each login: two workers starting
-    together saw it), so the module reads its slots again before the KME
-    gives up.
+    A token another process is updating can be missing from one reading, or
+    fail it (SoftHSM2 rewrites its token file at each login: two workers
+    starting together saw both), so the module reads its slots again before
+    the KME gives up.
     """
     import pkcs11
 
     for attempt in range(TOKEN_LOOKUPS):
         try:
             return library.get_token(token_label=source.token)
-        except pkcs11.NoSuchToken:
+        except pkcs11.PKCS11Error:
             if attempt == TOKEN_LOOKUPS - 1:
                 raise
             time.sleep(0.1 * 2 ** attempt)
@@ -247,11 +247,24 @@ def _pkcs11(source: KekSource) -> Kek:
     except (pkcs11.PKCS11Error, RuntimeError, OSError) as exc:
         raise KekError(f"the PKCS#11 module {source.module} cannot be used ({exc.__class__.__name__})") from None
 
-    def on_token(operation: str, nonce: bytes, data: bytes, context: bytes) -> bytes:
+    def once(operation: str, nonce: bytes, data: bytes, context: bytes) -> bytes:
         with token.open(user_pin=pin or None) as session:
             key = session.get_key(label=source.name, key_type=KeyType.AES, object_class=ObjectClass.SECRET_KEY)
             return getattr(key, operation)(data, mechanism=Mechanism.AES_GCM,
                                            mechanism_param=GCMParams(nonce, context, 128))
+
+    def on_token(operation: str, nonce: bytes, data: bytes, context: bytes) -> bytes:
+        # A token another process is logging in to can fail a call (SoftHSM2 rewrites its token file at each
+        # login: workers of one KME using it at once saw GeneralError); the call is made again before it counts.
+        for attempt in range(TOKEN_LOOKUPS):
+            try:
+                return once(operation, nonce, data, context)
+            except (pkcs11.PinIncorrect, pkcs11.NoSuchKey):
+                raise
+            except pkcs11.PKCS11Error:
+                if attempt == TOKEN_LOOKUPS - 1:
+                    raise
+                time.sleep(0.05 * 2 ** attempt)
 
     def token_works() -> bool:
         nonce = os.urandom(_NONCE_BYTES)
