@@ -27,6 +27,9 @@ _NONCE_BYTES = 12
 _WRAP_VERSION = b"\x01"
 # Readings of a PKCS#11 module's slots before a token counts as missing (0.1 s, then 0.2 s, 0.4 s between them).
 TOKEN_LOOKUPS = 4
+# Tries of a call on the token before its failure counts (0.05 s, then twice as long each time: 1.55 s in all).
+# A decrypt whose tag does not verify fails every try, so a wrong key is named that much later.
+TOKEN_CALLS = 6
 
 
 class KekError(Exception):
@@ -256,13 +259,13 @@ def _pkcs11(source: KekSource) -> Kek:
     def on_token(operation: str, nonce: bytes, data: bytes, context: bytes) -> bytes:
         # A token another process is logging in to can fail a call (SoftHSM2 rewrites its token file at each
         # login: workers of one KME using it at once saw GeneralError); the call is made again before it counts.
-        for attempt in range(TOKEN_LOOKUPS):
+        for attempt in range(TOKEN_CALLS):
             try:
                 return once(operation, nonce, data, context)
             except (pkcs11.PinIncorrect, pkcs11.NoSuchKey):
                 raise
             except pkcs11.PKCS11Error:
-                if attempt == TOKEN_LOOKUPS - 1:
+                if attempt == TOKEN_CALLS - 1:
                     raise
                 time.sleep(0.05 * 2 ** attempt)
 
