@@ -70,9 +70,7 @@ def accept_activation(config: KmeConfig, caller: OtherKme, request: ActivationRe
     refusal = config.this_kme.limits.refusal(request.size_bits, len(request.keys), "activation")
     if refusal:
         raise BadRequest(refusal)
-    per_key = pool_keys_per_key(request.size_bits)
-    if any(len(parts) != per_key for _, parts in request.keys):
-        raise BadRequest(f"each key of {request.size_bits} bits has {per_key} parts")
+    relay.check_parts(request.size_bits, [parts for _, parts in request.keys])
     return incoming.activate(config.this_kme.id, caller.id, request)
 
 

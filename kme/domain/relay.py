@@ -109,9 +109,7 @@ def _check(config: KmeConfig, caller: OtherKme, message: Message) -> None:
     refusal = config.this_kme.limits.refusal(message.size_bits, len(message.keys), "relay")
     if refusal:
         raise BadRequest(refusal)
-    per_key = pool_keys_per_key(message.size_bits)
-    if any(len(parts) != per_key for _, parts, _ in message.keys):
-        raise BadRequest(f"each key of {message.size_bits} bits has {per_key} parts")
+    check_parts(message.size_bits, [parts for _, parts, _ in message.keys])
     if len({sealed is None for _, _, sealed in message.keys}) != 1 or any(
             sealed is not None and len(sealed) != message.size_bits // 8 for _, _, sealed in message.keys):
         raise BadRequest(f"sealed: every key or none, each of {message.size_bits // 8} bytes")
@@ -123,6 +121,13 @@ def _check(config: KmeConfig, caller: OtherKme, message: Message) -> None:
     master = config.saes_by_id.get(message.master_sae_id)
     if local and (master is None or master.kme_id != origin):
         raise Forbidden(f"SAE {message.master_sae_id} is not an SAE of KME {origin}")
+
+
+def check_parts(size_bits: int, parts_of_keys: list[list]) -> None:
+    """Each key names as many pool keys as its size needs (an activation's or a relay's); BadRequest if not."""
+    per_key = pool_keys_per_key(size_bits)
+    if any(len(parts) != per_key for parts in parts_of_keys):
+        raise BadRequest(f"each key of {size_bits} bits has {per_key} parts")
 
 
 def _plan(config: KmeConfig, slaves_by_kme: dict[int, list[int]], path: list[int]) -> dict[int, dict[int, list[int]]]:

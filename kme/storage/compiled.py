@@ -82,7 +82,8 @@ def many(name: str, size: int) -> list:
 
 def run(connection, statement: Statement, **values):
     """Execute ``statement`` with the named ``values`` on a driver connection; its cursor."""
-    form = statement.form(connection.sql.dialect, tuple(len(values[name]) for name in statement.lists))
+    sizes = tuple(len(values[name]) for name in statement.lists) if statement.lists else ()
+    form = statement.form(connection.sql.dialect, sizes)
     if form.constants:
         values = {**form.constants, **values}
     return connection.execute(form.sql, [values[name] if index is None else values[name][index]

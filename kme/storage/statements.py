@@ -137,7 +137,8 @@ _CLEAR_POOL_KEYS = Statement(select(_pool.c.id, _pool.c.link_id, _pool.c.file_id
 _COUNT_CLEAR_POOL_KEYS = Statement(select(func.count()).select_from(_pool).where(_CLEAR))
 _REPLACE_POOL_MATERIAL = Statement(update(_pool).where(_pool.c.id == bindparam("id"))
                                    .values(material=bindparam("material")), row=("material", "id"))
-_META_NAMES = Statement(select(Meta.__table__.c.name))
+# The database's facts, read by every engine's start-up check too (kme.storage.backends).
+READ_META = Statement(select(Meta.__table__.c.name, Meta.__table__.c.value))
 
 
 def driver(target):
@@ -452,6 +453,6 @@ def meta_names(engine) -> set[str]:
     """The names kme_meta holds as committed now (a connection outside the caller's transaction)."""
     raw = engine.raw_connection()
     try:
-        return {row[0] for row in run(raw.driver_connection, _META_NAMES).fetchall()}
+        return {name for name, _value in run(raw.driver_connection, READ_META).fetchall()}
     finally:
         raw.close()

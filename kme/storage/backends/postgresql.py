@@ -26,7 +26,8 @@ from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.engine import make_url
 
 from kme.storage.compiled import POSTGRESQL, Statement, run
-from kme.storage.models import Heartbeat, KeyFingerprint, Meta
+from kme.storage.models import Heartbeat, KeyFingerprint
+from kme.storage.statements import READ_META
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,6 @@ _TAKE_PERIODIC = Statement(select(func.pg_try_advisory_lock(PERIODIC_LOCK)))
 _ALIVE = Statement(select(1))
 # Run through SQLAlchemy: it begins a Session's write transaction.
 _TAKE_WRITERS = select(func.pg_advisory_xact_lock(WRITERS_LOCK))
-_META = Statement(select(Meta.__table__.c.name, Meta.__table__.c.value))
 _heartbeats = Heartbeat.__table__
 _PROBE = Statement(insert(_heartbeats).values(name="healthz-probe", beat_at=func.extract("epoch", func.now()))
                    .on_conflict_do_update(index_elements=[_heartbeats.c.name],
@@ -212,7 +212,7 @@ def read_meta(uri: str) -> dict[str, bytes]:
     process's first use of the database reports why)."""
     try:
         with closing(_connect(uri, autocommit=True)) as connection:
-            return {name: bytes(value) for name, value in run(connection, _META)}
+            return {name: bytes(value) for name, value in run(connection, READ_META)}
     except psycopg.Error:
         return {}
 

@@ -19,7 +19,8 @@ from kme.database_uris import sqlite_path
 from kme.storage.backends import sqlite_connections
 from kme.storage.backends.sqlite_connections import database_path
 from kme.storage.compiled import SQLITE, Statement, many, run, run_many
-from kme.storage.models import Heartbeat, KeyFingerprint, Meta
+from kme.storage.models import Heartbeat, KeyFingerprint
+from kme.storage.statements import READ_META
 
 WRITE_OPTION = "kme_write"
 _fingerprints = KeyFingerprint.__table__
@@ -29,7 +30,6 @@ _ADD_FINGERPRINT = Statement(insert(_fingerprints).values(fingerprint=bindparam(
                              .on_conflict_do_nothing(), row=("fingerprint",))
 _KNOWN_FINGERPRINTS = Statement(lambda fingerprints: select(_fingerprints.c.fingerprint).where(
     _fingerprints.c.fingerprint.in_(many("fingerprints", fingerprints))), lists=("fingerprints",))
-_META = Statement(select(Meta.__table__.c.name, Meta.__table__.c.value))
 _PROBE = Statement(insert(Heartbeat.__table__).values(name="healthz-probe", beat_at=bindparam("beat_at"))
                    .prefix_with("OR REPLACE"))
 # Errors of the driver itself, raised by the statements that run past SQLAlchemy.
@@ -192,7 +192,7 @@ def read_meta(uri: str) -> dict[str, bytes]:
         return {}
     try:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, factory=Connection)) as raw:
-            return dict(run(raw, _META).fetchall())
+            return dict(run(raw, READ_META).fetchall())
     except sqlite3.Error:
         return {}
 
