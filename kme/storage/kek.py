@@ -27,9 +27,10 @@ _NONCE_BYTES = 12
 _WRAP_VERSION = b"\x01"
 # Readings of a PKCS#11 module's slots before a token counts as missing (0.1 s, then 0.2 s, 0.4 s between them).
 TOKEN_LOOKUPS = 4
-# Tries of a call on the token before its failure counts (0.05 s, then twice as long each time: 1.55 s in all).
-# A decrypt whose tag does not verify fails every try, so a wrong key is named that much later.
-TOKEN_CALLS = 6
+# Tries of a call on the token before its failure counts (0.05 s between the first two, twice as long each time
+# up to 0.4 s: 2.75 s in all). A decrypt whose tag does not verify fails every try, so a wrong key is named that
+# much later (the token is used at start and when the data key is wrapped again, never per request).
+TOKEN_CALLS = 10
 
 
 class KekError(Exception):
@@ -267,7 +268,7 @@ def _pkcs11(source: KekSource) -> Kek:
             except pkcs11.PKCS11Error:
                 if attempt == TOKEN_CALLS - 1:
                     raise
-                time.sleep(0.05 * 2 ** attempt)
+                time.sleep(min(0.05 * 2 ** attempt, 0.4))
 
     def token_works() -> bool:
         nonce = os.urandom(_NONCE_BYTES)
