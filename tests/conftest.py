@@ -5,7 +5,7 @@ import pytest
 from kme import create_app
 from kme.config import load_config
 from kme.operations.certs import generate_pki
-from tests import support
+from tests import launcher, support
 from tests.support import PASSWORD, Pki, free_port, write_config, write_keys
 
 # KME 1 has SAEs 1 and 2 registered, and SAE 9 whose certificate is valid
@@ -38,6 +38,10 @@ def _close_connections():
     yield
     if support.ENGINE == "postgresql":
         support.close_engines()
+
+
+def pytest_sessionfinish(session):
+    launcher.close()
 
 
 def pytest_runtest_setup(item):

@@ -8,6 +8,7 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from contextlib import closing, contextmanager
@@ -17,6 +18,8 @@ from pathlib import Path
 import requests
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+
+from tests.launcher import launcher
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "password"
@@ -218,8 +221,7 @@ class Process:
         self.log = open(log, "ab")
         # A restarted process appends to the same log: read only what it wrote.
         self.log_start = self.log.tell()
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        self.proc = launcher().start(args, env, ROOT, log, None)
         self.terminated = False
 
     def output(self) -> str:
@@ -324,12 +326,23 @@ def tls_client_context(pki: Pki, cert: tuple[str, str] | None) -> ssl.SSLContext
 
 
 def run_cli(args: list[str], config: Path | None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`flask ARGS` with this configuration (KME_CONFIG unset for None), its output captured."""
     env = dict(os.environ)
     env.pop("KME_CONFIG", None)
     if config is not None:
         env["KME_CONFIG"] = str(config)
-    return subprocess.run([sys.executable, "-m", "flask", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "flask", *args]
+    with tempfile.TemporaryDirectory() as folder:
+        out, err = Path(folder, "stdout"), Path(folder, "stderr")
+        process = launcher().start(command, env, ROOT, out, err)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+        return subprocess.CompletedProcess(command, process.returncode, out.read_text(errors="replace"),
+                                           err.read_text(errors="replace"))
 
 
 class Ledger:
