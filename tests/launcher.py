@@ -32,9 +32,9 @@ _LIBRARIES = (
     "apispec", "click", "concurrent.futures", "cryptography.hazmat.primitives.ciphers.aead",
     "cryptography.hazmat.primitives.serialization.pkcs12", "cryptography.x509", "flask", "flask_sqlalchemy",
     "gunicorn.app.wsgiapp", "gunicorn.arbiter", "gunicorn.glogging", "gunicorn.workers.gthread", "json5",
-    "marshmallow", "multiprocessing", "numpy", "psycopg", "requests", "sqlalchemy.dialects.postgresql.psycopg",
-    "sqlalchemy.dialects.sqlite", "sqlalchemy.orm", "sqlite3", "ssl", "uuid", "watchdog.events",
-    "watchdog.observers",
+    "marshmallow", "multiprocessing", "numpy", "pkcs11", "psycopg", "requests",
+    "sqlalchemy.dialects.postgresql.psycopg", "sqlalchemy.dialects.sqlite", "sqlalchemy.orm", "sqlite3", "ssl",
+    "uuid", "watchdog.events", "watchdog.observers",
 )
 
 

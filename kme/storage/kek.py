@@ -12,8 +12,11 @@ import secrets
 import time
 from pathlib import Path
 
+import pkcs11
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pkcs11 import KeyType, Mechanism, ObjectClass
+from pkcs11.mechanisms import GCMParams
 
 from kme import database_uris
 from kme.config import KekSource
@@ -216,8 +219,6 @@ def _token(library, source: KekSource):
     starting together saw both), so the module reads its slots again before
     the KME gives up.
     """
-    import pkcs11
-
     for attempt in range(TOKEN_LOOKUPS):
         try:
             return library.get_token(token_label=source.token)
@@ -230,10 +231,6 @@ def _token(library, source: KekSource):
 
 def _pkcs11(source: KekSource) -> Kek:
     """A KEK that stays on a PKCS#11 token: each wrap or unwrap opens a session, logs in and runs AES-GCM there."""
-    import pkcs11
-    from pkcs11 import KeyType, Mechanism, ObjectClass
-    from pkcs11.mechanisms import GCMParams
-
     pin = source.pin_value
     if source.pin_source is not None:
         try:
