@@ -10,6 +10,7 @@ pytestmark = pytest.mark.engine_independent
 @pytest.mark.parametrize("backend", [sqlite, postgresql], ids=["sqlite", "postgresql"])
 def test_every_backend_provides_the_interface(backend):
     assert [name for name in backends.INTERFACE if not hasattr(backend, name)] == []
+    assert [name for name in backends.BACKEND_INTERFACE if not hasattr(backend.Backend, name)] == []
     assert [name for name in backends.SQL_INTERFACE if not hasattr(backend.Connection.sql, name)] == []
 
 

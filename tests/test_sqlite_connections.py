@@ -1,6 +1,5 @@
-"""kme.storage.backends.sqlite_connections on a real SQLite file, with real threads: group commit, and the connections kept
-out of SQLAlchemy's pool."""
-import gc
+"""kme.storage.backends.sqlite_connections through the SQLite backend of an engine, on a real SQLite file, with real
+threads: group commit, and the connections kept out of SQLAlchemy's pool."""
 import sqlite3
 import threading
 import time
@@ -8,7 +7,7 @@ import time
 import pytest
 from sqlalchemy import create_engine
 
-from kme.storage.backends import sqlite, sqlite_connections
+from kme.storage.backends import sqlite
 
 pytestmark = pytest.mark.sqlite_only
 
@@ -16,19 +15,18 @@ THREADS = 8
 
 
 @pytest.fixture
-def engine(tmp_path):
-    engine = create_engine(f"sqlite:///{tmp_path / 'shared.db'}")
-    sqlite.install(engine)
-    with sqlite_connections.read_connection(engine) as connection:
+def backend(tmp_path):
+    backend = sqlite.Backend(create_engine(f"sqlite:///{tmp_path / 'shared.db'}"))
+    with backend.read_connection() as connection:
         connection.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
         connection.execute("CREATE TABLE rows (id INTEGER PRIMARY KEY, parent INTEGER "
                            "REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)")
-    yield engine
-    sqlite_connections.dispose(engine)
+    yield backend
+    backend.dispose()
 
 
-def _stored(engine) -> list[int]:
-    with sqlite_connections.read_connection(engine) as connection:
+def _stored(backend) -> list[int]:
+    with backend.read_connection() as connection:
         return [row[0] for row in connection.execute("SELECT id FROM rows ORDER BY id")]
 
 
@@ -57,12 +55,12 @@ def _wait_until(condition, seconds: float = 10) -> None:
         time.sleep(0.005)
 
 
-def _start(engine, works) -> tuple[list[threading.Thread], dict]:
+def _start(backend, works) -> tuple[list[threading.Thread], dict]:
     outcomes = {}
 
     def call(index, work):
         try:
-            outcomes[index] = sqlite_connections.group_commit(engine, work)
+            outcomes[index] = backend.grouped_write(work)
         except Exception as exc:
             outcomes[index] = exc
 
@@ -72,16 +70,16 @@ def _start(engine, works) -> tuple[list[threading.Thread], dict]:
     return threads, outcomes
 
 
-def _waiting(engine) -> int:
-    return len(sqlite_connections._groups[engine]._waiting)
+def _waiting(backend) -> int:
+    return backend.group_commit.waiting()
 
 
-def test_callers_arriving_while_a_batch_runs_join_its_transaction(engine):
+def test_callers_arriving_while_a_batch_runs_join_its_transaction(backend):
     release, started = threading.Event(), threading.Event()
-    first, first_outcome = _start(engine, [(0, _insert(0, then=_running(started, release)))])
+    first, first_outcome = _start(backend, [(0, _insert(0, then=_running(started, release)))])
     started.wait(10)
-    others, outcomes = _start(engine, [(index, _insert(index)) for index in range(1, THREADS)])
-    _wait_until(lambda: _waiting(engine) == THREADS - 1)
+    others, outcomes = _start(backend, [(index, _insert(index)) for index in range(1, THREADS)])
+    _wait_until(lambda: _waiting(backend) == THREADS - 1)
     release.set()
     for thread in first + others:
         thread.join(10)
@@ -89,92 +87,92 @@ def test_callers_arriving_while_a_batch_runs_join_its_transaction(engine):
     assert sorted(value for value, _ in outcomes.values()) == list(range(THREADS))
     # The first caller's leader ran every one of them, in its one transaction.
     assert {thread for _, thread in outcomes.values()} == {first_outcome[0][1]}
-    assert _stored(engine) == list(range(THREADS))
-    assert not sqlite_connections._groups[engine]._leading
+    assert _stored(backend) == list(range(THREADS))
+    assert not backend.group_commit.leading()
 
 
-def test_a_unit_that_raises_is_undone_alone_and_gets_its_own_exception(engine):
+def test_a_unit_that_raises_is_undone_alone_and_gets_its_own_exception(backend):
     release, started = threading.Event(), threading.Event()
-    first, _ = _start(engine, [(0, _insert(0, then=_running(started, release)))])
+    first, _ = _start(backend, [(0, _insert(0, then=_running(started, release)))])
     started.wait(10)
 
     def refuse():
         raise ValueError("refused")
 
-    others, outcomes = _start(engine, [(1, _insert(1)), (2, _insert(2, then=refuse)), (3, _insert(3))])
-    _wait_until(lambda: _waiting(engine) == 3)
+    others, outcomes = _start(backend, [(1, _insert(1)), (2, _insert(2, then=refuse)), (3, _insert(3))])
+    _wait_until(lambda: _waiting(backend) == 3)
     release.set()
     for thread in first + others:
         thread.join(10)
     assert isinstance(outcomes[2], ValueError) and str(outcomes[2]) == "refused"
     assert outcomes[1][0] == 1 and outcomes[3][0] == 3
-    assert _stored(engine) == [0, 1, 3]
+    assert _stored(backend) == [0, 1, 3]
 
 
-def test_a_failed_commit_fails_every_unit_of_the_batch_and_keeps_nothing(engine):
+def test_a_failed_commit_fails_every_unit_of_the_batch_and_keeps_nothing(backend):
     release, started = threading.Event(), threading.Event()
-    first, first_outcome = _start(engine, [(0, _insert(0, then=_running(started, release)))])
+    first, first_outcome = _start(backend, [(0, _insert(0, then=_running(started, release)))])
     started.wait(10)
 
     def orphan(connection):
         # A deferred foreign key: the unit itself succeeds, the COMMIT fails.
         connection.execute("INSERT INTO rows (id, parent) VALUES (99, 12345)")
 
-    others, outcomes = _start(engine, [(1, _insert(1)), (2, orphan), (3, _insert(3))])
-    _wait_until(lambda: _waiting(engine) == 3)
+    others, outcomes = _start(backend, [(1, _insert(1)), (2, orphan), (3, _insert(3))])
+    _wait_until(lambda: _waiting(backend) == 3)
     release.set()
     for thread in first + others:
         thread.join(10)
     outcomes.update(first_outcome)
     # Units 1 to 3 joined unit 0's transaction, whose COMMIT failed: nothing of any of them is kept.
     assert all(isinstance(outcomes[index], sqlite3.IntegrityError) for index in (0, 1, 2, 3))
-    assert _stored(engine) == []
+    assert _stored(backend) == []
     # The next caller leads a fresh transaction.
-    assert sqlite_connections.group_commit(engine, _insert(4))[0] == 4
-    assert _stored(engine) == [4]
+    assert backend.grouped_write(_insert(4))[0] == 4
+    assert _stored(backend) == [4]
 
 
-def test_a_value_is_returned_only_once_its_transaction_is_committed(engine):
+def test_a_value_is_returned_only_once_its_transaction_is_committed(backend):
     for value in range(5):
-        sqlite_connections.group_commit(engine, _insert(value))
+        backend.grouped_write(_insert(value))
         # A separate connection sees it: committed, not just written.
-        with sqlite3.connect(engine.url.database) as other:
+        with sqlite3.connect(backend.engine.url.database) as other:
             assert other.execute("SELECT COUNT(*) FROM rows WHERE id = ?", (value,)).fetchone()[0] == 1
         other.close()
 
 
-def test_a_unit_alone_that_raises_keeps_nothing_and_the_next_caller_starts_fresh(engine):
+def test_a_unit_alone_that_raises_keeps_nothing_and_the_next_caller_starts_fresh(backend):
     def half_then_refuse(connection):
         connection.execute("INSERT INTO rows (id) VALUES (7)")
         raise ValueError("refused")
 
     with pytest.raises(ValueError, match="refused"):
-        sqlite_connections.group_commit(engine, half_then_refuse)
-    assert _stored(engine) == []
-    assert sqlite_connections.group_commit(engine, _insert(8))[0] == 8
-    assert _stored(engine) == [8]
+        backend.grouped_write(half_then_refuse)
+    assert _stored(backend) == []
+    assert backend.grouped_write(_insert(8))[0] == 8
+    assert _stored(backend) == [8]
 
 
-def test_a_unit_alone_whose_commit_fails_keeps_nothing(engine):
+def test_a_unit_alone_whose_commit_fails_keeps_nothing(backend):
     def orphan(connection):
         connection.execute("INSERT INTO rows (id, parent) VALUES (9, 12345)")
 
     with pytest.raises(sqlite3.IntegrityError):
-        sqlite_connections.group_commit(engine, orphan)
-    assert _stored(engine) == []
-    assert sqlite_connections.group_commit(engine, _insert(10))[0] == 10
-    assert _stored(engine) == [10]
+        backend.grouped_write(orphan)
+    assert _stored(backend) == []
+    assert backend.grouped_write(_insert(10))[0] == 10
+    assert _stored(backend) == [10]
 
 
-def test_callers_arriving_while_the_leader_waits_for_the_turn_join_its_batch(engine):
+def test_callers_arriving_while_the_leader_waits_for_the_turn_join_its_batch(backend):
     # Another writer (here: this test, as another process would) holds the writers' turn.
-    turn = sqlite_connections.writer_turn(engine)
+    turn = backend.writers.turn()
     turn.__enter__()
     try:
-        first, first_outcome = _start(engine, [(0, _insert(0))])
-        _wait_until(lambda: engine in sqlite_connections._groups and sqlite_connections._groups[engine]._leading)
-        others, outcomes = _start(engine, [(index, _insert(index)) for index in range(1, THREADS)])
-        _wait_until(lambda: _waiting(engine) == THREADS)
+        first, first_outcome = _start(backend, [(0, _insert(0))])
+        _wait_until(lambda: backend.group_commit.leading())
+        others, outcomes = _start(backend, [(index, _insert(index)) for index in range(1, THREADS)])
+        _wait_until(lambda: _waiting(backend) == THREADS)
     finally:
         turn.__exit__(None, None, None)
     for thread in first + others:
@@ -183,79 +181,83 @@ def test_callers_arriving_while_the_leader_waits_for_the_turn_join_its_batch(eng
     assert sorted(value for value, _ in outcomes.values()) == list(range(THREADS))
     # One leader ran them all, in one transaction.
     assert len({thread for _, thread in outcomes.values()}) == 1
-    assert _stored(engine) == list(range(THREADS))
+    assert _stored(backend) == list(range(THREADS))
 
 
-def test_a_first_unit_that_raises_is_undone_and_the_others_of_its_batch_commit(engine):
+def test_a_first_unit_that_raises_is_undone_and_the_others_of_its_batch_commit(backend):
     def half_then_refuse(connection):
         connection.execute("INSERT INTO rows (id) VALUES (5)")
         raise ValueError("refused")
 
-    turn = sqlite_connections.writer_turn(engine)
+    turn = backend.writers.turn()
     turn.__enter__()
     try:
-        first, first_outcome = _start(engine, [(0, half_then_refuse)])
-        _wait_until(lambda: engine in sqlite_connections._groups and sqlite_connections._groups[engine]._leading)
-        others, outcomes = _start(engine, [(1, _insert(1)), (2, _insert(2))])
-        _wait_until(lambda: _waiting(engine) == 3)
+        first, first_outcome = _start(backend, [(0, half_then_refuse)])
+        _wait_until(lambda: backend.group_commit.leading())
+        others, outcomes = _start(backend, [(1, _insert(1)), (2, _insert(2))])
+        _wait_until(lambda: _waiting(backend) == 3)
     finally:
         turn.__exit__(None, None, None)
     for thread in first + others:
         thread.join(10)
     assert isinstance(first_outcome[0], ValueError)
     assert outcomes[1][0] == 1 and outcomes[2][0] == 2
-    assert _stored(engine) == [1, 2]
+    assert _stored(backend) == [1, 2]
 
 
-def _reader(engine) -> sqlite3.Connection:
-    with sqlite_connections.read_connection(engine) as connection:
+def _reader(backend) -> sqlite3.Connection:
+    with backend.read_connection() as connection:
         return connection
 
 
-def test_each_thread_keeps_its_own_connection_with_the_pragmas(engine):
-    mine = _reader(engine)
-    assert _reader(engine) is mine
+def test_each_thread_keeps_its_own_connection_with_the_pragmas(backend):
+    mine = _reader(backend)
+    assert _reader(backend) is mine
     assert mine.execute("PRAGMA secure_delete").fetchone()[0] == 1
     found = []
-    thread = threading.Thread(target=lambda: found.append(_reader(engine)))
+    thread = threading.Thread(target=lambda: found.append(_reader(backend)))
     thread.start()
     thread.join(10)
     assert found and found[0] is not mine
 
 
-def test_dispose_closes_every_kept_connection_and_the_next_use_opens_a_fresh_one(engine):
-    old_reader = _reader(engine)
-    sqlite_connections.group_commit(engine, lambda connection: connection.execute("INSERT INTO rows (id) VALUES (1)"))
-    sqlite_connections.dispose(engine)
+def test_dispose_closes_every_kept_connection_and_the_next_use_opens_a_fresh_one(backend):
+    old_reader = _reader(backend)
+    backend.grouped_write(lambda connection: connection.execute("INSERT INTO rows (id) VALUES (1)"))
+    backend.dispose()
     with pytest.raises(sqlite3.ProgrammingError):
         old_reader.execute("SELECT 1")
-    fresh = _reader(engine)
+    fresh = _reader(backend)
     assert fresh is not old_reader
-    sqlite_connections.group_commit(engine, lambda connection: connection.execute("INSERT INTO rows (id) VALUES (2)"))
+    backend.grouped_write(lambda connection: connection.execute("INSERT INTO rows (id) VALUES (2)"))
     assert [row[0] for row in fresh.execute("SELECT id FROM rows ORDER BY id")] == [1, 2]
 
 
 def test_an_in_memory_database_is_read_through_the_pool(tmp_path):
-    engine = create_engine("sqlite:///:memory:")
-    sqlite.install(engine)
-    with sqlite_connections.read_connection(engine) as connection:
+    backend = sqlite.Backend(create_engine("sqlite:///:memory:"))
+    with backend.read_connection() as connection:
         connection.execute("CREATE TABLE rows (id INTEGER PRIMARY KEY)")
-    sqlite_connections.group_commit(engine, lambda connection: connection.execute("INSERT INTO rows (id) VALUES (3)"))
-    with sqlite_connections.read_connection(engine) as connection:
+    backend.grouped_write(lambda connection: connection.execute("INSERT INTO rows (id) VALUES (3)"))
+    with backend.read_connection() as connection:
         assert connection.execute("SELECT id FROM rows").fetchall() == [(3,)]
-    sqlite_connections.dispose(engine)
+    backend.dispose()
 
 
-def test_state_of_a_collected_engine_never_passes_to_a_new_one(tmp_path):
-    # A new engine often gets the id of one collected just before: per-engine state must not follow the id.
-    for index in range(30):
-        engine = create_engine(f"sqlite:///{tmp_path / f'{index}.db'}")
-        sqlite.install(engine)
-        with engine.connect() as connection:
-            connection.exec_driver_sql("CREATE TABLE rows (id INTEGER PRIMARY KEY)")
-        assert sqlite.file_problem(engine) is None
-        with sqlite_connections.writer_turn(engine):
-            assert (tmp_path / f"{index}.db-writers").exists()
-        engine.dispose()
-        del engine
-        gc.collect()
+def test_each_backend_keeps_the_state_of_its_own_file(tmp_path):
+    # Two apps of one process on two files (their Storage objects): what one keeps never answers for the other.
+    first, second = (sqlite.Backend(create_engine(f"sqlite:///{tmp_path / name}")) for name in ("one.db", "two.db"))
+    for backend in (first, second):
+        backend.grouped_write(lambda connection: connection.execute("CREATE TABLE rows (id INTEGER PRIMARY KEY)"))
+        assert backend.file_problem() is None
+    (tmp_path / "two.db").rename(tmp_path / "moved.db")
+    assert first.file_problem() is None
+    assert "two.db was deleted" in second.file_problem()
+    # Each has its own writers' turn: the other's writers do not wait while one holds its turn.
+    done = threading.Event()
+    with first.writers.turn():
+        writer = threading.Thread(target=lambda: (second.grouped_write(_insert(1)), done.set()))
+        writer.start()
+        writer.join(10)
+    assert done.is_set()
+    for backend in (first, second):
+        backend.dispose()

@@ -13,8 +13,8 @@ from sqlalchemy.exc import DBAPIError
 from kme import clock
 from kme.config import KekSource, KmeConfig
 from kme.operations import key_folders
-from kme.storage import backends, statements
-from kme.storage.db import db, meta, reset_connections, write_transaction
+from kme.storage import statements
+from kme.storage.db import db, meta, reset_connections, storage, write_transaction
 from kme.storage.keystore import handed_out
 from kme.storage.meta_names import CLEAR_POOL, DATA_KEY, DATABASE_ID
 from kme.storage.models import Heartbeat, PeerStatus
@@ -54,14 +54,14 @@ def peer_statuses() -> dict[int, dict]:
 def _database_problem(config: KmeConfig) -> str | None:
     if config.in_memory:
         return None
-    backend = backends.of(db.engine)
-    problem = backend.file_problem(db.engine)
+    backend = storage().backend
+    problem = backend.file_problem()
     if problem:
         return problem
     now = time.monotonic()
     # One write probe a second per process, however often /healthz is asked.
     if now - _probe["at"] >= PROBE_SECONDS:
-        failure = backend.write_probe(db.engine)
+        failure = backend.write_probe()
         _probe.update(at=now, problem=failure and f"writes fail: {backend.failure_cause(failure)} ({failure})")
     return _probe["problem"]
 
@@ -104,7 +104,7 @@ def encryption(config: KmeConfig, kek_source: KekSource) -> dict:
     if not config.in_memory:
         try:
             names = statements.meta_names(db.engine)
-        except (DBAPIError, *backends.of(db.engine).DRIVER_ERRORS):
+        except (DBAPIError, *storage().backend.DRIVER_ERRORS):
             names = None
         if names is None:
             keys = "unknown (database unavailable)"
@@ -122,9 +122,9 @@ def check(config: KmeConfig) -> tuple[bool, dict]:
     if not database:
         try:
             database = handed_out.problem()
-        except (DBAPIError, *backends.of(db.engine).DRIVER_ERRORS) as exc:
+        except (DBAPIError, *storage().backend.DRIVER_ERRORS) as exc:
             reset_connections()
-            database = backends.of(db.engine).failure_cause(exc)
+            database = storage().backend.failure_cause(exc)
     report["database"] = database or "ok"
     report["key_directories"] = _folder_problem(config) or "ok"
     try:
@@ -132,7 +132,7 @@ def check(config: KmeConfig) -> tuple[bool, dict]:
     except DBAPIError as exc:
         db.session.rollback()
         reset_connections()
-        worker = f"unknown ({backends.of(db.engine).failure_cause(exc)})"
+        worker = f"unknown ({storage().backend.failure_cause(exc)})"
     report["ingestion_worker"] = worker
     healthy = all(value == "ok" for value in report.values())
     return healthy, {"status": "ok" if healthy else "unhealthy", "checks": report}

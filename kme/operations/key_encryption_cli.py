@@ -8,8 +8,8 @@ from flask import current_app
 from kme.config import kek_source
 from kme.errors import ConfigError
 from kme.operations.command_support import command_config, open_database
-from kme.storage import at_rest, backends, kek, statements
-from kme.storage.db import db, meta, read_connection
+from kme.storage import at_rest, kek, statements
+from kme.storage.db import meta, read_connection, storage
 from kme.storage.meta_names import DATABASE_ID
 
 
@@ -98,5 +98,5 @@ def encrypt_db_command() -> None:
             sealed += count
             bar.update(count)
     # The clear bytes the updates replaced leave the WAL too.
-    backends.of(db.engine).checkpoint(db.engine)
+    storage().backend.checkpoint()
     click.echo(f"{sealed} pool keys sealed; no key of the database is in clear")

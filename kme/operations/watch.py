@@ -33,8 +33,7 @@ from kme.config import KmeConfig
 from kme.domain import periodic
 from kme.operations import health
 from kme.operations.ingest import IngestSummary, ingest_directories, ingest_file, link_of
-from kme.storage import backends
-from kme.storage.db import db
+from kme.storage.db import db, storage
 from kme.storage.schema import ensure_schema
 
 log = logging.getLogger(__name__)
@@ -98,8 +97,8 @@ def _keep_house(app, config: KmeConfig, stop: threading.Event, rescan: threading
     with app.app_context():
         retry = Retry("housekeeping", stop)
         due = {"checkpoint": time.monotonic(), "rescan": time.monotonic(), "beat": float("-inf")}
-        backend = backends.of(db.engine)
-        lock = backend.periodic_lock(db.engine)
+        backend = storage().backend
+        lock = backend.periodic_lock()
         said = {"held": None}
         jobs = periodic.Schedule(periodic.DATABASE_JOBS)
 
@@ -123,7 +122,7 @@ def _keep_house(app, config: KmeConfig, stop: threading.Event, rescan: threading
                 return
             jobs.run_due(config)
             if now - due["checkpoint"] >= CHECKPOINT_SECONDS:
-                backend.checkpoint(db.engine)
+                backend.checkpoint()
                 due["checkpoint"] = now
 
         try:

@@ -18,7 +18,6 @@ pool key is refused as an alteration.
 import logging
 import os
 import time
-import weakref
 from dataclasses import dataclass
 
 from flask import current_app
@@ -27,7 +26,7 @@ from sqlalchemy import delete, insert, update
 from kme.config import KEY_BITS
 from kme.errors import StorageFailure
 from kme.storage import sealing, statements
-from kme.storage.db import db, meta, write_transaction
+from kme.storage.db import db, meta, storage, write_transaction
 from kme.storage.kek import Kek, KekError, context, rotation_over, unwrap
 from kme.storage.meta_names import CLEAR_POOL, DATA_KEY, DATA_KEY_PREVIOUS, DATABASE_ID, FINGERPRINT_SECRET
 from kme.storage.models import Meta
@@ -50,10 +49,7 @@ class Store:
     clear_pool: bool
 
 
-_stores: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def establish(connection, engine, kek: Kek, facts: dict[str, bytes]) -> Store:
+def establish(connection, kek: Kek, facts: dict[str, bytes]) -> Store:
     """Unwrap the database's data key, or make it (sealing what a database from before held in clear).
 
     ``connection``: a SQLAlchemy connection inside the schema's write
@@ -84,7 +80,7 @@ def establish(connection, engine, kek: Kek, facts: dict[str, bytes]) -> Store:
         # One a KME before this release kept in clear: sealed in place.
         connection.execute(update(Meta).where(Meta.name == FINGERPRINT_SECRET).values(
             value=opened.sealer.seal([secret], [sealing.secret_place()])[0]))
-    _stores[engine] = opened
+    storage().at_rest = opened
     return opened
 
 
@@ -104,15 +100,14 @@ def _seal_delivered_and_histograms(raw, sealer: Sealer) -> None:
 def store() -> Store:
     """The encryption state of the app's database: established by ensure_schema, or opened here from the data key
     another process made (StorageFailure if the KEK does not open it)."""
-    engine = db.engine
-    found = _stores.get(engine)
-    if found is None:
+    held = storage()
+    if held.at_rest is None:
         if meta(DATA_KEY) is None:
             raise RuntimeError("the database has no data key yet (ensure_schema makes it)")
         facts = {name: meta(name) for name in (DATA_KEY, DATABASE_ID, DATA_KEY_PREVIOUS, CLEAR_POOL)}
-        found = _stores.setdefault(engine, _opened(current_app.extensions["kme_kek"],
-                                                   {name: value for name, value in facts.items() if value is not None}))
-    return found
+        held.at_rest = _opened(current_app.extensions["kme_kek"],
+                               {name: value for name, value in facts.items() if value is not None})
+    return held.at_rest
 
 
 def _opened(kek: Kek, facts: dict[str, bytes]) -> Store:

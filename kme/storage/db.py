@@ -1,12 +1,13 @@
-"""The database handle, the write transaction every writer uses, and the database's facts (kme_meta).
+"""The storage of an app (its one Storage object), the write transaction every writer uses, and the
+database's facts (kme_meta).
 
 The schema is made by kme.storage.schema, which stands above this module:
 here nothing imports the tables or the key store.
 """
 import gc
-import weakref
 from contextlib import contextmanager
 
+from flask import current_app
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import column, select, table
 from sqlalchemy.orm import DeclarativeBase
@@ -21,22 +22,40 @@ class Base(DeclarativeBase):
 
 db = SQLAlchemy(model_class=Base)
 
-_meta: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 # kme_meta as Core sees it without the models (which import this module).
 _META = table("kme_meta", column("name"), column("value"))
 _READ_META = select(_META.c.name, _META.c.value)
 
 
+class Storage:
+    """The database of one app and all that its process keeps about it, made once by init_app and held in
+    ``app.extensions["kme_storage"]``: the engine, its backend (for SQLite: the file's identity, the writers'
+    turn, the group commit, the connections kept past the pool), the database's facts once read, whether the
+    schema is ready, and the data key's state (kme.storage.at_rest.Store) once opened."""
+
+    def __init__(self, engine, backend_module):
+        self.engine = engine
+        self.backend = backend_module.Backend(engine)
+        self.facts: dict[str, bytes] | None = None
+        self.schema_ready = False
+        self.at_rest = None
+
+
 def init_app(app, database_uri: str, threads: int) -> None:
-    """Bind the database to the app, with connections for ``threads`` threads per process; nothing is opened
-    until first use."""
+    """Bind the database to the app, with connections for ``threads`` threads per process, and make its Storage;
+    nothing is opened until first use."""
     backend = backends.for_uri(database_uri)
     app.config["SQLALCHEMY_DATABASE_URI"] = database_uri
     # SQL errors are logged; their parameters may hold key material.
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {"hide_parameters": True, **backend.engine_options(threads)}
     db.init_app(app)
     with app.app_context():
-        backend.install(db.engine)
+        app.extensions["kme_storage"] = Storage(db.engine, backend)
+
+
+def storage() -> Storage:
+    """The current app's Storage."""
+    return current_app.extensions["kme_storage"]
 
 
 @contextmanager
@@ -51,7 +70,7 @@ def write_transaction():
     if session.in_transaction():
         raise RuntimeError("write_transaction() started inside an open transaction")
     check_database_file()
-    with backends.of(db.engine).write_session(session):
+    with storage().backend.write_session(session):
         try:
             yield session
             session.commit()
@@ -71,12 +90,12 @@ def grouped_write(work):
     the database file for this request (check_database_file), so it is not
     checked again here.
     """
-    return backends.of(db.engine).grouped_write(db.engine, work)
+    return storage().backend.grouped_write(work)
 
 
 def read_connection():
     """A context manager giving this thread's driver connection for reads past SQLAlchemy (the hot path)."""
-    return backends.of(db.engine).read_connection(db.engine)
+    return storage().backend.read_connection()
 
 
 def meta(name: str) -> bytes | None:
@@ -85,20 +104,20 @@ def meta(name: str) -> bytes | None:
     Read once per process, on a connection of its own, so that it never
     touches a transaction of the caller's.
     """
-    engine = db.engine
-    if engine not in _meta:
-        with engine.connect() as connection:
+    found = storage()
+    if found.facts is None:
+        with found.engine.connect() as connection:
             facts = dict(connection.execute(_READ_META).all())
         if not facts:
             return None
-        _meta[engine] = facts
-    return _meta[engine].get(name)
+        found.facts = facts
+    return found.facts.get(name)
 
 
-def remember_meta(engine, connection) -> None:
-    """Keep the facts of ``engine``'s database as ``connection`` reads them now (the schema's transaction, once it
-    made them)."""
-    _meta[engine] = dict(connection.execute(_READ_META).all())
+def remember_meta(connection) -> None:
+    """Keep the database's facts as ``connection`` reads them now (the schema's transaction, once it made
+    them)."""
+    storage().facts = dict(connection.execute(_READ_META).all())
 
 
 def reset_connections() -> None:
@@ -113,12 +132,12 @@ def reset_connections() -> None:
     opened read-only keeps new ones read-only. Collecting now closes those
     (the collector runs seldom in the web workers, kme.operations.collector).
     """
-    backends.of(db.engine).dispose(db.engine)
+    storage().backend.dispose()
     gc.collect()
 
 
 def check_database_file() -> None:
     """StorageFailure if the database file was deleted or replaced under this process."""
-    problem = backends.of(db.engine).file_problem(db.engine)
+    problem = storage().backend.file_problem()
     if problem:
         raise StorageFailure(problem)

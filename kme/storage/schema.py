@@ -1,19 +1,16 @@
 """The schema of a new database (at the newest version), its identity, data key and link rows: made once per
 process, exclusively among the processes starting together."""
 import uuid
-import weakref
 
 from flask import current_app
 from sqlalchemy import insert, inspect, select
 
 from kme.errors import StorageFailure
-from kme.storage import at_rest, backends, migrations
-from kme.storage.db import db, remember_meta
+from kme.storage import at_rest, migrations
+from kme.storage.db import db, remember_meta, storage
 from kme.storage.keystore import intake
 from kme.storage.meta_names import DATABASE_ID
 from kme.storage.models import Meta
-
-_schema_ready: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def ensure_schema() -> bool:
@@ -24,10 +21,10 @@ def ensure_schema() -> bool:
     StorageFailure if the database is at another version of the schema (`flask db upgrade` upgrades it), or if
     the process's KEK does not open the data key.
     """
-    engine = db.engine
-    if engine in _schema_ready:
+    held = storage()
+    if held.schema_ready:
         return False
-    with backends.of(engine).schema_connection(engine) as connection:
+    with held.backend.schema_connection() as connection:
         with connection.begin():
             found = migrations.version(connection)
             if found is None:
@@ -40,10 +37,10 @@ def ensure_schema() -> bool:
             if DATABASE_ID not in known:
                 connection.execute(insert(Meta).values(name=DATABASE_ID, value=uuid.uuid4().hex.encode()))
             facts = dict(connection.execute(select(Meta.name, Meta.value)).all())
-            at_rest.establish(connection, engine, current_app.extensions["kme_kek"], facts)
-            remember_meta(engine, connection)
+            at_rest.establish(connection, current_app.extensions["kme_kek"], facts)
+            remember_meta(connection)
     intake.ensure_links(current_app.extensions["kme"].key_directories())
-    _schema_ready.add(engine)
+    held.schema_ready = True
     return True
 
 

@@ -91,55 +91,99 @@ def engine_options(threads: int) -> dict:
             "connect_args": {"connect_timeout": CONNECT_TIMEOUT, "application_name": "kme"}}
 
 
-def install(engine) -> None:
-    """Connections of the class above; write transactions take the writers' advisory lock when they begin."""
+class Backend:
+    """PostgreSQL under the engine of one app: its connections are psycopg's, of the class above; write
+    transactions take the writers' advisory lock when they begin. Nothing is kept per process but the pool."""
 
-    @event.listens_for(engine, "do_connect")
-    def connect(_dialect, _record, cargs, cparams):
-        return Connection.connect(*cargs, **cparams)
+    DRIVER_ERRORS = DRIVER_ERRORS
 
-    @event.listens_for(engine, "begin")
-    def on_begin(connection):
-        if connection.get_execution_options().get(WRITE_OPTION):
-            connection.execute(_TAKE_WRITERS)
+    def __init__(self, engine):
+        self.engine = engine
+        event.listen(engine, "do_connect", _connect_with_class)
+        event.listen(engine, "begin", _on_begin)
 
+    @staticmethod
+    def failure_cause(error) -> str:
+        """A short, key-free description of a PostgreSQL failure (the module's failure_cause)."""
+        return failure_cause(error)
 
-@contextmanager
-def write_session(session):
-    """Start ``session``'s write transaction: it waits for the writers' advisory lock (other hosts' too)."""
-    session.connection(execution_options={WRITE_OPTION: True})
-    yield
+    @contextmanager
+    def write_session(self, session):
+        """Start ``session``'s write transaction: it waits for the writers' advisory lock (other hosts' too)."""
+        session.connection(execution_options={WRITE_OPTION: True})
+        yield
 
+    def schema_connection(self):
+        """A connection whose transaction takes the writers' lock at BEGIN (for creating the schema)."""
+        return self.engine.connect().execution_options(**{WRITE_OPTION: True})
 
-def schema_connection(engine):
-    """A connection whose transaction takes the writers' lock at BEGIN (for creating the schema)."""
-    return engine.connect().execution_options(**{WRITE_OPTION: True})
+    def grouped_write(self, work):
+        """``work(connection)`` in a transaction of its own on a pooled connection; run again (up to RETRIES
+        times) if PostgreSQL aborts it to break a deadlock or a serialization failure."""
+        for attempt in itertools.count():
+            try:
+                return self._run_once(work)
+            except _RETRYABLE as exc:
+                if attempt == RETRIES:
+                    raise
+                log.info("transaction aborted by the database (%s), run again", type(exc).__name__)
 
-
-def grouped_write(engine, work):
-    """``work(connection)`` in a transaction of its own on a pooled connection; run again (up to RETRIES
-    times) if PostgreSQL aborts it to break a deadlock or a serialization failure."""
-    for attempt in itertools.count():
+    def _run_once(self, work):
+        raw = self.engine.raw_connection()
         try:
-            return _run_once(engine, work)
-        except _RETRYABLE as exc:
-            if attempt == RETRIES:
+            try:
+                value = work(raw.driver_connection)
+                raw.driver_connection.commit()
+                return value
+            except BaseException:
+                _undo(raw)
                 raise
-            log.info("transaction aborted by the database (%s), run again", type(exc).__name__)
+        finally:
+            raw.close()
 
-
-def _run_once(engine, work):
-    raw = engine.raw_connection()
-    try:
+    @contextmanager
+    def read_connection(self):
+        """A pooled connection for the hot path's reads; its transaction ends when it returns to the pool."""
+        raw = self.engine.raw_connection()
         try:
-            value = work(raw.driver_connection)
-            raw.driver_connection.commit()
-            return value
-        except BaseException:
-            _undo(raw)
-            raise
-    finally:
-        raw.close()
+            yield raw.driver_connection
+        finally:
+            raw.close()
+
+    def dispose(self) -> None:
+        """Close the pool's connections; new ones are opened at next use."""
+        self.engine.dispose()
+
+    def periodic_lock(self) -> "PeriodicLock":
+        """The lock that makes one background worker of the KME run its periodic work."""
+        return PeriodicLock(self.engine)
+
+    def checkpoint(self) -> None:
+        """Nothing: erased rows leave the table's pages when autovacuum reuses them (docs/security.md)."""
+
+    def file_problem(self) -> str | None:
+        """None: the database is a server's, not a file this process could see replaced."""
+        return None
+
+    def write_probe(self) -> str | None:
+        """Try a small write on a fresh connection; the database error, or None if writes work."""
+        try:
+            with closing(_connect(self.engine.url.render_as_string(hide_password=False))) as connection:
+                run(connection, _PROBE)
+                connection.commit()
+        except psycopg.Error as exc:
+            # psycopg's first line names the failure; the next ones repeat the statement.
+            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return None
+
+
+def _connect_with_class(_dialect, _record, cargs, cparams):
+    return Connection.connect(*cargs, **cparams)
+
+
+def _on_begin(connection) -> None:
+    if connection.get_execution_options().get(WRITE_OPTION):
+        connection.execute(_TAKE_WRITERS)
 
 
 def _undo(raw) -> None:
@@ -148,21 +192,6 @@ def _undo(raw) -> None:
         raw.driver_connection.rollback()
     except psycopg.Error:
         raw.invalidate()
-
-
-@contextmanager
-def read_connection(engine):
-    """A pooled connection for the hot path's reads; its transaction ends when it returns to the pool."""
-    raw = engine.raw_connection()
-    try:
-        yield raw.driver_connection
-    finally:
-        raw.close()
-
-
-def dispose(engine) -> None:
-    """Close the pool's connections; new ones are opened at next use."""
-    engine.dispose()
 
 
 def _connect(uri: str, **options) -> psycopg.Connection:
@@ -202,11 +231,6 @@ class PeriodicLock:
         self._connection, self._held = None, False
 
 
-def periodic_lock(engine) -> PeriodicLock:
-    """The lock that makes one background worker of the KME run its periodic work."""
-    return PeriodicLock(engine)
-
-
 def read_meta(uri: str) -> dict[str, bytes]:
     """The kme_meta rows; empty before the schema exists, and when the server cannot be asked now (the
     process's first use of the database reports why)."""
@@ -215,27 +239,6 @@ def read_meta(uri: str) -> dict[str, bytes]:
             return {name: bytes(value) for name, value in run(connection, READ_META)}
     except psycopg.Error:
         return {}
-
-
-def checkpoint(_engine) -> None:
-    """Nothing: erased rows leave the table's pages when autovacuum reuses them (docs/security.md)."""
-
-
-def file_problem(_engine) -> str | None:
-    """None: the database is a server's, not a file this process could see replaced."""
-    return None
-
-
-def write_probe(engine) -> str | None:
-    """Try a small write on a fresh connection; the database error, or None if writes work."""
-    try:
-        with closing(_connect(engine.url.render_as_string(hide_password=False))) as connection:
-            run(connection, _PROBE)
-            connection.commit()
-    except psycopg.Error as exc:
-        # psycopg's first line names the failure; the next ones repeat the statement.
-        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return None
 
 
 _CAUSES = (

@@ -1,5 +1,5 @@
 """SQLite, the embedded engine (one host): everything specific to it but the writers' turn and group commit
-(kme.storage.backends.sqlite_connections).
+(kme.storage.backends.sqlite_connections, whose objects the Backend of an app's engine holds).
 
 Pragmas on every connection, BEGIN IMMEDIATE for write transactions (so two
 processes never both read and then both write), the claim statements, the
@@ -9,15 +9,13 @@ import fcntl
 import os
 import sqlite3
 import time
-import weakref
 from contextlib import closing, contextmanager
 
 from sqlalchemy import bindparam, event, select
 from sqlalchemy.dialects.sqlite import insert
 
 from kme.database_uris import sqlite_path
-from kme.storage.backends import sqlite_connections
-from kme.storage.backends.sqlite_connections import database_path
+from kme.storage.backends.sqlite_connections import GroupCommit, KeptConnections, WriterQueue, database_path
 from kme.storage.compiled import SQLITE, Statement, many, run, run_many
 from kme.storage.models import Heartbeat, KeyFingerprint
 from kme.storage.statements import READ_META
@@ -83,73 +81,129 @@ class Connection(sqlite3.Connection):
     sql = _Sql
 
 
-
-
-
-
-
-
 def engine_options(_threads: int) -> dict:
     """SQLAlchemy engine options: connections of the class above (its pool is SQLAlchemy's default)."""
     return {"connect_args": {"factory": Connection}}
 
 
-# (device, inode) of the database file each engine of this process opened first.
-# By engine, never by id(): an engine collected in a test process leaves its id to the next one.
-_opened: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+class Backend:
+    """SQLite under the engine of one app, and what this process keeps about its file: the file's identity as
+    first opened, the writers' turn, the group commit and the connections kept past the pool."""
 
+    DRIVER_ERRORS = DRIVER_ERRORS
 
-def install(engine) -> None:
-    """Set the pragmas on each new connection and take over BEGIN from pysqlite."""
+    def __init__(self, engine):
+        """Set the pragmas on each new connection and take over BEGIN from pysqlite."""
+        self.engine = engine
+        self.writers = WriterQueue(database_path(engine))
+        self.kept = KeptConnections(engine)
+        self.group_commit = GroupCommit(self.writers, self.kept)
+        # (device, inode) of the database file when this engine first opened it.
+        self._opened: tuple[int, int] | None = None
+        event.listen(engine, "connect", self._on_connect)
+        event.listen(engine, "begin", _on_begin)
 
-    @event.listens_for(engine, "connect")
-    def on_connect(dbapi_connection, _record):
+    def _on_connect(self, dbapi_connection, _record) -> None:
         # pysqlite's own transaction handling would issue a plain deferred
-        # BEGIN lazily; we issue BEGIN ourselves in on_begin.
+        # BEGIN lazily; we issue BEGIN ourselves in _on_begin.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         for pragma in _PRAGMAS:
             cursor.execute(pragma)
         cursor.close()
-        path = database_path(engine)
-        if path and engine not in _opened:
+        path = database_path(self.engine)
+        if path and self._opened is None:
             found = os.stat(path)
-            _opened[engine] = (found.st_dev, found.st_ino)
+            self._opened = (found.st_dev, found.st_ino)
 
-    @event.listens_for(engine, "begin")
-    def on_begin(connection):
-        immediate = connection.get_execution_options().get(WRITE_OPTION)
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    @staticmethod
+    def failure_cause(error) -> str:
+        """A short, key-free description of a SQLite failure (the module's failure_cause)."""
+        return failure_cause(error)
+
+    @contextmanager
+    def write_session(self, session):
+        """Start ``session``'s write transaction: this process's and the other processes' writers wait their
+        turn, then BEGIN IMMEDIATE takes the database's write lock."""
+        with self.writers.turn():
+            session.connection(execution_options={WRITE_OPTION: True})
+            yield
+
+    def schema_connection(self):
+        """A connection whose transaction takes the write lock at BEGIN (for creating the schema)."""
+        return self.engine.connect().execution_options(**{WRITE_OPTION: True})
+
+    def grouped_write(self, work):
+        """``work(connection)`` in a group commit (kme.storage.backends.sqlite_connections.GroupCommit)."""
+        return self.group_commit.run(work)
+
+    def read_connection(self):
+        """This thread's connection for the hot path's reads; each statement is its own read transaction."""
+        return self.kept.reading()
+
+    def dispose(self) -> None:
+        """Close every connection to the database, kept ones included; new ones are opened at next use."""
+        self.kept.dispose()
+        self.engine.dispose()
+
+    def periodic_lock(self) -> "PeriodicLock":
+        """The lock that makes one background worker of the KME run its periodic work."""
+        return PeriodicLock(self.engine)
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database and truncate it, so erased key bytes leave the -wal file.
+
+        Runs outside any transaction (a transaction's snapshot would pin the WAL).
+        """
+        raw = self.engine.raw_connection()
+        try:
+            raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            raw.close()
+
+    def file_problem(self) -> str | None:
+        """Why the database file this process uses is no longer the one at its path, or None.
+
+        A deleted or replaced file would otherwise go on taking writes that
+        nobody will ever read again, or hand out keys again from a fresh file.
+        """
+        path = database_path(self.engine)
+        if path is None or self._opened is None:
+            return None
+        try:
+            found = os.stat(path)
+        except FileNotFoundError:
+            return f"the database file {path} was deleted while the KME was running; restart it"
+        except OSError as exc:
+            return f"the database file {path} cannot be checked ({exc.strerror})"
+        if (found.st_dev, found.st_ino) != self._opened:
+            return f"the database file {path} was replaced while the KME was running; restart it"
+        return None
+
+    def write_probe(self) -> str | None:
+        """Try a small write on a fresh connection; the database error, or None if writes work.
+
+        A fresh connection sees the file as it is now (a pooled one may have
+        been opened read-only, or point at a deleted file); ``mode=rw`` never
+        creates a missing file.
+        """
+        path = database_path(self.engine)
+        if path is None:
+            return None
+        try:
+            with closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=2, isolation_level=None,
+                                         factory=Connection)) as raw:
+                raw.execute("BEGIN IMMEDIATE")
+                run(raw, _PROBE, beat_at=time.time())
+                raw.execute("COMMIT")
+        except sqlite3.Error as exc:
+            return str(exc)
+        return None
 
 
-@contextmanager
-def write_session(session):
-    """Start ``session``'s write transaction: this process's and the other processes' writers wait their turn,
-    then BEGIN IMMEDIATE takes the database's write lock."""
-    with sqlite_connections.writer_turn(session.get_bind()):
-        session.connection(execution_options={WRITE_OPTION: True})
-        yield
-
-
-def schema_connection(engine):
-    """A connection whose transaction takes the write lock at BEGIN (for creating the schema)."""
-    return engine.connect().execution_options(**{WRITE_OPTION: True})
-
-
-def grouped_write(engine, work):
-    """``work(connection)`` in a group commit (kme.storage.backends.sqlite_connections)."""
-    return sqlite_connections.group_commit(engine, work)
-
-
-def read_connection(engine):
-    """This thread's connection for the hot path's reads; each statement is its own read transaction."""
-    return sqlite_connections.read_connection(engine)
-
-
-def dispose(engine) -> None:
-    """Close every connection to the database, kept ones included; new ones are opened at next use."""
-    sqlite_connections.dispose(engine)
-    engine.dispose()
+def _on_begin(connection) -> None:
+    immediate = connection.get_execution_options().get(WRITE_OPTION)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 class PeriodicLock:
@@ -179,11 +233,6 @@ class PeriodicLock:
             self._fd = None
 
 
-def periodic_lock(engine) -> PeriodicLock:
-    """The lock that makes one background worker of the KME run its periodic work."""
-    return PeriodicLock(engine)
-
-
 def read_meta(uri: str) -> dict[str, bytes]:
     """The kme_meta rows of the database, read-only; empty before the file or the schema exists, and when the
     file cannot be read now (the process's first use of the database reports why)."""
@@ -195,62 +244,6 @@ def read_meta(uri: str) -> dict[str, bytes]:
             return dict(run(raw, READ_META).fetchall())
     except sqlite3.Error:
         return {}
-
-
-def checkpoint(engine) -> None:
-    """Copy the WAL into the database and truncate it, so erased key bytes leave the -wal file.
-
-    Runs outside any transaction (a transaction's snapshot would pin the WAL).
-    """
-    raw = engine.raw_connection()
-    try:
-        raw.cursor().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-    finally:
-        raw.close()
-
-
-
-
-def file_problem(engine) -> str | None:
-    """Why the database file this process uses is no longer the one at its path, or None.
-
-    A deleted or replaced file would otherwise go on taking writes that
-    nobody will ever read again, or hand out keys again from a fresh file.
-    """
-    path = database_path(engine)
-    opened = _opened.get(engine)
-    if path is None or opened is None:
-        return None
-    try:
-        found = os.stat(path)
-    except FileNotFoundError:
-        return f"the database file {path} was deleted while the KME was running; restart it"
-    except OSError as exc:
-        return f"the database file {path} cannot be checked ({exc.strerror})"
-    if (found.st_dev, found.st_ino) != opened:
-        return f"the database file {path} was replaced while the KME was running; restart it"
-    return None
-
-
-def write_probe(engine) -> str | None:
-    """Try a small write on a fresh connection; the database error, or None if writes work.
-
-    A fresh connection sees the file as it is now (a pooled one may have been
-    opened read-only, or point at a deleted file); ``mode=rw`` never creates
-    a missing file.
-    """
-    path = database_path(engine)
-    if path is None:
-        return None
-    try:
-        with closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=2, isolation_level=None,
-                                     factory=Connection)) as raw:
-            raw.execute("BEGIN IMMEDIATE")
-            run(raw, _PROBE, beat_at=time.time())
-            raw.execute("COMMIT")
-    except sqlite3.Error as exc:
-        return str(exc)
-    return None
 
 
 def failure_cause(error) -> str:

@@ -1,13 +1,14 @@
 """How the threads and processes of a KME share one SQLite file: the writers' turn, group commit, and the
 connections of the hot path kept out of SQLAlchemy's pool.
 
-The statements themselves are in kme.storage.backends.sqlite.
+Each is an object of one engine, held by the app's storage (its SQLite
+backend, kme.storage.backends.sqlite.Backend): nothing here is kept per
+module. The statements themselves are in kme.storage.backends.sqlite.
 """
 import fcntl
 import os
 import sqlite3
 import threading
-import weakref
 from contextlib import contextmanager
 
 
@@ -17,7 +18,7 @@ def database_path(engine) -> str | None:
     return None if not database or database == ":memory:" else database
 
 
-class _WriterQueue:
+class WriterQueue:
     """Writers of one database file, one at a time, handed over at once.
 
     SQLite's own busy handler makes a waiting writer sleep in growing steps
@@ -60,28 +61,6 @@ class _WriterQueue:
         return self._fd
 
 
-_registry_lock = threading.Lock()
-_queues: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _per_engine(registry: dict, engine, make):
-    """The object of ``registry`` for this engine, made by ``make()`` on first use.
-
-    Keyed by the engine itself (weakly), never by id(): a new engine may get
-    the id of one collected before it, and would inherit its state.
-    """
-    with _registry_lock:
-        found = registry.get(engine)
-        if found is None:
-            found = registry[engine] = make()
-    return found
-
-
-def writer_turn(engine):
-    """A context manager that waits for this writer's turn on the engine's database (see _WriterQueue)."""
-    return _per_engine(_queues, engine, lambda: _WriterQueue(database_path(engine))).turn()
-
-
 class _Work:
     """One caller's unit of work in a group commit, and its outcome."""
 
@@ -94,7 +73,7 @@ class _Work:
         self.wake = threading.Event()
 
 
-class _GroupCommit:
+class GroupCommit:
     """Write transactions of one process's threads, run together in one transaction and one fsync.
 
     The first caller to arrive leads: it takes the writers' turn, then runs every
@@ -105,13 +84,25 @@ class _GroupCommit:
     always follows the commit of its own work.
     """
 
-    def __init__(self, engine):
-        self._engine = engine
+    def __init__(self, writers: WriterQueue, kept: "KeptConnections"):
+        self._writers, self._kept = writers, kept
         self._lock = threading.Lock()
         self._waiting: list[_Work] = []
         self._leading = False
 
+    def waiting(self) -> int:
+        """Callers waiting for a leader to take their work."""
+        with self._lock:
+            return len(self._waiting)
+
+    def leading(self) -> bool:
+        """Whether a leader is running a batch."""
+        with self._lock:
+            return self._leading
+
     def run(self, work):
+        """``work(connection)`` on a sqlite3 connection in a write transaction shared with this process's
+        concurrent callers; its value once committed, or its exception (nothing of it kept)."""
         item = _Work(work)
         with self._lock:
             self._waiting.append(item)
@@ -133,7 +124,7 @@ class _GroupCommit:
     def _lead(self) -> None:
         batch: list[_Work] = []
         try:
-            with writer_turn(self._engine), _driver_connection(self._engine, _Kept.writer) as connection:
+            with self._writers.turn(), self._kept.writing() as connection:
                 _run_batch(connection, self._take, batch)
         except BaseException as exc:
             batch = batch or self._take()
@@ -193,16 +184,7 @@ def _run_unit(connection, item: _Work, *undo: str) -> bool:
     return True
 
 
-_groups: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def group_commit(engine, work):
-    """``work(connection)`` on a sqlite3 connection in a write transaction shared with this process's
-    concurrent callers (see _GroupCommit); its value once committed, or its exception (nothing of it kept)."""
-    return _per_engine(_groups, engine, lambda: _GroupCommit(engine)).run(work)
-
-
-class _Kept:
+class KeptConnections:
     """Driver connections of one database file kept out of SQLAlchemy's pool: one per thread for reads, one for
     the leader of the group commit.
 
@@ -213,6 +195,7 @@ class _Kept:
 
     def __init__(self, engine):
         self._engine = engine
+        self._in_memory = database_path(engine) is None
         self._lock = threading.Lock()
         self._local = threading.local()
         self._open: list[sqlite3.Connection] = []
@@ -228,13 +211,13 @@ class _Kept:
             self._open.append(connection)
         return connection
 
-    def reader(self) -> sqlite3.Connection:
+    def _reader(self) -> sqlite3.Connection:
         local = self._local
         if getattr(local, "generation", -1) != self._generation:
             local.connection, local.generation = self._connect(), self._generation
         return local.connection
 
-    def writer(self) -> sqlite3.Connection:
+    def _writer_connection(self) -> sqlite3.Connection:
         """The leader's connection (leaders take turns, so one is enough); a fresh one if the last batch left it
         inside a transaction (its ROLLBACK failed)."""
         if self._writer is None or self._writer.in_transaction:
@@ -242,6 +225,7 @@ class _Kept:
         return self._writer
 
     def dispose(self) -> None:
+        """Close every kept connection; each is opened again at its next use."""
         with self._lock:
             connections, self._open = self._open, []
             self._generation += 1
@@ -249,33 +233,24 @@ class _Kept:
         for connection in connections:
             connection.close()
 
+    def reading(self):
+        """A context manager giving this thread's connection for reads; each statement is its own read
+        transaction."""
+        return self._driver_connection(KeptConnections._reader)
 
-_kept_connections: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    def writing(self):
+        """A context manager giving the group commit's leader its connection."""
+        return self._driver_connection(KeptConnections._writer_connection)
 
-
-def _kept(engine) -> _Kept:
-    return _per_engine(_kept_connections, engine, lambda: _Kept(engine))
-
-
-@contextmanager
-def _driver_connection(engine, kept):
-    """``kept(_Kept)`` of a file database; of an in-memory one, the pool's connection (the database itself)."""
-    if database_path(engine) is not None:
-        yield kept(_kept(engine))
-        return
-    raw = engine.raw_connection()
-    try:
-        yield raw.driver_connection
-    finally:
-        raw.close()
-
-
-def read_connection(engine):
-    """A context manager giving this thread's sqlite3 connection for reads past SQLAlchemy; each statement is its
-    own read transaction."""
-    return _driver_connection(engine, _Kept.reader)
-
-
-def dispose(engine) -> None:
-    """Close the connections kept out of SQLAlchemy's pool; new ones are opened at next use."""
-    _kept(engine).dispose()
+    @contextmanager
+    def _driver_connection(self, kept):
+        """``kept(self)`` for a file database; for an in-memory one, the pool's connection (the database
+        itself)."""
+        if not self._in_memory:
+            yield kept(self)
+            return
+        raw = self._engine.raw_connection()
+        try:
+            yield raw.driver_connection
+        finally:
+            raw.close()

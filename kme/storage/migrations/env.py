@@ -8,7 +8,8 @@ from alembic.script import ScriptDirectory
 from flask import current_app
 from sqlalchemy import inspect
 
-from kme.storage import backends, migrations
+from kme.storage import migrations
+from kme.storage.db import storage
 
 log = logging.getLogger("kme.migrations")
 
@@ -33,7 +34,7 @@ def _run() -> None:
         raise SystemExit("kme: migrations run against the database itself: flask db upgrade (without --sql)")
     database = current_app.extensions["migrate"].db
     engine = database.engine
-    with backends.of(engine).schema_connection(engine) as connection:
+    with storage().backend.schema_connection() as connection:
         # SQLite alters a table by copying it (batch mode); PostgreSQL alters it in place.
         context.configure(connection=connection, target_metadata=database.metadata,
                           render_as_batch=engine.dialect.name == "sqlite", compare_type=True,
