@@ -71,6 +71,34 @@ class PeerFailure(KmeError):
     """A peer KME could not be reached, refused, or answered too late or wrongly (the message names it)."""
 
 
+class PeerError(PeerFailure):
+    """A call to a peer KME failed, as the peer client raises it: one of the three kinds below, since what the
+    failure proves decides what becomes of the keys the call was about. The message says how, without
+    internals."""
+
+
+class PeerUnreachable(PeerError):
+    """No connection could be made: the request never reached the peer."""
+
+
+class PeerRefused(PeerError):
+    """The peer answered with an error: by protocol it changed nothing.
+
+    ``detail`` is the peer's own message: it goes to the log, never to an SAE.
+    """
+
+    def __init__(self, message: str, detail: str, status: int, relay_failure: dict | None = None):
+        super().__init__(message)
+        self.detail = detail
+        self.status = status
+        # Where a relay failed further on, as the peer said (kme.domain.relay checks and rewrites it).
+        self.relay_failure = relay_failure
+
+
+class PeerOutcomeUnknown(PeerError):
+    """The request may have reached the peer, but no valid answer came back."""
+
+
 class RelayFailure(PeerFailure):
     """A relay did not reach its destinations; the message and ``relay_failure`` detail name the hop that failed.
 

@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
+from kme.errors import PeerRefused
 from kme.key_math import one_time
-from kme.peers.client import PeerRefused
 from kme.peers.wire import RELAY_MAC_HEADER
 from tests.fake_peer import FakePeer
 from tests.network import Network

@@ -13,7 +13,7 @@ import uuid
 import pytest
 import requests
 
-from kme.peers.client import PeerRefused
+from kme.errors import PeerRefused
 from kme.storage.keystore import leases
 from tests.fake_peer import FakePeer
 from tests.faults import kill_family

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from kme.peers.client import PeerOutcomeUnknown, PeerUnreachable
+from kme.errors import PeerOutcomeUnknown, PeerUnreachable
 from tests.fake_peer import FakePeer
 from tests.network import Network
 

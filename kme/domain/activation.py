@@ -15,9 +15,9 @@ from functools import partial
 from kme import clock
 from kme.config import KmeConfig, OtherKme, Sae
 from kme.domain import relay, sharing
-from kme.errors import BadRequest, Forbidden, PeerFailure
+from kme.errors import BadRequest, Forbidden, PeerError, PeerFailure, PeerOutcomeUnknown, PeerRefused
 from kme.operations import metrics
-from kme.peers.client import PeerError, PeerOutcomeUnknown, PeerRefused, client_for
+from kme.peers.client import client_for
 from kme.storage.keystore import incoming, outgoing
 from kme.storage.keystore.common import DeliveredKeyMaterial, pool_keys_per_key
 from kme.storage.keystore.incoming import ActivationRequest
@@ -54,12 +54,12 @@ def activate_at_peer(config: KmeConfig, peer: OtherKme, master: Sae, remote_slav
                                                              "its keys are set aside")
         else:
             outgoing.release(reservation.activation_id)
-        raise PeerFailure(str(exc)) from None
+        raise
     except PeerError as exc:
         metrics.PEER_FAILURES.labels(str(peer.id), "unreachable").inc()
         outgoing.release(reservation.activation_id)
         log.warning("activation %s: %s", reservation.activation_id, exc)
-        raise PeerFailure(str(exc)) from None
+        raise
     outgoing.finalize(reservation)
     return reservation.keys
 

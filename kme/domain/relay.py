@@ -21,10 +21,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kme.config import KmeConfig, OtherKme, Sae
 from kme.domain.sharing import reserve_borrowing
-from kme.errors import BadRequest, Forbidden, NotEnoughKeys, PeerFailure, RelayFailure
+from kme.errors import (
+    BadRequest,
+    Forbidden,
+    NotEnoughKeys,
+    PeerError,
+    PeerFailure,
+    PeerOutcomeUnknown,
+    PeerRefused,
+    PeerUnreachable,
+    RelayFailure,
+)
 from kme.key_math import one_time
 from kme.operations import metrics
-from kme.peers.client import PeerError, PeerOutcomeUnknown, PeerRefused, PeerUnreachable, client_for
+from kme.peers.client import client_for
 from kme.storage.keystore import relays
 from kme.storage.keystore.common import DeliveredKeyMaterial, build_keys, new_key_id, new_key_ids, pool_keys_per_key
 from kme.storage.keystore.relays import Branch, Message, Node

@@ -18,8 +18,8 @@ import uuid
 
 from kme import clock
 from kme.config import KmeConfig, OtherKme
-from kme.errors import NotEnoughKeys, PeerFailure
-from kme.peers.client import PeerError, PeerOutcomeUnknown, client_for
+from kme.errors import NotEnoughKeys, PeerError, PeerOutcomeUnknown
+from kme.peers.client import client_for
 from kme.storage.db import meta
 from kme.storage.keystore import common, leases, progress
 from kme.storage.keystore.progress import Exchange, FileOffer
@@ -168,5 +168,5 @@ def reserve_borrowing(peer: OtherKme, reserve, needed: int, deadline: float):
                     borrow(peer, short, deadline)
             except PeerError as exc:
                 log.warning("lease from KME %s: %s", peer.id, exc)
-                raise PeerFailure(str(exc)) from None
+                raise
     return reserve()

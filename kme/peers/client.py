@@ -29,6 +29,7 @@ from urllib3.exceptions import NewConnectionError
 from urllib3.util import Timeout
 
 from kme.config import OtherKme
+from kme.errors import PeerOutcomeUnknown, PeerRefused, PeerUnreachable
 from kme.peers.wire import (
     RELAY_MAC_HEADER,
     LeaseAnswerSchema,
@@ -40,32 +41,6 @@ _LEASE_ANSWER, _PROGRESS_ANSWER = LeaseAnswerSchema(), ProgressAnswerSchema()
 _LEASE_STATES_ANSWER = LeaseStatesAnswerSchema()
 
 log = logging.getLogger(__name__)
-
-
-class PeerError(Exception):
-    """A call to a peer KME failed; str() says how, without internals."""
-
-
-class PeerUnreachable(PeerError):
-    """No connection could be made: the request never reached the peer."""
-
-
-class PeerRefused(PeerError):
-    """The peer answered with an error: by protocol it changed nothing.
-
-    ``detail`` is the peer's own message: it goes to the log, never to an SAE.
-    """
-
-    def __init__(self, message: str, detail: str, status: int, relay_failure: dict | None = None):
-        super().__init__(message)
-        self.detail = detail
-        self.status = status
-        # Where a relay failed further on, as the peer said (kme.domain.relay checks and rewrites it).
-        self.relay_failure = relay_failure
-
-
-class PeerOutcomeUnknown(PeerError):
-    """The request may have reached the peer, but no valid answer came back."""
 
 
 def client_context(peer: OtherKme) -> ssl.SSLContext:
