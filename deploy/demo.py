@@ -109,9 +109,9 @@ def _fresh_state(config) -> None:
     """
     database = Path(sqlite_path(config.this_kme.database_uri))
     for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm"),
-                 *(directory / MARK_NAME for directory in config.key_directories().values()),
-                 config.this_kme.key_directory_to_watch / handout_mark.MARK_NAME):
+                 *(directory / MARK_NAME for directory in config.key_directories().values())):
         path.unlink(missing_ok=True)
+    shutil.rmtree(config.this_kme.key_directory_to_watch / handout_mark.MARK_NAME, ignore_errors=True)
     if config.this_kme.metrics_directory is not None:
         shutil.rmtree(config.this_kme.metrics_directory, ignore_errors=True)
 

@@ -21,7 +21,8 @@ def start_demo(tmp_path, configs: str):
     # Marks left by an earlier `make run`: each demo starts afresh all the same.
     for keys in (tmp_path / "keys").iterdir():
         (keys / ".kme-database").write_text("an-earlier-run\n")
-        (keys / ".kme-handed-out").write_text(f"{'e' * 32} {10**6:020d}\n")
+        (keys / ".kme-handed-out").mkdir()
+        (keys / ".kme-handed-out" / "mark").write_text(f"{'e' * 32} {10**6:020d}\n")
     log = open(tmp_path / "demo.log", "wb")
     process = subprocess.Popen([sys.executable, "deploy/demo.py", str(tmp_path / configs)], cwd=ROOT,
                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -11,7 +11,10 @@ import shutil
 import sqlite3
 
 import pytest
+from watchdog.events import FileSystemEventHandler
+from watchdog.observers.inotify import InotifyObserver
 
+from kme.storage import handout_mark
 from tests.network import Network
 from tests.support import run_cli, wait_until, write_keys
 
@@ -84,6 +87,35 @@ def recover(kme) -> str:
     assert again.returncode != 0 and "not behind the hand-out mark" in again.stderr
     kme.start()
     return done.stdout
+
+
+def test_keys_handed_out_wake_no_watch_of_the_key_folders(network):
+    # The hand-out mark is read and raised at every hand-out. In the watched key folder, each of those woke the
+    # ingestion worker's watch (open, write, close: five inotify events a request), which cost a remote
+    # activation two thirds of its speed under load (bench/relay.py).
+    # The first hand-out makes the mark's folder.
+    taken(network, 2, 1)
+    seen = []
+    handler = FileSystemEventHandler()
+    handler.on_any_event = seen.append
+    observer = InotifyObserver()
+    zone = network[1].link_folder(1)
+    for folder in (zone, network[1].link_folder(2)):
+        observer.schedule(handler, str(folder), recursive=False)
+    observer.start()
+    try:
+        keys = taken(network, 3, 5)
+        assert dec_keys(network, 2, 3, keys).status_code == 200
+        taken(network, 2, 5)
+        # Events of one watch arrive in order: once the sentinel's is seen, every earlier one has been.
+        (zone / "sentinel").write_bytes(b"")
+        wait_until(lambda: any(event.src_path.endswith("sentinel") for event in seen))
+    finally:
+        observer.stop()
+        observer.join(10)
+    # The sentinel's creation modifies the folder too: nothing else happened in it.
+    assert {event.src_path for event in seen} - {str(zone)} == {str(zone / "sentinel")}
+    assert handout_mark.read(zone)[1] >= 11
 
 
 def test_a_restored_database_hands_out_no_zone_key_twice(network, tmp_path):

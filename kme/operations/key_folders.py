@@ -9,6 +9,8 @@ operator decides with ``flask adopt-key-folders``.
 import os
 from pathlib import Path
 
+from kme.storage import handout_mark
+
 MARK_NAME = ".kme-database"
 _MARK_STAGING = ".kme-database.new"
 # Flags in /proc/<pid>/fdinfo are octal; O_WRONLY = 1, O_RDWR = 2.
@@ -16,8 +18,8 @@ _ACCESS_MODE = 0o3
 
 
 def is_mark(name: str) -> bool:
-    """Whether a folder entry is the mark (or its staging copy), not a key file."""
-    return name in (MARK_NAME, _MARK_STAGING)
+    """Whether a folder entry is the mark (or its staging copy) or the hand-out mark's folder, not a key file."""
+    return name in (MARK_NAME, _MARK_STAGING, handout_mark.MARK_NAME)
 
 
 def read_mark(directory: Path) -> str | None:

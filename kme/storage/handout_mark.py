@@ -5,8 +5,11 @@ it received the last commits, has forgotten keys it already handed out: as
 it stands it would hand them out again. Every link row counts its keys'
 final fates (delivered + discarded + set aside), a sum that only grows; once
 a transaction that hands keys out has committed, and before its answer
-leaves, the KME records that sum in ``.kme-handed-out`` in its own key
-folder, beside the folder mark (kme.operations.key_folders). A database
+leaves, the KME records that sum in ``.kme-handed-out/mark`` in its own key
+folder, beside the folder mark (kme.operations.key_folders). The record has
+a folder of its own because it is read and written at every hand-out: in
+the key folder itself, each access woke the ingestion worker's watch of it
+(inotify watches one folder, not those below). A database
 whose sum is below the mark went back in time: the KME refuses to hand out
 keys from it until an operator runs ``flask restored-from-backup``.
 
@@ -19,15 +22,22 @@ import fcntl
 import os
 from pathlib import Path
 
+# The mark's folder in the key folder, and its record there.
 MARK_NAME = ".kme-handed-out"
+_RECORD = "mark"
 # "<database ID, 32 hex digits> <sum, 20 digits>\n"
 _SIZE = 32 + 1 + 20 + 1
+
+
+def path(folder: Path) -> Path:
+    """The record of the mark of key folder ``folder``."""
+    return folder / MARK_NAME / _RECORD
 
 
 def read(folder: Path) -> tuple[str, int] | None:
     """(database ID, sum) of the mark in ``folder``, or None if there is none (or it is not one of ours)."""
     try:
-        descriptor = os.open(folder / MARK_NAME, os.O_RDONLY)
+        descriptor = os.open(path(folder), os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
@@ -53,7 +63,11 @@ def reset(folder: Path, database_id: str, spent: int) -> None:
 
 
 def _write(folder: Path, database_id: str, spent: int, wanted) -> None:
-    descriptor = os.open(folder / MARK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        descriptor = os.open(path(folder), os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        os.makedirs(folder / MARK_NAME, mode=0o700, exist_ok=True)
+        descriptor = os.open(path(folder), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
         if wanted(_parse(os.pread(descriptor, _SIZE, 0))):
@@ -69,13 +83,13 @@ def problem(folder: Path, mark: tuple[str, int] | None, database_id: str, spent:
     if mark is None:
         return None
     if mark[0] != database_id:
-        return (f"{folder / MARK_NAME} names database {mark[0]}, not this one ({database_id}): a process that "
+        return (f"{path(folder)} names database {mark[0]}, not this one ({database_id}): a process that "
                 "still runs since `flask restored-from-backup` must be restarted; a new database takes the folders "
                 "over with `flask adopt-key-folders`")
     if spent >= mark[1]:
         return None
     return (f"the database is behind what this KME already handed out ({spent} keys used, {mark[1]} by "
-            f"{folder / MARK_NAME}): it was restored from a backup, or failed over to a standby that had not "
+            f"{path(folder)}): it was restored from a backup, or failed over to a standby that had not "
             "received the last commits; no key is handed out until an operator runs `flask restored-from-backup`")
 
 
