@@ -12,7 +12,7 @@ from kme.errors import EXTENSION_MANDATORY_UNSUPPORTED, KEYS_NOT_FOUND, SIZE_NOT
 from kme.interfaces.schemas import EntropySchema, KeyContainerSchema, StatusSchema, key_container, status_body
 from kme.storage.keystore.common import DeliveredKeyMaterial
 from tests.conftest import client_with, sae_environ
-from tests.support import Ledger
+from tests.support import Ledger, write_config
 
 STATUS_FIELDS = {
     "source_KME_ID": str, "target_KME_ID": str, "master_SAE_ID": str, "slave_SAE_ID": str, "key_size": int,
@@ -220,6 +220,32 @@ def test_dec_keys_by_an_sae_that_is_not_the_slave_is_401_and_keeps_the_key(app, 
     # SAE 1 is the master, not the slave, of its own key.
     assert_error(sae1.get(f"/api/v1/keys/1/dec_keys?key_ID={key['key_ID']}"), 401)
     assert sae2.get(f"/api/v1/keys/1/dec_keys?key_ID={key['key_ID']}").get_json()["keys"] == [key]
+
+
+def test_dec_keys_items_may_name_the_urls_master_as_a_client_library_does(sae1, sae2):
+    # The C library under the strongSwan and OpenSSL QKD plugins puts master_SAE_ID in every item.
+    keys = sae1.post("/api/v1/keys/2/enc_keys", json={"number": 2}).get_json()["keys"]
+    body = {"key_IDs": [{"key_ID": keys[0]["key_ID"], "master_SAE_ID": "1"},
+                        {"key_ID": keys[1]["key_ID"], "master_SAE_ID": 1}]}
+    assert sae2.post("/api/v1/keys/1/dec_keys", json=body).get_json()["keys"] == keys
+
+
+def test_dec_keys_items_naming_another_master_are_400_and_keep_the_keys(sae1, sae2, ledger):
+    key = sae1.get("/api/v1/keys/2/enc_keys").get_json()["keys"][0]
+    body = {"key_IDs": [{"key_ID": key["key_ID"], "master_SAE_ID": "9"}]}
+    assert_error(sae2.post("/api/v1/keys/1/dec_keys", json=body), 400,
+                 "key_IDs: master_SAE_ID 9 is not the master SAE of the URL (1)")
+    assert_error(sae2.post("/api/v1/keys/1/dec_keys", json={"key_IDs": [{"key_ID": key["key_ID"],
+                                                                         "master_SAE_ID": "one"}]}), 400)
+    assert ledger.waiting() == 1
+    assert sae2.get(f"/api/v1/keys/1/dec_keys?key_ID={key['key_ID']}").get_json()["keys"] == [key]
+
+
+def test_status_counts_stop_at_the_largest_signed_32_bit_integer(tmp_path, pki):
+    # That C library refuses a larger count; max_key_count may be configured up to 2^63 - 1.
+    app = create_app(load_config(write_config(tmp_path / "big", pki, limits={"max_key_count": 2**40})))
+    body = client_with(app, sae_environ(pki, "sae1")).get("/api/v1/keys/2/status").get_json()
+    assert body["max_key_count"] == 2**31 - 1
 
 
 def test_second_fetch_is_400_with_the_standard_message(sae1, sae2):

@@ -11,6 +11,10 @@ from kme.storage.keystore import common
 from kme.storage.keystore import local as keystore_local
 from kme.storage.keystore.common import DeliveredKeyMaterial
 
+# Key counts in Get status stop here: the status parser of the C library under the strongSwan and OpenSSL QKD
+# plugins refuses any count above a signed 32-bit integer, and a larger one tells an SAE nothing more.
+STATUS_COUNT_MAX = 2**31 - 1
+
 
 def parse_sae_id(config: KmeConfig, text: str) -> Sae:
     """The SAE named in a URL; 400 if it is not a registered SAE."""
@@ -43,8 +47,8 @@ def get_status(config: KmeConfig, master: Sae, slave_id: str) -> dict:
         "master_SAE_ID": master.id,
         "slave_SAE_ID": slave.id,
         "key_size": limits.key_size,
-        "stored_key_count": available // common.pool_keys_per_key(limits.key_size),
-        "max_key_count": limits.max_key_count,
+        "stored_key_count": min(available // common.pool_keys_per_key(limits.key_size), STATUS_COUNT_MAX),
+        "max_key_count": min(limits.max_key_count, STATUS_COUNT_MAX),
         "max_key_per_request": limits.max_key_per_request,
         "max_key_size": limits.max_key_size,
         "min_key_size": limits.min_key_size,
@@ -110,9 +114,17 @@ def get_key(config: KmeConfig, master: Sae, slave_id: str, request: dict) -> lis
                       [sae.id for sae in local_slaves], number, size)
 
 
-def get_key_with_key_ids(config: KmeConfig, slave: Sae, master_id: str, key_ids: list[str]) -> list[DeliveredKeyMaterial]:
-    """Get key with key IDs (5.4): the keys a master SAE obtained for ``slave``, erased once handed out."""
+def get_key_with_key_ids(config: KmeConfig, slave: Sae, master_id: str, key_ids: list[str],
+                         named_masters: set = frozenset()) -> list[DeliveredKeyMaterial]:
+    """Get key with key IDs (5.4): the keys a master SAE obtained for ``slave``, erased once handed out.
+
+    ``named_masters``: the master SAE IDs the request's items name besides
+    the URL (a client's dialect); each must be the URL's master.
+    """
     master = parse_sae_id(config, master_id)
+    if named_masters - {master.id}:
+        raise BadRequest(f"key_IDs: master_SAE_ID {min(named_masters - {master.id})} is not the master SAE of the "
+                         f"URL ({master.id})")
     if len(set(key_ids)) != len(key_ids):
         raise BadRequest("key_IDs: the same key ID is requested twice")
     if len(key_ids) > config.this_kme.limits.max_key_per_request:

@@ -74,14 +74,16 @@ def _key_request() -> dict:
     return query
 
 
-def _key_ids() -> list[str]:
+def _key_ids() -> tuple[list[str], set]:
+    """The key IDs asked for, and the master SAE IDs the items name (a client's dialect)."""
     if request.method == "POST":
-        return [item["key_ID"] for item in load(_KEY_IDS, json_body(request))["key_IDs"]]
+        items = load(_KEY_IDS, json_body(request))["key_IDs"]
+        return [item["key_ID"] for item in items], {item["master_SAE_ID"] for item in items if "master_SAE_ID" in item}
     key_id = _single_query_values(("key_ID",)).get("key_ID")
     if key_id is None:
         raise BadRequest("key_ID: missing")
     try:
-        return [parse_key_id(key_id)]
+        return [parse_key_id(key_id)], set()
     except ValidationError:
         raise BadRequest("key_ID: not a UUID") from None
 
@@ -106,7 +108,8 @@ def get_key(slave_sae_id: str):
 def get_key_with_key_ids(master_sae_id: str):
     """Get key with key IDs (5.4)."""
     slave = calling_sae()
-    keys = delivery.get_key_with_key_ids(_config(), slave, master_sae_id, _key_ids())
+    key_ids, named_masters = _key_ids()
+    keys = delivery.get_key_with_key_ids(_config(), slave, master_sae_id, key_ids, named_masters)
     _count_delivered(keys, _config().saes_by_id[int(master_sae_id)].kme_id, slave.id, "slave")
     return key_container(keys)
 

@@ -45,6 +45,9 @@ class KeyRequestSchema(StrictSchema):
 class KeyIdSchema(StrictSchema):
     key_ID = KeyIdField(required=True)
     key_ID_extension = _Object()
+    # Not in the standard: the C library under the strongSwan and OpenSSL QKD plugins names the master SAE in
+    # every item; accepted when it is the master the URL names (checked by kme.domain.delivery).
+    master_SAE_ID = SaeId()
 
 
 class KeyIdsSchema(StrictSchema):
