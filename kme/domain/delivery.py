@@ -122,9 +122,8 @@ def get_key_with_key_ids(config: KmeConfig, slave: Sae, master_id: str, key_ids:
     the URL (a client's dialect); each must be the URL's master.
     """
     master = parse_sae_id(config, master_id)
-    if named_masters - {master.id}:
-        raise BadRequest(f"key_IDs: master_SAE_ID {min(named_masters - {master.id})} is not the master SAE of the "
-                         f"URL ({master.id})")
+    if others := named_masters - {master.id}:
+        raise BadRequest(f"key_IDs: master_SAE_ID {min(others)} is not the master SAE of the URL ({master.id})")
     if len(set(key_ids)) != len(key_ids):
         raise BadRequest("key_IDs: the same key ID is requested twice")
     if len(key_ids) > config.this_kme.limits.max_key_per_request:

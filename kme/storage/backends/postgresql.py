@@ -91,21 +91,45 @@ def engine_options(threads: int) -> dict:
             "connect_args": {"connect_timeout": CONNECT_TIMEOUT, "application_name": "kme"}}
 
 
+_CAUSES = (
+    ("08", "the database server cannot be reached"),
+    ("53100", "the database disk is full"),
+    ("53", "the database server is out of resources"),
+    ("25006", "the database is read-only (a standby?)"),
+    ("57P", "the database server is shutting down or restarting"),
+    ("42P01", "the database has no KME schema"),
+    ("28", "the database refused the KME's credentials"),
+    ("40", "the database aborted the transaction"),
+)
+
+
+def failure_cause(error) -> str:
+    """A short, key-free description of a PostgreSQL failure (exception or its text), for clients and /healthz."""
+    original = getattr(error, "orig", error)
+    state = getattr(original, "sqlstate", None) or ""
+    for prefix, cause in _CAUSES:
+        if state.startswith(prefix):
+            return cause
+    # A connection refused at start-up carries no SQLSTATE, only libpq's words.
+    words = str(original)
+    if "authentication failed" in words or "no password supplied" in words:
+        return "the database refused the KME's credentials"
+    if isinstance(original, psycopg.OperationalError) or words.startswith("connection failed"):
+        return "the database server cannot be reached"
+    return "the database failed"
+
+
 class Backend:
     """PostgreSQL under the engine of one app: its connections are psycopg's, of the class above; write
     transactions take the writers' advisory lock when they begin. Nothing is kept per process but the pool."""
 
     DRIVER_ERRORS = DRIVER_ERRORS
+    failure_cause = staticmethod(failure_cause)
 
     def __init__(self, engine):
         self.engine = engine
         event.listen(engine, "do_connect", _connect_with_class)
         event.listen(engine, "begin", _on_begin)
-
-    @staticmethod
-    def failure_cause(error) -> str:
-        """A short, key-free description of a PostgreSQL failure (the module's failure_cause)."""
-        return failure_cause(error)
 
     @contextmanager
     def write_session(self, session):
@@ -239,31 +263,3 @@ def read_meta(uri: str) -> dict[str, bytes]:
             return {name: bytes(value) for name, value in run(connection, READ_META)}
     except psycopg.Error:
         return {}
-
-
-_CAUSES = (
-    ("08", "the database server cannot be reached"),
-    ("53100", "the database disk is full"),
-    ("53", "the database server is out of resources"),
-    ("25006", "the database is read-only (a standby?)"),
-    ("57P", "the database server is shutting down or restarting"),
-    ("42P01", "the database has no KME schema"),
-    ("28", "the database refused the KME's credentials"),
-    ("40", "the database aborted the transaction"),
-)
-
-
-def failure_cause(error) -> str:
-    """A short, key-free description of a PostgreSQL failure (exception or its text), for clients and /healthz."""
-    original = getattr(error, "orig", error)
-    state = getattr(original, "sqlstate", None) or ""
-    for prefix, cause in _CAUSES:
-        if state.startswith(prefix):
-            return cause
-    # A connection refused at start-up carries no SQLSTATE, only libpq's words.
-    words = str(original)
-    if "authentication failed" in words or "no password supplied" in words:
-        return "the database refused the KME's credentials"
-    if isinstance(original, psycopg.OperationalError) or words.startswith("connection failed"):
-        return "the database server cannot be reached"
-    return "the database failed"

@@ -86,11 +86,27 @@ def engine_options(_threads: int) -> dict:
     return {"connect_args": {"factory": Connection}}
 
 
+def failure_cause(error) -> str:
+    """A short, key-free description of a SQLite failure (exception or its text), for clients and /healthz."""
+    text = str(getattr(error, "orig", error)).lower()
+    for needle, cause in (("disk is full", "the database disk is full"),
+                          ("readonly", "the database is read-only"),
+                          ("read-only", "the database is read-only"),
+                          ("unable to open", "the database file cannot be opened"),
+                          ("no such table", "the database has no KME schema (deleted or replaced?)"),
+                          ("disk i/o", "disk I/O error on the database"),
+                          ("locked", "the database is locked by another process for too long")):
+        if needle in text:
+            return cause
+    return "the database failed"
+
+
 class Backend:
     """SQLite under the engine of one app, and what this process keeps about its file: the file's identity as
     first opened, the writers' turn, the group commit and the connections kept past the pool."""
 
     DRIVER_ERRORS = DRIVER_ERRORS
+    failure_cause = staticmethod(failure_cause)
 
     def __init__(self, engine):
         """Set the pragmas on each new connection and take over BEGIN from pysqlite."""
@@ -115,11 +131,6 @@ class Backend:
         if path and self._opened is None:
             found = os.stat(path)
             self._opened = (found.st_dev, found.st_ino)
-
-    @staticmethod
-    def failure_cause(error) -> str:
-        """A short, key-free description of a SQLite failure (the module's failure_cause)."""
-        return failure_cause(error)
 
     @contextmanager
     def write_session(self, session):
@@ -244,18 +255,3 @@ def read_meta(uri: str) -> dict[str, bytes]:
             return dict(run(raw, READ_META).fetchall())
     except sqlite3.Error:
         return {}
-
-
-def failure_cause(error) -> str:
-    """A short, key-free description of a SQLite failure (exception or its text), for clients and /healthz."""
-    text = str(getattr(error, "orig", error)).lower()
-    for needle, cause in (("disk is full", "the database disk is full"),
-                          ("readonly", "the database is read-only"),
-                          ("read-only", "the database is read-only"),
-                          ("unable to open", "the database file cannot be opened"),
-                          ("no such table", "the database has no KME schema (deleted or replaced?)"),
-                          ("disk i/o", "disk I/O error on the database"),
-                          ("locked", "the database is locked by another process for too long")):
-        if needle in text:
-            return cause
-    return "the database failed"

@@ -236,18 +236,17 @@ class KeptConnections:
     def reading(self):
         """A context manager giving this thread's connection for reads; each statement is its own read
         transaction."""
-        return self._driver_connection(KeptConnections._reader)
+        return self._driver_connection(self._reader)
 
     def writing(self):
         """A context manager giving the group commit's leader its connection."""
-        return self._driver_connection(KeptConnections._writer_connection)
+        return self._driver_connection(self._writer_connection)
 
     @contextmanager
     def _driver_connection(self, kept):
-        """``kept(self)`` for a file database; for an in-memory one, the pool's connection (the database
-        itself)."""
+        """``kept()`` for a file database; for an in-memory one, the pool's connection (the database itself)."""
         if not self._in_memory:
-            yield kept(self)
+            yield kept()
             return
         raw = self._engine.raw_connection()
         try:
