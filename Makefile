@@ -47,7 +47,7 @@ openapi: $(VENV)/.run-deps
 	$(BIN)/python -c "import json, kme.interfaces.openapi as o; print(json.dumps(o.document('all'), indent=2))" > docs/openapi.json
 
 clean:
-	rm -rf $(VENV) instance/*.db instance/*.db-wal instance/*.db-shm instance/*.kek keys/*/.kme-database \
+	rm -rf $(VENV) instance/*.db instance/*.db-wal instance/*.db-shm instance/*.kek keys/*/.kme-database* \
 		keys/*/.kme-handed-out
 	rm -rf instance/line3/*.db instance/line3/*.db-wal instance/line3/*.db-shm instance/line3/*.kek \
-		keys/line3/*/.kme-database keys/line3/*/.kme-handed-out
+		keys/line3/*/.kme-database* keys/line3/*/.kme-handed-out

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from kme.config import load_config  # noqa: E402
 from kme.database_uris import sqlite_path  # noqa: E402
 from kme.errors import ConfigError  # noqa: E402
-from kme.operations.key_folders import MARK_NAME  # noqa: E402
+from kme.operations.key_folders import MARK_PREFIX  # noqa: E402
 from kme.storage import handout_mark  # noqa: E402
 
 STARTUP_SECONDS = 30
@@ -109,7 +109,8 @@ def _fresh_state(config) -> None:
     """
     database = Path(sqlite_path(config.this_kme.database_uri))
     for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm"),
-                 *(directory / MARK_NAME for directory in config.key_directories().values())):
+                 *(mark for directory in config.key_directories().values()
+                   for mark in directory.glob(f"{MARK_PREFIX}*"))):
         path.unlink(missing_ok=True)
     shutil.rmtree(config.this_kme.key_directory_to_watch / handout_mark.MARK_NAME, ignore_errors=True)
     if config.this_kme.metrics_directory is not None:

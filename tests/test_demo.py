@@ -21,6 +21,7 @@ def start_demo(tmp_path, configs: str):
     # Marks left by an earlier `make run`: each demo starts afresh all the same.
     for keys in (tmp_path / "keys").iterdir():
         (keys / ".kme-database").write_text("an-earlier-run\n")
+        (keys / ".kme-database.1").write_text("an-earlier-run\n")
         (keys / ".kme-handed-out").mkdir()
         (keys / ".kme-handed-out" / "mark").write_text(f"{'e' * 32} {10**6:020d}\n")
     log = open(tmp_path / "demo.log", "wb")

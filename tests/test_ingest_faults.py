@@ -8,7 +8,7 @@ from kme import create_app
 from kme.config import load_config
 from kme.operations import health
 from kme.operations.ingest import ingest_directories
-from kme.operations.key_folders import MARK_NAME
+from kme.operations.key_folders import mark_name
 from kme.storage.schema import ensure_schema
 from tests.network import Network
 from tests.support import Ledger, lose_database, run_cli, start_ingest_worker, wait_until, write_config, write_keys
@@ -130,7 +130,7 @@ def test_a_lost_database_does_not_ingest_the_folders_again_until_an_operator_dec
     folder = config.parent / "keys"
     write_keys(folder / "old.cor", 5)
     assert InProcess(config).ingest().keys == 5
-    assert (folder / MARK_NAME).exists()
+    assert (folder / mark_name(1)).exists()
     lose_database(config.parent)
     fresh = InProcess(config)
     summary = fresh.ingest()

@@ -73,11 +73,11 @@ def adopt_key_folders_command(existing: str) -> None:
     database_id = meta(DATABASE_ID).decode()
     adopted = 0
     for link_id, directory in config.key_directories().items():
-        mark = key_folders.read_mark(directory)
+        mark = key_folders.read_mark(directory, config.this_kme.id)
         if mark is None or mark == database_id:
             continue
         retired = intake.retire_files(link_id, key_files(directory)) if existing == "used" else 0
-        key_folders.write_mark(directory, database_id)
+        key_folders.write_mark(directory, config.this_kme.id, database_id)
         adopted += 1
         click.echo(f"link {link_id}: {directory} adopted (was {mark}); "
                    + (f"{retired} files present retired, never ingested" if existing == "used"

@@ -77,7 +77,7 @@ def _folder_problem(config: KmeConfig) -> str | None:
         if not (path.is_dir() and os.access(path, os.R_OK | os.X_OK)):
             problems.append(f"not readable: {path}")
             continue
-        mark = key_folders.read_mark(path)
+        mark = key_folders.read_mark(path, config.this_kme.id)
         if database_id and mark is not None and mark != database_id.decode():
             problems.append(f"{path} belongs to another database ({mark}): see `flask adopt-key-folders`")
     return "; ".join(problems) or None

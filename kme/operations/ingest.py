@@ -83,7 +83,7 @@ def ingest_directories(config: KmeConfig, summary: IngestSummary | None = None,
     summary = summary or IngestSummary()
     pending = []
     for link_id, directory in config.key_directories().items():
-        refused = key_folders.claim(directory, meta(DATABASE_ID).decode())
+        refused = key_folders.claim(directory, config.this_kme.id, meta(DATABASE_ID).decode())
         if refused:
             summary.warn(refused)
             continue
@@ -150,7 +150,7 @@ def ingest_file(config: KmeConfig, link_id: int, path: Path, summary: IngestSumm
     if not name.endswith(KEY_FILE_SUFFIX):
         summary.warn(f"{shown}: not a {KEY_FILE_SUFFIX} file, skipped")
         return
-    refused = key_folders.claim(path.parent, meta(DATABASE_ID).decode())
+    refused = key_folders.claim(path.parent, config.this_kme.id, meta(DATABASE_ID).decode())
     if refused:
         summary.warn(refused)
         return

@@ -45,7 +45,7 @@ def restored_from_backup_command(force: bool) -> None:
         raise click.ClickException(cause(exc)) from None
     for link_id, directory in config.key_directories().items():
         try:
-            key_folders.write_mark(directory, new_id)
+            key_folders.write_mark(directory, config.this_kme.id, new_id)
         except OSError as exc:
             click.echo(f"warning: {directory}: folder mark not written ({exc.strerror})", err=True)
     handout_mark.reset(zone, new_id, spent)
