@@ -18,10 +18,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 from marshmallow import ValidationError
 
-from kme import database_uris
-from kme.config_schema import ConfigSchema, first_error
+from kme import database_uris, ids
+from kme.config_schema import ConfigSchema, all_errors
 from kme.database_uris import IN_MEMORY_URI
 from kme.errors import ConfigError
+from kme.ids import Id
 
 KEY_BITS = 256
 DEFAULT_KEY_EXPIRY_SECONDS = 3600.0
@@ -99,7 +100,7 @@ class KekSource:
 
 @dataclass(frozen=True)
 class ThisKme:
-    id: int
+    id: Id
     nickname: str
     database_uri: str
     key_encryption_key: KekSource
@@ -122,7 +123,7 @@ class ThisKme:
 
 @dataclass(frozen=True)
 class OtherKme:
-    id: int
+    id: Id
     key_directory_to_watch: Path
     inter_kme_bind_address: str
     ignore_system_proxy_settings: bool
@@ -136,8 +137,8 @@ class OtherKme:
 
 @dataclass(frozen=True)
 class Sae:
-    id: int
-    kme_id: int
+    id: Id
+    kme_id: Id
     certificate_serial: int | None
 
 
@@ -150,14 +151,14 @@ class KmeConfig:
     saes: tuple[Sae, ...]
     source: Path | None = field(default=None, compare=False)
     # (destination KME, the neighbour that is the next hop towards it), for KMEs we have no link with.
-    routes: tuple[tuple[int, int], ...] = ()
+    routes: tuple[tuple[Id, Id], ...] = ()
 
     @property
     def in_memory(self) -> bool:
         return self.this_kme.database_uri == IN_MEMORY_URI
 
     @cached_property
-    def saes_by_id(self) -> dict[int, Sae]:
+    def saes_by_id(self) -> dict[Id, Sae]:
         return {sae.id: sae for sae in self.saes}
 
     @cached_property
@@ -165,16 +166,26 @@ class KmeConfig:
         return {sae.certificate_serial: sae for sae in self.saes if sae.certificate_serial is not None}
 
     @cached_property
-    def other_kmes_by_id(self) -> dict[int, OtherKme]:
+    def other_kmes_by_id(self) -> dict[Id, OtherKme]:
         return {peer.id: peer for peer in self.other_kmes}
 
-    def next_hop(self, kme_id: int) -> OtherKme | None:
+    def next_hop(self, kme_id: Id) -> OtherKme | None:
         """The neighbour through which keys for ``kme_id`` go: the KME itself when linked, its route's via else."""
         return self.other_kmes_by_id.get(self.routes_by_destination.get(kme_id, kme_id))
 
     @cached_property
-    def routes_by_destination(self) -> dict[int, int]:
+    def routes_by_destination(self) -> dict[Id, Id]:
         return dict(self.routes)
+
+    @cached_property
+    def kme_ids_by_number(self) -> dict[int, Id]:
+        """Each KME this KME knows (itself, its links, its routes' destinations) by the number that stores its ID."""
+        known = [self.this_kme.id, *(peer.id for peer in self.other_kmes), *(kme for kme, _via in self.routes)]
+        return {ids.number(kme_id): kme_id for kme_id in known}
+
+    def kme_id(self, stored) -> Id:
+        """The configured ID of the KME whose ID the database stores as ``stored`` (itself if none is configured)."""
+        return self.kme_ids_by_number.get(stored, stored)
 
     def peer_by_serial(self, serial: int) -> OtherKme | None:
         """The other KME that calls with a client certificate of this serial.
@@ -189,7 +200,7 @@ class KmeConfig:
             return self.other_kmes[0]
         return None
 
-    def key_directories(self) -> dict[int, Path]:
+    def key_directories(self) -> dict[Id, Path]:
         """Key directory of each link, keyed by the peer KME ID (our own ID: the local zone)."""
         dirs = {self.this_kme.id: self.this_kme.key_directory_to_watch}
         dirs.update({peer.id: peer.key_directory_to_watch for peer in self.other_kmes})
@@ -219,8 +230,7 @@ def parse_config(raw, base_dir: Path, source: Path | None = None) -> KmeConfig:
     try:
         data = ConfigSchema().load(raw)
     except ValidationError as exc:
-        where, message = first_error(exc.messages)
-        raise ConfigError(f"{where}: {message}") from None
+        raise ConfigError("\n".join(f"{where}: {message}" for where, message in all_errors(exc.messages))) from None
     this_kme = _this_kme(data["this_kme"], base_dir, source)
     other_kmes = tuple(_other_kme(i, item, base_dir) for i, item in enumerate(data["other_kmes"]))
     saes = tuple(_sae(i, item, this_kme.id) for i, item in enumerate(data["saes"]))
@@ -287,7 +297,7 @@ def _database_uri(data: dict, base_dir: Path) -> str:
     raise ConfigError("this_kme.sqlite_db_path: missing")
 
 
-def _metrics_directory(data: dict, base_dir: Path, kme_id: int, database_uri: str) -> Path | None:
+def _metrics_directory(data: dict, base_dir: Path, kme_id: Id, database_uri: str) -> Path | None:
     """Where the processes of a KME share their metrics; none for an in-memory database.
 
     prometheus-client memory-maps these files: on the database's disk, a full
@@ -302,7 +312,7 @@ def _metrics_directory(data: dict, base_dir: Path, kme_id: int, database_uri: st
     if not runtime:
         runtime = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
     digest = hashlib.sha256(database_uri.encode()).hexdigest()[:12]
-    return Path(runtime) / f"kme-{kme_id}-{digest}-metrics"
+    return Path(runtime) / f"kme-{ids.in_file_name(kme_id, 64)}-{digest}-metrics"
 
 
 def _limits(data: dict) -> Limits:
@@ -412,17 +422,17 @@ def _other_kme(index: int, data: dict, base_dir: Path) -> OtherKme:
     )
 
 
-def _sae(index: int, data: dict, this_kme_id: int) -> Sae:
+def _sae(index: int, data: dict, this_kme_id: Id) -> Sae:
     serial = data.get("https_client_certificate_serial")
     if data["kme_id"] == this_kme_id and serial is None:
         raise ConfigError(f"saes[{index}].https_client_certificate_serial: missing (required for the SAEs of this KME)")
     return Sae(id=data["id"], kme_id=data["kme_id"], certificate_serial=serial and int.from_bytes(bytes(serial), "big"))
 
 
-def _routes(items: list[dict], this_kme_id: int, neighbours: set[int]) -> dict[int, int]:
+def _routes(items: list[dict], this_kme_id: Id, neighbours: set[Id]) -> dict[Id, Id]:
     """``routes`` as destination -> next hop, each checked: a next hop must be a neighbour, and no route may
     lead back here (to this KME, or round through a neighbour to itself)."""
-    routes: dict[int, int] = {}
+    routes: dict[Id, Id] = {}
     for index, item in enumerate(items):
         where, destination, via = f"routes[{index}]", item["kme_id"], item["via"]
         if destination == this_kme_id:
@@ -442,7 +452,7 @@ def _routes(items: list[dict], this_kme_id: int, neighbours: set[int]) -> dict[i
 
 
 def _check_ids(this_kme: ThisKme, other_kmes: tuple[OtherKme, ...], saes: tuple[Sae, ...],
-               routed: set[int]) -> None:
+               routed: set[Id]) -> None:
     kme_ids = {this_kme.id}
     peer_serials = set()
     for index, peer in enumerate(other_kmes):
@@ -472,6 +482,21 @@ def _check_ids(this_kme: ThisKme, other_kmes: tuple[OtherKme, ...], saes: tuple[
             if sae.certificate_serial in serials:
                 raise ConfigError(f"saes[{index}].https_client_certificate_serial: duplicate serial")
             serials.add(sae.certificate_serial)
+    _check_numbers("KME", [("this_kme.id", this_kme.id)]
+                   + [(f"other_kmes[{index}].id", peer.id) for index, peer in enumerate(other_kmes)])
+    _check_numbers("SAE", [(f"saes[{index}].id", sae.id) for index, sae in enumerate(saes)])
     directories = [this_kme.key_directory_to_watch] + [peer.key_directory_to_watch for peer in other_kmes]
     if len(set(directories)) != len(directories):
         raise ConfigError("other_kmes: two links share one key_directory_to_watch")
+
+
+def _check_numbers(kind: str, named: list[tuple[str, Id]]) -> None:
+    """Refuse two IDs that the database would store as one number (two strings whose digests meet: never seen,
+    but a key must never reach the wrong SAE or link because of it)."""
+    seen: dict[int, Id] = {}
+    for where, value in named:
+        stored = ids.number(value)
+        if stored in seen and seen[stored] != value:
+            raise ConfigError(f"{where}: {kind} ID {value} and {kind} ID {seen[stored]} are stored as one number; "
+                              "rename one")
+        seen[stored] = value

@@ -7,21 +7,30 @@ import re
 
 from marshmallow import Schema, ValidationError, fields, validate
 
-MAX_ID = 2**63 - 1
+from kme import ids
+
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
 
 
 def first_error(messages, prefix=""):
     """Walk marshmallow's nested error dict to the first leaf: (dotted path, message)."""
+    return next(all_errors(messages, prefix))
+
+
+def all_errors(messages, prefix=""):
+    """Every leaf of marshmallow's nested error dict, in the order of the fields: (dotted path, message)."""
     if isinstance(messages, dict):
-        key = sorted(messages, key=lambda k: (isinstance(k, str), str(k)))[0]
-        if key == "_schema":
-            return first_error(messages[key], prefix)
-        part = f"[{key}]" if isinstance(key, int) else (f".{key}" if prefix else str(key))
-        return first_error(messages[key], prefix + part)
-    if isinstance(messages, list):
-        return first_error(messages[0], prefix)
-    return prefix or "configuration", str(messages)
+        for key in sorted(messages, key=lambda k: (isinstance(k, str), str(k))):
+            if key == "_schema":
+                yield from all_errors(messages[key], prefix)
+                continue
+            part = f"[{key}]" if isinstance(key, int) else (f".{key}" if prefix else str(key))
+            yield from all_errors(messages[key], prefix + part)
+    elif isinstance(messages, list):
+        # One message per field: marshmallow lists a field's failed validators, the first says enough.
+        yield from all_errors(messages[0], prefix)
+    else:
+        yield prefix or "configuration", str(messages)
 
 
 class PlainMessages:
@@ -82,8 +91,21 @@ class Nested(PlainMessages, fields.Nested):
 _BYTE = validate.Range(0, 255, error="not a byte (0 to 255)")
 
 
-def _id_field(**kwargs):
-    return Int(validate=validate.Range(0, MAX_ID, error="not a 64-bit ID (0 to 2^63-1)"), **kwargs)
+class IdField(PlainMessages, fields.Field):
+    """An SAE or KME ID (kme.ids): a JSON integer or a string of the allowed form, kept as given."""
+
+    default_error_messages = {"invalid": f"not an ID ({ids.RULE})"}
+    # What OpenAPI documents of the messages that carry IDs say of them.
+    SCHEMA = {"oneOf": [{"type": "integer", "minimum": 0, "maximum": ids.ID_MAX},
+                        {"type": "string", "pattern": f"^[A-Za-z0-9._~-]{{1,{ids.NAME_MAX}}}$"}]}
+
+    def __init__(self, **kwargs):
+        super().__init__(metadata=IdField.SCHEMA, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not ids.is_id(value):
+            raise self.make_error("invalid")
+        return value
 
 
 def _address(value):
@@ -116,12 +138,12 @@ class LimitsSchema(StrictSchema):
     min_key_size = Int(validate=validate.Range(8, 2**20))
     max_key_size = Int(validate=validate.Range(8, 2**20))
     max_key_per_request = Int(validate=validate.Range(1, 10_000))
-    max_key_count = Int(validate=validate.Range(1, MAX_ID))
+    max_key_count = Int(validate=validate.Range(1, ids.ID_MAX))
     max_SAE_ID_count = Int(validate=validate.Range(0, 64))
 
 
 class ThisKmeSchema(StrictSchema):
-    id = _id_field(required=True)
+    id = IdField(required=True)
     nickname = Str(validate=validate.Length(1, 64))
     sqlite_db_path = Str(validate=validate.Length(min=1))
     db_uri = Str(validate=validate.Length(min=1))
@@ -144,7 +166,7 @@ class ThisKmeSchema(StrictSchema):
 
 
 class OtherKmeSchema(StrictSchema):
-    id = _id_field(required=True)
+    id = IdField(required=True)
     key_directory_to_watch = Str(required=True)
     inter_kme_bind_address = Str(required=True, validate=_address)
     ignore_system_proxy_settings = Bool()
@@ -157,14 +179,14 @@ class OtherKmeSchema(StrictSchema):
 
 
 class SaeSchema(StrictSchema):
-    id = _id_field(required=True)
-    kme_id = _id_field(required=True)
+    id = IdField(required=True)
+    kme_id = IdField(required=True)
     https_client_certificate_serial = List(Int(validate=_BYTE), validate=_serial_bytes)
 
 
 class RouteSchema(StrictSchema):
-    kme_id = _id_field(required=True)
-    via = _id_field(required=True)
+    kme_id = IdField(required=True)
+    via = IdField(required=True)
 
 
 class ConfigSchema(StrictSchema):

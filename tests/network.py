@@ -34,10 +34,12 @@ def line_routes(ids: list[int]) -> dict[int, dict[int, int]]:
 
 
 class Kme:
-    """One KME of a test network: its folder, configuration and processes."""
+    """One KME of a test network: its folder, configuration and processes. ``id`` is the test's number of the KME
+    (its certificates' names), ``name`` its ID as configured."""
 
     def __init__(self, network: "Network", kme_id: int, folder: Path, config: Path):
         self.network, self.id, self.folder, self.config = network, kme_id, folder, config
+        self.name = network.kme_names.get(kme_id, kme_id)
         self.processes: dict[str, Process] = {}
         self.ledger = Ledger(folder / "kme.db")
 
@@ -79,10 +81,13 @@ class Network:
     """KMEs linked pairwise; every process is stopped by stop_all()."""
 
     def __init__(self, folder: Path, pki: Pki, links: list[tuple[int, int]],
-                 routes: dict[int, dict[int, int]] | None = None, workers: int = 2, **this_kme_extra):
+                 routes: dict[int, dict[int, int]] | None = None, workers: int = 2, kme_names: dict | None = None,
+                 sae_names: dict | None = None, **this_kme_extra):
         """``routes``: per KME, destination KME -> next hop, for KMEs it has no link with; ``workers``: gunicorn
-        workers of each interface (networks of many KMEs start faster with one)."""
+        workers of each interface (networks of many KMEs start faster with one); ``kme_names``, ``sae_names``:
+        the IDs that the configurations give KMEs and SAEs instead of their numbers (string IDs)."""
         self.pki = pki
+        self.kme_names, self.sae_names = kme_names or {}, sae_names or {}
         self.workers = workers
         self.json_logs = this_kme_extra.get("log_format") == "json"
         ids = sorted({kme for link in links for kme in link})
@@ -117,13 +122,25 @@ class Network:
                 },
                 debugging_http_interface=f"127.0.0.1:{free_port()}", housekeeping_interval_seconds=0.2,
                 **this_kme_extra)
+            raw = load_json(config)
             if routed:
-                raw = load_json(config)
                 raw["routes"] = [{"kme_id": destination, "via": via} for destination, via in routed.items()]
-                config.write_text(json.dumps(raw, indent=2))
+            config.write_text(json.dumps(self._named(raw), indent=2))
             for peer in peers:
                 (folder_k / f"keys-{peer}").mkdir(exist_ok=True)
             self.kmes[kme_id] = Kme(self, kme_id, folder_k, config)
+
+    def _named(self, raw: dict) -> dict:
+        """A configuration whose KMEs and SAEs carry their IDs from ``kme_names`` and ``sae_names``."""
+        kme, sae = (lambda number: self.kme_names.get(number, number)), (lambda n: self.sae_names.get(n, n))
+        raw["this_kme"]["id"] = kme(raw["this_kme"]["id"])
+        for peer in raw["other_kmes"]:
+            peer["id"] = kme(peer["id"])
+        for entry in raw["saes"]:
+            entry["id"], entry["kme_id"] = sae(entry["id"]), kme(entry["kme_id"])
+        for route in raw.get("routes", []):
+            route["kme_id"], route["via"] = kme(route["kme_id"]), kme(route["via"])
+        return raw
 
     def __getitem__(self, kme_id: int) -> Kme:
         return self.kmes[kme_id]
@@ -132,10 +149,10 @@ class Network:
         """A client from KME ``caller`` to KME ``target``, optionally with KME ``pfx_of``'s certificate."""
         raw = load_json(self.kmes[caller].config)
         if pfx_of is not None:
-            entry = next(peer for peer in raw["other_kmes"] if peer["id"] == target)
+            entry = next(peer for peer in raw["other_kmes"] if peer["id"] == self.kmes[target].name)
             entry["https_client_authentication_certificate"] = str(
                 self.pki.folder / f"kme{pfx_of}" / f"kme{pfx_of}-to-kme{target}.pfx")
-        return PeerClient(parse_config(raw, self.kmes[caller].folder).other_kmes_by_id[target])
+        return PeerClient(parse_config(raw, self.kmes[caller].folder).other_kmes_by_id[self.kmes[target].name])
 
     def lease_as(self, borrower: int, lender: int, request: dict) -> dict:
         """Ask ``lender`` for a lease in the name of ``borrower`` (the test acting as it), recorded at the borrower
@@ -155,9 +172,9 @@ class Network:
 
     def wait_for_link(self, a: int, b: int, keys: int, timeout: float = 20) -> None:
         """Wait until both ends of link a–b have ingested ``keys`` keys and confirmed that the other holds them."""
-        wait_until(lambda: all(self.kmes[x].ledger.link(y)["ingested"] == keys and
-                               self.kmes[x].ledger.link(y)["unconfirmed"] == 0 for x, y in ((a, b), (b, a))),
-                   timeout)
+        ends = [(self.kmes[x].ledger, self.kmes[y].name) for x, y in ((a, b), (b, a))]
+        wait_until(lambda: all(ledger.link(link)["ingested"] == keys and ledger.link(link)["unconfirmed"] == 0
+                               for ledger, link in ends), timeout)
 
     def start_with_links(self, links: list[tuple[int, int]], keys: int) -> "Network":
         """Write one file of ``keys`` keys at both ends of each link, start every KME, and wait until both ends

@@ -19,6 +19,7 @@ import requests
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from kme import ids
 from tests.launcher import launcher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -455,17 +456,20 @@ class Ledger:
     COUNTERS = ("ingested", "available", "reserved", "peer_held", "unconfirmed", "delivered", "discarded",
                 "set_aside")
 
-    def link(self, link_id: int) -> dict:
-        (row,) = self._query(f"SELECT {', '.join(self.COUNTERS)} FROM links WHERE peer_kme_id = ?", link_id)
+    def link(self, link_id) -> dict:
+        """The counters of the link with KME ``link_id`` (an ID as configured)."""
+        (row,) = self._query(f"SELECT {', '.join(self.COUNTERS)} FROM links WHERE peer_kme_id = ?",
+                             ids.number(link_id))
         return dict(zip(self.COUNTERS, row))
 
-    def pool_size(self, link_id: int, state: int) -> int:
-        return self._query("SELECT COUNT(*) FROM pool_keys WHERE link_id = ? AND state = ?", link_id, state)[0][0]
+    def pool_size(self, link_id, state: int) -> int:
+        return self._query("SELECT COUNT(*) FROM pool_keys WHERE link_id = ? AND state = ?", ids.number(link_id),
+                           state)[0][0]
 
     def waiting(self) -> int:
         return self._query("SELECT COUNT(*) FROM delivered_keys")[0][0]
 
-    def assert_exact(self, link_id: int) -> dict:
+    def assert_exact(self, link_id) -> dict:
         """Check the link's counters against each other and against the pool rows."""
         counts = self.link(link_id)
         assert counts["ingested"] == sum(counts[name] for name in self.COUNTERS[1:]), counts

@@ -7,7 +7,7 @@ import sys
 import pytest
 from sqlalchemy.engine import make_url
 
-from kme import database_uris
+from kme import database_uris, ids
 from kme.config import KEY_BITS, load_config
 from kme.errors import ConfigError
 from tests.support import ROOT, run_cli, write_config
@@ -66,13 +66,55 @@ def test_relative_paths_resolve_against_the_config_folder(config_file, tmp_path,
     assert load_config(config_file).this_kme.key_directory_to_watch == tmp_path / "keys"
 
 
+def test_string_ids_load_beside_integer_ones_as_configured(config_file):
+    def strings(data):
+        data["other_kmes"][0]["id"] = "kme-b.site~2"
+        data["saes"][1]["id"] = "alice-app"
+        data["saes"][2].update(id="CONSB", kme_id="kme-b.site~2")
+        data["saes"].append({"id": 4, "kme_id": "kme-b.site~2"})
+
+    config = load_config(edit(config_file, strings))
+    assert config.saes_by_id["alice-app"].kme_id == 1
+    assert config.saes_by_id["CONSB"].kme_id == "kme-b.site~2" and config.saes_by_id[4].kme_id == "kme-b.site~2"
+    assert config.next_hop("kme-b.site~2").id == "kme-b.site~2"
+    assert set(config.key_directories()) == {1, "kme-b.site~2"}
+    # Links read back from the database as numbers are named by their configured IDs again.
+    assert {config.kme_id(ids.number(kme)) for kme in (1, "kme-b.site~2")} == {1, "kme-b.site~2"}
+
+
+def test_every_bad_id_gets_a_line_of_its_own(config_file):
+    def two_bad(data):
+        data["this_kme"]["id"] = "kme 1"
+        data["saes"][0]["id"] = "x" * 300
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(edit(config_file, two_bad))
+    assert [line.split(":")[0] for line in str(caught.value).splitlines()] == ["saes[0].id", "this_kme.id"]
+
+
+def test_two_string_ids_stored_as_one_number_are_refused(config_file, monkeypatch):
+    # Two digests meeting in 63 bits is never seen; the check is shown with a number that makes them meet.
+    monkeypatch.setattr(ids, "number", lambda value: value if isinstance(value, int) else -7)
+    edit(config_file, lambda data: [data["saes"][0].update(id="sae-a"), data["saes"][1].update(id="sae-b")])
+    assert error_of(config_file) == ("saes[1].id: SAE ID sae-b and SAE ID sae-a are stored as one number; "
+                                     "rename one")
+
+
 MISTAKES = [
     ("missing field", lambda d: d["other_kmes"][0].pop("inter_kme_bind_address"),
      "other_kmes[0].inter_kme_bind_address: missing"),
     ("missing section", lambda d: d.pop("saes"), "saes: missing"),
-    ("wrong type", lambda d: d["this_kme"].update(id="one"), "this_kme.id: not an integer"),
-    ("boolean as ID", lambda d: d["saes"][0].update(id=True), "saes[0].id: not an integer"),
-    ("ID beyond 64 bits", lambda d: d["this_kme"].update(id=2**64), "this_kme.id: not a 64-bit ID"),
+    ("wrong type", lambda d: d["this_kme"].update(id=1.5), "this_kme.id: not an ID (an integer from 0 to 2^63-1, "
+     "or 1 to 291 letters, digits, '-', '_', '.' or '~' that are not all digits)"),
+    ("boolean as ID", lambda d: d["saes"][0].update(id=True), "saes[0].id: not an ID"),
+    ("ID beyond 64 bits", lambda d: d["this_kme"].update(id=2**63), "this_kme.id: not an ID"),
+    ("negative ID", lambda d: d["this_kme"].update(id=-1), "this_kme.id: not an ID"),
+    ("string ID of digits only", lambda d: d["saes"][0].update(id="12"), "saes[0].id: not an ID"),
+    ("empty string ID", lambda d: d["other_kmes"][0].update(id=""), "other_kmes[0].id: not an ID"),
+    ("string ID with a slash", lambda d: d["saes"][1].update(kme_id="kme/2"), "saes[1].kme_id: not an ID"),
+    ("string ID with a space", lambda d: d["saes"][1].update(id="sae 2"), "saes[1].id: not an ID"),
+    ("string ID beyond 291 characters", lambda d: d["saes"][0].update(id="a" * 292), "saes[0].id: not an ID"),
+    ("string ID beyond ASCII", lambda d: d["saes"][0].update(id="säe"), "saes[0].id: not an ID"),
     ("bad address", lambda d: d["this_kme"]["saes_https_interface"].update(listen_address="localhost"),
      "this_kme.saes_https_interface.listen_address: not an address"),
     ("unknown SAE kme_id", lambda d: d["saes"].append({"id": 7, "kme_id": 5}), "saes[3].kme_id: unknown KME 5"),

@@ -2,7 +2,7 @@
 
 From the top: the app factory; interfaces (HTTP, the flask commands, the ingestion worker); the domain (with
 the operations that mean something: ingestion, health, metrics); the peers; storage; shared leaves
-(configuration, errors, clock, text, key IDs, key math). A module imports only from its own layer or those
+(configuration, errors, clock, text, SAE and KME IDs, key IDs, key math). A module imports only from its own layer or those
 below, and no modules import each other in a circle.
 """
 import ast
@@ -35,6 +35,7 @@ LAYERS = [
     ("kme.clock", 1),
     ("kme.text", 1),
     ("kme.key_ids", 1),
+    ("kme.ids", 1),
     ("kme.key_math", 1),
     ("kme.database_uris", 1),
 ]

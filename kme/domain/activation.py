@@ -99,7 +99,7 @@ def settle_pending(config: KmeConfig) -> int:
     """Cancel at their peers the activations nobody waits for, then discard their keys; how many settled."""
     settled = 0
     for activation_id, link_id, request, is_relay in outgoing.to_settle(abandoned_before(config)):
-        peer = config.other_kmes_by_id.get(link_id)
+        peer = config.other_kmes_by_id.get(config.kme_id(link_id))
         if peer is None:
             # The link left the configuration: its keys can never be used again.
             outgoing.discard(activation_id)

@@ -3,9 +3,11 @@
 No Flask request here: views, the CLI and tests call these directly. Errors
 are kme.errors domain errors with the standard's messages.
 """
+from kme import ids
 from kme.config import KmeConfig, Sae
 from kme.domain import activation, relay
 from kme.errors import EXTENSION_MANDATORY_UNSUPPORTED, SIZE_NOT_MULTIPLE_OF_8, BadRequest, KeysNotFound, NotAuthorized
+from kme.ids import Id
 from kme.key_math import entropy
 from kme.storage.keystore import common
 from kme.storage.keystore import local as keystore_local
@@ -18,7 +20,7 @@ STATUS_COUNT_MAX = 2**31 - 1
 
 def parse_sae_id(config: KmeConfig, text: str) -> Sae:
     """The SAE named in a URL; 400 if it is not a registered SAE."""
-    sae = config.saes_by_id.get(int(text)) if text.isdigit() and text.isascii() else None
+    sae = config.saes_by_id.get(ids.from_text(text))
     if sae is None:
         raise BadRequest(f"SAE {text} is not known to this KME")
     return sae
@@ -77,7 +79,7 @@ def _check_key_request(config: KmeConfig, request: dict) -> tuple[int, int]:
     return number, size
 
 
-def _slaves(config: KmeConfig, master: Sae, primary: Sae, additional: list[int]) -> list[Sae]:
+def _slaves(config: KmeConfig, master: Sae, primary: Sae, additional: list[Id]) -> list[Sae]:
     slaves = [primary]
     for sae_id in additional:
         sae = config.saes_by_id.get(sae_id)
@@ -123,22 +125,23 @@ def get_key_with_key_ids(config: KmeConfig, slave: Sae, master_id: str, key_ids:
     """
     master = parse_sae_id(config, master_id)
     if others := named_masters - {master.id}:
-        raise BadRequest(f"key_IDs: master_SAE_ID {min(others)} is not the master SAE of the URL ({master.id})")
+        raise BadRequest(f"key_IDs: master_SAE_ID {min(others, key=ids.order)} is not the master SAE of the URL "
+                         f"({master.id})")
     if len(set(key_ids)) != len(key_ids):
         raise BadRequest("key_IDs: the same key ID is requested twice")
     if len(key_ids) > config.this_kme.limits.max_key_per_request:
         raise BadRequest(f"key_IDs: at most {config.this_kme.limits.max_key_per_request} per request")
     return keystore_local.fetch_delivered(master.id, slave.id, key_ids,
-                                          lambda found: _may_fetch(slave.id, master.id, key_ids, found))
+                                          lambda found: _may_fetch(slave.id, key_ids, found))
 
 
-def _may_fetch(slave_id: int, master_id: int, key_ids: list[str], found: dict[str, tuple[int, bool | None]]) -> None:
-    """Who may fetch: only a slave SAE of every key (401), each key once, all of them made by ``master_id`` (else
-    the standard's 400). ``found``: for each key that exists, its master and whether this slave fetched it
-    (None: it is not one of its slaves)."""
-    if any(fetched is None for _master, fetched in found.values()):
+def _may_fetch(slave_id: Id, key_ids: list[str], found: dict[str, tuple[bool, bool | None]]) -> None:
+    """Who may fetch: only a slave SAE of every key (401), each key once, all of them made by the URL's master
+    (else the standard's 400). ``found``: for each key that exists, whether that master made it and whether this
+    slave fetched it (None: it is not one of its slaves)."""
+    if any(fetched is None for _by_master, fetched in found.values()):
         raise NotAuthorized(f"SAE {slave_id} is not a slave SAE of one or more requested keys")
-    if len(found) != len(key_ids) or any(fetched or master != master_id for master, fetched in found.values()):
+    if len(found) != len(key_ids) or any(fetched or not by_master for by_master, fetched in found.values()):
         raise KeysNotFound()
 
 

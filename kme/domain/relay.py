@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
+from kme import ids
 from kme.config import KmeConfig, OtherKme, Sae
 from kme.domain.sharing import reserve_borrowing
 from kme.errors import (
@@ -45,6 +46,11 @@ log = logging.getLogger(__name__)
 ONWARD_SHARE = 0.8
 
 
+def _by_kme(by_kme: dict) -> list[tuple]:
+    """The items of a dict keyed by KME ID in the order of the IDs (kme.ids.order): the same at every node."""
+    return sorted(by_kme.items(), key=lambda item: ids.order(item[0]))
+
+
 def peer_wait(peers: Iterable[OtherKme]) -> float:
     """The longest a request waits for ``peers``, all its calls together: the longest connect + read timeout."""
     return max((peer.connect_timeout_seconds + peer.read_timeout_seconds for peer in peers), default=0)
@@ -62,7 +68,7 @@ def send(config: KmeConfig, master: Sae, slaves_by_kme: dict[int, list[int]], lo
     # The key itself comes from the link of the first next hop; the other hops get it under a pad.
     branches = _reserve(config, relay_id, {hop: number * per_key + 1 for hop in plan}, deadline)
     keys = build_keys(new_key_ids(number), branches[0].materials[:-1], size_bits)
-    slave_ids = local_slaves + [slave for _kme, slaves in sorted(slaves_by_kme.items()) for slave in slaves]
+    slave_ids = local_slaves + [slave for _kme, slaves in _by_kme(slaves_by_kme) for slave in slaves]
     node = Node(relay_id, master.id, slave_ids, None, branches, branches[0].link_id, local_slaves,
                 len(slaves_by_kme) > 1)
     _pass_on(config, node, keys, plan, [this], deadline)
@@ -90,7 +96,7 @@ def accept(config: KmeConfig, caller: OtherKme, message: Message, body: bytes, m
         raise BadRequest("the relay message fails its integrity check (one-time MAC)")
     if received.finished is not None:
         return received.finished
-    slave_ids = [slave for _kme, slaves in sorted(message.targets.items()) for slave in slaves]
+    slave_ids = [slave for _kme, slaves in _by_kme(message.targets) for slave in slaves]
     incoming = (caller.id, message.activation_id)
     try:
         branches = _reserve(config, message.relay_id, {hop: len(message.parts) for hop in plan}, deadline, onward)
@@ -144,7 +150,7 @@ def _plan(config: KmeConfig, slaves_by_kme: dict[int, list[int]], path: list[int
     """The destinations grouped by next hop: {neighbour: {destination KME: slave SAEs}}."""
     this = config.this_kme.id
     plan: dict[int, dict[int, list[int]]] = {}
-    for kme_id, slaves in sorted(slaves_by_kme.items()):
+    for kme_id, slaves in _by_kme(slaves_by_kme):
         hop = config.next_hop(kme_id)
         if hop is None:
             raise RelayFailure(this, kme_id, "no_route")
@@ -189,7 +195,7 @@ def _body(node: Node, branch: Branch, keys: list[DeliveredKeyMaterial], targets:
         "activation_ID": branch.activation_id, "relay_ID": node.relay_id, "path": path,
         "master_SAE_ID": node.master_sae_id, "size": size_bits, "hold": node.hold,
         "timeout_ms": max(1, int(timeout * 1000)),
-        "targets": [{"kme_ID": kme_id, "slave_SAE_IDs": slaves} for kme_id, slaves in sorted(targets.items())],
+        "targets": [{"kme_ID": kme_id, "slave_SAE_IDs": slaves} for kme_id, slaves in _by_kme(targets)],
         "keys": wire_keys, "mac_part": {"file": name, "position": position},
     }, separators=(",", ":")).encode()
 
@@ -273,7 +279,8 @@ def release(config: KmeConfig, caller: OtherKme, activation_id: str) -> None:
 
 def send_releases(config: KmeConfig, pending: list[tuple[str, int, dict]]) -> None:
     """Send releases to next hops; one that fails stays recorded for the background worker to send again."""
-    for activation_id, link_id, request in pending:
+    for activation_id, stored_link, request in pending:
+        link_id = config.kme_id(stored_link)
         peer = config.other_kmes_by_id.get(link_id)
         if peer is None:
             relays.released(activation_id, f"not sent: KME {link_id} left the configuration")

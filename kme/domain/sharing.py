@@ -121,7 +121,7 @@ def _ask(peer: OtherKme, request: leases.LeaseRequest, deadline: float | None = 
 def settle_leases(config: KmeConfig, asked_before: str) -> None:
     """Ask again for the leases whose answer was lost, so the keys the peer lent are not stranded."""
     for link_id, request in leases.unanswered(asked_before):
-        peer = config.other_kmes_by_id.get(link_id)
+        peer = config.other_kmes_by_id.get(config.kme_id(link_id))
         if peer is None:
             leases.abandon(request.lease_id)
             continue

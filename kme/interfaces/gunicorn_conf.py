@@ -14,6 +14,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
+from kme import ids
 from kme.config import HttpsInterface, load_config
 from kme.errors import ConfigError
 from kme.interfaces.startup import preload
@@ -105,8 +106,10 @@ def _common(config, short: str, port: int) -> dict:
         "preload_app": False,
         "post_worker_init": _worker_ready,
         "proc_name": f"kme{config.this_kme.id}-{short}",
-        # Two gunicorn masters on one host would otherwise share one control socket.
-        "control_socket": os.path.join(tempfile.gettempdir(), f"kme{config.this_kme.id}-{short}-{port}.ctl"),
+        # Two gunicorn masters on one host would otherwise share one control socket (a Unix socket's path stops at
+        # 107 bytes: a long KME ID is named by its digest).
+        "control_socket": os.path.join(tempfile.gettempdir(),
+                                       f"kme{ids.in_file_name(config.this_kme.id, 24)}-{short}-{port}.ctl"),
     }
 
 

@@ -9,6 +9,7 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, current_app
 
+from kme import ids
 from kme.interfaces.http_errors import MEANINGS
 from kme.interfaces.schemas import (
     EntropySchema,
@@ -44,8 +45,9 @@ _KME_ERRORS = (400, 401, 403, 404, 405, 409, 413, 503)
 
 
 def _sae_id(name: str) -> dict:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"},
-            "description": "an SAE ID (decimal)"}
+    return {"name": name, "in": "path", "required": True,
+            "schema": {"type": "string", "pattern": f"^[A-Za-z0-9._~-]{{1,{ids.NAME_MAX}}}$"},
+            "description": "an SAE ID: the decimal digits of an integer ID, or a string ID as configured"}
 
 
 def _query(name: str, schema: dict, description: str) -> dict:

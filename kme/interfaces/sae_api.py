@@ -8,6 +8,7 @@ from marshmallow import ValidationError
 from kme.config import Sae
 from kme.domain import delivery
 from kme.errors import BadRequest, NotAuthorized
+from kme.ids import Id
 from kme.interfaces.identity import client_serial
 from kme.interfaces.schemas import (
     KeyIdsSchema,
@@ -44,7 +45,7 @@ def calling_sae() -> Sae:
     return sae
 
 
-def _count_delivered(keys: list, link_id: int, sae_id: int, role: str) -> None:
+def _count_delivered(keys: list, link_id: Id, sae_id: Id, role: str) -> None:
     metrics.child(metrics.KEYS_DELIVERED, str(link_id), str(sae_id), role).inc(len(keys))
 
 
@@ -100,7 +101,7 @@ def get_key(slave_sae_id: str):
     """Get key (5.3)."""
     master = calling_sae()
     keys = delivery.get_key(_config(), master, slave_sae_id, _key_request())
-    _count_delivered(keys, _config().saes_by_id[int(slave_sae_id)].kme_id, master.id, "master")
+    _count_delivered(keys, delivery.parse_sae_id(_config(), slave_sae_id).kme_id, master.id, "master")
     return key_container(keys)
 
 
@@ -110,7 +111,7 @@ def get_key_with_key_ids(master_sae_id: str):
     slave = calling_sae()
     key_ids, named_masters = _key_ids()
     keys = delivery.get_key_with_key_ids(_config(), slave, master_sae_id, key_ids, named_masters)
-    _count_delivered(keys, _config().saes_by_id[int(master_sae_id)].kme_id, slave.id, "slave")
+    _count_delivered(keys, delivery.parse_sae_id(_config(), master_sae_id).kme_id, slave.id, "slave")
     return key_container(keys)
 
 

@@ -10,7 +10,8 @@ import json
 from marshmallow import Schema, ValidationError, fields, validate
 from werkzeug.exceptions import HTTPException
 
-from kme.config_schema import Int, List, Nested, PlainMessages, StrictSchema, first_error
+from kme import ids
+from kme.config_schema import IdField, Int, List, Nested, PlainMessages, StrictSchema, first_error
 from kme.errors import BadRequest
 from kme.key_ids import KeyIdField
 
@@ -22,14 +23,13 @@ class _Object(fields.Dict):
 
 
 class SaeId(PlainMessages, fields.Field):
-    """An SAE ID as the standard writes it (a string), or as a JSON integer."""
+    """An SAE ID as the standard writes it (a string; all digits names an integer ID), or as a JSON integer."""
 
     def _deserialize(self, value, attr, data, **kwargs):
-        if isinstance(value, str) and value.isdigit() and value.isascii():
-            return int(value)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-        raise ValidationError("not an SAE ID")
+        found = ids.from_json(value)
+        if found is None:
+            raise ValidationError("not an SAE ID")
+        return found
 
 
 class KeyRequestSchema(StrictSchema):
@@ -111,9 +111,9 @@ class ErrorSchema(Schema):
 
 
 class SaeInfoSchema(Schema):
-    """The calling SAE, as this KME knows it."""
+    """The calling SAE, as this KME knows it: its ID as configured (an integer or a string)."""
 
-    SAE_ID = fields.Integer(required=True)
+    SAE_ID = IdField(required=True)
 
 
 class EntropySchema(Schema):

@@ -13,10 +13,10 @@ whose database it names takes it over as its own mark; a mark of another
 database stays a refusal (it may be this KME's lost database as well as the
 other KME's), until an operator adopts the folder.
 """
-import hashlib
 import os
 from pathlib import Path
 
+from kme import ids
 from kme.storage import handout_mark
 
 MARK_PREFIX = ".kme-database"
@@ -24,7 +24,7 @@ MARK_PREFIX = ".kme-database"
 LEGACY_MARK = MARK_PREFIX
 _STAGING_SUFFIX = ".new"
 # A KME ID longer than this is named by its digest in the mark's file name: file names stop at 255 bytes.
-_NAME_ID_MAX = 200
+_NAME_ID_MAX = 64
 # Flags in /proc/<pid>/fdinfo are octal; O_WRONLY = 1, O_RDWR = 2.
 _ACCESS_MODE = 0o3
 
@@ -37,10 +37,7 @@ def is_mark(name: str) -> bool:
 
 def mark_name(kme_id) -> str:
     """The file name of the mark of KME ``kme_id`` (an ID as configured)."""
-    text = str(kme_id)
-    if len(text) > _NAME_ID_MAX:
-        text = "sha256-" + hashlib.sha256(text.encode()).hexdigest()
-    return f"{MARK_PREFIX}.{text}"
+    return f"{MARK_PREFIX}.{ids.in_file_name(kme_id, _NAME_ID_MAX)}"
 
 
 def _read(path: Path) -> str | None:

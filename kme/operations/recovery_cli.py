@@ -2,6 +2,7 @@
 import click
 from flask import current_app
 
+from kme import ids
 from kme.operations import key_folders
 from kme.operations.command_support import cause, command_config, key_files, open_database, storage_errors
 from kme.storage import handout_mark, statements
@@ -49,7 +50,7 @@ def restored_from_backup_command(force: bool) -> None:
         except OSError as exc:
             click.echo(f"warning: {directory}: folder mark not written ({exc.strerror})", err=True)
     handout_mark.reset(zone, new_id, spent)
-    for link_id, (aside, erased) in sorted(done.items()):
+    for link_id, (aside, erased) in sorted(done.items(), key=lambda item: ids.order(item[0])):
         click.echo(f"link {link_id}: {aside} keys set aside, {erased} keys waiting for their slaves erased, "
                    f"{len(sizes.get(link_id, {}))} key files read no further")
     click.echo(f"database {database_id} is now database {new_id}: restart the KME; only keys of files added from "

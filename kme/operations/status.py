@@ -1,7 +1,9 @@
 """Read-only views of a KME for operators: links, SAEs, events (debug page, metrics, kme-status)."""
 from sqlalchemy import func, select
 
+from kme import ids
 from kme.config import KmeConfig
+from kme.ids import Id
 from kme.key_math import entropy
 from kme.operations import health
 from kme.storage import at_rest
@@ -24,17 +26,20 @@ def links(config: KmeConfig) -> list[dict]:
                                       .group_by(KeyFile.link_id)).all())
     peers = health.peer_statuses()
     result = []
-    for row in session.scalars(select(Link).order_by(Link.peer_kme_id)).all():
+    # Rows name links by the numbers that store their KME IDs; operators see the IDs, in their order.
+    rows = sorted(session.scalars(select(Link)).all(), key=lambda row: ids.order(config.kme_id(row.peer_kme_id)))
+    for row in rows:
         last = session.execute(select(KeyFile.name, KeyFile.ingested_at).where(
             KeyFile.link_id == row.peer_kme_id, KeyFile.complete).order_by(KeyFile.id.desc()).limit(1)).first()
-        local = row.peer_kme_id == config.this_kme.id
+        link = config.kme_id(row.peer_kme_id)
+        local = link == config.this_kme.id
         result.append({
-            "link": row.peer_kme_id,
-            "name": "local zone" if local else f"link with KME {row.peer_kme_id}",
+            "link": link,
+            "name": "local zone" if local else f"link with KME {link}",
             "ingested": row.ingested, "available": row.available, "reserved": row.reserved,
             "peer_held": row.peer_held, "delivered": row.delivered, "discarded": row.discarded,
             "unconfirmed": row.unconfirmed, "set_aside": row.set_aside, "relayed": row.relayed,
-            "directions": [] if local else _directions(config.this_kme.id, row),
+            "directions": [] if local else _directions(config.this_kme.id, link, row),
             "history": [] if local else common.level_history(row.peer_kme_id),
             "waiting": waiting.get(row.peer_kme_id, 0),
             "files": files.get(row.peer_kme_id, 0),
@@ -49,16 +54,16 @@ def links(config: KmeConfig) -> list[dict]:
     return result
 
 
-def _directions(this_kme_id: int, row: Link) -> list[dict]:
+def _directions(this_kme_id: Id, link: Id, row: Link) -> list[dict]:
     """The two directions of a link: free keys, keys leased into it so far, keys in flight.
 
     The peer's free keys are as it last said (progress exchange or lease);
     what it has in flight only it knows.
     """
     return [
-        {"from": this_kme_id, "to": row.peer_kme_id, "available": row.available, "leased": row.borrowed,
+        {"from": this_kme_id, "to": link, "available": row.available, "leased": row.borrowed,
          "in_use": row.reserved},
-        {"from": row.peer_kme_id, "to": this_kme_id, "available": row.peer_free, "leased": row.lent,
+        {"from": link, "to": this_kme_id, "available": row.peer_free, "leased": row.lent,
          "in_use": None},
     ]
 
@@ -67,7 +72,7 @@ def routes(config: KmeConfig) -> list[dict]:
     """How this KME reaches every other KME: directly, or through the neighbour its route names."""
     direct = [{"kme_id": peer.id, "via": peer.id, "kind": "linked"} for peer in config.other_kmes]
     routed = [{"kme_id": kme_id, "via": via, "kind": "relayed"} for kme_id, via in config.routes]
-    return sorted(direct + routed, key=lambda route: route["kme_id"])
+    return sorted(direct + routed, key=lambda route: ids.order(route["kme_id"]))
 
 
 def saes(config: KmeConfig) -> list[dict]:

@@ -5,7 +5,7 @@ loads answers with them, and the OpenAPI document is built from them.
 """
 from marshmallow import ValidationError, validate, validates_schema
 
-from kme.config_schema import Bool, Int, List, Nested, Str, StrictSchema
+from kme.config_schema import Bool, IdField, Int, List, Nested, Str, StrictSchema
 from kme.key_ids import KeyIdField
 from kme.storage.keystore.leases import APPLIED, MAX_LEASE, PENDING, UNKNOWN
 from kme.storage.keystore.progress import PAGE as PROGRESS_PAGE
@@ -30,8 +30,8 @@ class WireKeySchema(StrictSchema):
 
 class ActivationSchema(StrictSchema):
     activation_ID = KeyIdField(required=True)
-    master_SAE_ID = Int(required=True)
-    slave_SAE_IDs = List(Int(), required=True, validate=validate.Length(min=1))
+    master_SAE_ID = IdField(required=True)
+    slave_SAE_IDs = List(IdField(), required=True, validate=validate.Length(min=1))
     size = Int(required=True)
     keys = List(Nested(WireKeySchema), required=True, validate=validate.Length(min=1))
 
@@ -140,8 +140,8 @@ MAX_HOPS = 16
 class TargetSchema(StrictSchema):
     """A destination KME of a relay and its slave SAEs there."""
 
-    kme_ID = Int(required=True)
-    slave_SAE_IDs = List(Int(), required=True, validate=validate.Length(min=1))
+    kme_ID = IdField(required=True)
+    slave_SAE_IDs = List(IdField(), required=True, validate=validate.Length(min=1))
 
 
 class RelayedKeySchema(StrictSchema):
@@ -159,8 +159,8 @@ class RelaySchema(StrictSchema):
 
     activation_ID = KeyIdField(required=True)
     relay_ID = KeyIdField(required=True)
-    path = List(Int(), required=True, validate=validate.Length(1, MAX_HOPS))
-    master_SAE_ID = Int(required=True)
+    path = List(IdField(), required=True, validate=validate.Length(1, MAX_HOPS))
+    master_SAE_ID = IdField(required=True)
     size = Int(required=True)
     hold = Bool(required=True)
     timeout_ms = Int(required=True, validate=validate.Range(1, 600_000))

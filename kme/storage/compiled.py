@@ -5,11 +5,13 @@ per-call work costs more than the statements themselves; they still write
 their SQL once, as Core. A Statement is compiled the first time a dialect
 runs it (and once per size of its lists: an IN list of n values has n
 parameters), to the driver's own positional parameters; a call names its values, which are put in the order the compiled
-text wants them. No SQL text is assembled or rewritten at run time.
+text wants them. No SQL text is assembled or rewritten at run time. A value of a column whose type is a
+TypeDecorator (an SAE or KME ID, kme.storage.models.StoredId) passes its bind processing, as it would through
+SQLAlchemy; other values go to the driver as they are.
 """
 from typing import NamedTuple
 
-from sqlalchemy import bindparam
+from sqlalchemy import TypeDecorator, bindparam
 from sqlalchemy.dialects.postgresql import psycopg
 from sqlalchemy.dialects.sqlite import pysqlite
 
@@ -26,6 +28,8 @@ class _Form(NamedTuple):
     order: tuple[tuple[str, int | None], ...]
     # The values the statement itself holds (literals such as a pool state), by parameter name.
     constants: dict
+    # (position among the parameters, bind processor) of each value whose column type processes it.
+    processed: tuple
 
 
 class Statement:
@@ -59,10 +63,12 @@ class Statement:
     def _compile(self, dialect, sizes: tuple[int, ...]) -> _Form:
         clause = self._build(**dict(zip(self.lists, sizes))) if self.lists else self._build
         compiled = clause.compile(dialect=dialect)
-        order, constants = [], {}
-        for name in compiled.positiontup:
+        order, constants, processed = [], {}, []
+        for position, name in enumerate(compiled.positiontup):
             base, _, number = name.rpartition("_")
             bound = compiled.binds.get(name)
+            if bound is not None and isinstance(bound.type, TypeDecorator):
+                processed.append((position, bound.type.process_bind_param))
             if base in self.lists and number.isdigit() and (bound is None or bound.required):
                 order.append((base, int(number) - 1))
                 continue
@@ -72,7 +78,7 @@ class Statement:
                 constants[name] = bound.effective_value
         if self.row and (tuple(order) != tuple((name, None) for name in self.row) or constants):
             raise ValueError(f"the compiled parameters {compiled.positiontup} are not the row {self.row}")
-        return _Form(compiled.string, tuple(order), constants)
+        return _Form(compiled.string, tuple(order), constants, tuple(processed))
 
 
 def many(name: str, size: int) -> list:
@@ -86,12 +92,24 @@ def run(connection, statement: Statement, **values):
     form = statement.form(connection.sql.dialect, sizes)
     if form.constants:
         values = {**form.constants, **values}
-    return connection.execute(form.sql, [values[name] if index is None else values[name][index]
-                                         for name, index in form.order])
+    parameters = [values[name] if index is None else values[name][index] for name, index in form.order]
+    for position, process in form.processed:
+        parameters[position] = process(parameters[position], connection.sql.dialect)
+    return connection.execute(form.sql, parameters)
 
 
 def run_many(connection, statement: Statement, rows):
     """Execute ``statement`` once per row (tuples in the order of its ``row``) in one executemany; the cursor."""
+    form, dialect = statement.form(connection.sql.dialect), connection.sql.dialect
+    if form.processed:
+        rows = [_processed(row, form.processed, dialect) for row in rows]
     cursor = connection.cursor()
-    cursor.executemany(statement.form(connection.sql.dialect).sql, rows)
+    cursor.executemany(form.sql, rows)
     return cursor
+
+
+def _processed(row: tuple, processed: tuple, dialect) -> tuple:
+    values = list(row)
+    for position, process in processed:
+        values[position] = process(values[position], dialect)
+    return tuple(values)

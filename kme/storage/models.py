@@ -17,16 +17,29 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
     text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
+from kme import ids
 from kme.storage.db import db
 from kme.storage.pool_states import OURS, PEERS, RESERVED, UNCONFIRMED  # noqa: F401 (re-exported)
 
 # SQLite only aliases ROWID (cheap, monotonic ids) for "INTEGER PRIMARY KEY".
 Id = BigInteger().with_variant(Integer, "sqlite")
+
+
+class StoredId(TypeDecorator):
+    """An SAE or KME ID (kme.ids) as the database stores it: its signed 64-bit number. Values read back are
+    numbers; the configuration names them (KmeConfig.kme_id)."""
+
+    impl = BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else ids.number(value)
 
 
 class Link(db.Model):
@@ -42,7 +55,7 @@ class Link(db.Model):
     """
 
     __tablename__ = "links"
-    peer_kme_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    peer_kme_id: Mapped[int] = mapped_column(StoredId, primary_key=True, autoincrement=False)
     ingested: Mapped[int] = mapped_column(BigInteger, default=0)
     available: Mapped[int] = mapped_column(BigInteger, default=0)
     reserved: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -110,7 +123,7 @@ class KeyFile(db.Model):
     __tablename__ = "key_files"
     __table_args__ = (UniqueConstraint("link_id", "name"), Index("ix_key_files_link_id_seq", "link_id", "seq"))
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    link_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("links.peer_kme_id"))
+    link_id: Mapped[int] = mapped_column(StoredId, ForeignKey("links.peer_kme_id"))
     name: Mapped[str] = mapped_column(String(255))
     next_position: Mapped[int] = mapped_column(BigInteger, default=0)
     complete: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -140,7 +153,7 @@ class PoolKey(db.Model):
               postgresql_where=text("reservation IS NOT NULL")),
     )
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    link_id: Mapped[int] = mapped_column(BigInteger)
+    link_id: Mapped[int] = mapped_column(StoredId)
     file_id: Mapped[int] = mapped_column(Id, ForeignKey("key_files.id"))
     position: Mapped[int] = mapped_column(BigInteger)
     state: Mapped[int] = mapped_column(SmallInteger, default=OURS)
@@ -154,8 +167,8 @@ class DeliveredKey(db.Model):
     __tablename__ = "delivered_keys"
     __table_args__ = (Index("ix_delivered_keys_created_at", "created_at"),)
     key_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    link_id: Mapped[int] = mapped_column(BigInteger)
-    master_sae_id: Mapped[int] = mapped_column(BigInteger)
+    link_id: Mapped[int] = mapped_column(StoredId)
+    master_sae_id: Mapped[int] = mapped_column(StoredId)
     material: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[str] = mapped_column(String(32))
 
@@ -166,7 +179,7 @@ class KeySlave(db.Model):
     __tablename__ = "key_slaves"
     key_id: Mapped[str] = mapped_column(String(36), ForeignKey("delivered_keys.key_id", ondelete="CASCADE"),
                                         primary_key=True)
-    slave_sae_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    slave_sae_id: Mapped[int] = mapped_column(StoredId, primary_key=True)
     fetched: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
@@ -175,7 +188,7 @@ class OutgoingActivation(db.Model):
 
     __tablename__ = "outgoing_activations"
     activation_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    link_id: Mapped[int] = mapped_column(BigInteger)
+    link_id: Mapped[int] = mapped_column(StoredId)
     # "sending": a web worker is waiting for the peer; "unknown": it gave up
     # without knowing whether the peer activated the keys.
     state: Mapped[str] = mapped_column(String(16))
@@ -189,7 +202,7 @@ class IncomingActivation(db.Model):
     __tablename__ = "incoming_activations"
     __table_args__ = (Index("ix_incoming_activations_created_at", "created_at"),)
     activation_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    link_id: Mapped[int] = mapped_column(BigInteger)
+    link_id: Mapped[int] = mapped_column(StoredId)
     state: Mapped[str] = mapped_column(String(16))
     key_ids: Mapped[str] = mapped_column(Text)
     created_at: Mapped[str] = mapped_column(String(32))
@@ -208,7 +221,7 @@ class Lease(db.Model):
     __tablename__ = "leases"
     __table_args__ = (Index("ix_leases_created_at", "created_at"),)
     lease_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    link_id: Mapped[int] = mapped_column(BigInteger)
+    link_id: Mapped[int] = mapped_column(StoredId)
     role: Mapped[str] = mapped_column(String(8))
     parts: Mapped[str] = mapped_column(Text)
     created_at: Mapped[str] = mapped_column(String(32))
@@ -223,7 +236,7 @@ class PoolLevel(db.Model):
     __tablename__ = "pool_levels"
     __table_args__ = (Index("ix_pool_levels_at", "at"),)
     id: Mapped[int] = mapped_column(Id, primary_key=True)
-    link_id: Mapped[int] = mapped_column(BigInteger)
+    link_id: Mapped[int] = mapped_column(StoredId)
     at: Mapped[float] = mapped_column(Float)
     outbound: Mapped[int] = mapped_column(BigInteger)
     inbound: Mapped[int] = mapped_column(BigInteger)
@@ -241,7 +254,7 @@ class PeerStatus(db.Model):
     """The outcome of the last reachability probe of a peer KME's inter-KME interface."""
 
     __tablename__ = "peer_status"
-    peer_kme_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    peer_kme_id: Mapped[int] = mapped_column(StoredId, primary_key=True, autoincrement=False)
     reachable: Mapped[bool] = mapped_column(Boolean)
     checked_at: Mapped[str] = mapped_column(String(32))
     detail: Mapped[str] = mapped_column(String(256))

@@ -12,7 +12,8 @@ place, so a value copied to another row does not open:
 
 - a pool key: its link, position and key file name (the name peers use for it: a name swapped between two
   rows of key_files makes their keys refuse to open);
-- a delivered key: its key ID, link, master SAE and the sorted IDs of the slave SAEs that may fetch it (a
+- a delivered key: its key ID, link, master SAE and the sorted IDs of the slave SAEs that may fetch it (IDs
+  as the database stores them: kme.ids.number; a
   slave added to key_slaves outside the KME makes it refuse to open; a release that lets the slaves of a
   held relay fetch seals it again for them);
 - a link's byte histogram (which tells the byte frequencies of the keys held): its link;
@@ -34,6 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from kme.errors import StorageFailure
+from kme.ids import number
 
 SALT_BYTES = 16
 COUNTER_BYTES = 8
@@ -92,7 +94,7 @@ class Sealer:
         """Keys of one key file, for ingestion (the places built here: a million keys a file is common)."""
         salt, cipher, first = self._counters(len(values))
         encrypt = cipher.encrypt
-        head, name = _POOL.pack(b"N", link_id, 0)[:9], file_name.encode()
+        head, name = _POOL.pack(b"N", number(link_id), 0)[:9], file_name.encode()
         return [salt + (stamp := counter.to_bytes(COUNTER_BYTES, "big"))
                 + encrypt(_NONCE_PAD + stamp, value, head + position.to_bytes(8, "big", signed=True) + name)
                 for counter, position, value in zip(itertools.count(first), positions, values)]
@@ -116,7 +118,7 @@ class Sealer:
         value that does not open is then found again by ``open``, which
         names it.
         """
-        pack, openers, opened = _POOL.pack, self._openers, []
+        pack, openers, opened, link_number = _POOL.pack, self._openers, [], number(link_id)
         encoded = {file_id: name.encode() for file_id, name in names.items()}
         try:
             for file_id, position, sealed in rows:
@@ -124,7 +126,7 @@ class Sealer:
                 cipher = openers.get(salt) or self._opener(salt)
                 opened.append(cipher.decrypt(_NONCE_PAD + sealed[SALT_BYTES:SALT_BYTES + COUNTER_BYTES],
                                              sealed[SALT_BYTES + COUNTER_BYTES:],
-                                             pack(b"N", link_id, position) + encoded[file_id]))
+                                             pack(b"N", link_number, position) + encoded[file_id]))
         except (InvalidTag, ValueError):
             file_id, position, sealed = rows[len(opened)]
             self.open(sealed, pool_place(link_id, names[file_id], position),
@@ -146,7 +148,7 @@ class Sealer:
 
 def pool_place(link_id: int, file_name: str, position: int) -> bytes:
     """The associated data of a pool key."""
-    return _POOL.pack(b"N", link_id, position) + file_name.encode()
+    return _POOL.pack(b"N", number(link_id), position) + file_name.encode()
 
 
 def delivered_place(key_id: str, link_id: int, master_sae_id: int, slave_ids) -> bytes:
@@ -156,11 +158,11 @@ def delivered_place(key_id: str, link_id: int, master_sae_id: int, slave_ids) ->
 
 def _delivered_head(key_id: str, link_id: int, master_sae_id: int) -> bytes:
     encoded = key_id.encode()
-    return _DELIVERED.pack(b"E", link_id, master_sae_id, len(encoded)) + encoded
+    return _DELIVERED.pack(b"E", number(link_id), number(master_sae_id), len(encoded)) + encoded
 
 
 def _slaves(slave_ids) -> bytes:
-    ordered = sorted(set(slave_ids))
+    ordered = sorted({number(slave) for slave in slave_ids})
     return len(ordered).to_bytes(2, "big") + b"".join(slave.to_bytes(8, "big", signed=True) for slave in ordered)
 
 
@@ -171,4 +173,4 @@ def secret_place() -> bytes:
 
 def histogram_place(link_id: int) -> bytes:
     """The associated data of a link's byte histogram."""
-    return b"H" + link_id.to_bytes(8, "big", signed=True)
+    return b"H" + number(link_id).to_bytes(8, "big", signed=True)

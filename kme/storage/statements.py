@@ -23,6 +23,7 @@ from kme.storage.models import (
     Meta,
     OutgoingActivation,
     PoolKey,
+    StoredId,
 )
 from kme.storage.pool_states import OURS, PEERS, RESERVED
 
@@ -63,7 +64,7 @@ _LEND = Statement(update(_pool).where(_pool.c.id.in_(_free(newest_first=True))).
 # ``link_id + 0`` keeps SQLite from searching the link's index, which walks every key of the link, instead of
 # the reservation's.
 _REMOVE_RESERVED = Statement(delete(_pool).where(_pool.c.reservation == bindparam("reservation"),
-                                                 _pool.c.link_id + 0 == bindparam("link_id"))
+                                                 _pool.c.link_id + 0 == bindparam("link_id", type_=StoredId()))
                              .returning(_pool.c.file_id, _pool.c.position, _pool.c.material))
 _INSERT_POOL = Statement(insert(_pool).values(**{name: bindparam(name) for name in (
     "link_id", "file_id", "position", "state", "material")}), row=("link_id", "file_id", "position", "state",
@@ -159,11 +160,18 @@ def _inserts(table, columns: tuple[str, ...], constants: tuple[tuple[str, object
     of rows: its list ``values`` holds the rows' values one after the other."""
 
     def build(values: int):
+        # Typed as their columns: SQLAlchemy gives only the first row's parameters their column's type, and an ID
+        # column's type turns each ID into the number that stores it (kme.storage.compiled).
         items = iter(many("values", values))
-        return insert(table).values([{**dict(constants), **dict(zip(columns, items))}
+        return insert(table).values([{**dict(constants), **{column: _typed(next(items), table.c[column])
+                                                              for column in columns}}
                                      for _row in range(values // len(columns))])
 
     return Statement(build, lists=("values",))
+
+
+def _typed(parameter, column):
+    return bindparam(parameter.key, type_=column.type)
 
 
 def _insert_rows(connection, statement: Statement, rows: list[tuple]) -> None:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from sqlalchemy import delete, select
 
-from kme import clock
+from kme import clock, ids
 from kme.errors import ActivationConflict
 from kme.storage import at_rest, events, statements
 from kme.storage.db import grouped_write, write_transaction
@@ -57,7 +57,7 @@ def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:
         known = statements.incoming_activation(connection, request.activation_id)
         if known is not None:
             known_link, state, key_ids = known
-            if known_link != link_id or state != ACTIVATED:
+            if known_link != ids.number(link_id) or state != ACTIVATED:
                 raise ActivationConflict(f"activation {request.activation_id} was cancelled or belongs to another link")
             return len(json.loads(key_ids)), spent
         rows = pool_rows(connection, link_id, wanted, states)
@@ -95,7 +95,7 @@ def cancel(this_kme_id: int, link_id: int, request: ActivationRequest) -> None:
     with write_transaction() as session:
         statements.lock_name(session, request.activation_id)
         known = session.get(IncomingActivation, request.activation_id)
-        if known is not None and (known.link_id != link_id or known.relay is not None):
+        if known is not None and (known.link_id != ids.number(link_id) or known.relay is not None):
             raise ActivationConflict(f"activation {request.activation_id} belongs to another link, or is a relay "
                                      "(cancelled as such)")
         if known is not None and known.state == CANCELLED:
@@ -161,7 +161,7 @@ def pool_rows(transaction, link_id: int, parts: list[tuple[str, int]], states: t
         return {}
     by_file = {file_id: name for name, file_id in files.items()}
     rows = [row for row in map(_PoolRow._make, statements.pool_keys_at(transaction, positions))
-            if row.link_id == link_id and row.state in states]
+            if row.link_id == ids.number(link_id) and row.state in states]
     materials = at_rest.open_pool(transaction, link_id, [(row.file_id, row.position, row.material)
                                                            for row in rows], by_file)
     return {(by_file[row.file_id], row.position): row._replace(material=material)

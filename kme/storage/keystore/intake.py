@@ -7,7 +7,7 @@ from itertools import repeat
 
 from sqlalchemy import select
 
-from kme import clock
+from kme import clock, ids
 from kme.errors import IngestionHalted
 from kme.key_math import entropy
 from kme.storage import at_rest, events, statements
@@ -33,7 +33,7 @@ def ensure_links(link_ids) -> None:
     with write_transaction() as session:
         known = set(session.scalars(select(Link.peer_kme_id)))
         for link_id in link_ids:
-            if link_id not in known:
+            if ids.number(link_id) not in known:
                 session.add(Link(peer_kme_id=link_id, ingested=0, available=0, reserved=0, peer_held=0,
                                  delivered=0, discarded=0, unconfirmed=0, set_aside=0, lent=0, borrowed=0, relayed=0,
                                  progress_sent=0, progress_seen=0, progress_at=0.0, peer_free=0, lease_size=0,

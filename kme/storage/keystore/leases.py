@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, select, update
 
-from kme import clock
+from kme import clock, ids
 from kme.errors import ActivationConflict
 from kme.storage import events, statements
 from kme.storage.db import db, write_transaction
@@ -86,7 +86,7 @@ def give(link_id: int, request: LeaseRequest) -> tuple[list[dict], int]:
         link = session.get(Link, link_id)
         known = session.get(Lease, request.lease_id)
         if known is not None:
-            if known.link_id != link_id or known.role not in (GIVEN, ACKNOWLEDGED):
+            if known.link_id != ids.number(link_id) or known.role not in (GIVEN, ACKNOWLEDGED):
                 raise ActivationConflict(f"lease {request.lease_id} belongs to another link")
             return json.loads(known.parts), link.available
         free = link.available
@@ -148,11 +148,11 @@ def forget_given_before(created_before: str) -> None:
 
 def unacknowledged(link_id: int, given_after: str, limit: int) -> list[str]:
     """Leases given to the peer after the given time that it has not said it applied: their IDs."""
-    ids = db.session.scalars(select(Lease.lease_id).where(
+    lease_ids = db.session.scalars(select(Lease.lease_id).where(
         Lease.link_id == link_id, Lease.role == GIVEN, Lease.created_at > given_after)
         .order_by(Lease.created_at).limit(limit)).all()
     db.session.commit()
-    return list(ids)
+    return list(lease_ids)
 
 
 def states(link_id: int, lease_ids: list[str]) -> dict[str, str]:
@@ -169,7 +169,7 @@ def settle_given(link_id: int, answered: dict[str, str]) -> int:
     with write_transaction() as session:
         for lease_id, state in answered.items():
             given = session.get(Lease, lease_id)
-            if given is None or given.link_id != link_id or given.role != GIVEN:
+            if given is None or given.link_id != ids.number(link_id) or given.role != GIVEN:
                 continue
             if state == APPLIED:
                 given.role = ACKNOWLEDGED

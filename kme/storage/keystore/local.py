@@ -3,7 +3,7 @@ from collections.abc import Callable
 
 from sqlalchemy import select
 
-from kme import clock
+from kme import clock, ids
 from kme.config import KEY_BITS
 from kme.errors import NotEnoughKeys
 from kme.storage import at_rest, events, statements
@@ -60,15 +60,18 @@ def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number
 
 
 def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str],
-                    check: Callable[[dict[str, tuple[int, bool | None]]], None]) -> list[DeliveredKeyMaterial]:
+                    check: Callable[[dict[str, tuple[bool, bool | None]]], None]) -> list[DeliveredKeyMaterial]:
     """Hand delivered keys to one of their slave SAEs; a key is erased once all its slaves have it.
 
     ``check`` (the domain's rule) sees, for each requested key that exists,
-    its master SAE and whether this slave fetched it already (None: it is
-    not one of its slaves), and raises to refuse; nothing changes unless
+    whether ``master_sae_id`` made it and whether this slave fetched it
+    already (None: it is not one of its slaves), and raises to refuse; nothing changes unless
     every key is handed out. Committed with concurrent requests (group
     commit) before this returns.
     """
+
+    # The rows hold IDs as the database stores them.
+    master_number, slave_number = ids.number(master_sae_id), ids.number(slave_sae_id)
 
     def fetch(connection) -> list[DeliveredKeyMaterial]:
         # A database gone back in time may hold keys that their slaves fetched since.
@@ -78,11 +81,12 @@ def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str],
         for key_id, link_id, master, material, slave, fetched in rows:
             keys[key_id] = (link_id, master, material)
             slaves.setdefault(key_id, []).append(slave)
-            if slave == slave_sae_id:
+            if slave == slave_number:
                 mine[key_id] = fetched
             elif not fetched:
                 waiting.add(key_id)
-        check({key_id: (master, mine.get(key_id)) for key_id, (_link, master, _material) in keys.items()})
+        check({key_id: (master == master_number, mine.get(key_id))
+               for key_id, (_link, master, _material) in keys.items()})
         # Keys that other slaves still wait for are marked fetched by this one; the others are erased.
         kept = [key_id for key_id in key_ids if key_id in waiting]
         if kept:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select, update
 
+from kme import ids
+from kme.ids import Id
 from kme.storage import at_rest, events, statements
 from kme.storage.db import db, write_transaction
 from kme.storage.keystore.common import update_link
@@ -53,9 +55,10 @@ class Exchange:
     head: int | None = None
 
 
-def is_arbiter(this_kme_id: int, link_id: int) -> bool:
-    """Whether this KME arbitrates the link: it owns every confirmed key until it lends some."""
-    return this_kme_id < link_id
+def is_arbiter(this_kme_id: Id, link_id: Id) -> bool:
+    """Whether this KME arbitrates the link: it owns every confirmed key until it lends some. The arbiter is the
+    KME whose ID comes first in the order both ends compute alike (kme.ids.order)."""
+    return ids.order(this_kme_id) < ids.order(link_id)
 
 
 def offer(row: KeyFile) -> int:

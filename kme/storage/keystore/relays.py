@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select, update
 
-from kme import clock
+from kme import clock, ids
 from kme.errors import ActivationConflict, NotEnoughKeys, PeerFailure
 from kme.key_math import one_time
 from kme.storage import at_rest, events, statements
@@ -134,7 +134,7 @@ def receive(this_kme_id: int, link_id: int, message: Message, authentic: Callabl
         known = statements.incoming_activation(connection, message.activation_id)
         if known is not None:
             known_link, state, key_ids = known
-            if known_link != link_id or state not in (ACTIVATED, RELAYED):
+            if known_link != ids.number(link_id) or state not in (ACTIVATED, RELAYED):
                 raise ActivationConflict(f"relay activation {message.activation_id} was cancelled, failed, is in "
                                          "progress or belongs to another link")
             return Received([], len(json.loads(key_ids)))
@@ -159,20 +159,20 @@ def receive(this_kme_id: int, link_id: int, message: Message, authentic: Callabl
         record = {"relay_ID": message.relay_id, "parts": len(parts), "local_slaves": local_slaves,
                   "held": message.hold, "released": False,
                   "onward": {str(link): {"activation_ID": activation_id} for link, activation_id in onward.items()}}
-        ids = [row.id for row in rows.values()]
+        row_ids = [row.id for row in rows.values()]
         materials = [row.material for row in rows.values()]
         key_ids = json.dumps([key.key_id for key in keys])
         if onward:
-            statements.hold_pool_keys(connection, ids, held(link_id, message.activation_id))
+            statements.hold_pool_keys(connection, row_ids, held(link_id, message.activation_id))
             update_link(connection, link_id, peer_held=unconfirmed - len(rows), unconfirmed=-unconfirmed,
                         reserved=len(rows))
             statements.insert_incoming(connection, message.activation_id, link_id, RELAYING, key_ids, now,
                                        json.dumps(record))
             events.record(connection, f"Relay {message.relay_id} from KME {message.path[0]} (activation "
                                       f"{message.activation_id} from KME {link_id}): {len(keys)} keys to pass on to "
-                                      f"KME {' and '.join(map(str, sorted(onward)))}")
+                                      f"KME {' and '.join(map(str, sorted(onward, key=ids.order)))}")
             return Received(keys, None)
-        statements.delete_pool_keys(connection, ids)
+        statements.delete_pool_keys(connection, row_ids)
         # A held multicast relay lets our slaves fetch only once it is released.
         store_delivered(connection, link_id, message.master_sae_id, [] if message.hold else local_slaves, keys, now)
         update_link(connection, link_id, removed=materials, added=[key.material for key in keys],
@@ -308,7 +308,7 @@ def cancel(this_kme_id: int, link_id: int, activation_id: str, parts: list[tuple
     with write_transaction() as session:
         statements.lock_name(session, activation_id)
         known = session.get(IncomingActivation, activation_id)
-        if known is not None and (known.link_id != link_id or known.relay is None):
+        if known is not None and (known.link_id != ids.number(link_id) or known.relay is None):
             raise ActivationConflict(f"activation {activation_id} is not a relay of KME {link_id}")
         if known is None:
             _discard_unarrived(session, link_id, activation_id,
@@ -332,7 +332,7 @@ def cancel(this_kme_id: int, link_id: int, activation_id: str, parts: list[tuple
             update_link(session, link_id, delivered=-discarded, relayed=-discarded, discarded=discarded)
             now = clock.utc_now()
             for link, hop in record["onward"].items():
-                statements.insert_outgoing(session, hop["activation_ID"], int(link), outgoing.CANCELLING, now,
+                statements.insert_outgoing(session, hop["activation_ID"], ids.from_text(link), outgoing.CANCELLING, now,
                                            json.dumps({"wire": {"activation_ID": hop["activation_ID"],
                                                                 "parts": hop["parts"]},
                                                        "relay": True, "completed": hop["count"]}))
@@ -351,8 +351,8 @@ def release(link_id: int, activation_id: str) -> list[tuple[str, int, dict]]:
     with write_transaction() as session:
         statements.lock_name(session, activation_id)
         known = session.get(IncomingActivation, activation_id)
-        if known is None or known.link_id != link_id or known.relay is None or known.state not in (ACTIVATED,
-                                                                                                    RELAYED):
+        if (known is None or known.link_id != ids.number(link_id) or known.relay is None
+                or known.state not in (ACTIVATED, RELAYED)):
             raise ActivationConflict(f"activation {activation_id} is no relay of KME {link_id} to release")
         record = json.loads(known.relay)
         if record["released"] or not record["held"]:
@@ -362,7 +362,9 @@ def release(link_id: int, activation_id: str) -> list[tuple[str, int, dict]]:
         # Keys that expired meanwhile are gone: their slaves find nothing, as for any expired key.
         admit_slaves(session, json.loads(known.key_ids), record["local_slaves"])
         now = clock.utc_now()
-        pending = [(hop["activation_ID"], int(link), {"activation_ID": hop["activation_ID"], "parts": hop["parts"]})
+        # The record keys its next hops by their KME IDs as JSON object keys: text.
+        pending = [(hop["activation_ID"], ids.from_text(link), {"activation_ID": hop["activation_ID"],
+                                                                 "parts": hop["parts"]})
                    for link, hop in record["onward"].items()]
         for hop_id, link, wire in pending:
             statements.insert_outgoing(session, hop_id, link, RELEASING, now, json.dumps({"wire": wire, "relay": True}))
