@@ -1,4 +1,5 @@
-"""WSGI entry points: ``sae_app``, ``kme_app`` and ``debug_app`` for gunicorn, ``app`` for the flask CLI.
+"""WSGI entry points: ``sae_app``, ``kme_app``, ``skip_app`` and ``debug_app`` for gunicorn, ``app`` for the flask
+CLI.
 
 Each app is built on first access, so importing this module for one of them
 never loads the configuration for another.
@@ -8,7 +9,7 @@ import sys
 from kme import create_app
 from kme.config import ConfigError
 
-_INTERFACES = {"sae_app": "sae", "kme_app": "kme", "debug_app": "debug", "app": "cli"}
+_INTERFACES = {"sae_app": "sae", "kme_app": "kme", "skip_app": "skip", "debug_app": "debug", "app": "cli"}
 
 
 def __getattr__(name: str):

@@ -1,8 +1,8 @@
 """The demo behind `make run`: every KME configured in instance/, each with its processes.
 
 For each instance/*.json5 (or each *.json5 of the folder given as argument:
-instance/line3 is the three-KME line of `make run KMES=3`) it starts the ingestion worker, the SAE interface, the inter-KME interface and
-the debugging page, waits until they are up and the shipped key files are
+instance/line3 is the three-KME line of `make run KMES=3`) it starts the ingestion worker, the SAE interface, the inter-KME interface,
+the SKIP interface where one is configured, and the debugging page, waits until they are up and the shipped key files are
 ingested, prints the addresses and a
 copy-paste SAE session from the first KME to the last, and stops every process it
 started (by pid) on Ctrl-C. Each run starts afresh from the shipped key files.
@@ -21,9 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from kme import ids  # noqa: E402
 from kme.config import load_config  # noqa: E402
 from kme.database_uris import sqlite_path  # noqa: E402
 from kme.errors import ConfigError  # noqa: E402
+from kme.operations.certs import sae_stem  # noqa: E402
 from kme.operations.key_folders import MARK_PREFIX  # noqa: E402
 from kme.storage import handout_mark  # noqa: E402
 
@@ -55,7 +57,9 @@ def _wait_for_ingestion(config, processes: list[subprocess.Popen]) -> None:
     once the peer KME said it holds it too.
     """
     database = sqlite_path(config.this_kme.database_uri)
-    expected = {link: len(list(folder.glob("*.cor"))) for link, folder in config.key_directories().items()}
+    # The database names links by the numbers that store their KME IDs.
+    expected = {ids.number(link): len(list(folder.glob("*.cor")))
+                for link, folder in config.key_directories().items()}
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         if any(process.poll() is not None for process in processes):
@@ -85,12 +89,12 @@ def _example(master_kme, slave_kme) -> str:
     through = f" (relayed through trusted node KME {via})" if via is not None else ""
     return f"""
   # SAE {master.id} asks KME {here.id} for two 512-bit keys to share with SAE {slave.id} behind KME {there.id}{through}:
-  curl --cacert {root_ca} --cert {certs_here}/sae{master.id}.crt \\
-       --key {certs_here}/sae{master.id}.key \\
+  curl --cacert {root_ca} --cert {certs_here}/{sae_stem(master.id)}.crt \\
+       --key {certs_here}/{sae_stem(master.id)}.key \\
        'https://{here.saes_https_interface.listen_address}/api/v1/keys/{slave.id}/enc_keys?number=2&size=512'
   # SAE {slave.id} fetches the first of them from KME {there.id} by its key ID:
-  curl --cacert {root_ca} --cert {certs_there}/sae{slave.id}.crt \\
-       --key {certs_there}/sae{slave.id}.key \\
+  curl --cacert {root_ca} --cert {certs_there}/{sae_stem(slave.id)}.crt \\
+       --key {certs_there}/{sae_stem(slave.id)}.key \\
        'https://{there.saes_https_interface.listen_address}/api/v1/keys/{master.id}/dec_keys?key_ID=<key_ID>'
 """
 
@@ -134,19 +138,26 @@ def main() -> int:
             processes.append(_start([sys.executable, "-m", "flask", "ingest-keys", "--watch"], path))
             processes.append(_start([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"], path))
             processes.append(_start([sys.executable, "-m", "gunicorn", "-c", "deploy/kme.py", "wsgi:kme_app"], path))
+            if config.this_kme.skip_https_interface:
+                processes.append(_start([sys.executable, "-m", "gunicorn", "-c", "deploy/skip.py", "wsgi:skip_app"],
+                                        path))
             if config.this_kme.debugging_http_interface:
                 processes.append(_start([sys.executable, "-m", "gunicorn", "-c", "deploy/debug.py", "wsgi:debug_app"],
                                         path))
         for config in loaded:
-            for interface in (config.this_kme.saes_https_interface, config.this_kme.kmes_https_interface):
-                _wait_for_port(interface.host, interface.port, processes)
+            for interface in (config.this_kme.saes_https_interface, config.this_kme.kmes_https_interface,
+                              config.this_kme.skip_https_interface):
+                if interface is not None:
+                    _wait_for_port(interface.host, interface.port, processes)
             _wait_for_ingestion(config, processes)
         print("\nDemo KMEs are up:")
         for config in loaded:
+            skip = config.this_kme.skip_https_interface
             print(f"  KME {config.this_kme.id} ({config.this_kme.nickname}): SAE interface "
                   f"https://{config.this_kme.saes_https_interface.listen_address}, inter-KME interface "
-                  f"https://{config.this_kme.kmes_https_interface.listen_address}, debugging page "
-                  f"http://{config.this_kme.debugging_http_interface}/")
+                  f"https://{config.this_kme.kmes_https_interface.listen_address}, "
+                  + (f"SKIP interface https://{skip.listen_address}, " if skip else "")
+                  + f"debugging page http://{config.this_kme.debugging_http_interface}/")
         print(_example(loaded[0], loaded[-1]))
         print("Press Ctrl-C to stop.", flush=True)
         while not stop and all(process.poll() is None for process in processes):

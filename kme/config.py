@@ -107,6 +107,7 @@ class ThisKme:
     key_directory_to_watch: Path
     saes_https_interface: HttpsInterface
     kmes_https_interface: HttpsInterface | None
+    skip_https_interface: HttpsInterface | None
     debugging_http_interface: str | None
     debugging_http_allow_non_loopback: bool
     metrics_directory: Path | None
@@ -371,7 +372,7 @@ def _pkcs11_source(uri: str, base_dir: Path) -> KekSource:
 
 
 def _this_kme(data: dict, base_dir: Path, source: Path | None) -> ThisKme:
-    kmes = data.get("kmes_https_interface")
+    kmes, skip = data.get("kmes_https_interface"), data.get("skip_https_interface")
     database_uri = _database_uri(data, base_dir)
     return ThisKme(
         id=data["id"],
@@ -381,6 +382,7 @@ def _this_kme(data: dict, base_dir: Path, source: Path | None) -> ThisKme:
         key_directory_to_watch=(base_dir / data["key_directory_to_watch"]).resolve(),
         saes_https_interface=_https_interface(data["saes_https_interface"], base_dir, "this_kme.saes_https_interface"),
         kmes_https_interface=kmes and _https_interface(kmes, base_dir, "this_kme.kmes_https_interface"),
+        skip_https_interface=skip and _https_interface(skip, base_dir, "this_kme.skip_https_interface"),
         debugging_http_interface=data.get("debugging_http_interface"),
         debugging_http_allow_non_loopback=data.get("debugging_http_allow_non_loopback", False),
         metrics_directory=_metrics_directory(data, base_dir, data["id"], database_uri),

@@ -152,6 +152,7 @@ class ThisKmeSchema(StrictSchema):
     saes_https_interface = Nested(HttpsInterfaceSchema, required=True)
     debugging_http_interface = Str(validate=_address)
     kmes_https_interface = Nested(HttpsInterfaceSchema)
+    skip_https_interface = Nested(HttpsInterfaceSchema)
     delete_key_file_after_read = Bool()
     debugging_http_allow_non_loopback = Bool()
     metrics_directory = Str(validate=validate.Length(min=1))

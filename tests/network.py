@@ -18,6 +18,7 @@ from tests.support import (
     start_ingest_worker,
     start_kme_interface,
     start_sae_interface,
+    start_skip_interface,
     wait_until,
     write_config,
 )
@@ -58,13 +59,19 @@ class Kme:
     def link_folder(self, peer: int) -> Path:
         return self.folder / ("keys" if peer == self.id else f"keys-{peer}")
 
+    def skip_url(self) -> str:
+        return f"https://127.0.0.1:{self.port('skip_https_interface')}"
+
     def start(self, *names: str) -> None:
-        for name in names or ("ingest", "sae", "kme"):
+        skip = "skip_https_interface" in load_json(self.config)["this_kme"]
+        for name in names or ("ingest", "sae", "kme", *(("skip",) if skip else ())):
             log = self.folder / f"{name}.log"
             if name == "ingest":
                 self.processes[name] = start_ingest_worker(self.config, log)
             elif name == "sae":
                 self.processes[name] = start_sae_interface(self.config, log, workers=self.network.workers)
+            elif name == "skip":
+                self.processes[name] = start_skip_interface(self.config, log, workers=self.network.workers)
             elif name == "kme":
                 self.processes[name] = start_kme_interface(self.config, log, workers=self.network.workers)
             else:
@@ -82,10 +89,11 @@ class Network:
 
     def __init__(self, folder: Path, pki: Pki, links: list[tuple[int, int]],
                  routes: dict[int, dict[int, int]] | None = None, workers: int = 2, kme_names: dict | None = None,
-                 sae_names: dict | None = None, **this_kme_extra):
+                 sae_names: dict | None = None, skip: bool = False, **this_kme_extra):
         """``routes``: per KME, destination KME -> next hop, for KMEs it has no link with; ``workers``: gunicorn
         workers of each interface (networks of many KMEs start faster with one); ``kme_names``, ``sae_names``:
-        the IDs that the configurations give KMEs and SAEs instead of their numbers (string IDs)."""
+        the IDs that the configurations give KMEs and SAEs instead of their numbers (string IDs); ``skip``: each
+        KME serves SKIP too, with its SAE interface's certificates."""
         self.pki = pki
         self.kme_names, self.sae_names = kme_names or {}, sae_names or {}
         self.workers = workers
@@ -123,6 +131,9 @@ class Network:
                 debugging_http_interface=f"127.0.0.1:{free_port()}", housekeeping_interval_seconds=0.2,
                 **this_kme_extra)
             raw = load_json(config)
+            if skip:
+                raw["this_kme"]["skip_https_interface"] = {**raw["this_kme"]["saes_https_interface"],
+                                                           "listen_address": f"127.0.0.1:{free_port()}"}
             if routed:
                 raw["routes"] = [{"kme_id": destination, "via": via} for destination, via in routed.items()]
             config.write_text(json.dumps(self._named(raw), indent=2))

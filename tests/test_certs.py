@@ -35,9 +35,20 @@ def test_gen_certs_writes_a_pki_that_verifies(tmp_path):
     context.load_cert_chain(str(tmp_path / "kme1" / "kme_server.crt"), str(tmp_path / "kme1" / "kme_server.key"))
 
 
-def test_gen_certs_rejects_a_malformed_sae(tmp_path):
-    result = run_cli(["gen-certs", "--out", str(tmp_path), "--sae", "one"], None)
-    assert result.returncode != 0 and "SAE_ID@KME_ID" in result.stderr
+@pytest.mark.parametrize("sae", ["one", "a/b@1", "alice@kme1", "@1"])
+def test_gen_certs_rejects_a_malformed_sae(tmp_path, sae):
+    result = run_cli(["gen-certs", "--out", str(tmp_path), "--sae", sae], None)
+    assert result.returncode != 0 and "SAE_ID@KME_NUMBER" in result.stderr
+
+
+def test_gen_certs_names_the_files_of_an_sae_with_a_string_id_by_its_id(tmp_path):
+    result = run_cli(["gen-certs", "--out", str(tmp_path), "--sae", "alice-app@1", "--sae", "2@1"], None)
+    assert result.returncode == 0, result.stderr
+    serials = dict(re.findall(r"(\S+): \"https_client_certificate_serial\": (\[[\d, ]+\])", result.stdout))
+    assert set(serials) == {"alice-app", "sae2"}
+    alice = x509.load_pem_x509_certificate((tmp_path / "kme1" / "alice-app.crt").read_bytes())
+    assert list(alice.serial_number.to_bytes(8, "big")) == eval(serials["alice-app"])
+    alice.verify_directly_issued_by(x509.load_pem_x509_certificate((tmp_path / "kme1" / "ca_saes.crt").read_bytes()))
 
 
 def test_gen_certs_for_a_network_of_four_kmes(tmp_path):

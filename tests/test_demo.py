@@ -64,15 +64,18 @@ def curl_sessions(line3: bool = False) -> list[list[str]]:
 
 
 def run_session(session: list[str], folder) -> None:
-    """Run one shell block's curl calls: each dec_keys fetches the key ID the enc_keys before it got."""
+    """Run one shell block's curl calls: each dec_keys (SKIP: key by keyId) fetches the key ID the enc_keys (SKIP:
+    new key) before it got."""
     key_id = None
     for command in session:
         answer = run_curl(command.replace("PASTE-KEY-ID-HERE", str(key_id)), folder)
-        found = re.search(r'"key_ID":"([0-9a-f-]{36})"', answer)
-        if "enc_keys" in command:
+        found = re.search(r'"key_ID":"([0-9a-f-]{36})"', answer) or re.search(r'"keyId":"([0-9a-f]{32})"', answer)
+        if "enc_keys" in command or "/key?" in command:
             key_id = found.group(1)
-        elif "dec_keys" in command:
+        elif "dec_keys" in command or "/key/" in command:
             assert found.group(1) == key_id
+        elif "/capabilities" in command:
+            assert '"localSystemID":"alice-app"' in answer and '"bob-app"' in answer
         elif "/messages" not in command:
             assert '"stored_key_count"' in answer
 
@@ -93,7 +96,7 @@ def test_readme_examples_against_the_demo(demo):
     # The background worker of a new database waits for its schema instead of failing and retrying.
     assert "housekeeping failed" not in output()
     sessions = curl_sessions()
-    assert len(sessions) == 2
+    assert len(sessions) == 3
     for session in sessions:
         run_session(session, folder)
     python = re.search(r"```python\n(.*?)```", README, re.S).group(1)

@@ -12,7 +12,17 @@ import pytest
 from kme import ids
 from kme.errors import KEYS_NOT_FOUND
 from tests.network import Network, line_routes
-from tests.support import run_cli, start_debug_page, write_keys
+from tests.support import (
+    Ledger,
+    load_json,
+    run_cli,
+    sae_port,
+    sae_session,
+    start_debug_page,
+    start_sae_interface,
+    write_config,
+    write_keys,
+)
 
 KMES = {1: "kme-alpha", 3: "kme.gamma~3"}
 SAES = {1: "alice-app", 3: "CONSB", 5: "sae_5"}
@@ -158,3 +168,38 @@ def test_the_databases_store_every_id_as_a_number(network):
                     [(0,)], (kme.name, table, column)
     assert network[1].ledger._query("SELECT COUNT(*) FROM links WHERE peer_kme_id = ?",
                                     ids.number("kme-alpha")) == [(1,)]
+
+
+def test_a_database_of_the_previous_release_carries_over_and_gains_string_ids(tmp_path, pki):
+    """No migration to run: integer IDs are stored as they were, so a database that waits with keys for integer
+    SAEs serves them unchanged, and SAEs with string IDs join beside them."""
+    config = write_config(tmp_path / "kme", pki)
+    write_keys(config.parent / "keys" / "zone.cor", 10)
+    assert run_cli(["ingest-keys"], config).returncode == 0
+    url = f"https://127.0.0.1:{sae_port(config)}/api/v1"
+    before = start_sae_interface(config, tmp_path / "before.log")
+    try:
+        waiting = sae_session(pki, 1, 1).get(f"{url}/keys/2/enc_keys", timeout=10).json()["keys"]
+    finally:
+        before.stop()
+    ledger = Ledger(config.parent / "kme.db")
+    version = ledger._query("SELECT version_num FROM alembic_version")
+
+    raw = load_json(config)
+    raw["saes"].append({"id": "alice-app", "kme_id": 1, "https_client_certificate_serial": pki.serials["sae9"]})
+    config.write_text(json.dumps(raw))
+    after = start_sae_interface(config, tmp_path / "after.log")
+    try:
+        old = sae_session(pki, 1, 2).get(f"{url}/keys/1/dec_keys", params={"key_ID": waiting[0]["key_ID"]},
+                                         timeout=10)
+        assert old.json()["keys"] == waiting
+        alice = sae_session(pki, 1, 9)
+        assert alice.get(f"{url}/sae/info/me", timeout=10).json() == {"SAE_ID": "alice-app"}
+        keys = alice.get(f"{url}/keys/2/enc_keys", timeout=10).json()["keys"]
+        fetched = sae_session(pki, 1, 2).get(f"{url}/keys/alice-app/dec_keys", params={"key_ID": keys[0]["key_ID"]},
+                                             timeout=10)
+        assert fetched.json()["keys"] == keys
+    finally:
+        after.stop()
+    ledger.assert_exact(1)
+    assert ledger._query("SELECT version_num FROM alembic_version") == version

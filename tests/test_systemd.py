@@ -15,6 +15,7 @@ UNITS = sorted((ROOT / "deploy" / "systemd").glob("*@.service"))
 ENTRY_POINTS = {
     "kme-sae@.service": ["gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"],
     "kme-kme@.service": ["gunicorn", "-c", "deploy/kme.py", "wsgi:kme_app"],
+    "kme-skip@.service": ["gunicorn", "-c", "deploy/skip.py", "wsgi:skip_app"],
     "kme-debug@.service": ["gunicorn", "-c", "deploy/debug.py", "wsgi:debug_app"],
     "kme-ingest@.service": ["flask", "--app", "wsgi", "ingest-keys", "--watch"],
 }

@@ -114,7 +114,7 @@ def _common(config, short: str, port: int) -> dict:
 
 
 def settings(interface_name: str) -> dict:
-    """The gunicorn settings for ``saes_https_interface`` or ``kmes_https_interface``."""
+    """The gunicorn settings for ``saes_https_interface``, ``kmes_https_interface`` or ``skip_https_interface``."""
     config = _load()
     preload(config)
     interface = getattr(config.this_kme, interface_name)

@@ -45,14 +45,17 @@ def calling_sae() -> Sae:
     return sae
 
 
-def _count_delivered(keys: list, link_id: Id, sae_id: Id, role: str) -> None:
+def count_delivered(keys: list, link_id: Id, sae_id: Id, role: str) -> None:
+    """Count keys handed out to an SAE, in its role, on the link they came from (the metric kme_keys_delivered)."""
     metrics.child(metrics.KEYS_DELIVERED, str(link_id), str(sae_id), role).inc(len(keys))
 
 
-def _single_query_values(allowed: tuple[str, ...]) -> dict[str, str]:
+def single_query_values(allowed: tuple[str, ...], hint: str = "") -> dict[str, str]:
+    """The query's values, each given at most once; 400 for a name not in ``allowed`` (the message ends with
+    ``hint``)."""
     unknown = sorted(set(request.args) - set(allowed))
     if unknown:
-        raise BadRequest(f"{unknown[0]}: unknown query parameter (use POST for anything but {', '.join(allowed)})")
+        raise BadRequest(f"{unknown[0]}: unknown query parameter{hint}")
     values = {}
     for name in allowed:
         given = request.args.getlist(name)
@@ -63,16 +66,23 @@ def _single_query_values(allowed: tuple[str, ...]) -> dict[str, str]:
     return values
 
 
+def _post_hint(allowed: tuple[str, ...]) -> str:
+    """What a GET of the standard may not carry in its query, its POST may in its body."""
+    return f" (use POST for anything but {', '.join(allowed)})"
+
+
 def _key_request() -> dict:
     if request.method == "POST":
         return load(_KEY_REQUEST, json_body(request, empty_default={}))
-    values = _single_query_values(_KEY_QUERY)
-    query = {}
-    for name, text in values.items():
-        if not (text.isascii() and text.removeprefix("-").isdigit()):
-            raise BadRequest(f"{name}: not an integer")
-        query[name] = int(text)
-    return query
+    values = single_query_values(_KEY_QUERY, _post_hint(_KEY_QUERY))
+    return {name: query_integer(name, text) for name, text in values.items()}
+
+
+def query_integer(name: str, text: str) -> int:
+    """A query value that must be a decimal integer; 400 naming it otherwise."""
+    if not (text.isascii() and text.removeprefix("-").isdigit()):
+        raise BadRequest(f"{name}: not an integer")
+    return int(text)
 
 
 def _key_ids() -> tuple[list[str], set]:
@@ -80,7 +90,7 @@ def _key_ids() -> tuple[list[str], set]:
     if request.method == "POST":
         items = load(_KEY_IDS, json_body(request))["key_IDs"]
         return [item["key_ID"] for item in items], {item["master_SAE_ID"] for item in items if "master_SAE_ID" in item}
-    key_id = _single_query_values(("key_ID",)).get("key_ID")
+    key_id = single_query_values(("key_ID",), _post_hint(("key_ID",))).get("key_ID")
     if key_id is None:
         raise BadRequest("key_ID: missing")
     try:
@@ -101,7 +111,7 @@ def get_key(slave_sae_id: str):
     """Get key (5.3)."""
     master = calling_sae()
     keys = delivery.get_key(_config(), master, slave_sae_id, _key_request())
-    _count_delivered(keys, delivery.parse_sae_id(_config(), slave_sae_id).kme_id, master.id, "master")
+    count_delivered(keys, delivery.parse_sae_id(_config(), slave_sae_id).kme_id, master.id, "master")
     return key_container(keys)
 
 
@@ -111,7 +121,7 @@ def get_key_with_key_ids(master_sae_id: str):
     slave = calling_sae()
     key_ids, named_masters = _key_ids()
     keys = delivery.get_key_with_key_ids(_config(), slave, master_sae_id, key_ids, named_masters)
-    _count_delivered(keys, delivery.parse_sae_id(_config(), master_sae_id).kme_id, slave.id, "slave")
+    count_delivered(keys, delivery.parse_sae_id(_config(), master_sae_id).kme_id, slave.id, "slave")
     return key_container(keys)
 
 

@@ -5,7 +5,8 @@ Layout under the output folder (see docs/certificates.md):
   kmeN/kme_server.{crt,key}     KME N's server certificate (SAN localhost, 127.0.0.1, ::1)
   kmeN/ca_saes.{crt,key}        the CA of KME N's SAEs (its SAE listener trusts only it)
   kmeN/ca_kmes.{crt,key}        the CA of the KMEs that call KME N
-  kmeN/saeM.{crt,key}           SAE M's client certificate, from kmeN/ca_saes
+  kmeN/saeM.{crt,key}           SAE M's client certificate, from kmeN/ca_saes (an SAE with a string ID, such as
+                                alice-app, has kmeN/alice-app.{crt,key})
   kmeN/kmeN-to-kmeP.pfx         KME N's client certificate towards KME P, from kmeP/ca_kmes
 """
 import datetime
@@ -93,7 +94,13 @@ def _write_pem(issued: Issued, stem: Path) -> None:
     key_path.chmod(0o600)
 
 
-def generate_pki(out: Path, saes_by_kme: dict[int, list[int]], password: str, days: int = 825,
+def sae_stem(sae_id) -> str:
+    """The file name, without suffix, of an SAE's certificate and key: saeM for an integer ID, the ID itself for a
+    string ID."""
+    return f"sae{sae_id}" if isinstance(sae_id, int) else sae_id
+
+
+def generate_pki(out: Path, saes_by_kme: dict[int, list], password: str, days: int = 825,
                  hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")) -> dict[str, list[int]]:
     """Write the demo PKI for the given KMEs and their SAEs; returns each client certificate's serial bytes.
 
@@ -114,8 +121,8 @@ def generate_pki(out: Path, saes_by_kme: dict[int, list[int]], password: str, da
         folder = out / f"kme{kme_id}"
         for sae_id in sae_ids:
             sae = _issue(f"SAE {sae_id}", sae_cas[kme_id], days, client=True)
-            _write_pem(sae, folder / f"sae{sae_id}")
-            serials[f"sae{sae_id}"] = serial_bytes(sae.certificate)
+            _write_pem(sae, folder / sae_stem(sae_id))
+            serials[sae_stem(sae_id)] = serial_bytes(sae.certificate)
         for peer_id in saes_by_kme:
             if peer_id == kme_id:
                 continue

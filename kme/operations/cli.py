@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 from flask import current_app
 
+from kme import ids
 from kme.operations import certs, health, key_encryption_cli, key_folders, recovery_cli, schema_cli, status
 from kme.operations.command_support import cause, command_config, key_files, open_database, storage_errors
 from kme.operations.ingest import ingest_directories
@@ -90,25 +91,27 @@ def adopt_key_folders_command(existing: str) -> None:
     click.echo(f"{adopted} key folders adopted by database {database_id}")
 
 
-def _parse_sae(value: str) -> tuple[int, int]:
+def _parse_sae(value: str) -> tuple:
     sae, _, kme = value.partition("@")
-    if not (sae.isdigit() and kme.isdigit()):
-        raise click.BadParameter(f"{value!r} is not of the form SAE_ID@KME_ID")
-    return int(sae), int(kme)
+    sae_id = ids.from_text(sae)
+    if sae_id is None or not (kme.isascii() and kme.isdigit()):
+        raise click.BadParameter(f"{value!r} is not of the form SAE_ID@KME_NUMBER (an SAE ID, a KME's number)")
+    return sae_id, int(kme)
 
 
 @click.command("gen-certs")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("certs"), show_default=True,
               help="Folder to write the PKI into.")
 @click.option("--sae", "saes", multiple=True, default=("1@1", "2@1", "3@2"), show_default=True,
-              help="An SAE and its KME, as SAE_ID@KME_ID; repeat for each SAE.")
+              help="An SAE and its KME, as SAE_ID@KME_NUMBER (alice-app@1: an SAE ID, integer or string, and the "
+                   "number of the KME's folder kmeN); repeat for each SAE.")
 @click.option("--kme", "kmes", multiple=True, type=int,
               help="A KME without SAEs of its own (KMEs of --sae are included anyway).")
 @click.option("--password", default="password", show_default=True, help="Password of the KME client .pfx files.")
 @click.option("--days", default=825, show_default=True, help="Validity of every certificate.")
 def gen_certs_command(out: Path, saes: tuple[str, ...], kmes: tuple[int, ...], password: str, days: int) -> None:
     """Write a demo PKI: CAs, KME server certificates, SAE and KME client certificates."""
-    saes_by_kme: dict[int, list[int]] = {kme: [] for kme in kmes}
+    saes_by_kme: dict[int, list] = {kme: [] for kme in kmes}
     for sae, kme in map(_parse_sae, saes):
         saes_by_kme.setdefault(kme, []).append(sae)
     serials = certs.generate_pki(out, saes_by_kme, password, days)
