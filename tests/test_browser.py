@@ -1,4 +1,5 @@
 """The debugging page in a real headless Chromium (Debian's chromium and chromium-driver)."""
+import re
 import shutil
 
 import pytest
@@ -22,7 +23,7 @@ def browser(tmp_path):
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     "--disable-quic", "--window-size=1400,900", f"--user-data-dir={tmp_path / 'chromium'}"):
+                     "--disable-quic", "--window-size=1280,900", f"--user-data-dir={tmp_path / 'chromium'}"):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -71,3 +72,32 @@ def test_events_and_pool_figures_appear_live(browser, network, tmp_path):
     assert "[Test1] " in events and keys[0]["key"] not in browser.page_source
     browser.save_screenshot(str(tmp_path / "debug-page.png"))
     assert (tmp_path / "debug-page.png").stat().st_size > 10_000
+
+
+def fits_its_window(driver) -> bool:
+    return driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+
+
+def test_the_page_fits_1280_pixels_and_its_charts_have_axes_and_a_collecting_state(browser, network):
+    kme1 = network[1]
+    # A long key file name, shown in the pools table, must wrap rather than widen the page.
+    network.write_link_file(1, 2, "qkd-link-paris-lyon-" + "0123456789" * 8 + ".cor", 10)
+    network.wait_for_link(1, 2, 110)
+    browser.get(kme1.debug_url())
+    WebDriverWait(browser, 10).until(lambda d: available_on_link_2(d) == "110")
+    assert browser.execute_script("return window.innerWidth") <= 1280
+    assert fits_its_window(browser), browser.execute_script("return document.documentElement.scrollWidth")
+    chart = "tr[data-direction='1-2'] svg.chart"
+    WebDriverWait(browser, 10).until(lambda d: "now" in text_of(d, chart) and "collecting" not in text_of(d, chart))
+    labels = text_of(browser, chart)
+    # The y axis runs from 0 to the highest sample (the samples are a minute apart: maybe taken before ingestion).
+    assert "−60 min" in labels and "now" in labels and re.search(r"\d+ keys?", labels) and "0" in labels
+    assert browser.execute_script(f"return document.querySelectorAll(\"{chart} line.axis\").length") == 2
+
+    # No sample yet (a new link, or the samples gone): the chart says it is collecting, with its axes.
+    kme1.stop("ingest")
+    kme1.ledger.write(("DELETE FROM pool_levels",))
+    WebDriverWait(browser, 10).until(lambda d: "collecting" in text_of(d, chart))
+    assert "key" not in text_of(browser, chart)
+    assert browser.execute_script(f"return document.querySelectorAll(\"{chart} polyline\").length") == 0
+    assert fits_its_window(browser)

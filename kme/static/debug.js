@@ -74,27 +74,45 @@ async function refreshLinks() {
   })));
 }
 
-// A line of one direction's free keys over the samples [[epoch seconds, outbound, inbound], ...].
+function svgElement(name, attributes, text) {
+  const element = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, value);
+  if (text !== undefined) element.textContent = text;
+  return element;
+}
+
+// One direction's free keys over the last hour, from the samples [[epoch seconds, outbound, inbound], ...]:
+// a y axis in keys (0 to the highest sample), an x axis in minutes up to now; "collecting" until the first sample.
 function levelChart(history, column) {
-  const width = 240, height = 40;
-  const svg = document.createElementNS(SVG, "svg");
-  svg.setAttribute("class", "chart");
-  svg.setAttribute("width", width);
-  svg.setAttribute("height", height);
-  if (history.length === 0) return svg;
+  const width = 300, height = 70, left = 48, right = 6, top = 6, bottom = 16;
+  const plotWidth = width - left - right, plotHeight = height - top - bottom;
+  const svg = svgElement("svg", {class: "chart", width: width, height: height});
+  svg.append(
+    svgElement("line", {class: "axis", x1: left, y1: top, x2: left, y2: top + plotHeight}),
+    svgElement("line", {class: "axis", x1: left, y1: top + plotHeight, x2: left + plotWidth, y2: top + plotHeight}),
+    svgElement("text", {class: "x-label", x: left, y: height - 3}, "−60 min"),
+    svgElement("text", {class: "x-label", x: left + plotWidth, y: height - 3, "text-anchor": "end"}, "now"),
+  );
+  if (history.length === 0) {
+    svg.append(svgElement("text", {class: "collecting", x: left + 8, y: top + plotHeight / 2 + 4},
+                          "collecting: a sample a minute"));
+    return svg;
+  }
   const end = history[history.length - 1][0];
-  const top = Math.max(1, ...history.map((sample) => sample[column]));
+  const highest = Math.max(1, ...history.map((sample) => sample[column]));
+  svg.append(
+    svgElement("text", {class: "y-label", x: left - 4, y: top + 8, "text-anchor": "end"},
+               highest === 1 ? "1 key" : highest + " keys"),
+    svgElement("text", {class: "y-label", x: left - 4, y: top + plotHeight, "text-anchor": "end"}, "0"),
+  );
   const points = history.map((sample) => [
-    width - (end - sample[0]) / 3600 * width,
-    height - 2 - sample[column] / top * (height - 4),
+    left + plotWidth - Math.min(1, (end - sample[0]) / 3600) * plotWidth,
+    top + plotHeight - sample[column] / highest * plotHeight,
   ]);
-  if (points.length === 1) points.unshift([0, points[0][1]]);
-  const line = document.createElementNS(SVG, "polyline");
-  line.setAttribute("points", points.map((point) => point.join(",")).join(" "));
-  svg.append(line);
-  const title = document.createElementNS(SVG, "title");
-  title.textContent = "up to " + top + " keys; now " + history[history.length - 1][column];
-  svg.append(title);
+  // A single sample is a short mark at its time, not a line across the hour.
+  if (points.length === 1) points.unshift([points[0][0] - 4, points[0][1]]);
+  svg.append(svgElement("polyline", {points: points.map((point) => point.join(",")).join(" ")}),
+             svgElement("title", {}, "up to " + highest + " keys; now " + history[history.length - 1][column]));
   return svg;
 }
 
