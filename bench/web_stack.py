@@ -9,7 +9,9 @@ defaults: 2 workers x 8 threads) and the ceilings: bench/ceiling_app.py
 served by deploy/sae.py, the same gunicorn configuration, worker class, TLS
 settings and client certificates. For each call, 8 client processes with
 keep-alive sessions (or a new TLS connection per request where said) load
-ours, then its ceiling, interleaved, for each repetition. Prints one table:
+ours, then its ceiling, interleaved, for each repetition. The row "string IDs" is
+the call of the row above between two SAEs of KME 1 with string IDs
+(alice-app and bob-app), and the line after the table compares the two. Prints one table:
 medians over the repetitions of requests/s, p50 and p99 (ms), the ceiling's
 figures and the ratio, and the CPU time the servers' worker processes spent
 per request (ours: KME 1's SAE interface, with KME 2's inter-KME interface
@@ -50,6 +52,8 @@ from tests.network import Network  # noqa: E402
 from tests.support import PASSWORD, Pki, Process, free_port, load_json, wait_for_workers  # noqa: E402
 
 CLIENTS = 8
+# The SAEs of KME 1 with string IDs, and the numbers of their certificates (tests/conftest.PKI_LAYOUT).
+STRING_SAES = {"alice-app": 9, "bob-app": 10}
 # number=128 at its rate takes about 10^6 keys over the 5 repetitions.
 LOCAL_KEYS = 2_000_000
 LINK_KEYS = 100_000
@@ -94,6 +98,11 @@ class Stack:
 
     def _start(self, folder: Path, pki: Pki) -> None:
         kme1 = self.network[1]
+        # Two SAEs with string IDs beside the integer ones: the same calls, the IDs of the standard.
+        raw = load_json(kme1.config)
+        raw["saes"] += [{"id": name, "kme_id": 1, "https_client_certificate_serial": pki.serials[f"sae{number}"]}
+                        for name, number in STRING_SAES.items()]
+        kme1.config.write_text(json.dumps(raw, indent=2))
         local = kme1.folder / "keys" / "local.cor"
         with open(local, "wb") as handle:
             for _ in range(LOCAL_KEYS // 10_000):
@@ -252,6 +261,7 @@ def load(pool, pki: Pki, url: str, base: str, seconds: float, servers: list[int]
 CALLS = [
     # name, path, what serves it, its ceiling, options
     ("enc_keys, number=1", "/api/v1/keys/2/enc_keys", "ours", "ceiling", {}),
+    ("enc_keys, number=1, string IDs", "/api/v1/keys/bob-app/enc_keys", "ours", "ceiling", {"sae": 9}),
     ("enc_keys, number=128", "/api/v1/keys/2/enc_keys?number=128", "ours", "ceiling", {}),
     ("dec_keys", "/api/v1/keys/1/dec_keys", "ours", "ceiling", {"sae": 2, "dec_keys": 2560}),
     ("status", "/api/v1/keys/2/status", "ours", "ceiling", {}),
@@ -302,6 +312,10 @@ def measure(stack: Stack, seconds: float, repetitions: int) -> None:
         print(f"{name:<36} {ours['rate']:>8.0f} {ours['p50']:>7.1f} {ours['p99']:>7.1f} {ours['cpu']:>6.3f} | "
               f"{top['rate']:>8.0f} {top['p50']:>7.1f} {top['p99']:>7.1f} {top['cpu']:>6.3f} | "
               f"{ours['rate'] / top['rate']:>5.2f}  {failures}{extra}", flush=True)
+    integer, named = "enc_keys, number=1", "enc_keys, number=1, string IDs"
+    if integer in rates and named in rates:
+        print(f"string IDs, {integer}: {rates[named]:.0f} req/s between alice-app and bob-app, {rates[integer]:.0f} "
+              f"between SAEs 1 and 2, {rates[named] / rates[integer]:.2f} of the integer IDs' throughput", flush=True)
     for sealed, clear in ENCRYPTION_PAIRS.items():
         if sealed in rates and clear in rates:
             print(f"encryption at rest, {sealed}: {rates[sealed]:.0f} req/s sealed, {rates[clear]:.0f} in clear, "

@@ -10,7 +10,8 @@ from tests.support import PASSWORD, Pki, free_port, write_config, write_keys
 
 # KME 1 has SAEs 1 and 2 registered, and SAE 9 whose certificate is valid
 # but never registered; KME 2 has SAEs 3 and 4, KME 3 has SAE 5.
-PKI_LAYOUT = {1: [1, 2, 9], 2: [3, 4], 3: [5], 4: [6]}
+# SAEs 9 and 10 have certificates of KME 1's SAE CA but are in no configuration unless a test or bench adds them.
+PKI_LAYOUT = {1: [1, 2, 9, 10], 2: [3, 4], 3: [5], 4: [6]}
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,6 +12,9 @@ from kme.operations import key_folders
 from tests.network import Network
 from tests.support import load_json, lose_database, run_cli, write_keys
 
+# The marks are files beside the keys; a lost database on PostgreSQL is tested in test_ingest_faults.py.
+pytestmark = pytest.mark.one_engine
+
 
 @pytest.fixture
 def shared(tmp_path, pki):

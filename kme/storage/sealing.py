@@ -12,13 +12,15 @@ place, so a value copied to another row does not open:
 
 - a pool key: its link, position and key file name (the name peers use for it: a name swapped between two
   rows of key_files makes their keys refuse to open);
-- a delivered key: its key ID, link, master SAE and the sorted IDs of the slave SAEs that may fetch it (IDs
-  as the database stores them: kme.ids.number; a
+- a delivered key: its key ID, link, master SAE and the sorted IDs of the slave SAEs that may fetch it (a
   slave added to key_slaves outside the KME makes it refuse to open; a release that lets the slaves of a
   held relay fetch seals it again for them);
 - a link's byte histogram (which tells the byte frequencies of the keys held): its link;
 - the secret that keys the fingerprints of every key ever ingested (whoever has it can test guessed keys
   against them): its name.
+
+IDs of SAEs and links are bound as the database stores them (kme.ids.number): an integer ID as itself, so
+that keys sealed before string IDs existed still open.
 
 Values that do not open raise StorageFailure naming the place: the
 database was altered outside the KME, and the transaction that read them
