@@ -18,7 +18,7 @@ def __getattr__(name: str):
     try:
         app = create_app(interface=_INTERFACES[name])
     except ConfigError as exc:
-        print(f"kme: {exc}", file=sys.stderr)
+        print(exc.for_operator(), file=sys.stderr)
         # In a gunicorn worker, status 3 (worker boot error) stops the master instead of forking the worker again.
         sys.exit(1 if name == "app" else 3)
     globals()[name] = app

@@ -53,7 +53,8 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
     http_errors.init_app(app)
     app.extensions["kme_interface"] = interface
     blueprints = {"sae": [sae_api.bp, health_api.bp, openapi.bp], "kme": [kme_api.bp, health_api.bp, openapi.bp],
-                  "skip": [skip_api.bp, health_api.bp], "debug": [debug_page.bp, health_api.bp], "cli": []}[interface]
+                  "skip": [skip_api.bp, health_api.bp, openapi.bp], "debug": [debug_page.bp, health_api.bp],
+                  "cli": []}[interface]
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
     if interface in ("sae", "kme", "skip"):

@@ -13,7 +13,11 @@ SERVER_ERROR = "key data access error"
 
 
 class ConfigError(Exception):
-    """A configuration mistake; str() is the one-line message for the operator."""
+    """A configuration mistake; str() is the message for the operator, one line per mistake."""
+
+    def for_operator(self) -> str:
+        """The message as a process prints it at start: each line names the program."""
+        return "\n".join(f"kme: {line}" for line in str(self).splitlines())
 
 
 class IngestionHalted(Exception):

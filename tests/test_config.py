@@ -246,6 +246,27 @@ def test_gunicorn_prints_one_line_and_fails(config_file):
     assert "Traceback" not in result.stderr
 
 
+def test_gunicorn_names_every_bad_id_on_a_line_of_its_own(config_file):
+    def two_bad(data):
+        data["this_kme"]["id"] = "kme/1"
+        data["saes"][2]["id"] = "CONS B"
+
+    edit(config_file, two_bad)
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"], cwd=ROOT,
+                            env={"KME_CONFIG": str(config_file), "PATH": "/usr/bin:/bin"}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "kme: saes[2].id: not an ID (an integer from 0 to 2^63-1" in result.stderr
+    assert "\nkme: this_kme.id: not an ID (an integer from 0 to 2^63-1" in result.stderr
+
+
+def test_the_skip_interface_without_its_configuration_says_so(config_file):
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "deploy/skip.py", "wsgi:skip_app"], cwd=ROOT,
+                            env={"KME_CONFIG": str(config_file), "PATH": "/usr/bin:/bin"}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and result.stderr.strip().endswith("kme: this_kme.skip_https_interface: missing")
+
+
 def test_gunicorn_refuses_an_in_memory_database(config_file):
     edit(config_file, lambda d: d["this_kme"].update(sqlite_db_path=":memory:"))
     result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"], cwd=ROOT,

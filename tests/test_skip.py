@@ -12,6 +12,8 @@ import requests
 from skip_qkd import MTLSConfig, SkipQKDClient
 
 from kme.errors import KEYS_NOT_FOUND, SIZE_NOT_MULTIPLE_OF_8
+from kme.interfaces.openapi import document
+from kme.interfaces.schemas import SkipCapabilitiesSchema, SkipEntropySchema, SkipKeySchema
 from tests.network import Network
 from tests.support import sae_session, write_keys
 
@@ -55,6 +57,15 @@ def test_a_key_for_a_router_behind_the_other_kme_is_fetched_there_once_by_its_ke
     network[2].ledger.assert_exact(1)
     for kme in (network[1], network[2]):
         assert made["key"] not in "".join(path.read_text() for path in kme.folder.glob("*.log"))
+
+
+def test_the_interface_serves_its_openapi_document_and_answers_by_it(network):
+    assert skip_get(network, 1, 1, "/api/v1/openapi.json").json() == document("skip")
+    made = router(network, 1, 1).request_key("router-b")
+    answers = [(SkipKeySchema(), made), (SkipCapabilitiesSchema(), router(network, 1, 1).capabilities()),
+               (SkipEntropySchema(), router(network, 1, 1).entropy())]
+    assert [schema.validate(answer) for schema, answer in answers] == [{}, {}, {}]
+    assert router(network, 2, 3).fetch_key_by_id(made["keyId"], "router-a") == made
 
 
 def test_a_key_size_in_bits(network):

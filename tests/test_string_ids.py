@@ -32,7 +32,7 @@ KEYS = 200
 @pytest.fixture(scope="module")
 def network(tmp_path_factory, pki):
     network = Network(tmp_path_factory.mktemp("names"), pki, [(1, 2), (2, 3)], routes=line_routes([1, 2, 3]),
-                      kme_names=KMES, sae_names=SAES)
+                      kme_names=KMES, sae_names=SAES, workers=1)
     write_keys(network[1].link_folder(1) / "zone.cor", 20)
     network.start_with_links([(1, 2), (2, 3)], KEYS)
     yield network
@@ -177,7 +177,7 @@ def test_a_database_of_the_previous_release_carries_over_and_gains_string_ids(tm
     write_keys(config.parent / "keys" / "zone.cor", 10)
     assert run_cli(["ingest-keys"], config).returncode == 0
     url = f"https://127.0.0.1:{sae_port(config)}/api/v1"
-    before = start_sae_interface(config, tmp_path / "before.log")
+    before = start_sae_interface(config, tmp_path / "before.log", workers=1)
     try:
         waiting = sae_session(pki, 1, 1).get(f"{url}/keys/2/enc_keys", timeout=10).json()["keys"]
     finally:
@@ -188,7 +188,7 @@ def test_a_database_of_the_previous_release_carries_over_and_gains_string_ids(tm
     raw = load_json(config)
     raw["saes"].append({"id": "alice-app", "kme_id": 1, "https_client_certificate_serial": pki.serials["sae9"]})
     config.write_text(json.dumps(raw))
-    after = start_sae_interface(config, tmp_path / "after.log")
+    after = start_sae_interface(config, tmp_path / "after.log", workers=1)
     try:
         old = sae_session(pki, 1, 2).get(f"{url}/keys/1/dec_keys", params={"key_ID": waiting[0]["key_ID"]},
                                          timeout=10)

@@ -57,7 +57,7 @@ def _load():
     try:
         config = load_config()
     except ConfigError as exc:
-        sys.exit(f"kme: {exc}")
+        sys.exit(exc.for_operator())
     if config.in_memory:
         sys.exit("kme: this_kme.sqlite_db_path: ':memory:' cannot be shared by gunicorn workers; use a file")
     if config.this_kme.key_encryption_key.kind == "pkcs11":

@@ -1,7 +1,7 @@
-"""The OpenAPI 3 documents of the SAE interface and the inter-KME interface, built from the marshmallow schemas.
+"""The OpenAPI 3 documents of the SAE, inter-KME and SKIP interfaces, built from the marshmallow schemas.
 
-``document("sae")`` and ``document("kme")`` are served by each interface at
-``/api/v1/openapi.json``; ``document("all")`` (both) is written to
+``document("sae")``, ``document("kme")`` and ``document("skip")`` are served by each interface at
+``/api/v1/openapi.json``; ``document("all")`` (the three) is written to
 docs/openapi.json by ``make openapi``, and a test checks that the file and
 the code agree.
 """
@@ -20,8 +20,12 @@ from kme.interfaces.schemas import (
     KeyRequestSchema,
     SaeId,
     SaeInfoSchema,
+    SkipCapabilitiesSchema,
+    SkipEntropySchema,
+    SkipKeySchema,
     StatusSchema,
 )
+from kme.interfaces.skip_api import ENTROPY_DEFAULT_BITS, ENTROPY_MAX_BITS
 from kme.peers.wire import (
     RELAY_MAC_HEADER,
     ActivatedSchema,
@@ -127,20 +131,44 @@ def _kme_paths() -> dict:
     }
 
 
+def _skip_paths() -> dict:
+    remote = {"name": "remoteSystemID", "in": "query", "required": True, "schema": {"type": "string"},
+              "description": "the SAE ID of the other system (docs/skip.md)"}
+    size = _query("size", {"type": "integer"}, "key size in bits (default: key_size of the KME)")
+    key_id = {"name": "keyId", "in": "path", "required": True,
+              "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{32}$"},
+              "description": "the key's ID: its UUID's 32 hexadecimal digits"}
+    minentropy = _query("minentropy", {"type": "integer", "minimum": 1, "maximum": ENTROPY_MAX_BITS},
+                        f"bits wanted (default {ENTROPY_DEFAULT_BITS})")
+    return {
+        "/capabilities": {"get": _operation("SKIP capabilities: the calling system and those it may share keys with",
+                                            SkipCapabilitiesSchema, _SAE_ERRORS)},
+        "/key": {"get": _operation("SKIP new key, shared with remoteSystemID (ETSI 014 Get key of one key)",
+                                   SkipKeySchema, _SAE_ERRORS, [remote, size])},
+        "/key/{keyId}": {"get": _operation("SKIP key by its ID, made by remoteSystemID (ETSI 014 Get key with key IDs)",
+                                           SkipKeySchema, _SAE_ERRORS, [key_id, remote])},
+        "/entropy": {"get": _operation("SKIP entropy: random bytes of the operating system's CSPRNG, never key "
+                                       "material", SkipEntropySchema, _SAE_ERRORS, [minentropy])},
+    }
+
+
 _TITLES = {"sae": "KME SAE interface (ETSI GS QKD 014)", "kme": "KME inter-KME interface",
-           "all": "KME: SAE interface (ETSI GS QKD 014) and inter-KME interface"}
+           "skip": "KME Cisco SKIP interface (draft-cisco-skip-02)",
+           "all": "KME: SAE interface (ETSI GS QKD 014), inter-KME interface and Cisco SKIP interface"}
+_PATHS = {"sae": _sae_paths, "kme": _kme_paths, "skip": _skip_paths}
 
 
 def document(interface: str) -> dict:
-    """The OpenAPI 3 document of ``interface``: "sae", "kme", or "all" (both, as in docs/openapi.json)."""
+    """The OpenAPI 3 document of ``interface``: "sae", "kme", "skip", or "all" (the three, as in
+    docs/openapi.json)."""
     plugin = MarshmallowPlugin()
     spec = APISpec(title=_TITLES[interface], version="1", openapi_version="3.0.3", plugins=[plugin],
                    info={"description": "Mutual TLS: the caller is identified by its client certificate. "
                                         "Every error answer is an ETSI Error body."})
     plugin.map_to_openapi_type(KeyIdField, "string", "uuid")
     plugin.map_to_openapi_type(SaeId, "string", None)
-    paths = {**(_sae_paths() if interface in ("sae", "all") else {}),
-             **(_kme_paths() if interface in ("kme", "all") else {})}
+    paths = {path: operations for name, build in _PATHS.items() if interface in (name, "all")
+             for path, operations in build().items()}
     for path, operations in paths.items():
         spec.path(path=path, operations=operations)
     return spec.to_dict()

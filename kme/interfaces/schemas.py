@@ -122,6 +122,33 @@ class EntropySchema(Schema):
     total_entropy = fields.Float(required=True)
 
 
+_HEX = {"type": "string", "pattern": "^[0-9a-f]*$"}
+
+
+class SkipCapabilitiesSchema(Schema):
+    """SKIP capabilities: what the Key Provider offers the calling system, and the systems it shares keys with."""
+
+    entropy = fields.Boolean(required=True)
+    key = fields.Boolean(required=True)
+    algorithm = fields.String(required=True)
+    localSystemID = IdField(required=True)
+    remoteSystemID = fields.List(IdField(), required=True)
+
+
+class SkipKeySchema(Schema):
+    """A SKIP key: its key ID (the UUID's 32 hexadecimal digits) and its bytes in hexadecimal."""
+
+    keyId = fields.String(required=True, metadata={"pattern": "^[0-9a-f]{32}$"})
+    key = fields.String(required=True, metadata=_HEX)
+
+
+class SkipEntropySchema(Schema):
+    """SKIP entropy: random bytes of the operating system's CSPRNG in hexadecimal, and the bits asked for."""
+
+    randomStr = fields.String(required=True, metadata=_HEX)
+    minentropy = fields.Integer(required=True)
+
+
 def json_body(request, empty_default=None):
     """The request's JSON body; ``empty_default`` for an empty body if given, else 400 for every failure.
 
