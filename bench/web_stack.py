@@ -1,7 +1,7 @@
 """The SAE path against the ceiling of its own web stack, and the abuse scenario (`make bench`).
 
 Usage: .venv/bin/python bench/web_stack.py [seconds per measurement, default 3] [repetitions, default 5]
-       [seconds of abuse, default 60]
+       [seconds of abuse, default 60; 0 leaves it out]
 BENCH_CALLS="status;entropy" (names of the table, by prefix, separated by ";") measures only those calls.
 
 Starts on 127.0.0.1 a KME pair (KME 1's SAE interface with the product's
@@ -406,7 +406,8 @@ def main() -> int:
             print(f"{CLIENTS} clients, {seconds:g} s per measurement, medians of {repetitions} interleaved "
                   f"repetitions, {os.cpu_count()} cores", flush=True)
             measure(stack, seconds, repetitions)
-            abuse(stack, abuse_seconds)
+            if abuse_seconds > 0:
+                abuse(stack, abuse_seconds)
         finally:
             stack.stop()
     finally:

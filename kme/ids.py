@@ -13,6 +13,7 @@ and the sealing of its rows.
 """
 import hashlib
 import re
+from functools import lru_cache
 
 # An SAE or KME ID as configured.
 Id = int | str
@@ -62,6 +63,12 @@ def number(value) -> int:
         return value
     if isinstance(value, int):
         return int(value)
+    return _string_number(value)
+
+
+# A request stores its SAE IDs several times (rows, sealing); the configured IDs are few.
+@lru_cache(maxsize=4096)
+def _string_number(value: str) -> int:
     digest = hashlib.sha256(_NUMBER_CONTEXT + value.encode()).digest()
     return -1 - (int.from_bytes(digest[:8], "big") >> 1)
 
