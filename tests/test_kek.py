@@ -26,6 +26,10 @@ from tests.support import (
     write_keys,
 )
 
+# A key-encryption key's sources and refusals sit above the storage layer: the wrapped data key and the sealed keys
+# are stored and read on each engine in test_at_rest.py.
+pytestmark = pytest.mark.one_engine
+
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 PIN = "1234"
 
@@ -207,7 +211,6 @@ def _wrap_and_unwrap(source: KekSource, rounds: int) -> str | None:
     return None
 
 
-@pytest.mark.engine_independent
 def test_processes_using_one_softhsm2_token_at_once_all_succeed(softhsm, tmp_path, pki):
     # SoftHSM2 rewrites its token file at each login: without calling again, workers of one KME starting or
     # serving together failed with "the PKCS#11 token 'kme' failed (GeneralError)".
