@@ -47,6 +47,10 @@ HTTP_MESSAGES = {
     405: "method not allowed for this route",
     413: "request body too large",
 }
+# Where the routes of an interface that does not serve ETSI GS QKD 014 are written.
+_ROUTES_OF = {"kme": "this interface's OpenAPI document, /api/v1/openapi.json",
+              "skip": "draft-cisco-skip or this interface's OpenAPI document, /api/v1/openapi.json",
+              "debug": "docs/operations.md"}
 
 # What each status answered above means to a client: the OpenAPI documents (kme.interfaces.openapi) say it.
 MEANINGS = {
@@ -87,6 +91,9 @@ def init_app(app) -> None:
         db.session.rollback()
         code = error.code or 500
         message = HTTP_MESSAGES.get(code, (error.description or error.name).rstrip("."))
+        routes = _ROUTES_OF.get(app.extensions.get("kme_interface"))
+        if code == 404 and routes:
+            message = f"no such route: see {routes}"
         response = answer(code, {"message": message})
         if code == 405 and error.valid_methods:
             response.headers["Allow"] = ", ".join(error.valid_methods)
