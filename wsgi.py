@@ -1,5 +1,5 @@
-"""WSGI entry points: ``sae_app``, ``kme_app``, ``skip_app`` and ``debug_app`` for gunicorn, ``app`` for the flask
-CLI.
+"""WSGI entry points: ``sae_app``, ``kme_app``, ``skip_app``, ``interop_app`` and ``debug_app`` for gunicorn,
+``app`` for the flask CLI.
 
 Each app is built on first access, so importing this module for one of them
 never loads the configuration for another.
@@ -9,7 +9,8 @@ import sys
 from kme import create_app
 from kme.config import ConfigError
 
-_INTERFACES = {"sae_app": "sae", "kme_app": "kme", "skip_app": "skip", "debug_app": "debug", "app": "cli"}
+_INTERFACES = {"sae_app": "sae", "kme_app": "kme", "skip_app": "skip", "interop_app": "interop", "debug_app": "debug",
+               "app": "cli"}
 
 
 def __getattr__(name: str):

@@ -10,7 +10,7 @@ from kme.interfaces.startup import share_metrics
 
 # Key requests and key ID lists are small; anything bigger is refused with 413.
 MAX_REQUEST_BYTES = 64 * 1024
-INTERFACES = ("sae", "kme", "skip", "debug", "cli")
+INTERFACES = ("sae", "kme", "skip", "interop", "debug", "cli")
 
 
 def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> Flask:
@@ -26,7 +26,17 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
     if kme_config is not None:
         share_metrics(kme_config)
 
-    from kme.interfaces import debug_page, gunicorn_conf, health_api, http_errors, kme_api, openapi, sae_api, skip_api
+    from kme.interfaces import (
+        debug_page,
+        gunicorn_conf,
+        health_api,
+        http_errors,
+        interop_api,
+        kme_api,
+        openapi,
+        sae_api,
+        skip_api,
+    )
     from kme.operations import cli, logs, metrics
     from kme.operations.ingest import ingest_directories
     from kme.storage import db, kek, schema
@@ -53,11 +63,12 @@ def create_app(kme_config: KmeConfig | None = None, interface: str = "sae") -> F
     http_errors.init_app(app)
     app.extensions["kme_interface"] = interface
     blueprints = {"sae": [sae_api.bp, health_api.bp, openapi.bp], "kme": [kme_api.bp, health_api.bp, openapi.bp],
-                  "skip": [skip_api.bp, health_api.bp, openapi.bp], "debug": [debug_page.bp, health_api.bp],
+                  "skip": [skip_api.bp, health_api.bp, openapi.bp],
+                  "interop": [interop_api.bp, health_api.bp, openapi.bp], "debug": [debug_page.bp, health_api.bp],
                   "cli": []}[interface]
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
-    if interface in ("sae", "kme", "skip"):
+    if interface in ("sae", "kme", "skip", "interop"):
         logs.init_app(app, interface, metrics.observe_request)
 
     @app.before_request

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 from marshmallow import ValidationError
 
-from kme import database_uris, ids
+from kme import config_checks, database_uris, ids
 from kme.config_schema import ConfigSchema, all_errors
 from kme.database_uris import IN_MEMORY_URI
 from kme.errors import ConfigError
@@ -108,6 +108,7 @@ class ThisKme:
     saes_https_interface: HttpsInterface
     kmes_https_interface: HttpsInterface | None
     skip_https_interface: HttpsInterface | None
+    interop_https_interface: HttpsInterface | None
     debugging_http_interface: str | None
     debugging_http_allow_non_loopback: bool
     metrics_directory: Path | None
@@ -137,6 +138,20 @@ class OtherKme:
 
 
 @dataclass(frozen=True)
+class ForeignKms:
+    """Another vendor's key management system in the same trusted node (ETSI GS QKD 020, docs/interop.md)."""
+
+    id: Id
+    https_client_certificate_serial: int
+    base_url: str
+    https_client_authentication_certificate: Path
+    https_client_authentication_certificate_password: str
+    server_ca_cert_path: Path
+    connect_timeout_seconds: float
+    read_timeout_seconds: float
+
+
+@dataclass(frozen=True)
 class Sae:
     id: Id
     kme_id: Id
@@ -153,6 +168,7 @@ class KmeConfig:
     source: Path | None = field(default=None, compare=False)
     # (destination KME, the neighbour that is the next hop towards it), for KMEs we have no link with.
     routes: tuple[tuple[Id, Id], ...] = ()
+    foreign_kms: tuple[ForeignKms, ...] = ()
 
     @property
     def in_memory(self) -> bool:
@@ -187,6 +203,11 @@ class KmeConfig:
     def kme_id(self, stored) -> Id:
         """The configured ID of the KME whose ID the database stores as ``stored`` (itself if none is configured)."""
         return self.kme_ids_by_number.get(stored, stored)
+
+    @cached_property
+    def foreign_kms_by_serial(self) -> dict[int, ForeignKms]:
+        """Each foreign KMS by the serial of the client certificate it calls the interop interface with."""
+        return {foreign.https_client_certificate_serial: foreign for foreign in self.foreign_kms}
 
     def peer_by_serial(self, serial: int) -> OtherKme | None:
         """The other KME that calls with a client certificate of this serial.
@@ -235,10 +256,12 @@ def parse_config(raw, base_dir: Path, source: Path | None = None) -> KmeConfig:
     this_kme = _this_kme(data["this_kme"], base_dir, source)
     other_kmes = tuple(_other_kme(i, item, base_dir) for i, item in enumerate(data["other_kmes"]))
     saes = tuple(_sae(i, item, this_kme.id) for i, item in enumerate(data["saes"]))
-    routes = _routes(data["routes"], this_kme.id, {peer.id for peer in other_kmes})
-    _check_ids(this_kme, other_kmes, saes, set(routes))
+    routes = config_checks.routes(data["routes"], this_kme.id, {peer.id for peer in other_kmes})
+    foreign = tuple(_foreign_kms(i, item, base_dir) for i, item in enumerate(data["foreign_kms"]))
+    config_checks.check_ids(this_kme, other_kmes, saes, set(routes))
+    config_checks.check_foreign(foreign, {this_kme.id, *(peer.id for peer in other_kmes), *routes})
     return KmeConfig(this_kme=this_kme, other_kmes=other_kmes, saes=saes, source=source,
-                     routes=tuple(routes.items()))
+                     routes=tuple(routes.items()), foreign_kms=foreign)
 
 
 def _file(base_dir: Path, value: str, where: str) -> Path:
@@ -372,7 +395,8 @@ def _pkcs11_source(uri: str, base_dir: Path) -> KekSource:
 
 
 def _this_kme(data: dict, base_dir: Path, source: Path | None) -> ThisKme:
-    kmes, skip = data.get("kmes_https_interface"), data.get("skip_https_interface")
+    kmes, skip, interop = (data.get(name) for name in ("kmes_https_interface", "skip_https_interface",
+                                                         "interop_https_interface"))
     database_uri = _database_uri(data, base_dir)
     return ThisKme(
         id=data["id"],
@@ -383,6 +407,7 @@ def _this_kme(data: dict, base_dir: Path, source: Path | None) -> ThisKme:
         saes_https_interface=_https_interface(data["saes_https_interface"], base_dir, "this_kme.saes_https_interface"),
         kmes_https_interface=kmes and _https_interface(kmes, base_dir, "this_kme.kmes_https_interface"),
         skip_https_interface=skip and _https_interface(skip, base_dir, "this_kme.skip_https_interface"),
+        interop_https_interface=interop and _https_interface(interop, base_dir, "this_kme.interop_https_interface"),
         debugging_http_interface=data.get("debugging_http_interface"),
         debugging_http_allow_non_loopback=data.get("debugging_http_allow_non_loopback", False),
         metrics_directory=_metrics_directory(data, base_dir, data["id"], database_uri),
@@ -398,8 +423,8 @@ def _this_kme(data: dict, base_dir: Path, source: Path | None) -> ThisKme:
     )
 
 
-def _other_kme(index: int, data: dict, base_dir: Path) -> OtherKme:
-    where = f"other_kmes[{index}]"
+def _client_pfx(base_dir: Path, data: dict, where: str) -> tuple[Path, str]:
+    """The PKCS#12 client certificate an entry names, and its password, checked to open."""
     pfx = _file(base_dir, data["https_client_authentication_certificate"], f"{where}.https_client_authentication_certificate")
     password = data["https_client_authentication_certificate_password"]
     try:
@@ -408,6 +433,27 @@ def _other_kme(index: int, data: dict, base_dir: Path) -> OtherKme:
         raise ConfigError(
             f"{where}.https_client_authentication_certificate: not a PKCS#12 file that this password opens: {pfx}"
         ) from None
+    return pfx, password
+
+
+def _foreign_kms(index: int, data: dict, base_dir: Path) -> ForeignKms:
+    where = f"foreign_kms[{index}]"
+    pfx, password = _client_pfx(base_dir, data, where)
+    return ForeignKms(
+        id=data["id"],
+        https_client_certificate_serial=int.from_bytes(bytes(data["https_client_certificate_serial"]), "big"),
+        base_url=data["base_url"].rstrip("/"),
+        https_client_authentication_certificate=pfx,
+        https_client_authentication_certificate_password=password,
+        server_ca_cert_path=_certificate(base_dir, data["server_ca_cert_path"], f"{where}.server_ca_cert_path"),
+        connect_timeout_seconds=data.get("connect_timeout_seconds", DEFAULT_CONNECT_TIMEOUT_SECONDS),
+        read_timeout_seconds=data.get("read_timeout_seconds", DEFAULT_READ_TIMEOUT_SECONDS),
+    )
+
+
+def _other_kme(index: int, data: dict, base_dir: Path) -> OtherKme:
+    where = f"other_kmes[{index}]"
+    pfx, password = _client_pfx(base_dir, data, where)
     ca = data.get("server_ca_cert_path")
     serial = data.get("https_client_certificate_serial")
     return OtherKme(
@@ -429,76 +475,3 @@ def _sae(index: int, data: dict, this_kme_id: Id) -> Sae:
     if data["kme_id"] == this_kme_id and serial is None:
         raise ConfigError(f"saes[{index}].https_client_certificate_serial: missing (required for the SAEs of this KME)")
     return Sae(id=data["id"], kme_id=data["kme_id"], certificate_serial=serial and int.from_bytes(bytes(serial), "big"))
-
-
-def _routes(items: list[dict], this_kme_id: Id, neighbours: set[Id]) -> dict[Id, Id]:
-    """``routes`` as destination -> next hop, each checked: a next hop must be a neighbour, and no route may
-    lead back here (to this KME, or round through a neighbour to itself)."""
-    routes: dict[Id, Id] = {}
-    for index, item in enumerate(items):
-        where, destination, via = f"routes[{index}]", item["kme_id"], item["via"]
-        if destination == this_kme_id:
-            raise ConfigError(f"{where}.kme_id: KME {destination} is this KME: a route to itself is a loop")
-        if destination in neighbours:
-            raise ConfigError(f"{where}.kme_id: KME {destination} is linked to this KME (other_kmes): keys go "
-                              "there directly, a route would send them round a loop")
-        if destination in routes:
-            raise ConfigError(f"{where}.kme_id: a second route to KME {destination}")
-        if via == this_kme_id:
-            raise ConfigError(f"{where}.via: KME {via} is this KME: the route would loop here")
-        if via not in neighbours:
-            raise ConfigError(f"{where}.via: KME {via} is not linked to this KME (the next hop must be one of "
-                              "other_kmes)")
-        routes[destination] = via
-    return routes
-
-
-def _check_ids(this_kme: ThisKme, other_kmes: tuple[OtherKme, ...], saes: tuple[Sae, ...],
-               routed: set[Id]) -> None:
-    kme_ids = {this_kme.id}
-    peer_serials = set()
-    for index, peer in enumerate(other_kmes):
-        if peer.id in kme_ids:
-            raise ConfigError(f"other_kmes[{index}].id: duplicate KME ID {peer.id}")
-        kme_ids.add(peer.id)
-        serial = peer.https_client_certificate_serial
-        if serial is None and len(other_kmes) > 1:
-            raise ConfigError(f"other_kmes[{index}].https_client_certificate_serial: missing "
-                              "(required when there is more than one other KME)")
-        if serial is not None and serial in peer_serials:
-            raise ConfigError(f"other_kmes[{index}].https_client_certificate_serial: duplicate serial")
-        peer_serials.add(serial)
-    sae_ids, serials = set(), set()
-    for index, sae in enumerate(saes):
-        if sae.id in sae_ids:
-            raise ConfigError(f"saes[{index}].id: duplicate SAE ID {sae.id}")
-        sae_ids.add(sae.id)
-        if sae.kme_id not in kme_ids | routed:
-            raise ConfigError(f"saes[{index}].kme_id: unknown KME {sae.kme_id} (neither this_kme, nor other_kmes, "
-                              "nor a destination of routes)")
-        if sae.certificate_serial is not None:
-            if sae.kme_id != this_kme.id:
-                raise ConfigError(
-                    f"saes[{index}].https_client_certificate_serial: only for SAEs of this KME (kme_id {this_kme.id})"
-                )
-            if sae.certificate_serial in serials:
-                raise ConfigError(f"saes[{index}].https_client_certificate_serial: duplicate serial")
-            serials.add(sae.certificate_serial)
-    _check_numbers("KME", [("this_kme.id", this_kme.id)]
-                   + [(f"other_kmes[{index}].id", peer.id) for index, peer in enumerate(other_kmes)])
-    _check_numbers("SAE", [(f"saes[{index}].id", sae.id) for index, sae in enumerate(saes)])
-    directories = [this_kme.key_directory_to_watch] + [peer.key_directory_to_watch for peer in other_kmes]
-    if len(set(directories)) != len(directories):
-        raise ConfigError("other_kmes: two links share one key_directory_to_watch")
-
-
-def _check_numbers(kind: str, named: list[tuple[str, Id]]) -> None:
-    """Refuse two IDs that the database would store as one number (two strings whose digests meet: never seen,
-    but a key must never reach the wrong SAE or link because of it)."""
-    seen: dict[int, Id] = {}
-    for where, value in named:
-        stored = ids.number(value)
-        if stored in seen and seen[stored] != value:
-            raise ConfigError(f"{where}: {kind} ID {value} and {kind} ID {seen[stored]} are stored as one number; "
-                              "rename one")
-        seen[stored] = value

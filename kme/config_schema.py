@@ -153,6 +153,7 @@ class ThisKmeSchema(StrictSchema):
     debugging_http_interface = Str(validate=_address)
     kmes_https_interface = Nested(HttpsInterfaceSchema)
     skip_https_interface = Nested(HttpsInterfaceSchema)
+    interop_https_interface = Nested(HttpsInterfaceSchema)
     delete_key_file_after_read = Bool()
     debugging_http_allow_non_loopback = Bool()
     metrics_directory = Str(validate=validate.Length(min=1))
@@ -190,8 +191,25 @@ class RouteSchema(StrictSchema):
     via = IdField(required=True)
 
 
+def _https_url(value):
+    if not re.fullmatch(r"https://[^\s/?#]+(/[^\s?#]*)?", value):
+        raise ValidationError("not an https:// URL without query or fragment")
+
+
+class ForeignKmsSchema(StrictSchema):
+    id = IdField(required=True)
+    https_client_certificate_serial = List(Int(validate=_BYTE), required=True, validate=_serial_bytes)
+    base_url = Str(required=True, validate=_https_url)
+    https_client_authentication_certificate = Str(required=True)
+    https_client_authentication_certificate_password = Str(required=True)
+    server_ca_cert_path = Str(required=True)
+    connect_timeout_seconds = Seconds()
+    read_timeout_seconds = Seconds()
+
+
 class ConfigSchema(StrictSchema):
     this_kme = Nested(ThisKmeSchema, required=True)
     other_kmes = List(Nested(OtherKmeSchema), load_default=list)
     saes = List(Nested(SaeSchema), required=True)
     routes = List(Nested(RouteSchema), load_default=list)
+    foreign_kms = List(Nested(ForeignKmsSchema), load_default=list)

@@ -291,6 +291,11 @@ def start_skip_interface(config: Path, log: Path, workers: int = 2, threads: int
     return _start_gunicorn("skip", config, log, workers, threads)
 
 
+def start_interop_interface(config: Path, log: Path, workers: int = 1, threads: int = 4) -> Process:
+    """Start the real ETSI GS QKD 020 interop interface under gunicorn and wait until every worker can serve."""
+    return _start_gunicorn("interop", config, log, workers, threads)
+
+
 def wait_for_workers(process: "Process", workers: int, timeout: float = 30) -> None:
     """Wait until every gunicorn worker has loaded the app (kme.interfaces.gunicorn_conf logs it)."""
     wait_until(lambda: process.output().count("kme: worker") >= workers or process.proc.poll() is not None,

@@ -31,6 +31,7 @@ LAYERS = [
     ("kme.storage", 2),
     ("kme.config", 1),
     ("kme.config_schema", 1),
+    ("kme.config_checks", 1),
     ("kme.errors", 1),
     ("kme.clock", 1),
     ("kme.text", 1),

@@ -16,6 +16,7 @@ ENTRY_POINTS = {
     "kme-sae@.service": ["gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"],
     "kme-kme@.service": ["gunicorn", "-c", "deploy/kme.py", "wsgi:kme_app"],
     "kme-skip@.service": ["gunicorn", "-c", "deploy/skip.py", "wsgi:skip_app"],
+    "kme-interop@.service": ["gunicorn", "-c", "deploy/interop.py", "wsgi:interop_app"],
     "kme-debug@.service": ["gunicorn", "-c", "deploy/debug.py", "wsgi:debug_app"],
     "kme-ingest@.service": ["flask", "--app", "wsgi", "ingest-keys", "--watch"],
 }

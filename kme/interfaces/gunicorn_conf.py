@@ -114,7 +114,8 @@ def _common(config, short: str, port: int) -> dict:
 
 
 def settings(interface_name: str) -> dict:
-    """The gunicorn settings for ``saes_https_interface``, ``kmes_https_interface`` or ``skip_https_interface``."""
+    """The gunicorn settings of an HTTPS interface: ``saes_https_interface``, ``kmes_https_interface``,
+    ``skip_https_interface`` or ``interop_https_interface``."""
     config = _load()
     preload(config)
     interface = getattr(config.this_kme, interface_name)

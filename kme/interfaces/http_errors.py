@@ -7,8 +7,9 @@ generic 503 after the session is rolled back: clients never see
 internals, nor text a peer KME sent.
 """
 import logging
+from http import HTTPStatus
 
-from flask import jsonify
+from flask import current_app, jsonify
 from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
@@ -49,6 +50,7 @@ HTTP_MESSAGES = {
 }
 # Where the routes of an interface that does not serve ETSI GS QKD 014 are written.
 _ROUTES_OF = {"kme": "this interface's OpenAPI document, /api/v1/openapi.json",
+              "interop": "ETSI GS QKD 020 or this interface's OpenAPI document, /api/v1/openapi.json",
               "skip": "draft-cisco-skip or this interface's OpenAPI document, /api/v1/openapi.json",
               "debug": "docs/operations.md"}
 
@@ -71,9 +73,15 @@ def http_status(error: KmeError) -> int:
 
 
 def answer(status: int, body: dict):
-    """A JSON response with ``status``."""
+    """A JSON response with ``status``: an ETSI Error body; on the interop interface (ETSI GS QKD 020), an RFC 7807
+    problem that carries the draft's message data (``message``, ``details``) too."""
+    if current_app.extensions.get("kme_interface") == "interop":
+        body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status,
+                "detail": body["message"], **body}
     response = jsonify(body)
     response.status_code = status
+    if current_app.extensions.get("kme_interface") == "interop":
+        response.mimetype = "application/problem+json"
     return response
 
 

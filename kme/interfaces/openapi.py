@@ -1,7 +1,7 @@
-"""The OpenAPI 3 documents of the SAE, inter-KME and SKIP interfaces, built from the marshmallow schemas.
+"""The OpenAPI 3 documents of the SAE, inter-KME, SKIP and interop interfaces, built from the marshmallow schemas.
 
-``document("sae")``, ``document("kme")`` and ``document("skip")`` are served by each interface at
-``/api/v1/openapi.json``; ``document("all")`` (the three) is written to
+``document("sae")``, ``document("kme")``, ``document("skip")`` and ``document("interop")`` are served by each
+interface at ``/api/v1/openapi.json``; ``document("all")`` (every one) is written to
 docs/openapi.json by ``make openapi``, and a test checks that the file and
 the code agree.
 """
@@ -18,12 +18,14 @@ from kme.interfaces.schemas import (
     KeyIdField,
     KeyIdsSchema,
     KeyRequestSchema,
+    ProblemSchema,
     SaeId,
     SaeInfoSchema,
     SkipCapabilitiesSchema,
     SkipEntropySchema,
     SkipKeySchema,
     StatusSchema,
+    VersionContainerSchema,
 )
 from kme.interfaces.skip_api import ENTROPY_DEFAULT_BITS, ENTROPY_MAX_BITS
 from kme.peers.wire import (
@@ -152,14 +154,24 @@ def _skip_paths() -> dict:
     }
 
 
+def _interop_paths() -> dict:
+    errors = {str(code): {"description": MEANINGS[code],
+                          "content": {"application/problem+json": {"schema": ProblemSchema}}} for code in (401, 503)}
+    return {"/kmapi/versions": {"get": {
+        "summary": "ETSI GS QKD 020 (draft 0.4.1): the API versions this KME supports",
+        "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": VersionContainerSchema}}},
+                      **errors}}}}
+
+
 _TITLES = {"sae": "KME SAE interface (ETSI GS QKD 014)", "kme": "KME inter-KME interface",
            "skip": "KME Cisco SKIP interface (draft-cisco-skip-02)",
-           "all": "KME: SAE interface (ETSI GS QKD 014), inter-KME interface and Cisco SKIP interface"}
-_PATHS = {"sae": _sae_paths, "kme": _kme_paths, "skip": _skip_paths}
+           "interop": "KME interop interface (Draft ETSI GS QKD 020 0.4.1)",
+           "all": "KME: SAE (ETSI GS QKD 014), inter-KME, Cisco SKIP and interop (ETSI GS QKD 020) interfaces"}
+_PATHS = {"sae": _sae_paths, "kme": _kme_paths, "skip": _skip_paths, "interop": _interop_paths}
 
 
 def document(interface: str) -> dict:
-    """The OpenAPI 3 document of ``interface``: "sae", "kme", "skip", or "all" (the three, as in
+    """The OpenAPI 3 document of ``interface``: "sae", "kme", "skip", "interop", or "all" (every one, as in
     docs/openapi.json)."""
     plugin = MarshmallowPlugin()
     spec = APISpec(title=_TITLES[interface], version="1", openapi_version="3.0.3", plugins=[plugin],

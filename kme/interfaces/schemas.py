@@ -142,6 +142,23 @@ class SkipKeySchema(Schema):
     key = fields.String(required=True, metadata=_HEX)
 
 
+class VersionContainerSchema(Schema):
+    """ETSI GS QKD 020 version container: the API versions the KME supports."""
+
+    versions = fields.List(fields.String(), required=True)
+
+
+class ProblemSchema(Schema):
+    """An error of the interop interface: an RFC 7807 problem carrying the 020 draft's message data."""
+
+    type = fields.String(required=True)
+    title = fields.String(required=True)
+    status = fields.Integer(required=True)
+    detail = fields.String(required=True)
+    message = fields.String(required=True)
+    details = fields.List(fields.Dict())
+
+
 class SkipEntropySchema(Schema):
     """SKIP entropy: random bytes of the operating system's CSPRNG in hexadecimal, and the bits asked for."""
 
