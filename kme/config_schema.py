@@ -97,7 +97,7 @@ class IdField(PlainMessages, fields.Field):
     default_error_messages = {"invalid": f"not an ID ({ids.RULE})"}
     # What OpenAPI documents of the messages that carry IDs say of them.
     SCHEMA = {"oneOf": [{"type": "integer", "minimum": 0, "maximum": ids.ID_MAX},
-                        {"type": "string", "pattern": f"^[A-Za-z0-9._~-]{{1,{ids.NAME_MAX}}}$"}]}
+                        {"type": "string", "pattern": f"^{ids.PATTERN}$"}]}
 
     def __init__(self, **kwargs):
         super().__init__(metadata=IdField.SCHEMA, **kwargs)

@@ -20,7 +20,9 @@ Id = int | str
 
 ID_MAX = 2**63 - 1
 NAME_MAX = 291
-_NAME = re.compile(r"[A-Za-z0-9._~-]{1,%d}" % NAME_MAX)
+# A string ID's form (without the rule "not all digits"), as a regular expression and in OpenAPI documents.
+PATTERN = f"[A-Za-z0-9._~-]{{1,{NAME_MAX}}}"
+_NAME = re.compile(PATTERN)
 # Domain separation of the numbers' digest from every other digest of the KME.
 _NUMBER_CONTEXT = b"kme stored id\x00"
 RULE = (f"an integer from 0 to 2^63-1, or 1 to {NAME_MAX} letters, digits, '-', '_', '.' or '~' "

@@ -75,12 +75,13 @@ def http_status(error: KmeError) -> int:
 def answer(status: int, body: dict):
     """A JSON response with ``status``: an ETSI Error body; on the interop interface (ETSI GS QKD 020), an RFC 7807
     problem that carries the draft's message data (``message``, ``details``) too."""
-    if current_app.extensions.get("kme_interface") == "interop":
+    problem = current_app.extensions.get("kme_interface") == "interop"
+    if problem:
         body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status,
                 "detail": body["message"], **body}
     response = jsonify(body)
     response.status_code = status
-    if current_app.extensions.get("kme_interface") == "interop":
+    if problem:
         response.mimetype = "application/problem+json"
     return response
 

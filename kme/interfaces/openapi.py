@@ -52,7 +52,7 @@ _KME_ERRORS = (400, 401, 403, 404, 405, 409, 413, 503)
 
 def _sae_id(name: str) -> dict:
     return {"name": name, "in": "path", "required": True,
-            "schema": {"type": "string", "pattern": f"^[A-Za-z0-9._~-]{{1,{ids.NAME_MAX}}}$"},
+            "schema": {"type": "string", "pattern": f"^{ids.PATTERN}$"},
             "description": "an SAE ID: the decimal digits of an integer ID, or a string ID as configured"}
 
 
@@ -60,10 +60,13 @@ def _query(name: str, schema: dict, description: str) -> dict:
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
-def _operation(summary: str, answer, errors, parameters=(), body=None) -> dict:
+def _operation(summary: str, answer, errors, parameters=(), body=None, problem: bool = False) -> dict:
+    """An operation: its answer, its errors (ETSI Error bodies, or RFC 7807 problems with ``problem``), its
+    parameters and body."""
+    error = {"application/problem+json": {"schema": ProblemSchema}} if problem else \
+        {"application/json": {"schema": ErrorSchema}}
     responses = {"200": {"description": "OK", "content": {"application/json": {"schema": answer}}}}
-    responses.update({str(code): {"description": MEANINGS[code],
-                                  "content": {"application/json": {"schema": ErrorSchema}}} for code in errors})
+    responses.update({str(code): {"description": MEANINGS[code], "content": error} for code in errors})
     operation = {"summary": summary, "responses": responses}
     if parameters:
         operation["parameters"] = list(parameters)
@@ -155,12 +158,9 @@ def _skip_paths() -> dict:
 
 
 def _interop_paths() -> dict:
-    errors = {str(code): {"description": MEANINGS[code],
-                          "content": {"application/problem+json": {"schema": ProblemSchema}}} for code in (401, 503)}
-    return {"/kmapi/versions": {"get": {
-        "summary": "ETSI GS QKD 020 (draft 0.4.1): the API versions this KME supports",
-        "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": VersionContainerSchema}}},
-                      **errors}}}}
+    return {"/kmapi/versions": {"get": _operation(
+        "ETSI GS QKD 020 (draft 0.4.1): the API versions this KME supports", VersionContainerSchema, (401, 503),
+        problem=True)}}
 
 
 _TITLES = {"sae": "KME SAE interface (ETSI GS QKD 014)", "kme": "KME inter-KME interface",

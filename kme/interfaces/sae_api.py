@@ -8,7 +8,6 @@ from marshmallow import ValidationError
 from kme.config import Sae
 from kme.domain import delivery
 from kme.errors import BadRequest, NotAuthorized
-from kme.ids import Id
 from kme.interfaces.identity import client_serial
 from kme.interfaces.schemas import (
     KeyIdsSchema,
@@ -45,9 +44,11 @@ def calling_sae() -> Sae:
     return sae
 
 
-def count_delivered(keys: list, link_id: Id, sae_id: Id, role: str) -> None:
-    """Count keys handed out to an SAE, in its role, on the link they came from (the metric kme_keys_delivered)."""
-    metrics.child(metrics.KEYS_DELIVERED, str(link_id), str(sae_id), role).inc(len(keys))
+def count_delivered(keys: list, sae: Sae, other: str, role: str) -> None:
+    """Count keys handed out to ``sae`` in its role, on the link of the other SAE the request named (text of its
+    ID, already known to be registered): the metric kme_keys_delivered."""
+    link = delivery.parse_sae_id(_config(), other).kme_id
+    metrics.child(metrics.KEYS_DELIVERED, str(link), str(sae.id), role).inc(len(keys))
 
 
 def single_query_values(allowed: tuple[str, ...], hint: str = "") -> dict[str, str]:
@@ -111,7 +112,7 @@ def get_key(slave_sae_id: str):
     """Get key (5.3)."""
     master = calling_sae()
     keys = delivery.get_key(_config(), master, slave_sae_id, _key_request())
-    count_delivered(keys, delivery.parse_sae_id(_config(), slave_sae_id).kme_id, master.id, "master")
+    count_delivered(keys, master, slave_sae_id, "master")
     return key_container(keys)
 
 
@@ -121,7 +122,7 @@ def get_key_with_key_ids(master_sae_id: str):
     slave = calling_sae()
     key_ids, named_masters = _key_ids()
     keys = delivery.get_key_with_key_ids(_config(), slave, master_sae_id, key_ids, named_masters)
-    count_delivered(keys, delivery.parse_sae_id(_config(), master_sae_id).kme_id, slave.id, "slave")
+    count_delivered(keys, slave, master_sae_id, "slave")
     return key_container(keys)
 
 

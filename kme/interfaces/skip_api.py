@@ -68,7 +68,7 @@ def new_key():
     if "size" in values:
         request["size"] = query_integer("size", values["size"])
     keys = delivery.get_key(_config(), master, remote, request)
-    count_delivered(keys, delivery.parse_sae_id(_config(), remote).kme_id, master.id, "master")
+    count_delivered(keys, master, remote, "master")
     return _key(keys[0])
 
 
@@ -78,7 +78,7 @@ def key_by_id(key_id: str):
     slave = calling_sae()
     remote = _remote(single_query_values(("remoteSystemID",)))
     keys = delivery.get_key_with_key_ids(_config(), slave, remote, [_key_id(key_id)])
-    count_delivered(keys, delivery.parse_sae_id(_config(), remote).kme_id, slave.id, "slave")
+    count_delivered(keys, slave, remote, "slave")
     return _key(keys[0])
 
 

@@ -160,8 +160,9 @@ def pool_rows(transaction, link_id: int, parts: list[tuple[str, int]], states: t
     if not positions:
         return {}
     by_file = {file_id: name for name, file_id in files.items()}
+    stored_link = ids.number(link_id)
     rows = [row for row in map(_PoolRow._make, statements.pool_keys_at(transaction, positions))
-            if row.link_id == ids.number(link_id) and row.state in states]
+            if row.link_id == stored_link and row.state in states]
     materials = at_rest.open_pool(transaction, link_id, [(row.file_id, row.position, row.material)
                                                            for row in rows], by_file)
     return {(by_file[row.file_id], row.position): row._replace(material=material)
