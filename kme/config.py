@@ -149,6 +149,10 @@ class ForeignKms:
     server_ca_cert_path: Path
     connect_timeout_seconds: float
     read_timeout_seconds: float
+    # The SAEs of our network it may deliver keys to (ext_keys); none unless listed.
+    target_sae_ids: tuple[Id, ...]
+    # Attempts to deliver one acknowledgement before it is kept as failed.
+    ack_attempts: int
 
 
 @dataclass(frozen=True)
@@ -196,13 +200,28 @@ class KmeConfig:
 
     @cached_property
     def kme_ids_by_number(self) -> dict[int, Id]:
-        """Each KME this KME knows (itself, its links, its routes' destinations) by the number that stores its ID."""
-        known = [self.this_kme.id, *(peer.id for peer in self.other_kmes), *(kme for kme, _via in self.routes)]
+        """Each KME this KME knows (itself, its links, its routes' destinations) and each foreign KMS, by the number
+        that stores its ID."""
+        known = [self.this_kme.id, *(peer.id for peer in self.other_kmes), *(kme for kme, _via in self.routes),
+                 *(foreign.id for foreign in self.foreign_kms)]
         return {ids.number(kme_id): kme_id for kme_id in known}
+
+    @cached_property
+    def sae_ids_by_number(self) -> dict[int, Id]:
+        """Each configured SAE by the number that stores its ID."""
+        return {ids.number(sae.id): sae.id for sae in self.saes}
+
+    def sae_id(self, stored) -> Id:
+        """The configured ID of the SAE whose ID the database stores as ``stored`` (itself if none is configured)."""
+        return self.sae_ids_by_number.get(stored, stored)
 
     def kme_id(self, stored) -> Id:
         """The configured ID of the KME whose ID the database stores as ``stored`` (itself if none is configured)."""
         return self.kme_ids_by_number.get(stored, stored)
+
+    @cached_property
+    def foreign_kms_by_id(self) -> dict[Id, ForeignKms]:
+        return {foreign.id: foreign for foreign in self.foreign_kms}
 
     @cached_property
     def foreign_kms_by_serial(self) -> dict[int, ForeignKms]:
@@ -258,8 +277,9 @@ def parse_config(raw, base_dir: Path, source: Path | None = None) -> KmeConfig:
     saes = tuple(_sae(i, item, this_kme.id) for i, item in enumerate(data["saes"]))
     routes = config_checks.routes(data["routes"], this_kme.id, {peer.id for peer in other_kmes})
     foreign = tuple(_foreign_kms(i, item, base_dir) for i, item in enumerate(data["foreign_kms"]))
-    config_checks.check_ids(this_kme, other_kmes, saes, set(routes))
     config_checks.check_foreign(foreign, {this_kme.id, *(peer.id for peer in other_kmes), *routes})
+    config_checks.check_ids(this_kme, other_kmes, saes, set(routes), {entry.id for entry in foreign})
+    config_checks.check_foreign_targets(foreign, saes)
     return KmeConfig(this_kme=this_kme, other_kmes=other_kmes, saes=saes, source=source,
                      routes=tuple(routes.items()), foreign_kms=foreign)
 
@@ -448,6 +468,8 @@ def _foreign_kms(index: int, data: dict, base_dir: Path) -> ForeignKms:
         server_ca_cert_path=_certificate(base_dir, data["server_ca_cert_path"], f"{where}.server_ca_cert_path"),
         connect_timeout_seconds=data.get("connect_timeout_seconds", DEFAULT_CONNECT_TIMEOUT_SECONDS),
         read_timeout_seconds=data.get("read_timeout_seconds", DEFAULT_READ_TIMEOUT_SECONDS),
+        target_sae_ids=tuple(data["target_sae_ids"]),
+        ack_attempts=data["ack_attempts"],
     )
 
 

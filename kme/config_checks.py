@@ -31,9 +31,9 @@ def routes(items: list[dict], this_kme_id: Id, neighbours: set[Id]) -> dict[Id, 
     return found
 
 
-def check_ids(this_kme, other_kmes: tuple, saes: tuple, routed: set[Id]) -> None:
-    """IDs unique among KMEs and among SAEs, each SAE's KME known, serials where they are needed and unique, one
-    key folder per link, no two IDs stored as one number."""
+def check_ids(this_kme, other_kmes: tuple, saes: tuple, routed: set[Id], foreign: set[Id]) -> None:
+    """IDs unique among KMEs and among SAEs, each SAE's KME (or foreign KMS) known, serials where they are needed
+    and unique, one key folder per link, no two IDs stored as one number."""
     kme_ids = {this_kme.id}
     peer_serials = set()
     for index, peer in enumerate(other_kmes):
@@ -52,9 +52,9 @@ def check_ids(this_kme, other_kmes: tuple, saes: tuple, routed: set[Id]) -> None
         if sae.id in sae_ids:
             raise ConfigError(f"saes[{index}].id: duplicate SAE ID {sae.id}")
         sae_ids.add(sae.id)
-        if sae.kme_id not in kme_ids | routed:
+        if sae.kme_id not in kme_ids | routed | foreign:
             raise ConfigError(f"saes[{index}].kme_id: unknown KME {sae.kme_id} (neither this_kme, nor other_kmes, "
-                              "nor a destination of routes)")
+                              "nor a destination of routes, nor foreign_kms)")
         if sae.certificate_serial is not None:
             if sae.kme_id != this_kme.id:
                 raise ConfigError(
@@ -81,6 +81,18 @@ def check_foreign(foreign: tuple, kme_ids: set) -> None:
             raise ConfigError(f"foreign_kms[{index}].https_client_certificate_serial: duplicate serial")
         ids_seen.add(entry.id)
         serials.add(entry.https_client_certificate_serial)
+
+
+def check_foreign_targets(foreign: tuple, saes: tuple) -> None:
+    """What a foreign KMS may deliver to: SAEs of our network (configured, not behind a foreign KMS)."""
+    by_id = {sae.id: sae for sae in saes}
+    foreign_ids = {entry.id for entry in foreign}
+    for index, entry in enumerate(foreign):
+        for target in entry.target_sae_ids:
+            sae = by_id.get(target)
+            if sae is None or sae.kme_id in foreign_ids:
+                raise ConfigError(f"foreign_kms[{index}].target_sae_ids: {target} is not an SAE of this KME's "
+                                  "network (saes[], not behind a foreign KMS)")
 
 
 def check_numbers(kind: str, named: list[tuple[str, Id]]) -> None:

@@ -205,6 +205,8 @@ class ForeignKmsSchema(StrictSchema):
     server_ca_cert_path = Str(required=True)
     connect_timeout_seconds = Seconds()
     read_timeout_seconds = Seconds()
+    target_sae_ids = List(IdField(), load_default=list)
+    ack_attempts = Int(load_default=10, validate=validate.Range(1, 1000, error="between 1 and 1000"))
 
 
 class ConfigSchema(StrictSchema):

@@ -103,6 +103,10 @@ class PeerOutcomeUnknown(PeerError):
     """The request may have reached the peer, but no valid answer came back."""
 
 
+class ForeignKmsFailure(PeerFailure):
+    """A call to a foreign KMS (ETSI GS QKD 020) failed: unreachable, refused, or no answer in time."""
+
+
 class RelayFailure(PeerFailure):
     """A relay did not reach its destinations; the message and ``relay_failure`` detail name the hop that failed.
 

@@ -16,6 +16,7 @@ from tests.support import (
     sae_session,
     start_debug_page,
     start_ingest_worker,
+    start_interop_interface,
     start_kme_interface,
     start_sae_interface,
     start_skip_interface,
@@ -63,8 +64,9 @@ class Kme:
         return f"https://127.0.0.1:{self.port('skip_https_interface')}"
 
     def start(self, *names: str) -> None:
-        skip = "skip_https_interface" in load_json(self.config)["this_kme"]
-        for name in names or ("ingest", "sae", "kme", *(("skip",) if skip else ())):
+        this_kme = load_json(self.config)["this_kme"]
+        optional = [name for name in ("skip", "interop") if f"{name}_https_interface" in this_kme]
+        for name in names or ("ingest", "sae", "kme", *optional):
             log = self.folder / f"{name}.log"
             if name == "ingest":
                 self.processes[name] = start_ingest_worker(self.config, log)
@@ -72,6 +74,8 @@ class Kme:
                 self.processes[name] = start_sae_interface(self.config, log, workers=self.network.workers)
             elif name == "skip":
                 self.processes[name] = start_skip_interface(self.config, log, workers=self.network.workers)
+            elif name == "interop":
+                self.processes[name] = start_interop_interface(self.config, log, workers=self.network.workers)
             elif name == "kme":
                 self.processes[name] = start_kme_interface(self.config, log, workers=self.network.workers)
             else:

@@ -417,7 +417,8 @@ class Ledger:
         """A digest of every row of every KME table: what the KME stores, whatever the engine does with pages."""
         digest = hashlib.sha256()
         for table in ("kme_meta", "links", "key_files", "pool_keys", "key_fingerprints", "delivered_keys",
-                      "key_slaves", "outgoing_activations", "incoming_activations", "leases"):
+                      "key_slaves", "outgoing_activations", "incoming_activations", "leases", "interop_keys",
+                      "interop_acks"):
             digest.update(repr(sorted(self._query(f"SELECT * FROM {table}"))).encode())
         return digest.hexdigest()
 

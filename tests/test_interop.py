@@ -8,8 +8,8 @@ import requests
 
 from kme.config import load_config
 from kme.errors import ConfigError
+from kme.interfaces.interop_schemas import ProblemSchema
 from kme.interfaces.openapi import document
-from kme.interfaces.schemas import ProblemSchema
 from kme.operations.certs import generate_pki
 from tests.support import PASSWORD, free_port, load_json, sae_session, start_interop_interface, write_config
 
@@ -98,7 +98,12 @@ def test_an_sae_certificate_does_not_reach_the_interop_interface(interop, pki):
      "foreign_kms[0].https_client_certificate_serial: missing"),
     (lambda raw: raw["foreign_kms"][0].update(server_ca_cert_path="nowhere.crt"),
      "foreign_kms[0].server_ca_cert_path: not found"),
-], ids=["a KME's ID", "duplicate serial", "plain http", "no serial", "no server CA"])
+    (lambda raw: raw["foreign_kms"][0].update(target_sae_ids=[9]),
+     "foreign_kms[0].target_sae_ids: 9 is not an SAE of this KME's network"),
+    (lambda raw: raw["saes"].append({"id": "far", "kme_id": "other-kms"}), "saes[2].kme_id: unknown KME other-kms"),
+    (lambda raw: raw["foreign_kms"][0].update(ack_attempts=0), "foreign_kms[0].ack_attempts: between 1 and 1000"),
+], ids=["a KME's ID", "duplicate serial", "plain http", "no serial", "no server CA", "an unknown target",
+        "an SAE behind an unknown KMS", "no attempt"])
 def test_each_mistake_of_a_foreign_kms_is_one_line(tmp_path, pki, foreign, change, expected):
     raw = interop_config(tmp_path, pki, foreign)
     change(raw)

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 
 from kme import clock
 from kme.config import KmeConfig
-from kme.domain import relay, sharing
+from kme.domain import interop, relay, sharing
 from kme.domain.activation import abandoned_before, settle_pending
 from kme.operations import health
 from kme.peers.client import client_for
 from kme.storage import at_rest, events
-from kme.storage.keystore import incoming, leases, local, relays
+from kme.storage.keystore import incoming
+from kme.storage.keystore import interop as interop_store
+from kme.storage.keystore import leases, local, relays
 
 # Seconds between two rounds of the jobs that move no key, at least.
 SLOW_SECONDS = 2.0
@@ -57,6 +59,7 @@ def expire(config: KmeConfig) -> None:
         pass
     incoming.forget_before(clock.utc_now(max(expiry, 86400) * 2))
     leases.forget_given_before(clock.utc_now(leases.REMEMBER_SECONDS))
+    interop_store.forget_sent_acks(clock.utc_now(interop_store.SENT_ACKS_KEPT_SECONDS))
     events.prune()
 
 
@@ -65,6 +68,7 @@ SHARING = Job("link sharing", lambda config: sharing.housekeeping(config, abando
 
 DATABASE_JOBS = (
     Job("relays whose worker died", lambda config: relays.abandon(abandoned_before(config)), _housekeeping),
+    Job("interop keys whose relay's worker died", interop.fail_abandoned, _housekeeping),
     Job("the end of a key-encryption key's rotation", lambda _config: at_rest.end_rotation(expired_only=True),
         _slow),
     Job("expiry", expire, _slow),
@@ -74,6 +78,7 @@ PEER_JOBS = (
     SHARING,
     Job("settling", settle_pending, _housekeeping),
     Job("releases", lambda config: relay.send_releases(config, relays.releases_pending()), _housekeeping),
+    Job("interop acknowledgements", interop.send_acks, _housekeeping),
 )
 
 

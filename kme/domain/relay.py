@@ -16,7 +16,7 @@ import base64
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from kme import ids
@@ -60,18 +60,36 @@ def send(config: KmeConfig, master: Sae, slaves_by_kme: dict[int, list[int]], lo
          size_bits: int) -> list[DeliveredKeyMaterial]:
     """Keys for ``master`` and slaves behind other KMEs (by KME), relayed where there is no link: answered only
     once every destination committed them (and, for several destinations, the relay is decided for all)."""
+    # The key itself comes from the link of the first next hop; the other hops get it under a pad.
+    return _start(config, master, slaves_by_kme, local_slaves, number * pool_keys_per_key(size_bits) + 1,
+                  lambda branches: build_keys(new_key_ids(number), branches[0].materials[:-1], size_bits), None, None)
+
+
+def forward(config: KmeConfig, master: Sae, slaves_by_kme: dict[int, list[int]], local_slaves: list[int],
+            keys: list[DeliveredKeyMaterial], link_id, settle: Callable) -> None:
+    """Keys that came from outside our links (a foreign KMS's, kme.domain.interop) for slaves behind other KMEs
+    and ``local_slaves`` here (kept on ``link_id``): sealed with a one-time pad on every hop, the first one too.
+    Returns once every destination committed them; ``settle(connection)`` runs in the transaction that commits
+    this KME's part. RelayFailure as for send."""
+    count = len(keys) * pool_keys_per_key(len(keys[0].material) * 8) + 1
+    _start(config, master, slaves_by_kme, local_slaves, count, lambda _branches: keys, link_id, settle)
+
+
+def _start(config: KmeConfig, master: Sae, slaves_by_kme: dict[int, list[int]], local_slaves: list[int],
+           count: int, keys_of: Callable[[list[Branch]], list[DeliveredKeyMaterial]], local_link,
+           settle: Callable | None) -> list[DeliveredKeyMaterial]:
+    """Start a relay at this KME: reserve ``count`` keys of each next hop's link, pass ``keys_of(branches)`` on
+    (kept here on ``local_link``, or, when None, on the first hop's link, whose own keys they are); the keys."""
     this = config.this_kme.id
     plan = _plan(config, slaves_by_kme, [this])
     deadline = time.monotonic() + peer_wait(config.other_kmes_by_id[hop] for hop in plan)
     relay_id = new_key_id()
-    per_key = pool_keys_per_key(size_bits)
-    # The key itself comes from the link of the first next hop; the other hops get it under a pad.
-    branches = _reserve(config, relay_id, {hop: number * per_key + 1 for hop in plan}, deadline)
-    keys = build_keys(new_key_ids(number), branches[0].materials[:-1], size_bits)
+    branches = _reserve(config, relay_id, {hop: count for hop in plan}, deadline)
+    keys = keys_of(branches)
     slave_ids = local_slaves + [slave for _kme, slaves in _by_kme(slaves_by_kme) for slave in slaves]
-    node = Node(relay_id, master.id, slave_ids, None, branches, branches[0].link_id, local_slaves,
-                len(slaves_by_kme) > 1)
-    _pass_on(config, node, keys, plan, [this], deadline)
+    node = Node(relay_id, master.id, slave_ids, None, branches,
+                branches[0].link_id if local_link is None else local_link, local_slaves, len(slaves_by_kme) > 1)
+    _pass_on(config, node, keys, plan, [this], deadline, local_link is None, settle)
     if node.hold:
         send_releases(config, [(branch.activation_id, branch.link_id, branch.cancel_body()) for branch in branches])
     return keys
@@ -106,7 +124,7 @@ def accept(config: KmeConfig, caller: OtherKme, message: Message, body: bytes, m
         raise
     node = Node(message.relay_id, message.master_sae_id, slave_ids, incoming, branches, caller.id, local,
                 message.hold)
-    _pass_on(config, node, received.keys, plan, message.path + [this], deadline)
+    _pass_on(config, node, received.keys, plan, message.path + [this], deadline, False, None)
     return len(received.keys)
 
 
@@ -201,15 +219,16 @@ def _body(node: Node, branch: Branch, keys: list[DeliveredKeyMaterial], targets:
 
 
 def _pass_on(config: KmeConfig, node: Node, keys: list[DeliveredKeyMaterial], plan: dict[int, dict[int, list[int]]],
-             path: list[int], deadline: float) -> None:
-    """Send every next hop its message at once, then commit the relay here, or fail it and raise the RelayFailure
-    (of the first failing branch)."""
+             path: list[int], deadline: float, first_plain: bool, settle: Callable | None) -> None:
+    """Send every next hop its message at once, then commit the relay here (with ``settle``), or fail it and raise
+    the RelayFailure (of the first failing branch). ``first_plain``: the keys are the first branch's own key
+    material, which that hop is only named."""
     size_bits = len(keys[0].material) * 8
     calls = []
     for branch in node.branches:
         peer = config.other_kmes_by_id[branch.link_id]
         left = min(peer.read_timeout_seconds, deadline - time.monotonic())
-        plain = not node.incoming and branch is node.branches[0]
+        plain = first_plain and branch is node.branches[0]
         body = _body(node, branch, keys, plan[peer.id], path, left, plain, size_bits) if left > 0 else None
         calls.append((peer, branch, body))
     this = config.this_kme.id
@@ -224,7 +243,7 @@ def _pass_on(config: KmeConfig, node: Node, keys: list[DeliveredKeyMaterial], pl
     failure = next((failure for _fate, failure in outcomes if failure is not None), None)
     if failure is None:
         try:
-            relays.complete(node, keys)
+            relays.complete(node, keys, settle)
             metrics.RELAYS.labels("passed_on" if node.incoming else "started").inc()
             return
         except PeerFailure:

@@ -11,6 +11,12 @@ from flask import Blueprint, current_app
 
 from kme import ids
 from kme.interfaces.http_errors import MEANINGS
+from kme.interfaces.interop_schemas import (
+    ExtKeyContainerSchema,
+    ProblemSchema,
+    VersionContainerSchema,
+    VoidContainerSchema,
+)
 from kme.interfaces.schemas import (
     EntropySchema,
     ErrorSchema,
@@ -18,14 +24,12 @@ from kme.interfaces.schemas import (
     KeyIdField,
     KeyIdsSchema,
     KeyRequestSchema,
-    ProblemSchema,
     SaeId,
     SaeInfoSchema,
     SkipCapabilitiesSchema,
     SkipEntropySchema,
     SkipKeySchema,
     StatusSchema,
-    VersionContainerSchema,
 )
 from kme.interfaces.skip_api import ENTROPY_DEFAULT_BITS, ENTROPY_MAX_BITS
 from kme.peers.wire import (
@@ -48,6 +52,7 @@ bp = Blueprint("openapi", __name__)
 
 _SAE_ERRORS = (400, 401, 404, 405, 413, 503)
 _KME_ERRORS = (400, 401, 403, 404, 405, 409, 413, 503)
+_INTEROP_ERRORS = (400, 401, 404, 405, 413, 503)
 
 
 def _sae_id(name: str) -> dict:
@@ -61,11 +66,12 @@ def _query(name: str, schema: dict, description: str) -> dict:
 
 
 def _operation(summary: str, answer, errors, parameters=(), body=None, problem: bool = False) -> dict:
-    """An operation: its answer, its errors (ETSI Error bodies, or RFC 7807 problems with ``problem``), its
-    parameters and body."""
+    """An operation: its answer (a schema; None: 202 Accepted without a body), its errors (ETSI Error bodies, or
+    RFC 7807 problems with ``problem``), its parameters and body."""
     error = {"application/problem+json": {"schema": ProblemSchema}} if problem else \
         {"application/json": {"schema": ErrorSchema}}
-    responses = {"200": {"description": "OK", "content": {"application/json": {"schema": answer}}}}
+    responses = {"202": {"description": "Accepted: acknowledgements follow at ack_callback_url"}} if answer is None \
+        else {"200": {"description": "OK", "content": {"application/json": {"schema": answer}}}}
     responses.update({str(code): {"description": MEANINGS[code], "content": error} for code in errors})
     operation = {"summary": summary, "responses": responses}
     if parameters:
@@ -158,9 +164,19 @@ def _skip_paths() -> dict:
 
 
 def _interop_paths() -> dict:
-    return {"/kmapi/versions": {"get": _operation(
-        "ETSI GS QKD 020 (draft 0.4.1): the API versions this KME supports", VersionContainerSchema, (401, 503),
-        problem=True)}}
+    confirmation = _query("all_confirmation", {"type": "boolean"},
+                          "true: void every key of the SAEs named when the body names no key_ids")
+    return {
+        "/kmapi/versions": {"get": _operation(
+            "ETSI GS QKD 020 (draft 0.4.1): the API versions this KME supports", VersionContainerSchema, (401, 503),
+            problem=True)},
+        "/kmapi/v1/ext_keys": {"post": _operation(
+            "Keys from an SAE behind the calling foreign KMS for target SAEs of our network (docs/interop.md)", None,
+            _INTEROP_ERRORS, body=ExtKeyContainerSchema, problem=True)},
+        "/kmapi/v1/ext_keys/void": {"post": _operation(
+            "Discard keys the calling foreign KMS passed before their target SAEs fetched them", None,
+            _INTEROP_ERRORS, [confirmation], body=VoidContainerSchema, problem=True)},
+    }
 
 
 _TITLES = {"sae": "KME SAE interface (ETSI GS QKD 014)", "kme": "KME inter-KME interface",

@@ -16,7 +16,7 @@ from kme.errors import BadRequest
 from kme.key_ids import KeyIdField
 
 
-class _Object(fields.Dict):
+class JsonObject(fields.Dict):
     """A JSON object (extension parameters)."""
 
     default_error_messages = {"invalid": "not an object"}
@@ -38,13 +38,13 @@ class KeyRequestSchema(StrictSchema):
     number = Int()
     size = Int()
     additional_slave_SAE_IDs = List(SaeId())
-    extension_mandatory = List(_Object())
-    extension_optional = List(_Object())
+    extension_mandatory = List(JsonObject())
+    extension_optional = List(JsonObject())
 
 
 class KeyIdSchema(StrictSchema):
     key_ID = KeyIdField(required=True)
-    key_ID_extension = _Object()
+    key_ID_extension = JsonObject()
     # Not in the standard: the C library under the strongSwan and OpenSSL QKD plugins names the master SAE in
     # every item; accepted when it is the master the URL names (checked by kme.domain.delivery).
     master_SAE_ID = SaeId()
@@ -54,7 +54,7 @@ class KeyIdsSchema(StrictSchema):
     """Key IDs (6.4)."""
 
     key_IDs = List(Nested(KeyIdSchema), required=True, validate=validate.Length(min=1, error="empty list"))
-    key_IDs_extension = _Object()
+    key_IDs_extension = JsonObject()
 
 
 class KeySchema(Schema):
@@ -140,23 +140,6 @@ class SkipKeySchema(Schema):
 
     keyId = fields.String(required=True, metadata={"pattern": "^[0-9a-f]{32}$"})
     key = fields.String(required=True, metadata=_HEX)
-
-
-class VersionContainerSchema(Schema):
-    """ETSI GS QKD 020 version container: the API versions the KME supports."""
-
-    versions = fields.List(fields.String(), required=True)
-
-
-class ProblemSchema(Schema):
-    """An error of the interop interface: an RFC 7807 problem carrying the 020 draft's message data."""
-
-    type = fields.String(required=True)
-    title = fields.String(required=True)
-    status = fields.Integer(required=True)
-    detail = fields.String(required=True)
-    message = fields.String(required=True)
-    details = fields.List(fields.Dict())
 
 
 class SkipEntropySchema(Schema):

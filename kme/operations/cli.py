@@ -151,6 +151,19 @@ def kme_status_command() -> None:
         [[f"KME {way['from']} -> KME {way['to']}", way["available"], way["leased"],
           "-" if way["in_use"] is None else way["in_use"]]
          for link in links for way in link["directions"]]))
+    foreign = [link for link in links if link["interop"] is not None]
+    if foreign:
+        click.echo()
+        click.echo(_table(
+            ["foreign KMS (ETSI GS QKD 020)", "keys held", "relayed on", "failed", "voided", "acks pending", "sent",
+             "given up"],
+            [[link["link"], *(link["interop"]["keys"].get(state, 0) for state in ("held", "relayed", "failed",
+                                                                                  "voided")),
+              *(link["interop"]["acks"].get(state, 0) for state in ("pending", "sent", "failed"))]
+             for link in foreign]))
+        for ack in status.failed_acks(config):
+            click.echo(f"acknowledgement {ack['id']} to foreign KMS {ack['foreign_kms']} given up after "
+                       f"{ack['attempts']} attempts ({ack['created_at']}): {ack['error']}")
     click.echo()
     click.echo(_table(["route to", "next hop", "how"],
                       [[f"KME {route['kme_id']}", f"KME {route['via']}", route["kind"]]

@@ -21,6 +21,8 @@ KEYS_DELIVERED = Counter("kme_keys_delivered", "Keys handed out to SAEs", ["link
 PEER_FAILURES = Counter("kme_peer_activation_failures", "Activations at a peer KME that failed",
                         ["peer", "outcome"])
 RELAYS = Counter("kme_relays", "Relays through trusted nodes this KME started or passed on, once committed", ["role"])
+INTEROP_KEYS = Counter("kme_interop_keys", "Keys that crossed the interop interface (ETSI GS QKD 020), by direction "
+                       "and outcome, counted once per target SAE", ["direction", "status"])
 RELAY_FAILURES = Counter("kme_relay_failures", "Relays that failed at a hop from this KME", ["next_kme", "reason"])
 
 

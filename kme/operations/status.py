@@ -9,6 +9,7 @@ from kme.operations import health
 from kme.storage import at_rest
 from kme.storage.db import db
 from kme.storage.keystore import common
+from kme.storage.keystore import interop as interop_store
 from kme.storage.models import DeliveredKey, KeyFile, Link
 
 
@@ -25,6 +26,7 @@ def links(config: KmeConfig) -> list[dict]:
     duplicates = dict(session.execute(select(KeyFile.link_id, func.sum(KeyFile.duplicates))
                                       .group_by(KeyFile.link_id)).all())
     peers = health.peer_statuses()
+    interop = interop_store.summary()["by_kms"] if config.foreign_kms else {}
     result = []
     # Rows name links by the numbers that store their KME IDs; operators see the IDs, in their order.
     rows = sorted(session.scalars(select(Link)).all(), key=lambda row: ids.order(config.kme_id(row.peer_kme_id)))
@@ -32,10 +34,11 @@ def links(config: KmeConfig) -> list[dict]:
         last = session.execute(select(KeyFile.name, KeyFile.ingested_at).where(
             KeyFile.link_id == row.peer_kme_id, KeyFile.complete).order_by(KeyFile.id.desc()).limit(1)).first()
         link = config.kme_id(row.peer_kme_id)
-        local = link == config.this_kme.id
+        # A foreign KMS's row counts the keys it passed us: no pool, no directions, no peer of ours.
+        local = link == config.this_kme.id or link in config.foreign_kms_by_id
         result.append({
             "link": link,
-            "name": "local zone" if local else f"link with KME {link}",
+            "name": _name(config, link),
             "ingested": row.ingested, "available": row.available, "reserved": row.reserved,
             "peer_held": row.peer_held, "delivered": row.delivered, "discarded": row.discarded,
             "unconfirmed": row.unconfirmed, "set_aside": row.set_aside, "relayed": row.relayed,
@@ -47,6 +50,7 @@ def links(config: KmeConfig) -> list[dict]:
             "last_file": last.name if last else None,
             "last_file_at": last.ingested_at if last else None,
             "byte_counts": entropy.merge([at_rest.open_histogram(row.peer_kme_id, row.byte_histogram)]),
+            "interop": _interop(interop, row.peer_kme_id) if link in config.foreign_kms_by_id else None,
             "peer": None if local else peers.get(row.peer_kme_id, {"reachable": False, "checked_at": None,
                                                                      "detail": "not probed yet"}),
         })
@@ -80,3 +84,24 @@ def saes(config: KmeConfig) -> list[dict]:
     return [{"id": sae.id, "kme_id": sae.kme_id, "local": sae.kme_id == config.this_kme.id,
              "serial": format(sae.certificate_serial, "X") if sae.certificate_serial is not None else None}
             for sae in config.saes]
+
+
+def _interop(by_kms: dict, stored: int) -> dict:
+    """A foreign KMS's keys by state and its acknowledgements by state."""
+    figures = by_kms.get(stored, {"keys": {}, "acks": {}})
+    return {"keys": figures["keys"], "acks": figures["acks"]}
+
+
+def failed_acks(config: KmeConfig) -> list[dict]:
+    """The newest acknowledgements to foreign KMSs that were given up: where they went, why, when."""
+    return [{"id": ack_id, "foreign_kms": config.kme_id(foreign), "url": url, "attempts": attempts, "error": error,
+             "created_at": created_at}
+            for ack_id, foreign, url, attempts, error, created_at in interop_store.summary()["failed_acks"]]
+
+
+def _name(config: KmeConfig, link: Id) -> str:
+    if link == config.this_kme.id:
+        return "local zone"
+    if link in config.foreign_kms_by_id:
+        return f"foreign KMS {link} (ETSI GS QKD 020)"
+    return f"link with KME {link}"

@@ -28,7 +28,7 @@ from urllib3.connectionpool import HTTPSConnectionPool
 from urllib3.exceptions import NewConnectionError
 from urllib3.util import Timeout
 
-from kme.config import OtherKme
+from kme.config import ForeignKms, OtherKme
 from kme.errors import PeerOutcomeUnknown, PeerRefused, PeerUnreachable
 from kme.peers.wire import (
     RELAY_MAC_HEADER,
@@ -43,8 +43,9 @@ _LEASE_STATES_ANSWER = LeaseStatesAnswerSchema()
 log = logging.getLogger(__name__)
 
 
-def client_context(peer: OtherKme) -> ssl.SSLContext:
-    """TLS client context: our certificate from the .pfx, the peer checked against its CA or the system's."""
+def client_context(peer: OtherKme | ForeignKms) -> ssl.SSLContext:
+    """TLS client context: our certificate from the .pfx, the peer (a KME or a foreign KMS) checked against its CA
+    or the system's."""
     context = ssl.create_default_context(cafile=str(peer.server_ca_cert_path) if peer.server_ca_cert_path else None)
     if peer.server_ca_cert_path is None and os.environ.get("REQUESTS_CA_BUNDLE"):
         context.load_verify_locations(cafile=os.environ["REQUESTS_CA_BUNDLE"])
@@ -107,6 +108,11 @@ class _ContextAdapter(HTTPAdapter):
         return super().build_connection_pool_key_attributes(request, True, cert)
 
 
+def context_adapter(peer: OtherKme | ForeignKms) -> HTTPAdapter:
+    """A requests adapter whose connections use ``client_context(peer)``, and trust nothing else."""
+    return _ContextAdapter(client_context(peer))
+
+
 class PeerClient:
     """Calls to one peer KME's inter-KME interface."""
 
@@ -115,7 +121,7 @@ class PeerClient:
         self.base = f"https://{peer.inter_kme_bind_address}/api/v1/kme"
         self.session = requests.Session()
         self.session.trust_env = not peer.ignore_system_proxy_settings
-        self.session.mount("https://", _ContextAdapter(client_context(peer)))
+        self.session.mount("https://", context_adapter(peer))
 
     def probe(self) -> tuple[bool, str]:
         """Whether the peer's inter-KME interface answers, and its health or the failure."""
@@ -241,14 +247,20 @@ def _relay_failure(answer: dict) -> dict | None:
     return None
 
 
-_clients: dict[tuple[int, int], PeerClient] = {}
+_clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 
 
-def client_for(peer: OtherKme) -> PeerClient:
-    """The client of ``peer`` for this process (created on first use, never inherited across fork)."""
-    key = (os.getpid(), peer.id)
+def cached_client(key: tuple, make):
+    """The client ``make()`` built for ``key`` in this process (on first use; never inherited across fork, where
+    its connections would be shared with the parent)."""
+    full = (os.getpid(), *key)
     with _clients_lock:
-        if key not in _clients:
-            _clients[key] = PeerClient(peer)
-        return _clients[key]
+        if full not in _clients:
+            _clients[full] = make()
+        return _clients[full]
+
+
+def client_for(peer: OtherKme) -> PeerClient:
+    """The client of ``peer`` for this process."""
+    return cached_client(("kme", peer.id), lambda: PeerClient(peer))

@@ -26,6 +26,11 @@ function peerCell(peer) {
   return td;
 }
 
+function interopText(interop) {
+  const figures = (counts) => Object.entries(counts).map(([state, count]) => state + " " + count).join(", ") || "none";
+  return "keys: " + figures(interop.keys) + " · acknowledgements: " + figures(interop.acks);
+}
+
 async function refreshEvents() {
   const events = await (await fetch("/messages", {cache: "no-store"})).json();
   const text = events.map((e) => e.datetime + ": " + e.message).join("\n");
@@ -53,7 +58,7 @@ async function refreshLinks() {
       cell(link.set_aside, "number set-aside"),
       cell(link.relayed, "number relayed"),
       cell(link.last_file ? link.last_file + " (" + link.last_file_at + ")" : "—", "text"),
-      peerCell(link.peer),
+      link.interop ? cell(interopText(link.interop), "text") : peerCell(link.peer),
     );
     return tr;
   });

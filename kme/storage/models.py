@@ -1,7 +1,7 @@
 """Database tables of the KME.
 
 Only the kme.storage.keystore package writes key rows (pool_keys, key_fingerprints,
-delivered_keys, key_slaves, activations, leases) and the link counters and levels;
+delivered_keys, key_slaves, activations, leases, interop_keys, interop_acks) and the link counters and levels;
 kme.operations.ingest writes key_files through it; kme.storage.events writes
 events. SAEs and KMEs are not tables: the configuration file is their only source
 of truth (see docs/design.md).
@@ -268,3 +268,47 @@ class Event(db.Model):
     created_at: Mapped[str] = mapped_column(String(32))
     # Text: PostgreSQL would refuse a longer line where SQLite kept it (migration 0002).
     message: Mapped[str] = mapped_column(Text)
+
+
+class InteropKey(db.Model):
+    """A key that a foreign KMS passed us (ETSI GS QKD 020 ext_keys), for one of its target SAEs: remembered so that
+    a replay is answered, not delivered again, and so that a void knows the key.
+
+    ``state``: "held" (waiting here for the target SAE, or fetched by it),
+    "relayed" (passed on to the target's KME by relay), "failed", "voided".
+    Only IDs and outcomes: the key itself is a delivered key while it waits.
+    """
+
+    __tablename__ = "interop_keys"
+    __table_args__ = (Index("ix_interop_keys_foreign", "foreign_kms_id", "initiator_sae_id"),
+                      Index("ix_interop_keys_state", "state", "created_at"))
+    key_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    target_sae_id: Mapped[int] = mapped_column(StoredId, primary_key=True, autoincrement=False)
+    foreign_kms_id: Mapped[int] = mapped_column(StoredId)
+    initiator_sae_id: Mapped[int] = mapped_column(StoredId)
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    # Where the acknowledgement of a relay still under way goes, should the KME fail it later.
+    ack_url: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[str] = mapped_column(String(32))
+
+
+class InteropAck(db.Model):
+    """An acknowledgement to POST to a foreign KMS's ``ack_callback_url`` (its outbox): sent by the background
+    worker with retries; one that never arrives stays here as "failed", never dropped.
+
+    ``body``: the JSON array of acknowledgement containers (key IDs and
+    outcomes, never key material).
+    """
+
+    __tablename__ = "interop_acks"
+    __table_args__ = (Index("ix_interop_acks_state", "state", "next_at"),)
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    foreign_kms_id: Mapped[int] = mapped_column(StoredId)
+    url: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    next_at: Mapped[float] = mapped_column(Float)
+    last_error: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[str] = mapped_column(String(32))

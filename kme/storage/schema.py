@@ -39,7 +39,9 @@ def ensure_schema() -> bool:
             facts = dict(connection.execute(select(Meta.name, Meta.value)).all())
             at_rest.establish(connection, current_app.extensions["kme_kek"], facts)
             remember_meta(connection)
-    intake.ensure_links(current_app.extensions["kme"].key_directories())
+    config = current_app.extensions["kme"]
+    # A foreign KMS has a link row too: it counts the keys it passed us (and holds their histogram).
+    intake.ensure_links([*config.key_directories(), *(foreign.id for foreign in config.foreign_kms)])
     held.schema_ready = True
     return True
 

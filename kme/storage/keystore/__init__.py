@@ -12,6 +12,7 @@ discarded + set_aside).
 - incoming: activations a peer KME asks of this KME
 - progress: which keys both ends of a link hold (progress exchange, set-aside)
 - leases: keys moved between the two directions of a link
+- interop: keys foreign KMSs pass us (ETSI GS QKD 020), their voids, the acknowledgements owed
 - handed_out: keys leave only from a database that has not gone back in time
 - recovery: a database restored from a backup made safe again
 """

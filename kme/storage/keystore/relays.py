@@ -218,8 +218,9 @@ class Node:
     hold: bool
 
 
-def complete(node: Node, keys: list[DeliveredKeyMaterial]) -> None:
-    """Every next hop confirmed: the parts leave the pools, our slaves get the keys (or, held, will).
+def complete(node: Node, keys: list[DeliveredKeyMaterial], settle: Callable | None = None) -> None:
+    """Every next hop confirmed: the parts leave the pools, our slaves get the keys (or, held, will);
+    ``settle(connection)``, the caller's own record of it, in the same transaction.
 
     PeerFailure if the relay was cancelled meanwhile (the upstream gave up): the caller then fails it.
     """
@@ -257,6 +258,8 @@ def complete(node: Node, keys: list[DeliveredKeyMaterial]) -> None:
             store_delivered(connection, node.local_link, node.master_sae_id,
                             [] if node.hold and node.incoming is not None else node.local_slaves, keys, now)
             update_link(connection, node.local_link, added=[key.material for key in keys])
+        if settle is not None:
+            settle(connection)
         hops = " and ".join(f"KME {branch.link_id}" for branch in node.branches)
         slaves = " and ".join(map(str, node.slave_ids))
         if node.incoming is None:
