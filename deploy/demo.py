@@ -1,11 +1,13 @@
 """The demo behind `make run`: every KME configured in instance/, each with its processes.
 
 For each instance/*.json5 (or each *.json5 of the folder given as argument:
-instance/line3 is the three-KME line of `make run KMES=3`) it starts the ingestion worker, the SAE interface, the inter-KME interface,
-the SKIP interface where one is configured, and the debugging page, waits until they are up and the shipped key files are
-ingested, prints the addresses and a
-copy-paste SAE session from the first KME to the last, and stops every process it
-started (by pid) on Ctrl-C. Each run starts afresh from the shipped key files.
+instance/line3 is the three-KME line of `make run KMES=3`) it starts the
+ingestion worker, the SAE interface, the inter-KME interface, the SKIP and
+interop (ETSI GS QKD 020) interfaces where they are configured, and the
+debugging page, waits until they are up and the shipped key files are
+ingested, prints the addresses and a copy-paste SAE session from the first
+KME to the last, and stops every process it started (by pid) on Ctrl-C.
+Each run starts afresh from the shipped key files.
 """
 import os
 import shutil
@@ -30,6 +32,8 @@ from kme.operations.key_folders import MARK_PREFIX  # noqa: E402
 from kme.storage import handout_mark  # noqa: E402
 
 STARTUP_SECONDS = 30
+# The interfaces a configuration may add (this_kme.<name>_https_interface), as the demo names them.
+_OPTIONAL = {"skip": "SKIP", "interop": "interop (ETSI GS QKD 020)"}
 
 
 def _start(args: list[str], config: Path) -> subprocess.Popen:
@@ -138,26 +142,28 @@ def main() -> int:
             processes.append(_start([sys.executable, "-m", "flask", "ingest-keys", "--watch"], path))
             processes.append(_start([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"], path))
             processes.append(_start([sys.executable, "-m", "gunicorn", "-c", "deploy/kme.py", "wsgi:kme_app"], path))
-            if config.this_kme.skip_https_interface:
-                processes.append(_start([sys.executable, "-m", "gunicorn", "-c", "deploy/skip.py", "wsgi:skip_app"],
-                                        path))
+            for name in _OPTIONAL:
+                if getattr(config.this_kme, f"{name}_https_interface"):
+                    processes.append(_start([sys.executable, "-m", "gunicorn", "-c", f"deploy/{name}.py",
+                                             f"wsgi:{name}_app"], path))
             if config.this_kme.debugging_http_interface:
                 processes.append(_start([sys.executable, "-m", "gunicorn", "-c", "deploy/debug.py", "wsgi:debug_app"],
                                         path))
         for config in loaded:
             for interface in (config.this_kme.saes_https_interface, config.this_kme.kmes_https_interface,
-                              config.this_kme.skip_https_interface):
+                              *(getattr(config.this_kme, f"{name}_https_interface") for name in _OPTIONAL)):
                 if interface is not None:
                     _wait_for_port(interface.host, interface.port, processes)
             _wait_for_ingestion(config, processes)
         print("\nDemo KMEs are up:")
         for config in loaded:
-            skip = config.this_kme.skip_https_interface
+            optional = "".join(f"{_OPTIONAL[name]} interface https://{interface.listen_address}, "
+                               for name in _OPTIONAL
+                               if (interface := getattr(config.this_kme, f"{name}_https_interface")))
             print(f"  KME {config.this_kme.id} ({config.this_kme.nickname}): SAE interface "
                   f"https://{config.this_kme.saes_https_interface.listen_address}, inter-KME interface "
-                  f"https://{config.this_kme.kmes_https_interface.listen_address}, "
-                  + (f"SKIP interface https://{skip.listen_address}, " if skip else "")
-                  + f"debugging page http://{config.this_kme.debugging_http_interface}/")
+                  f"https://{config.this_kme.kmes_https_interface.listen_address}, {optional}"
+                  f"debugging page http://{config.this_kme.debugging_http_interface}/")
         print(_example(loaded[0], loaded[-1]))
         print("Press Ctrl-C to stop.", flush=True)
         while not stop and all(process.poll() is None for process in processes):

@@ -32,6 +32,8 @@ DEFAULT_SETTLE_SECONDS = 2.0
 DEFAULT_UNMATCHED_GRACE_SECONDS = 3600.0
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 3.0
 DEFAULT_READ_TIMEOUT_SECONDS = 10.0
+# Listen addresses that name no address a client could call.
+_WILDCARD_HOSTS = {"0.0.0.0", "::"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class HttpsInterface:
     @property
     def listen_address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def url_authority(self) -> str:
+        """Host and port as a URL writes them (an IPv6 address in brackets)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else self.listen_address
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,8 @@ class ForeignKms:
     target_sae_ids: tuple[Id, ...]
     # Attempts to deliver one acknowledgement before it is kept as failed.
     ack_attempts: int
+    # Where it sends its acknowledgements of the keys we pass it: our interop interface's ext_keys/ack.
+    ack_callback_url: str
 
 
 @dataclass(frozen=True)
@@ -276,7 +285,8 @@ def parse_config(raw, base_dir: Path, source: Path | None = None) -> KmeConfig:
     other_kmes = tuple(_other_kme(i, item, base_dir) for i, item in enumerate(data["other_kmes"]))
     saes = tuple(_sae(i, item, this_kme.id) for i, item in enumerate(data["saes"]))
     routes = config_checks.routes(data["routes"], this_kme.id, {peer.id for peer in other_kmes})
-    foreign = tuple(_foreign_kms(i, item, base_dir) for i, item in enumerate(data["foreign_kms"]))
+    foreign = tuple(_foreign_kms(i, item, base_dir, this_kme.interop_https_interface)
+                    for i, item in enumerate(data["foreign_kms"]))
     config_checks.check_foreign(foreign, {this_kme.id, *(peer.id for peer in other_kmes), *routes})
     config_checks.check_ids(this_kme, other_kmes, saes, set(routes), {entry.id for entry in foreign})
     config_checks.check_foreign_targets(foreign, saes)
@@ -456,8 +466,15 @@ def _client_pfx(base_dir: Path, data: dict, where: str) -> tuple[Path, str]:
     return pfx, password
 
 
-def _foreign_kms(index: int, data: dict, base_dir: Path) -> ForeignKms:
+def _foreign_kms(index: int, data: dict, base_dir: Path, interface: HttpsInterface | None) -> ForeignKms:
     where = f"foreign_kms[{index}]"
+    if interface is None:
+        raise ConfigError(f"{where}: a foreign KMS calls this KME's this_kme.interop_https_interface, which is not "
+                          "configured")
+    callback = data.get("ack_callback_url")
+    if callback is None and interface.host in _WILDCARD_HOSTS:
+        raise ConfigError(f"{where}.ack_callback_url: missing (the interop interface listens on {interface.host}, "
+                          "which names no address the foreign KMS can call)")
     pfx, password = _client_pfx(base_dir, data, where)
     return ForeignKms(
         id=data["id"],
@@ -470,6 +487,7 @@ def _foreign_kms(index: int, data: dict, base_dir: Path) -> ForeignKms:
         read_timeout_seconds=data.get("read_timeout_seconds", DEFAULT_READ_TIMEOUT_SECONDS),
         target_sae_ids=tuple(data["target_sae_ids"]),
         ack_attempts=data["ack_attempts"],
+        ack_callback_url=callback or f"https://{interface.url_authority}/kmapi/v1/ext_keys/ack",
     )
 
 

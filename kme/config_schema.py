@@ -206,6 +206,7 @@ class ForeignKmsSchema(StrictSchema):
     connect_timeout_seconds = Seconds()
     read_timeout_seconds = Seconds()
     target_sae_ids = List(IdField(), load_default=list)
+    ack_callback_url = Str(validate=_https_url)
     ack_attempts = Int(load_default=10, validate=validate.Range(1, 1000, error="between 1 and 1000"))
 
 

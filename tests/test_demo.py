@@ -65,15 +65,19 @@ def curl_sessions(line3: bool = False) -> list[list[str]]:
 
 def run_session(session: list[str], folder) -> None:
     """Run one shell block's curl calls: each dec_keys (SKIP: key by keyId) fetches the key ID the enc_keys (SKIP:
-    new key) before it got."""
-    key_id = None
+    new key; ETSI 020: the key a foreign KMS passed) before it got."""
+    key_id = value = None
     for command in session:
         answer = run_curl(command.replace("PASTE-KEY-ID-HERE", str(key_id)), folder)
         found = re.search(r'"key_ID":"([0-9a-f-]{36})"', answer) or re.search(r'"keyId":"([0-9a-f]{32})"', answer)
-        if "enc_keys" in command or "/key?" in command:
+        if "ext_keys" in command:
+            assert answer.strip() == "202"
+            key_id, value = re.search(r'"key_id": "([0-9a-f-]{36})", "value": "([^"]+)"', command).groups()
+        elif "enc_keys" in command or "/key?" in command:
             key_id = found.group(1)
         elif "dec_keys" in command or "/key/" in command:
             assert found.group(1) == key_id
+            assert value is None or f'"key":"{value}"' in answer
         elif "/capabilities" in command:
             assert '"localSystemID":"alice-app"' in answer and '"bob-app"' in answer
         elif "/messages" not in command:
@@ -93,10 +97,11 @@ def test_readme_examples_against_the_demo(demo):
         assert (folder / "instance" / f"{name}.kek").stat().st_mode & 0o777 == 0o600
         assert f"generated the key-encryption key file {folder / 'instance' / name}.kek" in output()
     assert "debugging page http://127.0.0.1:18080/" in output()
+    assert "interop (ETSI GS QKD 020) interface https://127.0.0.1:13020" in output()
     # The background worker of a new database waits for its schema instead of failing and retrying.
     assert "housekeeping failed" not in output()
     sessions = curl_sessions()
-    assert len(sessions) == 3
+    assert len(sessions) == 4
     for session in sessions:
         run_session(session, folder)
     python = re.search(r"```python\n(.*?)```", README, re.S).group(1)

@@ -18,6 +18,7 @@ from tests.support import free_port, load_json, run_cli, wait_until
 pytestmark = pytest.mark.one_engine
 
 LINK_KEYS = 400
+ZONE_KEYS = 200
 FOREIGN_SAE = "foreign-sae"
 
 
@@ -26,7 +27,7 @@ def gateway(tmp_path_factory, pki):
     """KMEs 1 and 2, linked; KME 1 serves the interop interface to the stand-in, which may deliver to SAEs 1 and 2
     (KME 1) and 3 (KME 2); ``foreign-sae`` lives behind it (at KME 2: an SAE reached through KME 1)."""
     folder = tmp_path_factory.mktemp("interop")
-    kms = StandInKms(folder / "foreign", str(pki.folder / "kme2" / "ca_kmes.crt"))
+    kms = StandInKms(folder / "foreign", str(pki.folder / "kme2" / "ca_kmes.crt"), pki.server_ca)
     network = Network(folder, pki, [(1, 2)])
     raw = load_json(network[1].config)
     raw["this_kme"]["interop_https_interface"] = {
@@ -38,7 +39,9 @@ def gateway(tmp_path_factory, pki):
     raw = load_json(network[2].config)
     raw["saes"].append({"id": FOREIGN_SAE, "kme_id": 1})
     network[2].config.write_text(json.dumps(raw))
+    network.write_link_file(1, 1, "zone.cor", ZONE_KEYS)
     network.start_with_links([(1, 2)], LINK_KEYS)
+    wait_until(lambda: network[1].ledger.link(1)["ingested"] == ZONE_KEYS, 20)
     network.kms = kms
     network.interop = f"https://{load_json(network[1].config)['this_kme']['interop_https_interface']['listen_address']}"
     yield network
@@ -250,3 +253,52 @@ def test_operators_see_the_foreign_kms_and_its_traffic_without_key_material(gate
     assert status.returncode == 0 and "foreign KMS (ETSI GS QKD 020)" in status.stdout
     for text in (metrics, events, status.stdout, json.dumps(foreign)):
         assert not any(secret in text for secret in secrets)
+
+
+def enc_keys(gateway, kme: int, sae: int, number: int = 1):
+    with gateway[kme].sae(sae) as session:
+        return session.post(f"{gateway[kme].url()}/keys/{FOREIGN_SAE}/enc_keys", json={"number": number}, timeout=20)
+
+
+@pytest.mark.parametrize("kme, sae", [(1, 1), (2, 3)], ids=["a master of the gateway", "a master of the linked KME"])
+def test_a_master_gets_keys_with_an_sae_behind_the_foreign_kms_once_it_has_them(gateway, kme, sae):
+    answer = enc_keys(gateway, kme, sae, 2)
+    assert answer.status_code == 200, answer.text
+    for key in answer.json()["keys"]:
+        passed, value = gateway.kms.passed_key(key["key_ID"])
+        assert value == base64.b64decode(key["key"])
+        assert (passed["initiator_sae_id"], passed["target_sae_ids"]) == (str(sae), [FOREIGN_SAE])
+        assert passed["ack_callback_url"] == f"{gateway.interop}/kmapi/v1/ext_keys/ack"
+    # Nothing of them stays at the gateway.
+    assert gateway[1].ledger._query("SELECT COUNT(*) FROM delivered_keys WHERE key_id = ?",
+                                    answer.json()["keys"][0]["key_ID"]) == [(0,)]
+
+
+@pytest.mark.parametrize("kme, sae", [(1, 1), (2, 3)], ids=["a master of the gateway", "a master of the linked KME"])
+@pytest.mark.parametrize("failure", ["failed", "silent", "refused"])
+def test_a_foreign_kms_that_does_not_take_the_keys_fails_the_request(gateway, kme, sae, failure):
+    gateway.kms.ack_status = {"failed": "failed", "silent": None, "refused": "relayed"}[failure]
+    gateway.kms.keys_answer = 503 if failure == "refused" else 202
+    passed = len(gateway.kms.passed)
+    try:
+        answer = enc_keys(gateway, kme, sae)
+    finally:
+        gateway.kms.ack_status, gateway.kms.keys_answer = "relayed", 202
+    assert answer.status_code == 503, answer.text
+    assert len(gateway.kms.passed) == passed + 1
+    if kme == 1:
+        assert {"failed": "no route to the target SAE", "silent": "acknowledged no key within 1 s",
+                "refused": "answered HTTP 503"}[failure] in answer.json()["message"]
+    # The keys were spent at both ends of the link (the activation settled), never handed out again.
+    wait_until(lambda: gateway[2].ledger.link(1)["reserved"] == 0 and gateway[1].ledger.link(2)["reserved"] == 0)
+    for a, b in ((1, 2), (2, 1)):
+        gateway[a].ledger.assert_exact(b)
+
+
+def test_an_acknowledgement_of_keys_never_passed_is_refused(gateway):
+    answer = post(gateway, "ext_keys/ack", [{"key_ids": [{"key_id": str(uuid.uuid4())}], "ack_status": "relayed",
+                                             "initiator_sae_id": "1", "target_sae_id": FOREIGN_SAE}])
+    assert answer.status_code == 400 and answer.json()["message"] == "key not present"
+    bad = post(gateway, "ext_keys/ack", [{"key_ids": [], "ack_status": "maybe", "initiator_sae_id": "1",
+                                          "target_sae_id": FOREIGN_SAE}])
+    assert bad.status_code == 400 and bad.headers["Content-Type"] == "application/problem+json"

@@ -10,6 +10,7 @@ from flask import current_app
 from kme import create_app
 from kme.config import load_config
 from kme.domain import interop as interop_domain
+from kme.domain.activation import abandoned_before
 from kme.errors import BadRequest
 from kme.storage import statements
 from kme.storage.db import write_transaction
@@ -26,6 +27,8 @@ FOREIGN = "foreign-kms"
 def store(tmp_path, pki):
     path = write_config(tmp_path, pki)
     raw = load_json(path)
+    raw["this_kme"]["interop_https_interface"] = {**raw["this_kme"]["saes_https_interface"],
+                                                  "listen_address": "127.0.0.1:1"}
     raw["foreign_kms"] = [{"id": FOREIGN, "https_client_certificate_serial": [7], "base_url": "https://127.0.0.1:1",
                            "https_client_authentication_certificate": str(pki.folder / "kme1" / "kme1-to-kme2.pfx"),
                            "https_client_authentication_certificate_password": PASSWORD,
@@ -148,9 +151,44 @@ def test_the_outbox_retries_then_keeps_a_failed_acknowledgement(store):
 def test_keys_whose_relay_lost_its_worker_are_failed_and_acknowledged(store):
     found = keys(1)
     interop.claim(container_of(found, (1, 2)), found, None)
-    interop_domain.fail_abandoned(current_app.extensions["kme"])
+    config = current_app.extensions["kme"]
+    interop_domain.fail_abandoned(config, abandoned_before(config))
     assert acks(store) == []
     store.write(("UPDATE interop_keys SET created_at = '2000-01-01T00:00:00.000000Z'",))
-    interop_domain.fail_abandoned(current_app.extensions["kme"])
+    interop_domain.fail_abandoned(config, abandoned_before(config))
     assert [(ack["target_sae_id"], ack["ack_status"], ack["initiator_sae_id"]) for ack in acks(store)[0]] == [
         ("1", "failed", "far"), ("2", "failed", "far")]
+
+
+def test_keys_passed_to_the_foreign_kms_wait_for_its_acknowledgement(store):
+    found = keys(2)
+    with write_transaction() as session:
+        interop.expect(session, FOREIGN, 1, "far", [key.key_id for key in found])
+    assert interop.sent_outcome([found[0].key_id]) == {found[0].key_id: (interop.SENDING, "")}
+    unknown = str(uuid.uuid4())
+    assert interop.acknowledged(FOREIGN, [([found[0].key_id, unknown], interop.RELAYED, "relayed")]) == [unknown]
+    assert interop.sent_outcome([found[0].key_id])[found[0].key_id][0] == interop.SENDING
+    assert interop.acknowledged(FOREIGN, [([found[0].key_id], interop.RELAYED, "relayed"),
+                                          ([found[1].key_id], interop.FAILED, "failed: no route")]) == []
+    assert interop.sent_outcome([key.key_id for key in found]) == {
+        found[0].key_id: (interop.RELAYED, "relayed"), found[1].key_id: (interop.FAILED, "failed: no route")}
+    # Given up, or acknowledged once: a later acknowledgement changes nothing.
+    interop.give_up([key.key_id for key in found], "not acknowledged")
+    interop.acknowledged(FOREIGN, [([found[1].key_id], interop.RELAYED, "relayed")])
+    assert interop.sent_outcome([found[1].key_id])[found[1].key_id][0] == interop.FAILED
+    assert interop.acknowledged("other", [([found[0].key_id], interop.RELAYED, "relayed")]) == [found[0].key_id]
+    interop.forget_sent("9999")
+    assert interop.sent_outcome([key.key_id for key in found]) == {}
+
+
+def test_keys_a_peer_activated_for_an_sae_behind_the_foreign_kms_are_opened_then_erased(store):
+    found = keys(1)
+    interop.claim(container_of(found), found, [1])
+    (opened,) = interop.prepare_hand_over(FOREIGN, "far", 1, [found[0].key_id])
+    assert opened == found[0]
+    assert interop.sent_outcome([found[0].key_id]) == {found[0].key_id: (interop.SENDING, "")}
+    # Asked again (a retried activation): the same keys, recorded once.
+    assert interop.prepare_hand_over(FOREIGN, "far", 1, [found[0].key_id]) == [found[0]]
+    interop.handed_over([found[0].key_id])
+    assert store.waiting() == 0 and interop.prepare_hand_over(FOREIGN, "far", 1, [found[0].key_id]) == []
+    store.assert_exact(FOREIGN)

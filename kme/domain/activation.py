@@ -14,7 +14,7 @@ from functools import partial
 
 from kme import clock
 from kme.config import KmeConfig, OtherKme, Sae
-from kme.domain import relay, sharing
+from kme.domain import interop, relay, sharing
 from kme.errors import BadRequest, Forbidden, PeerError, PeerFailure, PeerOutcomeUnknown, PeerRefused
 from kme.operations import metrics
 from kme.peers.client import client_for
@@ -65,13 +65,18 @@ def activate_at_peer(config: KmeConfig, peer: OtherKme, master: Sae, remote_slav
 
 
 def accept_activation(config: KmeConfig, caller: OtherKme, request: ActivationRequest) -> int:
-    """Activate keys a peer KME asks for, after checking it acts within its rights."""
-    _check_sides(config, caller, request)
+    """Activate keys a peer KME asks for, after checking it acts within its rights; for a slave behind a foreign
+    KMS of this KME, answered once that KMS has them (kme.domain.interop)."""
+    foreign_slave = _check_sides(config, caller, request)
     refusal = config.this_kme.limits.refusal(request.size_bits, len(request.keys), "activation")
     if refusal:
         raise BadRequest(refusal)
     relay.check_parts(request.size_bits, [parts for _, parts in request.keys])
-    return incoming.activate(config.this_kme.id, caller.id, request)
+    activated = incoming.activate(config.this_kme.id, caller.id, request)
+    if foreign_slave:
+        interop.hand_over_activated(config, request.master_sae_id, request.slave_ids[0],
+                                    [key_id for key_id, _parts in request.keys])
+    return activated
 
 
 def cancel_activation(config: KmeConfig, caller: OtherKme, request: ActivationRequest) -> None:
@@ -80,14 +85,20 @@ def cancel_activation(config: KmeConfig, caller: OtherKme, request: ActivationRe
     incoming.cancel(config.this_kme.id, caller.id, request)
 
 
-def _check_sides(config: KmeConfig, caller: OtherKme, request: ActivationRequest) -> None:
+def _check_sides(config: KmeConfig, caller: OtherKme, request: ActivationRequest) -> bool:
+    """Forbidden unless the master is the caller's and the slaves ours; whether the slave is behind a foreign KMS
+    of this KME (then the only slave)."""
     master = config.saes_by_id.get(request.master_sae_id)
     if master is None or master.kme_id != caller.id:
         raise Forbidden(f"SAE {request.master_sae_id} is not an SAE of KME {caller.id}")
-    for slave_id in request.slave_ids:
-        slave = config.saes_by_id.get(slave_id)
-        if slave is None or slave.kme_id != config.this_kme.id:
+    slaves = [config.saes_by_id.get(slave_id) for slave_id in request.slave_ids]
+    foreign = [slave for slave in slaves if slave is not None and slave.kme_id in config.foreign_kms_by_id]
+    if foreign and len(slaves) > 1:
+        raise Forbidden(f"SAE {foreign[0].id} is behind a foreign KMS: it is the only slave of its activation")
+    for slave_id, slave in zip(request.slave_ids, slaves):
+        if slave is None or (slave.kme_id != config.this_kme.id and not foreign):
             raise Forbidden(f"SAE {slave_id} is not an SAE of this KME")
+    return bool(foreign)
 
 
 def abandoned_before(config: KmeConfig) -> str:

@@ -5,7 +5,7 @@ are kme.errors domain errors with the standard's messages.
 """
 from kme import ids
 from kme.config import KmeConfig, Sae
-from kme.domain import activation, relay
+from kme.domain import activation, interop, relay
 from kme.errors import EXTENSION_MANDATORY_UNSUPPORTED, SIZE_NOT_MULTIPLE_OF_8, BadRequest, KeysNotFound, NotAuthorized
 from kme.ids import Id
 from kme.key_math import entropy
@@ -96,11 +96,16 @@ def get_key(config: KmeConfig, master: Sae, slave_id: str, request: dict) -> lis
 
     Slaves of this KME fetch the keys here; slaves behind one linked KME get
     them activated there first; slaves behind KMEs reached through trusted
-    nodes, or behind several other KMEs, get them by relay (kme.domain.relay).
+    nodes, or behind several other KMEs, get them by relay (kme.domain.relay);
+    a slave behind a foreign KMS gets them through it (kme.domain.interop).
     """
     slave = _slave(config, master, slave_id)
     number, size = _check_key_request(config, request)
     slaves = _slaves(config, master, slave, request.get("additional_slave_SAE_IDs", []))
+    if any(sae.kme_id in config.foreign_kms_by_id for sae in slaves):
+        if len(slaves) > 1:
+            raise BadRequest("an SAE behind a foreign KMS is the only slave of its request")
+        return interop.send(config, master, slave, number, size)
     this_id = config.this_kme.id
     local_slaves = [sae for sae in slaves if sae.kme_id == this_id]
     remote: dict[int, list[Sae]] = {}

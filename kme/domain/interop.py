@@ -1,29 +1,40 @@
 """ETSI GS QKD 020 (draft 0.4.1): keys that another vendor's KMS in our trusted node passes us, their voids and
-the acknowledgements we owe it (docs/interop.md).
+the acknowledgements we owe it; keys we pass it for the SAEs behind it (docs/interop.md).
 
-A container's keys are stored at once, sealed, for its target SAEs of this
-KME, or passed on by our own relay (a one-time pad on every hop) to the
-KMEs of the others; the ``relayed`` acknowledgement is queued only once
-every target holds them, ``failed`` with the reason otherwise, and the
-background worker sends it with retries. An SAE fetches such a key by ETSI
-GS QKD 014 Get key with key IDs, naming the initiator SAE as master.
+Receiving: a container's keys are stored at once, sealed, for its target
+SAEs of this KME, or passed on by our own relay (a one-time pad on every
+hop) to the KMEs of the others; the ``relayed`` acknowledgement is queued
+only once every target holds them, ``failed`` with the reason otherwise,
+and the background worker sends it with retries. An SAE fetches such a key
+by ETSI GS QKD 014 Get key with key IDs, naming the initiator SAE as master.
+
+Sending: keys for a slave SAE behind a foreign KMS (taken from this KME's
+zone for a master here, or activated here by a linked KME for its master)
+are passed to the foreign KMS with ext_keys, and the master gets them only
+once it acknowledged them ``relayed``: anything else, or nothing within its
+read timeout, fails the request.
 """
+import base64
+import json
 import logging
 import time
 from urllib.parse import urlsplit
 
 from kme.config import ForeignKms, KmeConfig, Sae
 from kme.domain import relay
-from kme.domain.activation import abandoned_before
-from kme.errors import BadRequest, ForeignKmsFailure, RelayFailure
+from kme.errors import ActivationConflict, BadRequest, ForeignKmsFailure, RelayFailure
 from kme.ids import Id
 from kme.operations import metrics
 from kme.peers.foreign import foreign_client
 from kme.storage.keystore import interop as store
+from kme.storage.keystore import local as keystore_local
 from kme.storage.keystore.common import DeliveredKeyMaterial
 from kme.storage.keystore.interop import Container
 
 log = logging.getLogger(__name__)
+
+# How often a request that passed keys to a foreign KMS looks for its acknowledgement.
+ACK_POLL_SECONDS = 0.02
 
 # The longest wait between two attempts to deliver an acknowledgement.
 ACK_BACKOFF_MAX_SECONDS = 300.0
@@ -78,6 +89,85 @@ def void(config: KmeConfig, foreign: ForeignKms, key_ids: list[str] | None, init
                                     tuple(key_ids or ()), ack_url), not key_ids)
     for outcome in outcomes:
         _count("received", outcome.status, len(outcome.key_ids))
+
+
+def send(config: KmeConfig, master: Sae, slave: Sae, number: int, size_bits: int) -> list[DeliveredKeyMaterial]:
+    """Get key for ``master`` (an SAE of this KME) and ``slave`` (behind a foreign KMS): keys of this KME's zone,
+    answered once the foreign KMS acknowledged them ``relayed``; ForeignKmsFailure otherwise (the keys are
+    spent: they may have reached the foreign KMS)."""
+    foreign = config.foreign_kms_by_id[slave.kme_id]
+    keys = keystore_local.deliver_local(
+        config.this_kme.id, master.id, [], number, size_bits,
+        hand_over=lambda connection, keys: store.expect(connection, foreign.id, master.id, slave.id,
+                                                        [key.key_id for key in keys]))
+    _hand_over(foreign, master.id, slave.id, keys)
+    return keys
+
+
+def hand_over_activated(config: KmeConfig, master_id: Id, slave_id: Id, key_ids: list[str]) -> None:
+    """Keys a linked KME activated here for its master and ``slave_id``, an SAE behind a foreign KMS: passed to it,
+    erased here once it acknowledged them ``relayed``; ActivationConflict otherwise (the master's KME then
+    cancels the activation, and its keys are never used)."""
+    foreign = config.foreign_kms_by_id[config.saes_by_id[slave_id].kme_id]
+    keys = store.prepare_hand_over(foreign.id, master_id, slave_id, key_ids)
+    try:
+        if len(keys) < len(key_ids):
+            _check_passed(foreign, key_ids)
+        if keys:
+            _hand_over(foreign, master_id, slave_id, keys)
+    except ForeignKmsFailure as failure:
+        raise ActivationConflict(str(failure)) from None
+    store.handed_over(key_ids)
+
+
+def _hand_over(foreign: ForeignKms, master_id: Id, slave_id: Id, keys: list[DeliveredKeyMaterial]) -> None:
+    """Pass keys recorded as being sent to the foreign KMS and wait, no longer than its read timeout in all, for
+    its acknowledgement; ForeignKmsFailure unless it says ``relayed``."""
+    deadline = time.monotonic() + foreign.read_timeout_seconds
+    key_ids = [key.key_id for key in keys]
+    container = {"keys": [{"key_id": key.key_id, "value": base64.b64encode(key.material).decode("ascii")}
+                          for key in keys],
+                 "initiator_sae_id": str(master_id), "target_sae_ids": [str(slave_id)],
+                 "ack_callback_url": foreign.ack_callback_url}
+    try:
+        foreign_client(foreign).pass_keys(json.dumps(container), foreign.read_timeout_seconds)
+        _check_passed(foreign, key_ids, deadline)
+    except ForeignKmsFailure:
+        store.give_up(key_ids, "not acknowledged")
+        _count("sent", "failed", len(keys))
+        raise
+    _count("sent", "relayed", len(keys))
+
+
+def _check_passed(foreign: ForeignKms, key_ids: list[str], deadline: float | None = None) -> None:
+    """Wait until ``deadline`` (none: look once) for the foreign KMS's acknowledgement of every key;
+    ForeignKmsFailure unless it says ``relayed``."""
+    while True:
+        outcome = store.sent_outcome(key_ids)
+        pending = [key_id for key_id in key_ids if outcome.get(key_id, (store.SENDING, ""))[0] == store.SENDING]
+        failed = [outcome[key_id][1] for key_id in key_ids if outcome.get(key_id, ("", ""))[0] == store.FAILED]
+        if failed:
+            raise ForeignKmsFailure(f"foreign KMS {foreign.id} did not deliver the keys: {failed[0]}")
+        if not pending:
+            return
+        if deadline is None or time.monotonic() >= deadline:
+            raise ForeignKmsFailure(f"foreign KMS {foreign.id} acknowledged no key within "
+                                    f"{foreign.read_timeout_seconds:g} s")
+        time.sleep(ACK_POLL_SECONDS)
+
+
+def acknowledged(foreign: ForeignKms, containers: list[dict]) -> None:
+    """ext_keys/ack: what became of keys we passed the calling foreign KMS; BadRequest (key not present), recording
+    nothing, if it names a key we did not pass it."""
+    outcomes = []
+    for container in containers:
+        status, message = container["ack_status"], container.get("message", "")
+        outcomes.append(([item["key_id"] for item in container["key_ids"]],
+                         store.RELAYED if status == "relayed" else store.FAILED,
+                         f"{status}: {message}" if message else status))
+    if store.acknowledged(foreign.id, outcomes):
+        raise BadRequest("key not present", [{"key_not_present": "The acknowledged key ID(s) are not known to this "
+                                                                  "KME."}])
 
 
 def _parties(config: KmeConfig, foreign: ForeignKms, initiator_id: Id, target_ids: list[Id]) -> tuple[Sae, list[Sae]]:
@@ -167,10 +257,11 @@ def send_acks(config: KmeConfig) -> None:
         store.ack_sent(ack)
 
 
-def fail_abandoned(config: KmeConfig) -> None:
-    """Keys whose relay never ended (its worker died): failed, and acknowledged so."""
+def fail_abandoned(config: KmeConfig, before: str) -> None:
+    """Keys whose relay started before ``before`` and never ended (its worker died): failed, and acknowledged
+    so."""
     groups: dict[tuple, tuple[set, set]] = {}
-    for key_id, target, foreign, initiator, url in store.relaying_before(abandoned_before(config)):
+    for key_id, target, foreign, initiator, url in store.relaying_before(before):
         key_ids, targets = groups.setdefault((foreign, initiator, url), (set(), set()))
         key_ids.add(key_id)
         targets.add(target)

@@ -60,6 +60,7 @@ def expire(config: KmeConfig) -> None:
     incoming.forget_before(clock.utc_now(max(expiry, 86400) * 2))
     leases.forget_given_before(clock.utc_now(leases.REMEMBER_SECONDS))
     interop_store.forget_sent_acks(clock.utc_now(interop_store.SENT_ACKS_KEPT_SECONDS))
+    interop_store.forget_sent(clock.utc_now(interop_store.SENT_ACKS_KEPT_SECONDS))
     events.prune()
 
 
@@ -68,7 +69,8 @@ SHARING = Job("link sharing", lambda config: sharing.housekeeping(config, abando
 
 DATABASE_JOBS = (
     Job("relays whose worker died", lambda config: relays.abandon(abandoned_before(config)), _housekeeping),
-    Job("interop keys whose relay's worker died", interop.fail_abandoned, _housekeeping),
+    Job("interop keys whose relay's worker died",
+        lambda config: interop.fail_abandoned(config, abandoned_before(config)), _housekeeping),
     Job("the end of a key-encryption key's rotation", lambda _config: at_rest.end_rotation(expired_only=True),
         _slow),
     Job("expiry", expire, _slow),

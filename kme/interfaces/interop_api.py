@@ -10,7 +10,7 @@ from kme.config import ForeignKms
 from kme.domain import interop
 from kme.errors import BadRequest, NotAuthorized
 from kme.interfaces.identity import client_serial
-from kme.interfaces.interop_schemas import ExtKeyContainerSchema, VoidContainerSchema
+from kme.interfaces.interop_schemas import AckContainerSchema, ExtKeyContainerSchema, VoidContainerSchema
 from kme.interfaces.schemas import json_body, load
 from kme.storage.keystore.common import DeliveredKeyMaterial
 
@@ -18,7 +18,7 @@ bp = Blueprint("interop_api", __name__, url_prefix="/kmapi")
 
 # The API versions of the draft this KME serves.
 VERSIONS = ("v1",)
-_EXT_KEYS, _VOID = ExtKeyContainerSchema(), VoidContainerSchema()
+_EXT_KEYS, _VOID, _ACKS = ExtKeyContainerSchema(), VoidContainerSchema(), AckContainerSchema(many=True)
 # What the all_confirmation query parameter may say.
 _BOOLEANS = {"true": True, "false": False}
 
@@ -66,3 +66,11 @@ def void():
     interop.void(current_app.extensions["kme"], foreign, container.get("key_ids"), container["initiator_sae_id"],
                  container["target_sae_ids"], container["ack_callback_url"], _BOOLEANS[confirmation])
     return "", 202
+
+
+@bp.post("/v1/ext_keys/ack")
+def ack():
+    """Acknowledgements of keys this KME passed the calling foreign KMS: 200 once recorded."""
+    foreign = calling_foreign_kms()
+    interop.acknowledged(foreign, load(_ACKS, json_body(request)))
+    return "", 200

@@ -12,6 +12,7 @@ from flask import Blueprint, current_app
 from kme import ids
 from kme.interfaces.http_errors import MEANINGS
 from kme.interfaces.interop_schemas import (
+    AckContainerSchema,
     ExtKeyContainerSchema,
     ProblemSchema,
     VersionContainerSchema,
@@ -53,6 +54,9 @@ bp = Blueprint("openapi", __name__)
 _SAE_ERRORS = (400, 401, 404, 405, 413, 503)
 _KME_ERRORS = (400, 401, 403, 404, 405, 409, 413, 503)
 _INTEROP_ERRORS = (400, 401, 404, 405, 413, 503)
+# Answers without a body: (status, meaning).
+_WITHOUT_BODY = {"accepted": ("202", "Accepted: acknowledgements follow at ack_callback_url"),
+                 "recorded": ("200", "The acknowledgements are recorded")}
 
 
 def _sae_id(name: str) -> dict:
@@ -66,12 +70,14 @@ def _query(name: str, schema: dict, description: str) -> dict:
 
 
 def _operation(summary: str, answer, errors, parameters=(), body=None, problem: bool = False) -> dict:
-    """An operation: its answer (a schema; None: 202 Accepted without a body), its errors (ETSI Error bodies, or
-    RFC 7807 problems with ``problem``), its parameters and body."""
+    """An operation: its answer (a schema, or a key of _WITHOUT_BODY), its errors (ETSI Error bodies, or RFC 7807
+    problems with ``problem``), its parameters and body."""
     error = {"application/problem+json": {"schema": ProblemSchema}} if problem else \
         {"application/json": {"schema": ErrorSchema}}
-    responses = {"202": {"description": "Accepted: acknowledgements follow at ack_callback_url"}} if answer is None \
-        else {"200": {"description": "OK", "content": {"application/json": {"schema": answer}}}}
+    if answer in _WITHOUT_BODY:
+        responses = {_WITHOUT_BODY[answer][0]: {"description": _WITHOUT_BODY[answer][1]}}
+    else:
+        responses = {"200": {"description": "OK", "content": {"application/json": {"schema": answer}}}}
     responses.update({str(code): {"description": MEANINGS[code], "content": error} for code in errors})
     operation = {"summary": summary, "responses": responses}
     if parameters:
@@ -171,11 +177,15 @@ def _interop_paths() -> dict:
             "ETSI GS QKD 020 (draft 0.4.1): the API versions this KME supports", VersionContainerSchema, (401, 503),
             problem=True)},
         "/kmapi/v1/ext_keys": {"post": _operation(
-            "Keys from an SAE behind the calling foreign KMS for target SAEs of our network (docs/interop.md)", None,
+            "Keys from an SAE behind the calling foreign KMS for target SAEs of our network (docs/interop.md)",
+            "accepted",
             _INTEROP_ERRORS, body=ExtKeyContainerSchema, problem=True)},
         "/kmapi/v1/ext_keys/void": {"post": _operation(
-            "Discard keys the calling foreign KMS passed before their target SAEs fetched them", None,
+            "Discard keys the calling foreign KMS passed before their target SAEs fetched them", "accepted",
             _INTEROP_ERRORS, [confirmation], body=VoidContainerSchema, problem=True)},
+        "/kmapi/v1/ext_keys/ack": {"post": _operation(
+            "Acknowledgements of keys this KME passed the calling foreign KMS (one container per target SAE)",
+            "recorded", _INTEROP_ERRORS, body=AckContainerSchema(many=True), problem=True)},
     }
 
 

@@ -8,6 +8,11 @@ Layout under the output folder (see docs/certificates.md):
   kmeN/saeM.{crt,key}           SAE M's client certificate, from kmeN/ca_saes (an SAE with a string ID, such as
                                 alice-app, has kmeN/alice-app.{crt,key})
   kmeN/kmeN-to-kmeP.pfx         KME N's client certificate towards KME P, from kmeP/ca_kmes
+
+and, with generate_foreign_pki, another vendor's KMS in the trusted node (ETSI GS QKD 020, docs/interop.md):
+  foreign/ca.{crt,key}          that vendor's CA
+  foreign/kms.{crt,key}         its KMS's certificate, as client and as server (SAN localhost, 127.0.0.1, ::1)
+  foreign/kmeN-to-foreign.pfx   KME N's client certificate towards it, from foreign/ca
 """
 import datetime
 import ipaddress
@@ -126,12 +131,33 @@ def generate_pki(out: Path, saes_by_kme: dict[int, list], password: str, days: i
         for peer_id in saes_by_kme:
             if peer_id == kme_id:
                 continue
-            client = _issue(f"KME {kme_id} to KME {peer_id}", kme_cas[peer_id], days, client=True)
-            pfx = pkcs12.serialize_key_and_certificates(
-                f"kme{kme_id}-to-kme{peer_id}".encode(), client.key, client.certificate, None,
-                serialization.BestAvailableEncryption(password.encode()))
-            path = folder / f"kme{kme_id}-to-kme{peer_id}.pfx"
-            path.write_bytes(pfx)
-            path.chmod(0o600)
-            serials[f"kme{kme_id}-to-kme{peer_id}"] = serial_bytes(client.certificate)
+            name = f"kme{kme_id}-to-kme{peer_id}"
+            client = _write_pfx(_issue(f"KME {kme_id} to KME {peer_id}", kme_cas[peer_id], days, client=True), name,
+                                folder / f"{name}.pfx", password)
+            serials[name] = serial_bytes(client.certificate)
     return serials
+
+
+def generate_foreign_pki(out: Path, kme_ids: list[int], password: str, days: int = 825,
+                         hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")) -> dict[str, list[int]]:
+    """Write the demo PKI of another vendor's KMS into ``out`` (the layout above); returns each client certificate's
+    serial bytes ("kms", "kmeN-to-foreign")."""
+    out = Path(out)
+    ca = _issue("Foreign vendor demo CA", None, days, ca=True)
+    _write_pem(ca, out / "ca")
+    kms = _issue("Foreign KMS", ca, days, server=True, client=True, hosts=hosts)
+    _write_pem(kms, out / "kms")
+    serials = {"kms": serial_bytes(kms.certificate)}
+    for kme_id in kme_ids:
+        name = f"kme{kme_id}-to-foreign"
+        serials[name] = serial_bytes(_write_pfx(_issue(f"KME {kme_id} to the foreign KMS", ca, days, client=True),
+                                                name, out / f"{name}.pfx", password).certificate)
+    return serials
+
+
+def _write_pfx(issued: Issued, name: str, path: Path, password: str) -> Issued:
+    """Write a client certificate and its key as a password-protected PKCS#12 file, readable by its owner only."""
+    path.write_bytes(pkcs12.serialize_key_and_certificates(
+        name.encode(), issued.key, issued.certificate, None, serialization.BestAvailableEncryption(password.encode())))
+    path.chmod(0o600)
+    return issued

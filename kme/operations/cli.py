@@ -1,6 +1,7 @@
-"""Flask CLI commands: ingest-keys (one shot or --watch), kme-status, adopt-key-folders and gen-certs, and the
-registration of every command (rotate-kek and encrypt-db are in kme.operations.key_encryption_cli,
-restored-from-backup in kme.operations.recovery_cli, what they share in kme.operations.command_support)."""
+"""Flask CLI commands: ingest-keys (one shot or --watch), kme-status, adopt-key-folders, gen-certs and
+gen-foreign-certs, and the registration of every command (rotate-kek and encrypt-db are in
+kme.operations.key_encryption_cli, restored-from-backup in kme.operations.recovery_cli, what they share in
+kme.operations.command_support)."""
 import signal
 import sys
 import threading
@@ -127,6 +128,22 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+@click.command("gen-foreign-certs")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("certs/foreign"),
+              show_default=True, help="Folder to write the foreign vendor's PKI into.")
+@click.option("--kme", "kmes", multiple=True, type=int, default=(1,), show_default=True,
+              help="A KME that calls the foreign KMS (its client certificate kmeN-to-foreign.pfx); repeat for each.")
+@click.option("--password", default="password", show_default=True, help="Password of the KME client .pfx files.")
+@click.option("--days", default=825, show_default=True, help="Validity of every certificate.")
+def gen_foreign_certs_command(out: Path, kmes: tuple[int, ...], password: str, days: int) -> None:
+    """Write the demo PKI of another vendor's KMS (ETSI GS QKD 020): its CA, its KMS's certificate, our KMEs'
+    client certificates towards it."""
+    serials = certs.generate_foreign_pki(out, list(kmes), password, days)
+    click.echo(f"wrote the foreign vendor's PKI to {out}")
+    for name, serial in serials.items():
+        click.echo(f"  {name}: https_client_certificate_serial {serial}")
+
+
 @click.command("kme-status")
 def kme_status_command() -> None:
     """Print each link's key pool, the routes to other KMEs and the registered SAEs."""
@@ -177,6 +194,7 @@ def init_app(app) -> None:
     """Register the CLI commands."""
     app.cli.add_command(ingest_keys_command)
     app.cli.add_command(gen_certs_command)
+    app.cli.add_command(gen_foreign_certs_command)
     app.cli.add_command(kme_status_command)
     app.cli.add_command(adopt_key_folders_command)
     app.cli.add_command(key_encryption_cli.rotate_kek_command)

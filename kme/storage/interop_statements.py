@@ -3,11 +3,12 @@ of kme.storage.statements, so that they run in a relay's group commit as well as
 from sqlalchemy import bindparam, delete, func, insert, select, update
 
 from kme.storage.compiled import Statement, many, run, run_many
-from kme.storage.models import InteropAck, InteropKey
+from kme.storage.models import InteropAck, InteropKey, InteropSent
 from kme.storage.statements import driver
 
 _keys = InteropKey.__table__
 _acks = InteropAck.__table__
+_sent = InteropSent.__table__
 
 _KEY_COLUMNS = ("key_id", "target_sae_id", "foreign_kms_id", "initiator_sae_id", "state", "reason", "ack_url",
                 "created_at")
@@ -33,6 +34,19 @@ _IN_STATE_BEFORE = Statement(
     .order_by(_keys.c.created_at).limit(bindparam("limit")))
 _STATE_COUNTS = Statement(select(_keys.c.foreign_kms_id, _keys.c.state, func.count())
                           .group_by(_keys.c.foreign_kms_id, _keys.c.state))
+
+_SENT_COLUMNS = ("key_id", "foreign_kms_id", "initiator_sae_id", "target_sae_id", "state", "message", "created_at")
+_INSERT_SENT = Statement(insert(_sent).values(**{name: bindparam(name) for name in _SENT_COLUMNS}), row=_SENT_COLUMNS)
+_SENT_BY_ID = Statement(
+    lambda key_ids: select(_sent.c.key_id, _sent.c.foreign_kms_id, _sent.c.state, _sent.c.message)
+    .where(_sent.c.key_id.in_(many("key_ids", key_ids))),
+    lists=("key_ids",))
+_SET_SENT = Statement(
+    lambda key_ids: update(_sent).where(_sent.c.state == bindparam("expected"),
+                                        _sent.c.key_id.in_(many("key_ids", key_ids)))
+    .values(state=bindparam("state"), message=bindparam("message")),
+    lists=("key_ids",))
+_FORGET_SENT = Statement(delete(_sent).where(_sent.c.created_at < bindparam("before")))
 
 _ACK_COLUMNS = ("foreign_kms_id", "url", "body", "state", "attempts", "next_at", "last_error", "created_at")
 _INSERT_ACK = Statement(insert(_acks).values(**{name: bindparam(name) for name in _ACK_COLUMNS}))
@@ -83,6 +97,27 @@ def in_state_before(target, state: str, before: str, limit: int) -> list[tuple]:
 def state_counts(target) -> list[tuple]:
     """(foreign_kms_id, state, rows) over every key foreign KMSs passed us (operators' pages only)."""
     return run(driver(target), _STATE_COUNTS).fetchall()
+
+
+def insert_sent(target, rows: list[tuple]) -> None:
+    """Remember keys passed to a foreign KMS: rows in the order of _SENT_COLUMNS."""
+    run_many(driver(target), _INSERT_SENT, rows)
+
+
+def sent_by_id(target, key_ids: list[str]) -> list[tuple]:
+    """(key_id, foreign_kms_id, state, message) of the keys among ``key_ids`` passed to a foreign KMS."""
+    return run(driver(target), _SENT_BY_ID, key_ids=key_ids).fetchall()
+
+
+def set_sent(target, key_ids: list[str], expected: str, state: str, message: str) -> int:
+    """Move keys passed to a foreign KMS from ``expected`` to ``state``; how many moved."""
+    return run(driver(target), _SET_SENT, key_ids=key_ids, expected=expected, state=state,
+               message=message).rowcount
+
+
+def forget_sent(target, before: str) -> None:
+    """Forget keys passed to a foreign KMS before ``before``."""
+    run(driver(target), _FORGET_SENT, before=before)
 
 
 def insert_ack(target, **values) -> None:

@@ -1,7 +1,8 @@
 """Database tables of the KME.
 
 Only the kme.storage.keystore package writes key rows (pool_keys, key_fingerprints,
-delivered_keys, key_slaves, activations, leases, interop_keys, interop_acks) and the link counters and levels;
+delivered_keys, key_slaves, activations, leases, interop_keys, interop_sent, interop_acks)
+and the link counters and levels;
 kme.operations.ingest writes key_files through it; kme.storage.events writes
 events. SAEs and KMEs are not tables: the configuration file is their only source
 of truth (see docs/design.md).
@@ -290,6 +291,21 @@ class InteropKey(db.Model):
     reason: Mapped[str] = mapped_column(Text)
     # Where the acknowledgement of a relay still under way goes, should the KME fail it later.
     ack_url: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[str] = mapped_column(String(32))
+
+
+class InteropSent(db.Model):
+    """A key this KME passed to a foreign KMS for an SAE behind it (ETSI GS QKD 020 ext_keys), until the foreign
+    KMS acknowledges it: "sending", then "relayed" or "failed" (with the foreign KMS's message, or ours)."""
+
+    __tablename__ = "interop_sent"
+    __table_args__ = (Index("ix_interop_sent_created_at", "created_at"),)
+    key_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    foreign_kms_id: Mapped[int] = mapped_column(StoredId)
+    initiator_sae_id: Mapped[int] = mapped_column(StoredId)
+    target_sae_id: Mapped[int] = mapped_column(StoredId)
+    state: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
     created_at: Mapped[str] = mapped_column(String(32))
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from kme import clock, ids
 from kme.errors import BadRequest
 from kme.ids import Id
-from kme.storage import events
+from kme.storage import at_rest, events
 from kme.storage import interop_statements as rows
 from kme.storage import statements
 from kme.storage.db import read_connection, write_transaction
@@ -33,13 +33,16 @@ RELAYING = "relaying"
 RELAYED = "relayed"
 FAILED = "failed"
 VOIDED = "voided"
+# A key passed to a foreign KMS, not acknowledged yet.
+SENDING = "sending"
 # The draft's acknowledgement statuses besides relayed, voided and failed.
 NOT_PRESENT = "key not present"
 # An acknowledgement in the outbox.
 ACK_PENDING, ACK_SENT, ACK_FAILED = "pending", "sent", "failed"
 # The acknowledgement status of a key's fate (a replay is answered with it).
 _STATUS_OF = {HELD: RELAYED, RELAYED: RELAYED, FAILED: FAILED, VOIDED: VOIDED}
-# Acknowledgements delivered are kept this long (for operators), then forgotten; failed ones stay.
+# Acknowledgements delivered, and keys passed to foreign KMSs, are kept this long (for operators), then forgotten;
+# acknowledgements that failed stay.
 SENT_ACKS_KEPT_SECONDS = 2 * 86400
 
 
@@ -128,9 +131,9 @@ def relayed(transaction, container: Container, keys: list[DeliveredKeyMaterial],
         rows.set_state(transaction, key_ids, target, RELAYING, HELD if target in local_targets else RELAYED)
     _queue(transaction, container, [Outcome(target, RELAYED, container.key_ids)
                                     for target in container.target_sae_ids])
+    targets = " and ".join(map(str, container.target_sae_ids))
     events.record(transaction, f"Foreign KMS {container.foreign_kms_id} passed {len(keys)} keys from SAE "
-                               f"{container.initiator_sae_id} for SAE {' and '.join(map(str, container.target_sae_ids))}"
-                               f": {_named(container)}")
+                               f"{container.initiator_sae_id} for SAE {targets}: {_named(container)}")
 
 
 def fail(container: Container, reason: str) -> bool:
@@ -182,9 +185,8 @@ def void(container: Container, all_keys: bool) -> list[Outcome]:
 
 def _void(session, container: Container, known: list[tuple], all_keys: bool) -> list[Outcome]:
     states = {(key_id, target): state for key_id, target, state in known}
-    waiting = {(key_id, slave) for key_id, _link, _master, _material, slave, fetched
-               in statements.delivered_keys_and_slaves(statements.driver(session), sorted({key_id for key_id, _t, _s in known}))
-               if not fetched}
+    found = statements.delivered_keys_and_slaves(statements.driver(session), sorted({row[0] for row in known}))
+    waiting = {(key_id, slave) for key_id, _link, _master, _material, slave, fetched in found if not fetched}
     outcomes = []
     for target in container.target_sae_ids:
         number = ids.number(target)
@@ -262,6 +264,74 @@ def _queue(transaction, container: Container, outcomes: list[Outcome]) -> None:
 
 def _named(container: Container) -> str:
     return ", ".join(container.key_ids)
+
+
+def expect(transaction, foreign_kms_id: Id, initiator: Id, target: Id, key_ids: list[str]) -> None:
+    """Keys about to be passed to a foreign KMS for ``target``, in the caller's transaction (the one that took them
+    from a pool)."""
+    now = clock.utc_now()
+    rows.insert_sent(transaction, [(key_id, foreign_kms_id, initiator, target, SENDING, "", now)
+                                   for key_id in key_ids])
+
+
+def prepare_hand_over(foreign_kms_id: Id, initiator: Id, target: Id, key_ids: list[str]) -> list[DeliveredKeyMaterial]:
+    """Keys that wait here for ``target`` (an SAE behind a foreign KMS: a peer's activation stored them), opened to
+    be passed on, each recorded as being passed unless it was before (a retry); those still here."""
+    with write_transaction() as session:
+        stored = statements.delivered_material(session, key_ids)
+        slaves = statements.slaves_of(session, key_ids)
+        known = {row[0] for row in rows.sent_by_id(session, key_ids)}
+        expect(session, foreign_kms_id, initiator, target, [key_id for key_id in key_ids if key_id not in known])
+        return [DeliveredKeyMaterial(key_id, at_rest.open_delivered(key_id, link_id, master, slaves.get(key_id, ()),
+                                                                    material))
+                for key_id, link_id, master, material in stored]
+
+
+def handed_over(key_ids: list[str]) -> None:
+    """The foreign KMS acknowledged keys that waited here: erased (its SAE has them)."""
+    with write_transaction() as session:
+        erase_delivered(session, key_ids)
+
+
+def sent_outcome(key_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """What became of keys passed to a foreign KMS: {key_id: (state, message)}."""
+    with read_connection() as connection:
+        return {key_id: (state, message) for key_id, _foreign, state, message
+                in rows.sent_by_id(connection, key_ids)}
+
+
+def acknowledged(foreign_kms_id: Id, outcomes: list[tuple[list[str], str, str]]) -> list[str]:
+    """Record a foreign KMS's acknowledgements of keys we passed it ((key IDs, RELAYED or FAILED, message) each);
+    the key IDs it names that were not passed to it, in which case nothing is recorded."""
+    named = [key_id for key_ids, _state, _message in outcomes for key_id in key_ids]
+    if not named:
+        return []
+    with write_transaction() as session:
+        passed = {key_id for key_id, foreign, _state, _message in rows.sent_by_id(session, named)
+                  if foreign == ids.number(foreign_kms_id)}
+        unknown = [key_id for key_id in named if key_id not in passed]
+        if unknown:
+            return unknown
+        for key_ids, state, message in outcomes:
+            if key_ids:
+                rows.set_sent(session, key_ids, SENDING, state, message)
+        events.record(session, *(f"Foreign KMS {foreign_kms_id} acknowledged keys {', '.join(key_ids)}: {state}"
+                                 + (f" ({message})" if message else "") for key_ids, state, message in outcomes
+                                 if key_ids))
+        return []
+
+
+def give_up(key_ids: list[str], reason: str) -> None:
+    """Keys passed to a foreign KMS that acknowledged nothing in time: failed (a later acknowledgement changes
+    nothing)."""
+    with write_transaction() as session:
+        rows.set_sent(session, key_ids, SENDING, FAILED, reason)
+
+
+def forget_sent(before: str) -> None:
+    """Forget keys passed to foreign KMSs before ``before``."""
+    with write_transaction() as session:
+        rows.forget_sent(session, before)
 
 
 def due_acks(limit: int = 50) -> list[Ack]:

@@ -28,8 +28,10 @@ def not_enough_keys(number: int, size_bits: int, available: int):
 
 
 def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number: int,
-                  size_bits: int) -> list[DeliveredKeyMaterial]:
-    """Take ``number`` keys of ``size_bits`` from the zone's pool for a master SAE and its slaves here.
+                  size_bits: int, hand_over: Callable | None = None) -> list[DeliveredKeyMaterial]:
+    """Take ``number`` keys of ``size_bits`` from the zone's pool for a master SAE and its slaves here, or, with
+    ``hand_over``, for a slave behind a foreign KMS: the keys are not kept, ``hand_over(connection, keys)``
+    records where they go in the same transaction.
 
     All or nothing: without enough pool keys nothing is taken (NotEnoughKeys). Each key
     is built from consecutive pool keys; the unused bits of the last one are
@@ -47,8 +49,11 @@ def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number
         if len(taken) < needed:
             raise not_enough_keys(number, size_bits, len(taken))
         keys = build_keys(key_ids, taken, size_bits)
-        store_delivered(connection, link_id, master_sae_id, slave_ids, keys, clock.utc_now())
-        update_link(connection, link_id, removed=taken, added=[key.material for key in keys],
+        if hand_over is None:
+            store_delivered(connection, link_id, master_sae_id, slave_ids, keys, clock.utc_now())
+        else:
+            hand_over(connection, keys)
+        update_link(connection, link_id, removed=taken, added=[] if hand_over else [key.material for key in keys],
                     available=-needed, delivered=needed)
         events.record(connection, f"SAE {master_sae_id} requested a key to communicate with {slaves}",
                       *(f"Key {key.key_id} activated between SAEs {master_sae_id} and {slaves}" for key in keys))

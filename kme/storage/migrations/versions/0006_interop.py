@@ -1,5 +1,5 @@
-"""Another vendor's key management system (ETSI GS QKD 020): the keys it passed us, by key ID and target SAE, and
-the outbox of acknowledgements to it.
+"""Another vendor's key management system (ETSI GS QKD 020): the keys it passed us, by key ID and target SAE, the
+keys we passed it until it acknowledges them, and the outbox of acknowledgements to it.
 
 Revision ID: 0006
 Revises: 0005
@@ -29,6 +29,18 @@ def upgrade():
     op.create_index('ix_interop_keys_foreign', 'interop_keys', ['foreign_kms_id', 'initiator_sae_id'])
     op.create_index('ix_interop_keys_state', 'interop_keys', ['state', 'created_at'])
     op.create_table(
+        'interop_sent',
+        sa.Column('key_id', sa.String(length=36), nullable=False),
+        sa.Column('foreign_kms_id', sa.BigInteger(), nullable=False),
+        sa.Column('initiator_sae_id', sa.BigInteger(), nullable=False),
+        sa.Column('target_sae_id', sa.BigInteger(), nullable=False),
+        sa.Column('state', sa.String(length=16), nullable=False),
+        sa.Column('message', sa.Text(), nullable=False),
+        sa.Column('created_at', sa.String(length=32), nullable=False),
+        sa.PrimaryKeyConstraint('key_id'),
+    )
+    op.create_index('ix_interop_sent_created_at', 'interop_sent', ['created_at'])
+    op.create_table(
         'interop_acks',
         sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
         sa.Column('foreign_kms_id', sa.BigInteger(), nullable=False),
@@ -47,6 +59,8 @@ def upgrade():
 def downgrade():
     op.drop_index('ix_interop_acks_state', table_name='interop_acks')
     op.drop_table('interop_acks')
+    op.drop_index('ix_interop_sent_created_at', table_name='interop_sent')
+    op.drop_table('interop_sent')
     op.drop_index('ix_interop_keys_state', table_name='interop_keys')
     op.drop_index('ix_interop_keys_foreign', table_name='interop_keys')
     op.drop_table('interop_keys')
