@@ -118,6 +118,7 @@ class ThisKme:
     interop_https_interface: HttpsInterface | None
     debugging_http_interface: str | None
     debugging_http_allow_non_loopback: bool
+    interop_https_allow_any_network: bool
     metrics_directory: Path | None
     log_level: str
     log_format: str
@@ -440,6 +441,7 @@ def _this_kme(data: dict, base_dir: Path, source: Path | None) -> ThisKme:
         interop_https_interface=interop and _https_interface(interop, base_dir, "this_kme.interop_https_interface"),
         debugging_http_interface=data.get("debugging_http_interface"),
         debugging_http_allow_non_loopback=data.get("debugging_http_allow_non_loopback", False),
+        interop_https_allow_any_network=data.get("interop_https_allow_any_network", False),
         metrics_directory=_metrics_directory(data, base_dir, data["id"], database_uri),
         log_level=data.get("log_level", "INFO"),
         log_format=data.get("log_format", "text"),

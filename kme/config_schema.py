@@ -156,6 +156,7 @@ class ThisKmeSchema(StrictSchema):
     interop_https_interface = Nested(HttpsInterfaceSchema)
     delete_key_file_after_read = Bool()
     debugging_http_allow_non_loopback = Bool()
+    interop_https_allow_any_network = Bool()
     metrics_directory = Str(validate=validate.Length(min=1))
     log_level = Str(validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR"], error="one of DEBUG, INFO, WARNING, ERROR"))
     log_format = Str(validate=validate.OneOf(["text", "json"], error="text or json"))

@@ -39,6 +39,6 @@ def test_a_failed_peer_call_is_a_503_whatever_the_peer_answered():
 def test_the_documents_describe_each_error_status_as_the_table_does():
     document = openapi.document("all")
     described = {code: answer["description"] for path in document["paths"].values() for operation in path.values()
-                 for code, answer in operation["responses"].items() if code != "200"}
+                 for code, answer in operation["responses"].items() if not code.startswith("2")}
 
     assert described and all(http_errors.MEANINGS[int(code)] == text for code, text in described.items())

@@ -18,7 +18,7 @@ CONNECT_TIMEOUT = 1
 
 @pytest.fixture
 def network(tmp_path, pki):
-    network = Network(tmp_path, pki, [(1, 2)])
+    network = Network(tmp_path, pki, [(1, 2)], workers=1)
     network.write_link_file(1, 2, "link.cor", 200)
     network.start_all()
     network.wait_for_link(1, 2, 200)
@@ -188,7 +188,7 @@ def test_master_killed_between_claim_and_answer_is_settled_after_restart(network
 
 
 def test_unfetched_key_expires_with_its_event(tmp_path, pki):
-    network = Network(tmp_path, pki, [(1, 2)], key_expiry_seconds=1)
+    network = Network(tmp_path, pki, [(1, 2)], key_expiry_seconds=1, workers=1)
     network.write_link_file(1, 2, "link.cor", 20)
     network.start_all()
     try:

@@ -8,6 +8,7 @@ import requests
 
 from kme.config import load_config
 from kme.errors import ConfigError
+from kme.interfaces import gunicorn_conf
 from kme.interfaces.interop_schemas import ProblemSchema
 from kme.interfaces.openapi import document
 from kme.operations.certs import generate_pki
@@ -111,3 +112,17 @@ def test_each_mistake_of_a_foreign_kms_is_one_line(tmp_path, pki, foreign, chang
     with pytest.raises(ConfigError) as caught:
         load_config(tmp_path / "config.json")
     assert str(caught.value).startswith(expected)
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:18998", "1.2.3.4:18998"], ids=["a wildcard", "a public address"])
+def test_the_interop_interface_stays_inside_the_trusted_node(tmp_path, pki, foreign, address, monkeypatch):
+    raw = interop_config(tmp_path, pki, foreign)
+    raw["this_kme"]["interop_https_interface"]["listen_address"] = address
+    raw["foreign_kms"][0]["ack_callback_url"] = "https://127.0.0.1:18998/kmapi/v1/ext_keys/ack"
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    monkeypatch.setenv("KME_CONFIG", str(tmp_path / "config.json"))
+    # What deploy/interop.py does when gunicorn reads it.
+    with pytest.raises(SystemExit) as stopped:
+        gunicorn_conf.settings("interop_https_interface")
+    assert str(stopped.value.code).startswith(
+        f"kme: this_kme.interop_https_interface: {address} is neither loopback nor a private address")

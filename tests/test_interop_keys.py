@@ -28,7 +28,7 @@ def gateway(tmp_path_factory, pki):
     (KME 1) and 3 (KME 2); ``foreign-sae`` lives behind it (at KME 2: an SAE reached through KME 1)."""
     folder = tmp_path_factory.mktemp("interop")
     kms = StandInKms(folder / "foreign", str(pki.folder / "kme2" / "ca_kmes.crt"), pki.server_ca)
-    network = Network(folder, pki, [(1, 2)])
+    network = Network(folder, pki, [(1, 2)], workers=1)
     raw = load_json(network[1].config)
     raw["this_kme"]["interop_https_interface"] = {
         **raw["this_kme"]["saes_https_interface"], "listen_address": f"127.0.0.1:{free_port()}",

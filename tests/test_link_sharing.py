@@ -24,7 +24,7 @@ MASTER_OF = {1: (1, 3), 2: (3, 1)}
 
 
 def started(tmp_path, pki, grace: float):
-    network = Network(tmp_path, pki, [(1, 2)], unmatched_key_grace_seconds=grace)
+    network = Network(tmp_path, pki, [(1, 2)], unmatched_key_grace_seconds=grace, workers=1)
     network.start_all()
     return network
 

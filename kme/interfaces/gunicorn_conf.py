@@ -122,6 +122,11 @@ def settings(interface_name: str) -> dict:
     if interface is None:
         sys.exit(f"kme: this_kme.{interface_name}: missing")
     short = interface_name.split("_")[0]
+    if interface_name == "interop_https_interface" and not _in_node(interface.host) \
+            and not config.this_kme.interop_https_allow_any_network:
+        sys.exit(f"kme: this_kme.interop_https_interface: {interface.listen_address} is neither loopback nor a "
+                 "private address; key values cross this interface, for the inside of one trusted node only (set "
+                 "interop_https_allow_any_network to true to serve it there anyway)")
     if interface_name == "kmes_https_interface" and len(config.other_kmes) == 1 \
             and config.other_kmes[0].https_client_certificate_serial is None:
         print(f"kme: warning: other_kmes[0].https_client_certificate_serial is not set: every certificate of "
@@ -168,6 +173,15 @@ def debug_settings() -> dict:
                  "HTTP (set debugging_http_allow_non_loopback to true to serve it there anyway)")
     return {**_common(config, "debug", int(port)), "bind": _bind(host, int(port)), "worker_class": "gthread",
             "workers": 1}
+
+
+def _in_node(host: str) -> bool:
+    """Whether ``host`` is a loopback, private or link-local address: never a wildcard, never a public one."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    return not address.is_unspecified and (address.is_loopback or address.is_private or address.is_link_local)
 
 
 def _is_loopback(host: str) -> bool:
