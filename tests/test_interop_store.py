@@ -18,7 +18,7 @@ from kme.storage.keystore import interop
 from kme.storage.keystore.common import DeliveredKeyMaterial
 from kme.storage.keystore.interop import Container
 from kme.storage.schema import ensure_schema
-from tests.support import PASSWORD, Ledger, load_json, write_config
+from tests.support import PASSWORD, Ledger, load_json, run_cli, write_config
 
 FOREIGN = "foreign-kms"
 
@@ -191,4 +191,15 @@ def test_keys_a_peer_activated_for_an_sae_behind_the_foreign_kms_are_opened_then
     assert interop.prepare_hand_over(FOREIGN, "far", 1, [found[0].key_id]) == [found[0]]
     interop.handed_over([found[0].key_id])
     assert store.waiting() == 0 and interop.prepare_hand_over(FOREIGN, "far", 1, [found[0].key_id]) == []
+    store.assert_exact(FOREIGN)
+
+
+def test_a_database_restored_from_a_backup_erases_the_foreign_keys_waiting_too(store, tmp_path):
+    """A key a foreign KMS passed may have been fetched since the backup: like every waiting key, it goes."""
+    found = keys(1)
+    interop.claim(container_of(found), found, [1])
+    result = run_cli(["restored-from-backup", "--force"], tmp_path / "config.json")
+    assert result.returncode == 0, result.stderr
+    assert f"link {FOREIGN}: 0 keys set aside, 1 keys waiting for their slaves erased" in result.stdout
+    assert store.waiting() == 0
     store.assert_exact(FOREIGN)

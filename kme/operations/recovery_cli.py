@@ -21,7 +21,7 @@ def restored_from_backup_command(force: bool) -> None:
     Stop every process of the KME first. The database gets a new ID; every key
     it holds that could have been handed out since the backup is set aside
     (our direction of each link, the local zone, the keys waiting for their
-    slaves), the key files present are read no further, and the peers learn
+    slaves, those foreign KMSs passed included), the key files present are read no further, and the peers learn
     this KME's progress afresh. Only keys of files added later are used.
     """
     config = command_config()
@@ -39,6 +39,8 @@ def restored_from_backup_command(force: bool) -> None:
                                        "(--force sets its keys aside all the same)")
         sizes = {link_id: dict(key_files(directory)) for link_id, directory in config.key_directories().items()
                  if directory.is_dir()}
+        # A foreign KMS's link has no key files, only the keys it passed, waiting for their slaves.
+        sizes.update({foreign.id: {} for foreign in config.foreign_kms})
         new_id, done = recovery.forget_since_backup(current_app.extensions["kme_kek"], sizes)
         with read_connection() as connection:
             spent = statements.spent_total(connection)
