@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from kme.operations.certs import generate_pki  # noqa: E402
 from tests.conftest import PKI_LAYOUT  # noqa: E402
-from tests.faults import children  # noqa: E402
+from tests.support import children  # noqa: E402
 from tests.network import Network  # noqa: E402
 from tests.support import PASSWORD, Pki, Process, free_port, load_json, wait_for_workers  # noqa: E402
 

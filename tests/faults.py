@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import requests
 
 from tests.network import Network
-from tests.support import wait_until
+from tests.support import children, kill_family, wait_until
 
 # (KME, master SAE, slave SAE): across the link in both directions, and inside each zone.
 PAIRS = ((1, 1, 3), (2, 3, 1), (1, 1, 2), (2, 3, 4))
@@ -46,35 +46,6 @@ class Figures:
         return (f"{self.requests} requests ({self.answered} served, {self.refused} refused with 503, "
                 f"{self.failed} cut by a fault), {self.faults} faults injected, {self.keys} keys checked, "
                 f"{self.fetched} fetched by slaves: 0 lost, 0 duplicated")
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as handle:
-            found += [int(child) for child in handle.read().split()]
-    return found
-
-
-def _stopped(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as handle:
-        return handle.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-
-
-def kill_family(process) -> None:
-    """SIGKILL a process the test started (a gunicorn master, say) and its children, by pid.
-
-    It is stopped first: a gunicorn master that sees a worker die forks
-    another at once, and a worker forked between listing the children and
-    killing the master would live on, holding the listening socket.
-    """
-    pid = process.proc.pid
-    os.kill(pid, signal.SIGSTOP)
-    wait_until(lambda: _stopped(pid), timeout=10)
-    for child in children(pid):
-        os.kill(child, signal.SIGKILL)
-    os.kill(pid, signal.SIGKILL)
-    process.proc.wait()
 
 
 class FaultInjector:

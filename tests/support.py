@@ -245,6 +245,16 @@ class Process:
             self.proc.send_signal(signal.SIGTERM)
             self.terminated = True
 
+    def kill(self) -> None:
+        """SIGKILL the process and its children (kill_family) unless it ended already; its log closed."""
+        try:
+            if self.proc.poll() is None:
+                kill_family(self)
+        except ProcessLookupError:
+            # It ended between the look and the signal.
+            self.proc.wait()
+        self.log.close()
+
     def stop(self, timeout: float = 15) -> None:
         if self.proc.poll() is None:
             self.terminate()
@@ -254,6 +264,35 @@ class Process:
                 self.proc.kill()
                 self.proc.wait(timeout)
         self.log.close()
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            found += [int(child) for child in handle.read().split()]
+    return found
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def kill_family(process) -> None:
+    """SIGKILL a process the test started (a gunicorn master, say) and its children, by pid.
+
+    It is stopped first: a gunicorn master that sees a worker die forks
+    another at once, and a worker forked between listing the children and
+    killing the master would live on, holding the listening socket.
+    """
+    pid = process.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    wait_until(lambda: _stopped(pid), timeout=10)
+    for child in children(pid):
+        os.kill(child, signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
+    process.proc.wait()
 
 
 def _start_gunicorn(interface: str, config: Path, log: Path, workers: int, threads: int,

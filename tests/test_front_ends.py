@@ -10,10 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.faults import kill_family
 from tests.forwarder import Forwarder
 from tests.network import Network
-from tests.support import free_port, load_json, start_kme_interface, start_sae_interface, wait_until
+from tests.support import free_port, kill_family, load_json, start_kme_interface, start_sae_interface, wait_until
 
 KEYS = 3000
 ACTIVATION_ROUTE = "POST /api/v1/kme/activations 200"

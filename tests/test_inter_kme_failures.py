@@ -8,9 +8,8 @@ import pytest
 import requests
 
 from tests.fake_peer import FakePeer
-from tests.faults import kill_family
 from tests.network import Network
-from tests.support import wait_until
+from tests.support import kill_family, wait_until
 
 READ_TIMEOUT = 2
 CONNECT_TIMEOUT = 1

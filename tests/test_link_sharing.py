@@ -16,9 +16,8 @@ import requests
 from kme.errors import PeerRefused
 from kme.storage.keystore import leases
 from tests.fake_peer import FakePeer
-from tests.faults import kill_family
 from tests.network import Network
-from tests.support import wait_until
+from tests.support import kill_family, wait_until
 
 MASTER_OF = {1: (1, 3), 2: (3, 1)}
 
