@@ -3,8 +3,8 @@
 For each instance/*.json5 (or each *.json5 of the folder given as argument:
 instance/line3 is the three-KME line of `make run KMES=3`) it starts the
 ingestion worker, the SAE interface, the inter-KME interface, the SKIP and
-interop (ETSI GS QKD 020) interfaces where they are configured, and the
-debugging page, waits until they are up and the shipped key files are
+interop (ETSI GS QKD 020) interfaces and the ETSI GS QKD 004 server where
+they are configured, and the debugging page, waits until they are up and the shipped key files are
 ingested, prints the addresses and a copy-paste SAE session from the first
 KME to the last, and stops every process it started (by pid) on Ctrl-C.
 Each run starts afresh from the shipped key files.
@@ -146,12 +146,15 @@ def main() -> int:
                 if getattr(config.this_kme, f"{name}_https_interface"):
                     processes.append(_start([sys.executable, "-m", "gunicorn", "-c", f"deploy/{name}.py",
                                              f"wsgi:{name}_app"], path))
+            if config.this_kme.etsi004_interface:
+                processes.append(_start([sys.executable, "-m", "flask", "serve-etsi004"], path))
             if config.this_kme.debugging_http_interface:
                 processes.append(_start([sys.executable, "-m", "gunicorn", "-c", "deploy/debug.py", "wsgi:debug_app"],
                                         path))
         for config in loaded:
             for interface in (config.this_kme.saes_https_interface, config.this_kme.kmes_https_interface,
-                              *(getattr(config.this_kme, f"{name}_https_interface") for name in _OPTIONAL)):
+                              *(getattr(config.this_kme, f"{name}_https_interface") for name in _OPTIONAL),
+                              config.this_kme.etsi004_interface):
                 if interface is not None:
                     _wait_for_port(interface.host, interface.port, processes)
             _wait_for_ingestion(config, processes)
@@ -160,6 +163,8 @@ def main() -> int:
             optional = "".join(f"{_OPTIONAL[name]} interface https://{interface.listen_address}, "
                                for name in _OPTIONAL
                                if (interface := getattr(config.this_kme, f"{name}_https_interface")))
+            streams = config.this_kme.etsi004_interface
+            optional += f"ETSI GS QKD 004 server {streams.listen_address}, " if streams else ""
             print(f"  KME {config.this_kme.id} ({config.this_kme.nickname}): SAE interface "
                   f"https://{config.this_kme.saes_https_interface.listen_address}, inter-KME interface "
                   f"https://{config.this_kme.kmes_https_interface.listen_address}, {optional}"

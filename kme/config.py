@@ -116,6 +116,7 @@ class ThisKme:
     kmes_https_interface: HttpsInterface | None
     skip_https_interface: HttpsInterface | None
     interop_https_interface: HttpsInterface | None
+    etsi004_interface: HttpsInterface | None
     debugging_http_interface: str | None
     debugging_http_allow_non_loopback: bool
     interop_https_allow_any_network: bool
@@ -426,8 +427,9 @@ def _pkcs11_source(uri: str, base_dir: Path) -> KekSource:
 
 
 def _this_kme(data: dict, base_dir: Path, source: Path | None) -> ThisKme:
-    kmes, skip, interop = (data.get(name) for name in ("kmes_https_interface", "skip_https_interface",
-                                                         "interop_https_interface"))
+    optional = {name: data.get(name) and _https_interface(data[name], base_dir, f"this_kme.{name}")
+                for name in ("kmes_https_interface", "skip_https_interface", "interop_https_interface",
+                             "etsi004_interface")}
     database_uri = _database_uri(data, base_dir)
     return ThisKme(
         id=data["id"],
@@ -436,9 +438,7 @@ def _this_kme(data: dict, base_dir: Path, source: Path | None) -> ThisKme:
         key_encryption_key=kek_source(data.get("key_encryption_key"), base_dir, source, database_uri),
         key_directory_to_watch=(base_dir / data["key_directory_to_watch"]).resolve(),
         saes_https_interface=_https_interface(data["saes_https_interface"], base_dir, "this_kme.saes_https_interface"),
-        kmes_https_interface=kmes and _https_interface(kmes, base_dir, "this_kme.kmes_https_interface"),
-        skip_https_interface=skip and _https_interface(skip, base_dir, "this_kme.skip_https_interface"),
-        interop_https_interface=interop and _https_interface(interop, base_dir, "this_kme.interop_https_interface"),
+        **optional,
         debugging_http_interface=data.get("debugging_http_interface"),
         debugging_http_allow_non_loopback=data.get("debugging_http_allow_non_loopback", False),
         interop_https_allow_any_network=data.get("interop_https_allow_any_network", False),

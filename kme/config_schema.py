@@ -153,6 +153,7 @@ class ThisKmeSchema(StrictSchema):
     debugging_http_interface = Str(validate=_address)
     kmes_https_interface = Nested(HttpsInterfaceSchema)
     skip_https_interface = Nested(HttpsInterfaceSchema)
+    etsi004_interface = Nested(HttpsInterfaceSchema)
     interop_https_interface = Nested(HttpsInterfaceSchema)
     delete_key_file_after_read = Bool()
     debugging_http_allow_non_loopback = Bool()

@@ -104,10 +104,17 @@ def test_readme_examples_against_the_demo(demo):
     assert len(sessions) == 4
     for session in sessions:
         run_session(session, folder)
-    python = re.search(r"```python\n(.*?)```", README, re.S).group(1)
-    result = subprocess.run([sys.executable, "-c", python], cwd=folder, capture_output=True, text=True, timeout=60)
+    assert "ETSI GS QKD 004 server 127.0.0.1:25575" in output()
+    requests_block, streams_block = re.findall(r"```python\n(.*?)```", README, re.S)
+    result = subprocess.run([sys.executable, "-c", requests_block], cwd=folder, capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stderr
     assert "{'SAE_ID': 1}" in result.stdout
+    # Both ends of a key stream read the same three chunks.
+    result = subprocess.run([sys.executable, "-c", streams_block], cwd=folder, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[0] for line in result.stdout.splitlines()] == ["0", "1", "2"]
 
 
 def test_readme_relay_through_the_three_kme_line(line3):

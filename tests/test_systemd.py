@@ -19,6 +19,7 @@ ENTRY_POINTS = {
     "kme-interop@.service": ["gunicorn", "-c", "deploy/interop.py", "wsgi:interop_app"],
     "kme-debug@.service": ["gunicorn", "-c", "deploy/debug.py", "wsgi:debug_app"],
     "kme-ingest@.service": ["flask", "--app", "wsgi", "ingest-keys", "--watch"],
+    "kme-etsi004@.service": ["flask", "--app", "wsgi", "serve-etsi004"],
 }
 
 

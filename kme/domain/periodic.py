@@ -24,6 +24,7 @@ from kme.storage import at_rest, events
 from kme.storage.keystore import incoming
 from kme.storage.keystore import interop as interop_store
 from kme.storage.keystore import leases, local, relays
+from kme.storage.keystore import streams as stream_store
 
 # Seconds between two rounds of the jobs that move no key, at least.
 SLOW_SECONDS = 2.0
@@ -61,6 +62,8 @@ def expire(config: KmeConfig) -> None:
     leases.forget_given_before(clock.utc_now(leases.REMEMBER_SECONDS))
     interop_store.forget_sent_acks(clock.utc_now(interop_store.SENT_ACKS_KEPT_SECONDS))
     interop_store.forget_sent(clock.utc_now(interop_store.SENT_ACKS_KEPT_SECONDS))
+    stream_store.expire()
+    stream_store.forget_closed_before(clock.utc_now(max(expiry, 86400) * 2))
     events.prune()
 
 

@@ -1,5 +1,5 @@
-"""Flask CLI commands: ingest-keys (one shot or --watch), kme-status, adopt-key-folders, gen-certs and
-gen-foreign-certs, and the registration of every command (rotate-kek and encrypt-db are in
+"""Flask CLI commands: ingest-keys (one shot or --watch), kme-status, adopt-key-folders, gen-certs,
+gen-foreign-certs and serve-etsi004, and the registration of every command (rotate-kek and encrypt-db are in
 kme.operations.key_encryption_cli, restored-from-backup in kme.operations.recovery_cli, what they share in
 kme.operations.command_support)."""
 import signal
@@ -11,6 +11,7 @@ import click
 from flask import current_app
 
 from kme import ids
+from kme.interfaces import etsi004_server
 from kme.operations import certs, health, key_encryption_cli, key_folders, recovery_cli, schema_cli, status
 from kme.operations.command_support import cause, command_config, key_files, open_database, storage_errors
 from kme.operations.ingest import ingest_directories
@@ -144,6 +145,18 @@ def gen_foreign_certs_command(out: Path, kmes: tuple[int, ...], password: str, d
         click.echo(f"  {name}: https_client_certificate_serial {serial}")
 
 
+@click.command("serve-etsi004")
+def serve_etsi004_command() -> None:
+    """Serve ETSI GS QKD 004 key streams to this KME's SAEs on this_kme.etsi004_interface, until SIGTERM."""
+    config = command_config()
+    interface = config.this_kme.etsi004_interface
+    if interface is None:
+        raise click.ClickException("this_kme.etsi004_interface: missing (no ETSI GS QKD 004 server is configured)")
+    open_database()
+    etsi004_server.serve(current_app._get_current_object(), config,
+                         on_ready=lambda: click.echo(f"serving ETSI GS QKD 004 on {interface.listen_address}"))
+
+
 @click.command("kme-status")
 def kme_status_command() -> None:
     """Print each link's key pool, the routes to other KMEs and the registered SAEs."""
@@ -196,6 +209,7 @@ def init_app(app) -> None:
     app.cli.add_command(gen_certs_command)
     app.cli.add_command(gen_foreign_certs_command)
     app.cli.add_command(kme_status_command)
+    app.cli.add_command(serve_etsi004_command)
     app.cli.add_command(adopt_key_folders_command)
     app.cli.add_command(key_encryption_cli.rotate_kek_command)
     app.cli.add_command(key_encryption_cli.encrypt_db_command)

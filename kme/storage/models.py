@@ -1,8 +1,8 @@
 """Database tables of the KME.
 
 Only the kme.storage.keystore package writes key rows (pool_keys, key_fingerprints,
-delivered_keys, key_slaves, activations, leases, interop_keys, interop_sent, interop_acks)
-and the link counters and levels;
+delivered_keys, key_slaves, activations, leases, interop_keys, interop_sent, interop_acks,
+key_streams, stream_chunks) and the link counters and levels;
 kme.operations.ingest writes key_files through it; kme.storage.events writes
 events. SAEs and KMEs are not tables: the configuration file is their only source
 of truth (see docs/design.md).
@@ -327,4 +327,38 @@ class InteropAck(db.Model):
     attempts: Mapped[int] = mapped_column(Integer)
     next_at: Mapped[float] = mapped_column(Float)
     last_error: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[str] = mapped_column(String(32))
+
+
+class KeyStream(db.Model):
+    """An ETSI GS QKD 004 key stream between a master and a slave SAE (docs/etsi004.md): its chunks are keys of the
+    stream's link, read by index at each end.
+
+    Each end is "absent", "waiting" (the slave opened before the master) or
+    "open"; ``closed`` once either end closed it.
+    """
+
+    __tablename__ = "key_streams"
+    ksid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    link_id: Mapped[int] = mapped_column(StoredId)
+    master_sae_id: Mapped[int] = mapped_column(StoredId)
+    slave_sae_id: Mapped[int] = mapped_column(StoredId)
+    chunk_size: Mapped[int] = mapped_column(Integer)
+    ttl_seconds: Mapped[int] = mapped_column(BigInteger)
+    master_end: Mapped[str] = mapped_column(String(8))
+    slave_end: Mapped[str] = mapped_column(String(8))
+    closed: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[str] = mapped_column(String(32))
+
+
+class StreamChunk(db.Model):
+    """A chunk of a key stream that was made, by index: its key (a delivered key whose ID derives from the KSID and
+    the index, nothing of its material) is read once by each end, then erased; the row stays while the stream lives,
+    so that an index is never made twice."""
+
+    __tablename__ = "stream_chunks"
+    __table_args__ = (Index("ix_stream_chunks_created_at", "created_at"),)
+    ksid: Mapped[str] = mapped_column(String(36), ForeignKey("key_streams.ksid", ondelete="CASCADE"),
+                                      primary_key=True)
+    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     created_at: Mapped[str] = mapped_column(String(32))

@@ -1,0 +1,161 @@
+"""ETSI GS QKD 004 key streams in the key store (docs/etsi004.md): the stream's ends, and its chunks.
+
+A chunk is a key of the stream's link, made when either end first asks for
+its index: consecutive pool keys, its unused bits discarded as for any key,
+stored sealed as a delivered key of the master SAE whose "slaves" are both
+ends, under a key ID derived from the KSID and the index (nothing of its
+material). Each end reads it once; once both did, it is erased. The chunk's
+row stays while the stream lives, so that an index is never made twice.
+"""
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import delete, select
+
+from kme import clock, ids
+from kme.errors import NotEnoughKeys
+from kme.ids import Id
+from kme.storage import at_rest, events, statements
+from kme.storage.db import write_transaction
+from kme.storage.keystore import handed_out
+from kme.storage.keystore.common import build_keys, erase_delivered, pool_keys_per_key, store_delivered, update_link
+from kme.storage.models import KeyStream, StreamChunk
+
+# An end of a stream.
+ABSENT, WAITING, OPEN = "absent", "waiting", "open"
+# The namespace of the key IDs of chunks (a fixed random UUID).
+_CHUNKS = uuid.UUID("8d3f6a2e-4b1c-4f7e-9a0d-6c5b2e1f7a93")
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A stream as its ends see it."""
+
+    ksid: str
+    link_id: Id
+    master_sae_id: Id
+    slave_sae_id: Id
+    chunk_size: int
+    ttl_seconds: int
+    master_end: str
+    slave_end: str
+    closed: bool
+
+
+def chunk_key_id(ksid: str, index: int) -> str:
+    """The key ID of a stream's chunk."""
+    return str(uuid.uuid5(_CHUNKS, f"{ksid}/{index}"))
+
+
+def open_end(ksid: str, link_id: Id, master: Id, slave: Id, chunk_size: int, ttl_seconds: int,
+             is_master: bool) -> tuple[Stream, str]:
+    """Open one end of a stream (made by the first end that opens it, with its chunk size and TTL): the stream and
+    what the end became: OPEN, WAITING (a slave before its master), or None if the KSID is in use (that end is open
+    already, the stream is closed, or it is another pair's)."""
+    with write_transaction() as session:
+        statements.lock_name(session, f"stream/{ksid}")
+        row = session.get(KeyStream, ksid)
+        if row is None:
+            row = KeyStream(ksid=ksid, link_id=link_id, master_sae_id=master, slave_sae_id=slave, chunk_size=chunk_size,
+                            ttl_seconds=ttl_seconds, master_end=ABSENT, slave_end=ABSENT, closed=False,
+                            created_at=clock.utc_now())
+            session.add(row)
+        elif row.closed or (row.master_sae_id, row.slave_sae_id) != (ids.number(master), ids.number(slave)):
+            return _stream(row), None
+        end = "master_end" if is_master else "slave_end"
+        if getattr(row, end) == OPEN:
+            return _stream(row), None
+        became = OPEN if is_master or row.master_end == OPEN else WAITING
+        setattr(row, end, became)
+        session.flush()
+        events.record(session, f"Key stream {ksid}: the {'master' if is_master else 'slave'} SAE "
+                               f"{master if is_master else slave} opened it"
+                               + ("" if became == OPEN else ", waiting for its master"))
+        return _stream(row), became
+
+
+def find(ksid: str) -> Stream | None:
+    """A stream by its KSID, or None."""
+    with write_transaction() as session:
+        row = session.get(KeyStream, ksid)
+        return None if row is None else _stream(row)
+
+
+def read_chunk(stream: Stream, index: int, reader: Id) -> bytes | None:
+    """The chunk at ``index`` for ``reader`` (an end of the stream), made now if neither end asked for it before;
+    None if this end read it already, or it was erased (TTL, close). NotEnoughKeys if the link cannot make it."""
+    key_id = chunk_key_id(stream.ksid, index)
+    reader_number = ids.number(reader)
+    with write_transaction() as session:
+        statements.lock_name(session, f"stream/{stream.ksid}")
+        spent = handed_out.check(statements.driver(session))
+        made = session.get(StreamChunk, (stream.ksid, index)) is not None
+        if not made:
+            _make(session, stream, index, key_id)
+        rows = statements.delivered_keys_and_slaves(statements.driver(session), [key_id])
+        mine = [fetched for *_rest, slave, fetched in rows if slave == reader_number]
+        if not mine or mine[0]:
+            return None
+        _key, link_id, master, material, _slave, _fetched = rows[0]
+        chunk = at_rest.open_delivered(key_id, link_id, master, [row[4] for row in rows], material)
+        if all(fetched for *_rest, slave, fetched in rows if slave != reader_number):
+            erase_delivered(session, [key_id], {key_id: [row[4] for row in rows]})
+        else:
+            statements.mark_fetched(statements.driver(session), [key_id], reader)
+        events.record(session, f"Key stream {stream.ksid}: chunk {index} read by SAE {reader}")
+    if not made:
+        handed_out.record(spent + pool_keys_per_key(stream.chunk_size * 8))
+    return chunk
+
+
+def _make(session, stream: Stream, index: int, key_id: str) -> None:
+    needed = pool_keys_per_key(stream.chunk_size * 8)
+    connection = statements.driver(session)
+    taken = at_rest.open_pool(connection, stream.link_id, statements.take_pool_keys(connection, stream.link_id,
+                                                                                    needed))
+    if len(taken) < needed:
+        raise NotEnoughKeys(f"not enough key material for a chunk of {stream.chunk_size} bytes")
+    (key,) = build_keys([key_id], taken, stream.chunk_size * 8)
+    store_delivered(session, stream.link_id, stream.master_sae_id, [stream.master_sae_id, stream.slave_sae_id],
+                    [key], clock.utc_now())
+    update_link(session, stream.link_id, removed=taken, added=[key.material], available=-needed, delivered=needed)
+    session.add(StreamChunk(ksid=stream.ksid, idx=index, created_at=clock.utc_now()))
+
+
+def close(stream: Stream, by: Id) -> int:
+    """Close a stream: its chunks that an end has not read are erased, never given; how many."""
+    with write_transaction() as session:
+        statements.lock_name(session, f"stream/{stream.ksid}")
+        row = session.get(KeyStream, stream.ksid)
+        row.closed = True
+        indexes = session.scalars(select(StreamChunk.idx).where(StreamChunk.ksid == stream.ksid)).all()
+        erased = erase_delivered(session, [chunk_key_id(stream.ksid, index) for index in indexes])
+        events.record(session, f"Key stream {stream.ksid} closed by SAE {by}: {erased} chunks not read by both "
+                               "ends erased")
+        return erased
+
+
+def expire() -> int:
+    """Erase the chunks older than their stream's TTL that an end has not read; how many."""
+    with write_transaction() as session:
+        erased = 0
+        for row in session.scalars(select(KeyStream).where(KeyStream.closed.is_(False))):
+            before = clock.utc_now(row.ttl_seconds)
+            indexes = session.scalars(select(StreamChunk.idx).where(StreamChunk.ksid == row.ksid,
+                                                                  StreamChunk.created_at < before)).all()
+            gone = erase_delivered(session, [chunk_key_id(row.ksid, index) for index in indexes])
+            if gone:
+                events.record(session, f"Key stream {row.ksid}: {gone} chunks expired (TTL {row.ttl_seconds} s)")
+            erased += gone
+        return erased
+
+
+def forget_closed_before(before: str) -> None:
+    """Forget streams closed and made before ``before`` (their chunks are erased already)."""
+    with write_transaction() as session:
+        session.execute(delete(KeyStream).where(KeyStream.closed, KeyStream.created_at < before))
+
+
+def _stream(row: KeyStream) -> Stream:
+    return Stream(row.ksid, row.link_id, row.master_sae_id, row.slave_sae_id, row.chunk_size, row.ttl_seconds,
+                  row.master_end, row.slave_end, row.closed)
