@@ -37,8 +37,9 @@ class Forwarder:
 
     @staticmethod
     def _pump(source: socket.socket, sink: socket.socket) -> None:
-        source.settimeout(None)
         try:
+            # Inside: the forwarder may close both ends before this thread runs.
+            source.settimeout(None)
             while chunk := source.recv(65536):
                 sink.sendall(chunk)
         except OSError:

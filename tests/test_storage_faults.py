@@ -78,11 +78,11 @@ def database_check(kme) -> str:
 
 
 def fill(folder) -> None:
-    with open(folder / "filler", "wb") as filler:
+    # Unbuffered: a buffered file would raise the full disk again when it is closed, with its last bytes.
+    with open(folder / "filler", "wb", buffering=0) as filler:
         try:
             while True:
                 filler.write(bytes(64 * 1024))
-                filler.flush()
         except OSError:
             pass
 
