@@ -13,8 +13,11 @@ $(VENV)/.run-deps: requirements.txt | $(BIN)/python
 	$(BIN)/pip install --quiet -r requirements.txt
 	touch $@
 
+# wg-qrotator's wheel holds the ETSI GS QKD 004 client library it loads with ctypes: test_etsi004.py drives our
+# server with it. Only the wheel is fetched (its pinned dependencies would fight ours), never installed.
 $(VENV)/.test-deps: requirements.txt tests/requirements.txt | $(BIN)/python
 	$(BIN)/pip install --quiet -r tests/requirements.txt
+	$(BIN)/pip download --quiet --no-deps wg-qrotator==0.1.4 -d $(VENV)/wheels
 	touch $@
 
 # `make run KMES=3`: the line 1 - 2 - 3 of instance/line3, where KME 2 relays keys between KMEs 1 and 3.

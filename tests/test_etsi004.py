@@ -1,18 +1,23 @@
 """ETSI GS QKD 004 key streams between two SAEs of one KME, through the real `flask serve-etsi004` process over
 TLS, driven by a raw-socket client written here from the wire format alone (one TLS connection per call, as the
-reference clients make them): both ends read the same chunks by index, once each; the slave opening first; a
-KSID in use; TTL; CLOSE; a restart mid-stream; malformed frames."""
+reference clients make them; version 1.0.1 of the frame): both ends read the same chunks by index, once each;
+the slave opening first; a KSID in use; TTL; CLOSE; a restart mid-stream; malformed frames. And by an
+independent client: the C library that wg-qrotator bundles (version 2.1.1 of the frame)."""
+import ctypes
 import socket
 import ssl
 import struct
 import sys
 import uuid
+import zipfile
+from pathlib import Path
 
 import pytest
 
-from tests.support import Ledger, Process, free_port, start_ingest_worker, wait_until, write_config, write_keys
+from tests.support import ROOT, Ledger, Process, free_port, start_ingest_worker, wait_until, write_config, write_keys
 
 ZONE_KEYS = 400
+WG_QROTATOR_WHEEL = ROOT / ".venv" / "wheels" / "wg_qrotator-0.1.4-py3-none-any.whl"
 VERSION = bytes([1, 0, 1])
 
 
@@ -133,6 +138,15 @@ def test_the_slave_opening_first_waits_for_its_master(kme):
     assert master.get_key(ksid, 0) == slave.get_key(ksid, 0)
 
 
+def test_a_chunk_size_beyond_the_limits_opens_the_stream_with_the_qos_granted(kme):
+    master = kme.client(1)
+    status, granted, ksid = master.open_connect(1, 2, chunk=100_000)
+    # max_key_size is 8192 bits: chunks of 1024 bytes; the client takes 7 with a KSID as success.
+    assert status == 7 and granted[0] == 1024 and ksid.int != 0
+    status, chunk = master.get_key(ksid, 0)
+    assert status == 0 and len(chunk) == 1024
+
+
 def test_a_ksid_in_use_is_refused(kme):
     master = kme.client(1)
     status, _, ksid = master.open_connect(1, 2)
@@ -218,3 +232,49 @@ def test_a_certificate_of_no_sae_of_this_kme_gets_nothing(kme, pki):
     except (ssl.SSLError, ConnectionResetError):
         answer = b""
     assert answer == b""
+
+
+class _Bytes(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_uint32), ("data", ctypes.c_void_p)]
+
+
+class _GetKeyAnswer(ctypes.Structure):
+    _fields_ = [("status", ctypes.c_uint32), ("index", ctypes.c_uint32), ("key", _Bytes), ("metadata", _Bytes)]
+
+
+class _CloseAnswer(ctypes.Structure):
+    _fields_ = [("status", ctypes.c_uint32)]
+
+
+@pytest.fixture(scope="module")
+def wg_qrotator_client(tmp_path_factory):
+    """The ETSI GS QKD 004 client library that wg-qrotator's wheel bundles (libclient_api.so, loaded with ctypes as
+    wg-qrotator does; `make test` fetches the wheel): an independent client, speaking version 2.1.1 of the frame."""
+    with zipfile.ZipFile(WG_QROTATOR_WHEEL) as wheel:
+        library = Path(wheel.extract("wg_qrotator/kms_so/libclient_api.so", tmp_path_factory.mktemp("wgq")))
+    client = ctypes.CDLL(str(library))
+    text, number = ctypes.c_char_p, ctypes.c_int
+    client.openConnect.argtypes = [text, text, text, number, text, text, text, number]
+    client.openConnect.restype = text
+    client.getKey.argtypes = [text, text, text, number, ctypes.c_char, number, text]
+    client.getKey.restype = _GetKeyAnswer
+    client.close.argtypes = [text, text, text, number, text]
+    client.close.restype = _CloseAnswer
+    return client
+
+
+def test_wg_qrotators_client_library_reads_a_stream_at_both_ends(kme, pki, wg_qrotator_client):
+    """As wg-qrotator calls it: each end opens with the master's and the slave's SAE IDs, reads index after index,
+    and closes."""
+    ends = {sae: [path.encode() for path in pki.client(1, sae)] for sae in (1, 2)}
+    address = b"127.0.0.1"
+    ksid = wg_qrotator_client.openConnect(*ends[1], address, kme.port, b"1", b"2", None, 32)
+    assert uuid.UUID(ksid.decode()).int != 0
+    assert wg_qrotator_client.openConnect(*ends[2], address, kme.port, b"1", b"2", ksid, 32) == ksid
+    for index in range(3):
+        answers = [wg_qrotator_client.getKey(*ends[sae], address, kme.port, ctypes.c_char(0), index, ksid)
+                   for sae in (1, 2)]
+        assert [(answer.status, answer.index, answer.key.size) for answer in answers] == [(0, index, 32)] * 2
+        chunks = [ctypes.string_at(answer.key.data, answer.key.size) for answer in answers]
+        assert chunks[0] == chunks[1]
+    assert wg_qrotator_client.close(*ends[1], address, kme.port, ksid).status == 0

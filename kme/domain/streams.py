@@ -51,20 +51,21 @@ def open_connect(config: KmeConfig, caller: Sae, source: str, destination: str, 
         return NO_QKD_CONNECTION, qos, ksid
     if master.kme_id != config.this_kme.id or slave.kme_id != config.this_kme.id:
         return NO_QKD_CONNECTION, qos, ksid
-    granted = _granted(config, qos)
-    if granted != qos and ksid is None:
-        return QOS_NOT_MET, granted, None
     is_master = caller.id == master.id
     if ksid is None:
         if not is_master:
             return NO_QKD_CONNECTION, qos, None
         ksid = uuid.uuid4()
-    stream, became = store.open_end(str(ksid), config.this_kme.id, master.id, slave.id, granted.key_chunk_size,
-                                    granted.ttl, is_master)
+    limits = config.this_kme.limits
+    # 0 asks for nothing in particular: the KME's key size, and its expiry of waiting keys.
+    chunk_size = min(max(qos.key_chunk_size or limits.key_size // 8, 1), limits.max_key_size // 8)
+    ttl = qos.ttl or int(config.this_kme.key_expiry_seconds)
+    stream, became = store.open_end(str(ksid), config.this_kme.id, master.id, slave.id, chunk_size, ttl, is_master)
     if became is None:
         return KSID_IN_USE, qos, ksid
-    agreed = replace(qos, key_chunk_size=stream.chunk_size, ttl=stream.ttl_seconds)
+    agreed = replace(qos, key_chunk_size=stream.chunk_size, ttl=stream.ttl_seconds if qos.ttl else 0)
     if agreed != qos:
+        # The stream is open all the same, with the QoS it has: the clients take 7 with a KSID as success.
         return QOS_NOT_MET, agreed, ksid
     return (SUCCESS if became == store.OPEN else PEER_NOT_CONNECTED), agreed, ksid
 
@@ -106,9 +107,3 @@ def sae_of(config: KmeConfig, uri: str) -> Sae | None:
     name = uri.split("://", 1)[1] if "://" in uri else uri
     sae_id = ids.from_text(name.split("@", 1)[0].split("/", 1)[0])
     return None if sae_id is None else config.saes_by_id.get(sae_id)
-
-
-def _granted(config: KmeConfig, qos: Qos) -> Qos:
-    """The QoS this KME grants: a chunk size of 1 byte up to max_key_size, a TTL of at least one second."""
-    largest = config.this_kme.limits.max_key_size // 8
-    return replace(qos, key_chunk_size=min(max(qos.key_chunk_size, 1), largest), ttl=max(qos.ttl, 1))

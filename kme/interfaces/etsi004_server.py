@@ -88,10 +88,11 @@ class _Server:
             if exc.partial:
                 raise wire.WireError("a short header") from None
             return False
-        service, length = wire.parse_header(header)
+        version, service, length = wire.parse_header(header)
         payload = await asyncio.wait_for(reader.readexactly(length), PHASE_SECONDS)
         request = wire.parse_request(service, payload)
-        answer = await asyncio.get_running_loop().run_in_executor(self.executor, self._answer, caller, request)
+        answer = await asyncio.get_running_loop().run_in_executor(self.executor, self._answer, caller, request,
+                                                                  version)
         writer.write(answer)
         await asyncio.wait_for(writer.drain(), PHASE_SECONDS)
         return True
@@ -101,29 +102,30 @@ class _Server:
         serial = x509.load_der_x509_certificate(der).serial_number if der else None
         return self.config.local_saes_by_serial.get(serial)
 
-    def _answer(self, caller: Sae, request) -> bytes:
-        """The answer's frame (in a request thread, with the app's context for the database)."""
+    def _answer(self, caller: Sae, request, version: bytes) -> bytes:
+        """The answer's frame, in the request's version (in a request thread, with the app's context for the
+        database)."""
         with self.app.app_context():
             try:
-                return self._dispatch(caller, request)
+                return self._dispatch(caller, request, version)
             except self.failures as exc:
                 # The standard has no status for a failure of the KME itself: the SAE sees "no QKD connection".
                 log.error("ETSI 004 %s of SAE %s failed: %s", type(request).__name__, caller.id, exc)
-                return _refusal(request)
+                return _refusal(request, version)
 
-    def _dispatch(self, caller: Sae, request) -> bytes:
+    def _dispatch(self, caller: Sae, request, version: bytes) -> bytes:
         if isinstance(request, wire.OpenConnect):
-            return wire.open_connect_response(*streams.open_connect(self.config, caller, request.source,
-                                                                    request.destination, request.qos, request.ksid))
+            return wire.open_connect_response(version, *streams.open_connect(
+                self.config, caller, request.source, request.destination, request.qos, request.ksid))
         if isinstance(request, wire.GetKey):
-            return wire.get_key_response(*streams.get_key(self.config, caller, request.ksid, request.index,
-                                                          request.metadata_size))
-        return wire.close_response(streams.close(self.config, caller, request.ksid))
+            return wire.get_key_response(version, *streams.get_key(self.config, caller, request.ksid, request.index,
+                                                                   request.metadata_size))
+        return wire.close_response(version, streams.close(self.config, caller, request.ksid))
 
 
-def _refusal(request) -> bytes:
+def _refusal(request, version: bytes) -> bytes:
     if isinstance(request, wire.OpenConnect):
-        return wire.open_connect_response(streams.NO_QKD_CONNECTION, request.qos, request.ksid)
+        return wire.open_connect_response(version, streams.NO_QKD_CONNECTION, request.qos, request.ksid)
     if isinstance(request, wire.GetKey):
-        return wire.get_key_response(streams.NO_QKD_CONNECTION, request.index, b"", b"")
-    return wire.close_response(streams.NO_QKD_CONNECTION)
+        return wire.get_key_response(version, streams.NO_QKD_CONNECTION, request.index, b"", b"")
+    return wire.close_response(version, streams.NO_QKD_CONNECTION)
