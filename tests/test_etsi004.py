@@ -3,7 +3,9 @@ TLS, driven by a raw-socket client written here from the wire format alone (one 
 reference clients make them; version 1.0.1 of the frame): both ends read the same chunks by index, once each;
 the slave opening first; a KSID in use; TTL; CLOSE; a restart mid-stream; malformed frames. And by an
 independent client: the C library that wg-qrotator bundles (version 2.1.1 of the frame)."""
+import base64
 import ctypes
+import json
 import socket
 import ssl
 import struct
@@ -13,8 +15,21 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import requests
 
-from tests.support import ROOT, Ledger, Process, free_port, start_ingest_worker, wait_until, write_config, write_keys
+from tests.support import (
+    ROOT,
+    Ledger,
+    Process,
+    free_port,
+    load_json,
+    run_cli,
+    start_debug_page,
+    start_ingest_worker,
+    wait_until,
+    write_config,
+    write_keys,
+)
 
 ZONE_KEYS = 400
 WG_QROTATOR_WHEEL = ROOT / ".venv" / "wheels" / "wg_qrotator-0.1.4-py3-none-any.whl"
@@ -82,6 +97,7 @@ class Kme:
         (folder / "keys-2").mkdir(parents=True)
         self.config = write_config(folder, pki, remote_saes=[(3, 2)], other_kmes=[peer],
                                    housekeeping_interval_seconds=0.2,
+                                   debugging_http_interface=f"127.0.0.1:{free_port()}",
                                    etsi004_interface={"listen_address": f"127.0.0.1:{self.port}",
                                                       "ca_client_cert_path": str(certs / "ca_saes.crt"),
                                                       "server_cert_path": str(certs / "kme_server.crt"),
@@ -232,6 +248,30 @@ def test_a_certificate_of_no_sae_of_this_kme_gets_nothing(kme, pki):
     except (ssl.SSLError, ConnectionResetError):
         answer = b""
     assert answer == b""
+
+
+
+def test_operators_see_the_streams_without_key_material(kme):
+    master, slave = kme.client(1), kme.client(2)
+    _, _, ksid = master.open_connect(1, 2)
+    slave.open_connect(1, 2, ksid=ksid)
+    chunk = master.get_key(ksid, 0)[1]
+    status = run_cli(["kme-status"], kme.config)
+    assert status.returncode == 0 and "key stream (ETSI GS QKD 004)" in status.stdout
+    (line,) = [line for line in status.stdout.splitlines() if str(ksid) in line]
+    assert line.split()[-2:] == ["1", "1"]
+    page = start_debug_page(kme.config, kme.folder / "debug.log")
+    try:
+        address = "http://" + load_json(kme.config)["this_kme"]["debugging_http_interface"]
+        (listed,) = [stream for stream in requests.get(f"{address}/streams", timeout=10).json()
+                     if stream["ksid"] == str(ksid)]
+        assert (listed["master"], listed["slave"], listed["chunks_made"], listed["chunks_waiting"]) == (1, 2, 1, 1)
+        metrics = requests.get(f"{address}/metrics", timeout=10).text
+        assert 'kme_stream_chunks{state="made"}' in metrics
+    finally:
+        page.kill()
+    for text in (status.stdout, json.dumps(listed), metrics, (kme.folder / "etsi004.log").read_text()):
+        assert chunk.hex() not in text and base64.b64encode(chunk).decode() not in text
 
 
 class _Bytes(ctypes.Structure):

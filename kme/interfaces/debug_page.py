@@ -61,6 +61,12 @@ def links():
     return [{key: value for key, value in link.items() if key != "byte_counts"} for link in status.links(_config())]
 
 
+@bp.get("/streams")
+def key_streams():
+    """The ETSI GS QKD 004 key streams: SAEs, chunk size, ends, chunks made and waiting."""
+    return status.streams(_config())
+
+
 @bp.get("/metrics")
 def prometheus_metrics():
     """Prometheus text format."""

@@ -194,6 +194,15 @@ def kme_status_command() -> None:
         for ack in status.failed_acks(config):
             click.echo(f"acknowledgement {ack['id']} to foreign KMS {ack['foreign_kms']} given up after "
                        f"{ack['attempts']} attempts ({ack['created_at']}): {ack['error']}")
+    key_streams = status.streams(config)
+    if key_streams:
+        click.echo()
+        click.echo(_table(
+            ["key stream (ETSI GS QKD 004)", "master", "slave", "chunk bytes", "TTL s", "master end", "slave end",
+             "chunks made", "waiting"],
+            [[stream["ksid"] + (" (closed)" if stream["closed"] else ""), stream["master"], stream["slave"],
+              stream["chunk_size"], stream["ttl_seconds"], stream["master_end"], stream["slave_end"],
+              stream["chunks_made"], stream["chunks_waiting"]] for stream in key_streams]))
     click.echo()
     click.echo(_table(["route to", "next hop", "how"],
                       [[f"KME {route['kme_id']}", f"KME {route['via']}", route["kind"]]

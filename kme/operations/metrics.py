@@ -68,6 +68,14 @@ class _PoolCollector:
             "peer's, as it last said): available, leased into it so far, in use", labels=["link", "direction", "state"])
         healthy = GaugeMetricFamily("kme_health_ok", "1 if the health check passes (see /healthz)",
                                     labels=["check"])
+        streams = GaugeMetricFamily("kme_key_streams", "ETSI GS QKD 004 key streams, by state", labels=["state"])
+        chunks = GaugeMetricFamily("kme_stream_chunks", "Chunks of the key streams, made and still waiting for an end",
+                                   labels=["state"])
+        listed = status.streams(self.config)
+        for state in ("open", "closed"):
+            streams.add_metric([state], sum(1 for stream in listed if stream["closed"] == (state == "closed")))
+        chunks.add_metric(["made"], sum(stream["chunks_made"] for stream in listed))
+        chunks.add_metric(["waiting"], sum(stream["chunks_waiting"] for stream in listed))
         for check, outcome in health.check(self.config)[1]["checks"].items():
             healthy.add_metric([check], 1 if outcome == "ok" else 0)
         for link in status.links(self.config):
@@ -86,7 +94,7 @@ class _PoolCollector:
             bits.add_metric([name], entropy.shannon(link["byte_counts"]))
             if link["peer"] is not None:
                 reachable.add_metric([name], 1 if link["peer"]["reachable"] else 0)
-        yield from (pool, totals, directions, waiting, files, bits, reachable, duplicates, healthy)
+        yield from (pool, totals, directions, waiting, files, bits, reachable, duplicates, healthy, streams, chunks)
 
 
 def render(config: KmeConfig) -> bytes:

@@ -10,6 +10,7 @@ from kme.storage import at_rest
 from kme.storage.db import db
 from kme.storage.keystore import common
 from kme.storage.keystore import interop as interop_store
+from kme.storage.keystore import streams as stream_store
 from kme.storage.models import DeliveredKey, KeyFile, Link
 
 
@@ -84,6 +85,16 @@ def saes(config: KmeConfig) -> list[dict]:
     return [{"id": sae.id, "kme_id": sae.kme_id, "local": sae.kme_id == config.this_kme.id,
              "serial": format(sae.certificate_serial, "X") if sae.certificate_serial is not None else None}
             for sae in config.saes]
+
+
+def streams(config: KmeConfig) -> list[dict]:
+    """The ETSI GS QKD 004 key streams, newest first: their SAEs, chunk size, TTL, ends, the chunks made and those
+    still waiting for an end (no key, nor a chunk's bytes)."""
+    return [{"ksid": stream.ksid, "master": config.sae_id(stream.master_sae_id),
+             "slave": config.sae_id(stream.slave_sae_id), "chunk_size": stream.chunk_size,
+             "ttl_seconds": stream.ttl_seconds, "master_end": stream.master_end, "slave_end": stream.slave_end,
+             "closed": stream.closed, "chunks_made": made, "chunks_waiting": waiting}
+            for stream, made, waiting in stream_store.overview(db.session)]
 
 
 def _interop(by_kms: dict, stored: int) -> dict:

@@ -10,7 +10,7 @@ row stays while the stream lives, so that an index is never made twice.
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 
 from kme import clock, ids
 from kme.errors import NotEnoughKeys
@@ -148,6 +148,20 @@ def expire() -> int:
                 events.record(session, f"Key stream {row.ksid}: {gone} chunks expired (TTL {row.ttl_seconds} s)")
             erased += gone
         return erased
+
+
+def overview(session) -> list[tuple[Stream, int, int]]:
+    """Every stream, newest first, with its chunks made and those still waiting for an end (operators' pages)."""
+    made = dict(session.execute(select(StreamChunk.ksid, func.count()).group_by(StreamChunk.ksid)).all())
+    rows = session.scalars(select(KeyStream).order_by(KeyStream.created_at.desc())).all()
+    found = []
+    for row in rows:
+        key_ids = [chunk_key_id(row.ksid, index) for index in session.scalars(
+            select(StreamChunk.idx).where(StreamChunk.ksid == row.ksid))]
+        waiting = len(statements.slaves_of(session, key_ids)) if key_ids else 0
+        found.append((_stream(row), made.get(row.ksid, 0), waiting))
+    session.commit()
+    return found
 
 
 def forget_closed_before(before: str) -> None:
