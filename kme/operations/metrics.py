@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from kme.config import KmeConfig
 from kme.key_math import entropy
 from kme.operations import health, status
+from kme.storage.keystore import streams as stream_store
 
 REQUESTS = Counter("kme_http_requests", "HTTP requests served", ["interface", "route", "method", "status"])
 LATENCY = Histogram("kme_http_request_duration_seconds", "Time to answer an HTTP request", ["interface", "route"])
@@ -69,13 +70,11 @@ class _PoolCollector:
         healthy = GaugeMetricFamily("kme_health_ok", "1 if the health check passes (see /healthz)",
                                     labels=["check"])
         streams = GaugeMetricFamily("kme_key_streams", "ETSI GS QKD 004 key streams, by state", labels=["state"])
-        chunks = GaugeMetricFamily("kme_stream_chunks", "Chunks of the key streams, made and still waiting for an end",
-                                   labels=["state"])
-        listed = status.streams(self.config)
-        for state in ("open", "closed"):
-            streams.add_metric([state], sum(1 for stream in listed if stream["closed"] == (state == "closed")))
-        chunks.add_metric(["made"], sum(stream["chunks_made"] for stream in listed))
-        chunks.add_metric(["waiting"], sum(stream["chunks_waiting"] for stream in listed))
+        chunks = GaugeMetricFamily("kme_stream_chunks", "Chunks of the key streams made so far", labels=["state"])
+        by_state, made = stream_store.totals()
+        for state, closed in (("open", False), ("closed", True)):
+            streams.add_metric([state], by_state[closed])
+        chunks.add_metric(["made"], made)
         for check, outcome in health.check(self.config)[1]["checks"].items():
             healthy.add_metric([check], 1 if outcome == "ok" else 0)
         for link in status.links(self.config):

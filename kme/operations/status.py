@@ -94,7 +94,7 @@ def streams(config: KmeConfig) -> list[dict]:
              "slave": config.sae_id(stream.slave_sae_id), "chunk_size": stream.chunk_size,
              "ttl_seconds": stream.ttl_seconds, "master_end": stream.master_end, "slave_end": stream.slave_end,
              "closed": stream.closed, "chunks_made": made, "chunks_waiting": waiting}
-            for stream, made, waiting in stream_store.overview(db.session)]
+            for stream, made, waiting in stream_store.overview()]
 
 
 def _interop(by_kms: dict, stored: int) -> dict:

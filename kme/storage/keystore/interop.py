@@ -116,12 +116,11 @@ def claim(container: Container, keys: list[DeliveredKeyMaterial], local_targets:
         if local_targets is not None:
             store_delivered(session, container.foreign_kms_id, container.initiator_sae_id, local_targets, keys, now)
             update_link(session, container.foreign_kms_id, added=[key.material for key in keys])
-            relayed(session, container, keys, local_targets, now)
+            relayed(session, container, keys, local_targets)
         return True
 
 
-def relayed(transaction, container: Container, keys: list[DeliveredKeyMaterial], local_targets: list[Id],
-            now: str | None = None) -> None:
+def relayed(transaction, container: Container, keys: list[DeliveredKeyMaterial], local_targets: list[Id]) -> None:
     """Every target holds the keys (ours here, the others at their KMEs): record it, count them on the foreign
     KMS's link and queue the ``relayed`` acknowledgements, in the caller's transaction (a relay's, or claim's)."""
     units = len(keys) * pool_keys_per_key(len(keys[0].material) * 8)
@@ -224,7 +223,8 @@ def _void_one(state: str | None, waiting: bool) -> tuple[str, str]:
 
 def _erase_for(session, key_ids: list[str], slave: int, waiting: set) -> None:
     """Keys a slave will never fetch: erased where no other slave waits for them, else marked fetched by it."""
-    shared = [key_id for key_id in key_ids if any(other != slave for other_id, other in waiting if other_id == key_id)]
+    others = {key_id for key_id, other in waiting if other != slave}
+    shared = [key_id for key_id in key_ids if key_id in others]
     if shared:
         statements.mark_fetched(statements.driver(session), shared, slave)
     erase_delivered(session, [key_id for key_id in key_ids if key_id not in shared])

@@ -8,6 +8,7 @@ material). Each end reads it once; once both did, it is erased. The chunk's
 row stays while the stream lives, so that an index is never made twice.
 """
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select
@@ -16,7 +17,7 @@ from kme import clock, ids
 from kme.errors import NotEnoughKeys
 from kme.ids import Id
 from kme.storage import at_rest, events, statements
-from kme.storage.db import write_transaction
+from kme.storage.db import db, write_transaction
 from kme.storage.keystore import handed_out
 from kme.storage.keystore.common import build_keys, erase_delivered, pool_keys_per_key, store_delivered, update_link
 from kme.storage.models import KeyStream, StreamChunk
@@ -75,10 +76,11 @@ def open_end(ksid: str, link_id: Id, master: Id, slave: Id, chunk_size: int, ttl
 
 
 def find(ksid: str) -> Stream | None:
-    """A stream by its KSID, or None."""
-    with write_transaction() as session:
-        row = session.get(KeyStream, ksid)
-        return None if row is None else _stream(row)
+    """A stream by its KSID, or None (a read: no write turn for it)."""
+    row = db.session.get(KeyStream, ksid)
+    found = None if row is None else _stream(row)
+    db.session.commit()
+    return found
 
 
 def read_chunk(stream: Stream, index: int, reader: Id) -> bytes | None:
@@ -150,18 +152,28 @@ def expire() -> int:
         return erased
 
 
-def overview(session) -> list[tuple[Stream, int, int]]:
-    """Every stream, newest first, with its chunks made and those still waiting for an end (operators' pages)."""
-    made = dict(session.execute(select(StreamChunk.ksid, func.count()).group_by(StreamChunk.ksid)).all())
-    rows = session.scalars(select(KeyStream).order_by(KeyStream.created_at.desc())).all()
-    found = []
-    for row in rows:
-        key_ids = [chunk_key_id(row.ksid, index) for index in session.scalars(
-            select(StreamChunk.idx).where(StreamChunk.ksid == row.ksid))]
-        waiting = len(statements.slaves_of(session, key_ids)) if key_ids else 0
-        found.append((_stream(row), made.get(row.ksid, 0), waiting))
-    session.commit()
+def overview() -> list[tuple[Stream, int, int]]:
+    """Every stream, newest first, with its chunks made and those still waiting for an end (kme-status and the
+    debugging page's /streams: it reads every chunk's row)."""
+    chunks = db.session.execute(select(StreamChunk.ksid, StreamChunk.idx)).all()
+    waiting = set(statements.slaves_of(db.session, [chunk_key_id(ksid, index) for ksid, index in chunks])) \
+        if chunks else set()
+    made, left = Counter(), Counter()
+    for ksid, index in chunks:
+        made[ksid] += 1
+        left[ksid] += chunk_key_id(ksid, index) in waiting
+    rows = db.session.scalars(select(KeyStream).order_by(KeyStream.created_at.desc())).all()
+    found = [(_stream(row), made[row.ksid], left[row.ksid]) for row in rows]
+    db.session.commit()
     return found
+
+
+def totals() -> tuple[dict[bool, int], int]:
+    """Streams by ``closed``, and chunks made (metrics: two counts, at every scrape)."""
+    by_state = dict(db.session.execute(select(KeyStream.closed, func.count()).group_by(KeyStream.closed)).all())
+    made = db.session.scalar(select(func.count()).select_from(StreamChunk))
+    db.session.commit()
+    return {closed: by_state.get(closed, 0) for closed in (False, True)}, made
 
 
 def forget_closed_before(before: str) -> None:
