@@ -270,7 +270,44 @@ def test_a_token_missing_from_one_reading_of_the_slots_is_looked_up_again(sofths
     # Found at the second reading: what is missing now is the key on it, not the token.
     with pytest.raises(KekError, match="no AES key labelled 'kme-kek' on the PKCS#11 token 'late'"):
         open_kek(source)
-    assert waits == [0.1]
+    assert waits == [0.05]
+
+
+def test_a_call_that_fails_is_made_again_on_the_token_read_afresh(softhsm, tmp_path, pki, monkeypatch):
+    """A process that read a token file another one was rewriting keeps a wrong view of the token (SoftHSM2
+    failed UserPinNotInitialized at every try under load) until the module reads its slots again."""
+    folder, _ = softhsm
+    before = set((folder / "tokens").iterdir())
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "moved", "--pin", PIN, "--so-pin", "5678"],
+                   check=True, capture_output=True)
+    import pkcs11
+    from pkcs11 import Attribute, KeyType
+
+    library = pkcs11.lib(SOFTHSM_MODULE)
+    library.reinitialize()
+    with library.get_token(token_label="moved").open(user_pin=PIN, rw=True) as session:
+        session.generate_key(KeyType.AES, 256, label="kme-kek", store=True,
+                             template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})
+    value = f"pkcs11:token=moved;object=kme-kek?module-path={SOFTHSM_MODULE}&pin-value={PIN}"
+    opened, _ = open_kek(load_config(write_config(tmp_path, pki, key_encryption_key=value)).this_kme.key_encryption_key)
+    wrapped = opened.wrap(b"k" * 32, kek.context(b"db"))
+    (token_folder,) = set((folder / "tokens").iterdir()) - before
+    aside = tmp_path / "aside"
+    token_folder.rename(aside)
+    waits = []
+
+    def token_back(seconds):
+        waits.append(seconds)
+        if len(waits) == 1:
+            aside.rename(token_folder)
+
+    monkeypatch.setattr(kek.time, "sleep", token_back)
+    try:
+        assert opened.unwrap(wrapped, kek.context(b"db")) == b"k" * 32
+        assert len(waits) == 1
+    finally:
+        shutil.rmtree(token_folder)
+        library.reinitialize()
 
 
 def test_a_kme_under_gunicorn_keeps_its_keys_under_a_softhsm2_key(softhsm, tmp_path, pki):

@@ -9,6 +9,7 @@ KekError with one line for the operator, never the key.
 import binascii
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 
@@ -28,12 +29,22 @@ KEK_BYTES = 32
 ROTATION_GRACE_SECONDS = 3600
 _NONCE_BYTES = 12
 _WRAP_VERSION = b"\x01"
-# Readings of a PKCS#11 module's slots before a token counts as missing (0.1 s, then 0.2 s, 0.4 s between them).
-TOKEN_LOOKUPS = 4
-# Tries of a call on the token before its failure counts (0.05 s between the first two, twice as long each time
-# up to 0.4 s: 2.75 s in all). A decrypt whose tag does not verify fails every try, so a wrong key is named that
-# much later (the token is used at start and when the data key is wrapped again, never per request).
+# Readings of a PKCS#11 module's slots before a token counts as missing, and tries of a call on the token before
+# its failure counts: 0.05 s between the first two, twice as long each time up to 0.4 s, 2.75 s in all (under load
+# on two cores a token other processes were logging in to was missing from four readings 0.7 s apart). A decrypt
+# whose tag does not verify fails every try, so a wrong key is named that much later (the token is used at start
+# and when the data key is wrapped again, never per request).
+TOKEN_LOOKUPS = 10
 TOKEN_CALLS = 10
+
+
+# A module's view of its tokens is read afresh after a failure (finalized and initialized again), which must not
+# happen under a session of another thread: one turn for every use of PKCS#11 in the process.
+_PKCS11_TURN = threading.Lock()
+
+
+def _pause(attempt: int) -> None:
+    time.sleep(min(0.05 * 2 ** attempt, 0.4))
 
 
 class KekError(Exception):
@@ -225,7 +236,7 @@ def _token(library, source: KekSource):
         except pkcs11.PKCS11Error:
             if attempt == TOKEN_LOOKUPS - 1:
                 raise
-            time.sleep(0.1 * 2 ** attempt)
+            _pause(attempt)
             library.reinitialize()
 
 
@@ -241,31 +252,39 @@ def _pkcs11(source: KekSource) -> Kek:
         if status.st_mode & 0o077:
             raise KekError(f"the PIN file {source.pin_source} may be read by others (mode {status.st_mode & 0o777:o}); "
                            "chmod 600 it (or 400)")
+    library = pkcs11.lib(source.module)
     try:
-        token = _token(pkcs11.lib(source.module), source)
+        with _PKCS11_TURN:
+            token = [_token(library, source)]
     except pkcs11.NoSuchToken:
         raise KekError(f"no PKCS#11 token labelled {source.token!r} (module {source.module})") from None
     except (pkcs11.PKCS11Error, RuntimeError, OSError) as exc:
         raise KekError(f"the PKCS#11 module {source.module} cannot be used ({exc.__class__.__name__})") from None
 
     def once(operation: str, nonce: bytes, data: bytes, context: bytes) -> bytes:
-        with token.open(user_pin=pin or None) as session:
+        if token[0] is None:
+            token[0] = library.get_token(token_label=source.token)
+        with token[0].open(user_pin=pin or None) as session:
             key = session.get_key(label=source.name, key_type=KeyType.AES, object_class=ObjectClass.SECRET_KEY)
             return getattr(key, operation)(data, mechanism=Mechanism.AES_GCM,
                                            mechanism_param=GCMParams(nonce, context, 128))
 
     def on_token(operation: str, nonce: bytes, data: bytes, context: bytes) -> bytes:
-        # A token another process is logging in to can fail a call (SoftHSM2 rewrites its token file at each
-        # login: workers of one KME using it at once saw GeneralError); the call is made again before it counts.
-        for attempt in range(TOKEN_CALLS):
-            try:
-                return once(operation, nonce, data, context)
-            except (pkcs11.PinIncorrect, pkcs11.NoSuchKey):
-                raise
-            except pkcs11.PKCS11Error:
-                if attempt == TOKEN_CALLS - 1:
+        # SoftHSM2 rewrites its token file at each login: a process that read it half written keeps a wrong view
+        # of the token (GeneralError, UserPinNotInitialized at every try) until the module reads its slots again,
+        # so a failed call is made again on the token as read afresh before the failure counts.
+        with _PKCS11_TURN:
+            for attempt in range(TOKEN_CALLS):
+                try:
+                    return once(operation, nonce, data, context)
+                except (pkcs11.PinIncorrect, pkcs11.NoSuchKey):
                     raise
-                time.sleep(min(0.05 * 2 ** attempt, 0.4))
+                except pkcs11.PKCS11Error:
+                    if attempt == TOKEN_CALLS - 1:
+                        raise
+                    _pause(attempt)
+                    library.reinitialize()
+                    token[0] = None
 
     def token_works() -> bool:
         nonce = os.urandom(_NONCE_BYTES)
