@@ -9,3 +9,8 @@ def utc_now(seconds_ago: float = 0) -> str:
     """
     moment = datetime.now(timezone.utc) - timedelta(seconds=seconds_ago)
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def seconds_since(stored: str) -> float:
+    """Seconds from a stored time (utc_now's form) to now."""
+    return (datetime.now(timezone.utc) - datetime.fromisoformat(stored)).total_seconds()

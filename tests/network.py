@@ -15,6 +15,7 @@ from tests.support import (
     load_json,
     sae_session,
     start_debug_page,
+    start_etsi004_server,
     start_ingest_worker,
     start_interop_interface,
     start_kme_interface,
@@ -66,6 +67,7 @@ class Kme:
     def start(self, *names: str) -> None:
         this_kme = load_json(self.config)["this_kme"]
         optional = [name for name in ("skip", "interop") if f"{name}_https_interface" in this_kme]
+        optional += ["etsi004"] * ("etsi004_interface" in this_kme)
         for name in names or ("ingest", "sae", "kme", *optional):
             log = self.folder / f"{name}.log"
             if name == "ingest":
@@ -78,6 +80,8 @@ class Kme:
                 self.processes[name] = start_interop_interface(self.config, log, workers=self.network.workers)
             elif name == "kme":
                 self.processes[name] = start_kme_interface(self.config, log, workers=self.network.workers)
+            elif name == "etsi004":
+                self.processes[name] = start_etsi004_server(self.config, log)
             else:
                 self.processes[name] = start_debug_page(self.config, log)
 
@@ -93,11 +97,12 @@ class Network:
 
     def __init__(self, folder: Path, pki: Pki, links: list[tuple[int, int]],
                  routes: dict[int, dict[int, int]] | None = None, workers: int = 2, kme_names: dict | None = None,
-                 sae_names: dict | None = None, skip: bool = False, **this_kme_extra):
+                 sae_names: dict | None = None, skip: bool = False, etsi004: bool = False, **this_kme_extra):
         """``routes``: per KME, destination KME -> next hop, for KMEs it has no link with; ``workers``: gunicorn
         workers of each interface (networks of many KMEs start faster with one); ``kme_names``, ``sae_names``:
         the IDs that the configurations give KMEs and SAEs instead of their numbers (string IDs); ``skip``: each
-        KME serves SKIP too, with its SAE interface's certificates."""
+        KME serves SKIP too, with its SAE interface's certificates; ``etsi004``: each KME serves ETSI GS QKD 004
+        likewise."""
         self.pki = pki
         self.kme_names, self.sae_names = kme_names or {}, sae_names or {}
         self.workers = workers
@@ -138,6 +143,9 @@ class Network:
             if skip:
                 raw["this_kme"]["skip_https_interface"] = {**raw["this_kme"]["saes_https_interface"],
                                                            "listen_address": f"127.0.0.1:{free_port()}"}
+            if etsi004:
+                raw["this_kme"]["etsi004_interface"] = {**raw["this_kme"]["saes_https_interface"],
+                                                        "listen_address": f"127.0.0.1:{free_port()}"}
             if routed:
                 raw["routes"] = [{"kme_id": destination, "via": via} for destination, via in routed.items()]
             config.write_text(json.dumps(self._named(raw), indent=2))

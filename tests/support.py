@@ -348,6 +348,17 @@ def start_debug_page(config: Path, log: Path) -> Process:
     return _start_gunicorn("debug", config, log, 1, 4)
 
 
+def start_etsi004_server(config: Path, log: Path) -> Process:
+    """Start `flask serve-etsi004` and wait until it serves."""
+    process = Process([sys.executable, "-m", "flask", "serve-etsi004"], config, log)
+    try:
+        process.wait_for_output("serving ETSI GS QKD 004")
+    except BaseException:
+        process.stop()
+        raise
+    return process
+
+
 def start_ingest_worker(config: Path, log: Path) -> Process:
     """Start `flask ingest-keys --watch` and wait until it watches."""
     process = Process([sys.executable, "-m", "flask", "ingest-keys", "--watch"], config, log)

@@ -9,7 +9,6 @@ import json
 import socket
 import ssl
 import struct
-import sys
 import uuid
 import zipfile
 from pathlib import Path
@@ -20,11 +19,11 @@ import requests
 from tests.support import (
     ROOT,
     Ledger,
-    Process,
     free_port,
     load_json,
     run_cli,
     start_debug_page,
+    start_etsi004_server,
     start_ingest_worker,
     wait_until,
     write_config,
@@ -39,10 +38,10 @@ VERSION = bytes([1, 0, 1])
 class Client:
     """An SAE's ETSI GS QKD 004 client: a TLS connection per call, each frame an 8-byte header and a payload."""
 
-    def __init__(self, port: int, pki, sae: int):
+    def __init__(self, port: int, pki, sae: int, kme: int = 1):
         self.port = port
         self.context = ssl.create_default_context(cafile=pki.server_ca)
-        self.context.load_cert_chain(*pki.client(1, sae))
+        self.context.load_cert_chain(*pki.client(kme, sae))
 
     def connect(self) -> ssl.SSLSocket:
         return self.context.wrap_socket(socket.create_connection(("127.0.0.1", self.port), timeout=10),
@@ -55,8 +54,9 @@ class Client:
             assert header[:3] == VERSION and header[3] == service + 1
             return read_exactly(connection, struct.unpack("!I", header[4:])[0])
 
-    def open_connect(self, source, destination, chunk: int = 32, ttl: int = 3600, ksid: uuid.UUID | None = None):
-        qos = struct.pack("!7I", chunk, 10_000, 0, 0, 0, 5000, ttl) + b"application/json".ljust(256, b"\0")
+    def open_connect(self, source, destination, chunk: int = 32, ttl: int = 3600, ksid: uuid.UUID | None = None,
+                     min_bps: int = 0):
+        qos = struct.pack("!7I", chunk, 2**32 - 1, min_bps, 0, 0, 5000, ttl) + b"application/json".ljust(256, b"\0")
         answer = self.call(0x02, f"{source}".encode() + b"\0" + f"{destination}".encode() + b"\0" + qos
                            + (ksid.bytes if ksid else bytes(16)))
         status = struct.unpack("!I", answer[:4])[0]
@@ -110,9 +110,7 @@ class Kme:
         self.start_server()
 
     def start_server(self) -> None:
-        self.server = Process([sys.executable, "-m", "flask", "serve-etsi004"], self.config,
-                              self.folder / "etsi004.log")
-        self.server.wait_for_output("serving ETSI GS QKD 004")
+        self.server = start_etsi004_server(self.config, self.folder / "etsi004.log")
 
     def client(self, sae: int) -> Client:
         return Client(self.port, self.pki, sae)
@@ -163,6 +161,15 @@ def test_a_chunk_size_beyond_the_limits_opens_the_stream_with_the_qos_granted(km
     assert status == 0 and len(chunk) == 1024
 
 
+def test_a_min_bps_above_the_links_measured_rate_opens_the_stream_with_the_rate_granted(kme):
+    master = kme.client(1)
+    # The zone's one file, ZONE_KEYS keys ingested moments ago, measures far above 1 bit/s and far below 2^31.
+    assert master.open_connect(1, 2, min_bps=1)[0] == 0
+    status, granted, ksid = master.open_connect(1, 2, min_bps=2**31)
+    assert status == 7 and ksid.int != 0
+    assert 1 < granted[2] < 2**31 and granted[2] <= ZONE_KEYS * 256
+
+
 def test_a_ksid_in_use_is_refused(kme):
     master = kme.client(1)
     status, _, ksid = master.open_connect(1, 2)
@@ -205,9 +212,14 @@ def test_a_restart_of_the_server_keeps_the_stream(kme):
     assert master.get_key(ksid, 3) == slave.get_key(ksid, 3)
 
 
-def test_streams_with_an_sae_of_another_kme_or_of_no_one_are_refused(kme):
+def test_streams_with_an_sae_of_no_one_are_refused_and_one_whose_peer_kme_is_down_gives_nothing(kme):
     master = kme.client(1)
-    assert master.open_connect(1, 3)[0] == 4
+    # SAE 3 is KME 2's, linked but down: the master's end opens, its chunks cannot be made.
+    status, _, ksid = master.open_connect(1, 3)
+    assert status == 0
+    assert master.get_key(ksid, 0) == (4, b"")
+    # Provably not activated: the index may be made later, nothing is held back.
+    assert kme.ledger._query("SELECT COUNT(*) FROM stream_chunks WHERE ksid = ?", str(ksid)) == [(0,)]
     assert master.open_connect(1, "nobody")[0] == 4
     assert master.open_connect(2, 1)[0] == 4
     assert master.get_key(uuid.uuid4(), 0) == (4, b"")

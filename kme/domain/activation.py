@@ -31,12 +31,14 @@ _SENDING_MARGIN = 2
 
 
 def activate_at_peer(config: KmeConfig, peer: OtherKme, master: Sae, remote_slaves: list[Sae],
-                     local_slaves: list[Sae], number: int, size_bits: int) -> list[DeliveredKeyMaterial]:
+                     local_slaves: list[Sae], number: int, size_bits: int, key_ids: list[str] | None = None,
+                     stream: dict | None = None) -> list[DeliveredKeyMaterial]:
     """Get key for slave SAEs behind ``peer``: answered only once the peer confirmed the activation; leases and
-    the activation together wait no longer than the peer's connect and read timeouts."""
+    the activation together wait no longer than the peer's connect and read timeouts. ``key_ids`` and ``stream``:
+    as outgoing.reserve takes them (an ETSI GS QKD 004 chunk)."""
     deadline = time.monotonic() + relay.peer_wait([peer])
     reserve = partial(outgoing.reserve, peer.id, master.id, [s.id for s in remote_slaves],
-                      [s.id for s in local_slaves], number, size_bits)
+                      [s.id for s in local_slaves], number, size_bits, key_ids, stream)
     reservation = sharing.reserve_borrowing(peer, reserve, number * pool_keys_per_key(size_bits), deadline)
     try:
         client_for(peer).activate(reservation.request, deadline)

@@ -10,7 +10,7 @@ from flask import Blueprint, current_app, g, request
 from marshmallow import ValidationError
 
 from kme.config import OtherKme
-from kme.domain import activation, relay, sharing
+from kme.domain import activation, relay, sharing, streams
 from kme.errors import BadRequest, NotAuthorized
 from kme.interfaces.identity import client_serial
 from kme.interfaces.schemas import json_body, load
@@ -30,6 +30,12 @@ from kme.peers.wire import (
     RelayCancelSchema,
     RelaySchema,
     ReleasedSchema,
+    StreamChunkAnswerSchema,
+    StreamChunkSchema,
+    StreamClosedSchema,
+    StreamCloseSchema,
+    StreamOpenAnswerSchema,
+    StreamOpenSchema,
 )
 from kme.storage.keystore.incoming import ActivationRequest
 from kme.storage.keystore.relays import Message
@@ -43,6 +49,9 @@ _LEASE, _LEASE_ANSWER = LeaseSchema(), LeaseAnswerSchema()
 _LEASE_STATES, _LEASE_STATES_ANSWER = LeaseStatesSchema(), LeaseStatesAnswerSchema()
 _PROGRESS, _PROGRESS_ANSWER = ProgressSchema(), ProgressAnswerSchema()
 _RELAY, _RELAY_CANCEL, _RELEASED = RelaySchema(), RelayCancelSchema(), ReleasedSchema()
+_STREAM_OPEN, _STREAM_OPEN_ANSWER = StreamOpenSchema(), StreamOpenAnswerSchema()
+_STREAM_CHUNK, _STREAM_CHUNK_ANSWER = StreamChunkSchema(), StreamChunkAnswerSchema()
+_STREAM_CLOSE, _STREAM_CLOSED = StreamCloseSchema(), StreamClosedSchema()
 
 
 def calling_kme() -> OtherKme:
@@ -63,6 +72,7 @@ def _activation_request() -> ActivationRequest:
         slave_ids=data["slave_SAE_IDs"],
         size_bits=data["size"],
         keys=[(key["key_ID"], [(part["file"], part["position"]) for part in key["parts"]]) for key in data["keys"]],
+        stream=data.get("stream"),
     )
 
 
@@ -71,7 +81,8 @@ def activate():
     """Activate keys of the caller's direction of our link for its master SAE and our slave SAEs."""
     caller = calling_kme()
     wanted = _activation_request()
-    count = activation.accept_activation(current_app.extensions["kme"], caller, wanted)
+    accept = streams.accept_chunk if wanted.stream else activation.accept_activation
+    count = accept(current_app.extensions["kme"], caller, wanted)
     return _ACTIVATED.dump({"activation_ID": wanted.activation_id, "activated": count})
 
 
@@ -187,3 +198,31 @@ def release_relay(activation_id: str):
     activation_id, _parts = _relay_hop(activation_id)
     relay.release(current_app.extensions["kme"], caller, activation_id)
     return _RELEASED.dump({"activation_ID": activation_id, "state": "released"})
+
+
+@bp.post("/streams/open")
+def stream_open():
+    """The slave SAE of an ETSI GS QKD 004 stream whose master is ours opened its end at the caller."""
+    caller = calling_kme()
+    data = load(_STREAM_OPEN, json_body(request))
+    status, chunk_size, ttl = streams.accept_slave_open(current_app.extensions["kme"], caller, data)
+    return _STREAM_OPEN_ANSWER.dump({"KSID": data["KSID"], "status": status, "chunk_size": chunk_size, "ttl": ttl})
+
+
+@bp.post("/streams/chunks")
+def stream_chunk():
+    """Make a chunk of a stream whose master is ours, activated at the caller (the slave's KME) before this
+    answers."""
+    caller = calling_kme()
+    data = load(_STREAM_CHUNK, json_body(request))
+    status = streams.accept_chunk_request(current_app.extensions["kme"], caller, data["KSID"], data["index"])
+    return _STREAM_CHUNK_ANSWER.dump({"KSID": data["KSID"], "index": data["index"], "status": status})
+
+
+@bp.post("/streams/close")
+def stream_close():
+    """An end of a stream between an SAE of ours and one of the caller's closed it at the caller (idempotent)."""
+    caller = calling_kme()
+    data = load(_STREAM_CLOSE, json_body(request))
+    streams.accept_close(current_app.extensions["kme"], caller, data["KSID"])
+    return _STREAM_CLOSED.dump({"KSID": data["KSID"], "state": "closed"})

@@ -47,6 +47,12 @@ from kme.peers.wire import (
     RelayCancelSchema,
     RelaySchema,
     ReleasedSchema,
+    StreamChunkAnswerSchema,
+    StreamChunkSchema,
+    StreamClosedSchema,
+    StreamCloseSchema,
+    StreamOpenAnswerSchema,
+    StreamOpenSchema,
 )
 
 bp = Blueprint("openapi", __name__)
@@ -145,6 +151,15 @@ def _kme_paths() -> dict:
         "/api/v1/kme/progress": {"post": _operation(
             "Exchange ingestion progress: which keys of each file each end holds", ProgressAnswerSchema,
             _KME_ERRORS, body=ProgressSchema)},
+        "/api/v1/kme/streams/open": {"post": _operation(
+            "The slave SAE of an ETSI GS QKD 004 stream whose master is an SAE of this KME opened its end at the "
+            "calling KME: the stream as this KME has it", StreamOpenAnswerSchema, _KME_ERRORS, body=StreamOpenSchema)},
+        "/api/v1/kme/streams/chunks": {"post": _operation(
+            "Make a chunk of an ETSI GS QKD 004 stream whose master is an SAE of this KME, activated at the calling "
+            "KME before the answer", StreamChunkAnswerSchema, _KME_ERRORS, body=StreamChunkSchema)},
+        "/api/v1/kme/streams/close": {"post": _operation(
+            "An end of an ETSI GS QKD 004 stream closed it at the calling KME: closed here too (idempotent)",
+            StreamClosedSchema, _KME_ERRORS, body=StreamCloseSchema)},
     }
 
 

@@ -35,10 +35,13 @@ from kme.peers.wire import (
     LeaseAnswerSchema,
     LeaseStatesAnswerSchema,
     ProgressAnswerSchema,
+    StreamChunkAnswerSchema,
+    StreamOpenAnswerSchema,
 )
 
 _LEASE_ANSWER, _PROGRESS_ANSWER = LeaseAnswerSchema(), ProgressAnswerSchema()
 _LEASE_STATES_ANSWER = LeaseStatesAnswerSchema()
+_STREAM_OPEN_ANSWER, _STREAM_CHUNK_ANSWER = StreamOpenAnswerSchema(), StreamChunkAnswerSchema()
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +175,20 @@ class PeerClient:
     def exchange_progress(self, push: dict) -> dict:
         """Tell the peer our ingestion progress; its answer carries its own."""
         return self._checked(_PROGRESS_ANSWER, self._post("/progress", push, "database_ID", None))
+
+    def stream_open(self, request: dict, deadline: float) -> dict:
+        """Tell the master's KME that the slave SAE opened its end of a stream; the stream as it has it."""
+        return self._checked(_STREAM_OPEN_ANSWER, self._post("/streams/open", request, "KSID", request["KSID"],
+                                                             deadline=deadline))
+
+    def stream_chunk(self, request: dict, deadline: float) -> dict:
+        """Ask the master's KME for a chunk of a stream; its answer once the chunk is activated here, or why not."""
+        return self._checked(_STREAM_CHUNK_ANSWER, self._post("/streams/chunks", request, "KSID", request["KSID"],
+                                                              deadline=deadline))
+
+    def stream_close(self, request: dict, deadline: float) -> None:
+        """Tell the KME of the stream's other end that it is closed."""
+        self._post("/streams/close", request, "KSID", request["KSID"], deadline=deadline)
 
     def _checked(self, schema, answer: dict) -> dict:
         try:

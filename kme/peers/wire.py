@@ -28,12 +28,26 @@ class WireKeySchema(StrictSchema):
     parts = List(Nested(PartSchema), required=True, validate=validate.Length(min=1))
 
 
+# An ETSI GS QKD 004 stream's index, chunk size (bytes) and TTL (s): unsigned 32-bit numbers on that wire.
+_UINT32 = validate.Range(0, 2**32 - 1)
+
+
+class StreamChunkRefSchema(StrictSchema):
+    """The chunk of an ETSI GS QKD 004 stream that an activation's one key is (docs/etsi004.md)."""
+
+    KSID = KeyIdField(required=True)
+    index = Int(required=True, validate=_UINT32)
+    chunk_size = Int(required=True, validate=validate.Range(1, 2**32 - 1))
+    ttl = Int(required=True, validate=_UINT32)
+
+
 class ActivationSchema(StrictSchema):
     activation_ID = KeyIdField(required=True)
     master_SAE_ID = IdField(required=True)
     slave_SAE_IDs = List(IdField(), required=True, validate=validate.Length(min=1))
     size = Int(required=True)
     keys = List(Nested(WireKeySchema), required=True, validate=validate.Length(min=1))
+    stream = Nested(StreamChunkRefSchema)
 
 
 class ActivatedSchema(StrictSchema):
@@ -181,3 +195,53 @@ class ReleasedSchema(StrictSchema):
 
     activation_ID = KeyIdField(required=True)
     state = Str(required=True, validate=validate.OneOf(["released"]))
+
+
+class StreamOpenSchema(StrictSchema):
+    """The slave SAE of an ETSI GS QKD 004 stream opened its end at the caller: asked of the master's KME."""
+
+    KSID = KeyIdField(required=True)
+    master_SAE_ID = IdField(required=True)
+    slave_SAE_ID = IdField(required=True)
+    chunk_size = Int(required=True, validate=validate.Range(1, 2**32 - 1))
+    ttl = Int(required=True, validate=_UINT32)
+
+
+class StreamOpenAnswerSchema(StrictSchema):
+    """The stream as the master's KME has it: the 004 status of the slave's end (0 open, 1 waiting for its master,
+    5 KSID in use) and the chunk size and TTL of the stream."""
+
+    KSID = KeyIdField(required=True)
+    status = Int(required=True, validate=validate.OneOf([0, 1, 5]))
+    chunk_size = Int(required=True, validate=validate.Range(1, 2**32 - 1))
+    ttl = Int(required=True, validate=_UINT32)
+
+
+class StreamChunkSchema(StrictSchema):
+    """The slave SAE asks the caller for a chunk its KME has not got: asked of the master's KME, which makes it and
+    activates it at the caller before it answers."""
+
+    KSID = KeyIdField(required=True)
+    index = Int(required=True, validate=_UINT32)
+
+
+class StreamChunkAnswerSchema(StrictSchema):
+    """0: the chunk is activated at the caller; 2: it cannot be made (not enough keys); 3: the master has not
+    opened the stream, or it is closed."""
+
+    KSID = KeyIdField(required=True)
+    index = Int(required=True, validate=_UINT32)
+    status = Int(required=True, validate=validate.OneOf([0, 2, 3]))
+
+
+class StreamCloseSchema(StrictSchema):
+    """An end of the stream closed it at the caller: the other KME closes it too."""
+
+    KSID = KeyIdField(required=True)
+
+
+class StreamClosedSchema(StrictSchema):
+    """The answer to a close (idempotent)."""
+
+    KSID = KeyIdField(required=True)
+    state = Str(required=True, validate=validate.OneOf(["closed"]))

@@ -21,6 +21,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     text,
+    true,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -352,9 +353,9 @@ class KeyStream(db.Model):
 
 
 class StreamChunk(db.Model):
-    """A chunk of a key stream that was made, by index: its key (a delivered key whose ID derives from the KSID and
-    the index, nothing of its material) is read once by each end, then erased; the row stays while the stream lives,
-    so that an index is never made twice."""
+    """A chunk of a key stream, by index: its key (a delivered key whose ID derives from the KSID and the index,
+    nothing of its material) is read once by each end, then erased; the row stays while the stream lives, so that
+    an index is never made twice. Not ``made`` while the master's KME activates it at the slave's KME."""
 
     __tablename__ = "stream_chunks"
     __table_args__ = (Index("ix_stream_chunks_created_at", "created_at"),)
@@ -362,3 +363,4 @@ class StreamChunk(db.Model):
                                       primary_key=True)
     idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     created_at: Mapped[str] = mapped_column(String(32))
+    made: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())

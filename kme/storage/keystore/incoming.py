@@ -39,6 +39,8 @@ class ActivationRequest:
     slave_ids: list[int]
     size_bits: int
     keys: list[tuple[str, list[tuple[str, int]]]]
+    # The ETSI GS QKD 004 chunk that the one key is (kme.peers.wire.StreamChunkRefSchema), or None.
+    stream: dict | None = None
 
 
 def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:

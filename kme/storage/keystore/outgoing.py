@@ -43,13 +43,15 @@ class Reservation:
 
 
 def reserve(link_id: int, master_sae_id: int, slave_ids: list[int], local_slave_ids: list[int], number: int,
-            size_bits: int) -> Reservation:
+            size_bits: int, key_ids: list[str] | None = None, stream: dict | None = None) -> Reservation:
     """Reserve keys of our direction of the link and record the pending activation (NotEnoughKeys if too few).
 
-    Committed with concurrent requests (group commit) before this returns.
+    ``key_ids``: the keys' IDs (new random ones if None); ``stream``: the ETSI GS QKD 004 chunk the one key is
+    (kme.peers.wire.StreamChunkRefSchema), sent with the activation. Committed with concurrent requests (group
+    commit) before this returns.
     """
     activation_id = new_key_id()
-    key_ids = new_key_ids(number)
+    key_ids = key_ids or new_key_ids(number)
     needed = number * pool_keys_per_key(size_bits)
     per_key = pool_keys_per_key(size_bits)
 
@@ -70,6 +72,7 @@ def reserve(link_id: int, master_sae_id: int, slave_ids: list[int], local_slave_
                       "parts": [{"file": names[file_id], "position": position}
                                 for _id, file_id, position, _material in rows[i * per_key:(i + 1) * per_key]]}
                      for i, key in enumerate(keys)],
+            **({"stream": stream} if stream else {}),
         }
         statements.insert_outgoing(connection, activation_id, link_id, SENDING, clock.utc_now(),
                                    json.dumps({"wire": request, "local_slaves": local_slave_ids}))

@@ -2,10 +2,13 @@
 
 A chunk is a key of the stream's link, made when either end first asks for
 its index: consecutive pool keys, its unused bits discarded as for any key,
-stored sealed as a delivered key of the master SAE whose "slaves" are both
-ends, under a key ID derived from the KSID and the index (nothing of its
-material). Each end reads it once; once both did, it is erased. The chunk's
-row stays while the stream lives, so that an index is never made twice.
+stored sealed as a delivered key of the master SAE under a key ID derived
+from the KSID and the index (nothing of its material). In the zone, both
+ends are its "slaves"; across two KMEs, the master's KME claims the index,
+activates the key at the slave's KME (kme.domain.streams) and keeps its
+copy for the master, the slave's KME records the chunk as it arrives. Each
+end reads it once; once both did, it is erased. The chunk's row stays while
+the stream lives, so that an index is never made twice.
 """
 import uuid
 from collections import Counter
@@ -20,10 +23,14 @@ from kme.storage import at_rest, events, statements
 from kme.storage.db import db, write_transaction
 from kme.storage.keystore import handed_out
 from kme.storage.keystore.common import build_keys, erase_delivered, pool_keys_per_key, store_delivered, update_link
-from kme.storage.models import KeyStream, StreamChunk
+from kme.storage.models import KeyFile, KeyStream, StreamChunk
 
 # An end of a stream.
 ABSENT, WAITING, OPEN = "absent", "waiting", "open"
+# A chunk's index: this caller may make it, or it is made, or another is making it.
+CLAIMED, MADE, MAKING = "claimed", "made", "making"
+# The window over which a link's key rate is measured (Min_bps is checked against it).
+RATE_WINDOW_SECONDS = 3600
 # The namespace of the key IDs of chunks (a fixed random UUID).
 _CHUNKS = uuid.UUID("8d3f6a2e-4b1c-4f7e-9a0d-6c5b2e1f7a93")
 
@@ -49,10 +56,11 @@ def chunk_key_id(ksid: str, index: int) -> str:
 
 
 def open_end(ksid: str, link_id: Id, master: Id, slave: Id, chunk_size: int, ttl_seconds: int,
-             is_master: bool) -> tuple[Stream, str]:
+             is_master: bool, master_open: bool = False) -> tuple[Stream, str]:
     """Open one end of a stream (made by the first end that opens it, with its chunk size and TTL): the stream and
     what the end became: OPEN, WAITING (a slave before its master), or None if the KSID is in use (that end is open
-    already, the stream is closed, or it is another pair's)."""
+    already, the stream is closed, or it is another pair's). ``master_open``: the master's KME, another one, said
+    that the master opened it."""
     with write_transaction() as session:
         statements.lock_name(session, f"stream/{ksid}")
         row = session.get(KeyStream, ksid)
@@ -66,6 +74,8 @@ def open_end(ksid: str, link_id: Id, master: Id, slave: Id, chunk_size: int, ttl
         end = "master_end" if is_master else "slave_end"
         if getattr(row, end) == OPEN:
             return _stream(row), None
+        if master_open:
+            row.master_end = OPEN
         became = OPEN if is_master or row.master_end == OPEN else WAITING
         setattr(row, end, became)
         session.flush()
@@ -73,6 +83,19 @@ def open_end(ksid: str, link_id: Id, master: Id, slave: Id, chunk_size: int, ttl
                                f"{master if is_master else slave} opened it"
                                + ("" if became == OPEN else ", waiting for its master"))
         return _stream(row), became
+
+
+def link_rate_bps(link_id: Id) -> int:
+    """The link's measured key rate (bit/s): the key files ingested in the last RATE_WINDOW_SECONDS, over that window
+    or, if the first of them came later, over the time since it (at least a second); 0 if none came."""
+    first, total = db.session.execute(
+        select(func.min(KeyFile.ingested_at), func.coalesce(func.sum(KeyFile.length), 0))
+        .where(KeyFile.link_id == link_id, KeyFile.ingested_at >= clock.utc_now(RATE_WINDOW_SECONDS))).one()
+    db.session.commit()
+    if first is None:
+        return 0
+    # PostgreSQL sums to a Decimal.
+    return int(int(total) * 8 / max(clock.seconds_since(first), 1.0))
 
 
 def find(ksid: str) -> Stream | None:
@@ -83,15 +106,16 @@ def find(ksid: str) -> Stream | None:
     return found
 
 
-def read_chunk(stream: Stream, index: int, reader: Id) -> bytes | None:
-    """The chunk at ``index`` for ``reader`` (an end of the stream), made now if neither end asked for it before;
-    None if this end read it already, or it was erased (TTL, close). NotEnoughKeys if the link cannot make it."""
+def read_chunk(stream: Stream, index: int, reader: Id, make: bool) -> bytes | None:
+    """The chunk at ``index`` for ``reader`` (an end of the stream), made now if ``make`` (a stream of the zone)
+    and neither end asked for it before; None if this end read it already, or it was erased (TTL, close), or is not
+    here. NotEnoughKeys if the link cannot make it."""
     key_id = chunk_key_id(stream.ksid, index)
     reader_number = ids.number(reader)
     with write_transaction() as session:
         statements.lock_name(session, f"stream/{stream.ksid}")
         spent = handed_out.check(statements.driver(session))
-        made = session.get(StreamChunk, (stream.ksid, index)) is not None
+        made = not make or session.get(StreamChunk, (stream.ksid, index)) is not None
         if not made:
             _make(session, stream, index, key_id)
         rows = statements.delivered_keys_and_slaves(statements.driver(session), [key_id])
@@ -124,15 +148,69 @@ def _make(session, stream: Stream, index: int, key_id: str) -> None:
     session.add(StreamChunk(ksid=stream.ksid, idx=index, created_at=clock.utc_now()))
 
 
-def close(stream: Stream, by: Id) -> int:
-    """Close a stream: its chunks that an end has not read are erased, never given; how many."""
+def claim_chunk(stream: Stream, index: int) -> str:
+    """At the master's KME of a stream across two KMEs: CLAIMED if the caller is to make the chunk at ``index``
+    (activate it at the slave's KME, then mark_made or drop_claim), MADE, or MAKING (another caller is)."""
+    with write_transaction() as session:
+        statements.lock_name(session, f"stream/{stream.ksid}")
+        row = session.get(StreamChunk, (stream.ksid, index))
+        if row is not None:
+            return MADE if row.made else MAKING
+        session.add(StreamChunk(ksid=stream.ksid, idx=index, created_at=clock.utc_now(), made=False))
+        return CLAIMED
+
+
+def chunk_state(ksid: str, index: int) -> str | None:
+    """MADE, MAKING, or None if no one claimed the index (a read)."""
+    row = db.session.get(StreamChunk, (ksid, index))
+    state = None if row is None else MADE if row.made else MAKING
+    db.session.commit()
+    return state
+
+
+def mark_made(ksid: str, index: int) -> None:
+    """The claimed chunk was activated at the slave's KME and is stored here for the master."""
+    with write_transaction() as session:
+        row = session.get(StreamChunk, (ksid, index))
+        row.made = True
+
+
+def drop_claim(ksid: str, index: int) -> None:
+    """The claimed chunk was provably not activated (no keys, the peer refused or was not reached): the index may
+    be made again."""
+    with write_transaction() as session:
+        session.execute(delete(StreamChunk).where(StreamChunk.ksid == ksid, StreamChunk.idx == index,
+                                                  StreamChunk.made.is_(False)))
+
+
+def record_chunk(ksid: str, index: int, link_id: Id, master: Id, slave: Id, chunk_size: int,
+                 ttl_seconds: int) -> None:
+    """At the slave's KME: the master's KME activated the chunk at ``index`` here (its key is stored): recorded as
+    made, and the stream as opened by its master (made here if the slave has not opened it yet). Idempotent."""
+    with write_transaction() as session:
+        statements.lock_name(session, f"stream/{ksid}")
+        row = session.get(KeyStream, ksid)
+        if row is None:
+            session.add(KeyStream(ksid=ksid, link_id=link_id, master_sae_id=master, slave_sae_id=slave,
+                                  chunk_size=chunk_size, ttl_seconds=ttl_seconds, master_end=OPEN, slave_end=ABSENT,
+                                  closed=False, created_at=clock.utc_now()))
+            session.flush()
+        else:
+            row.master_end = OPEN
+        if session.get(StreamChunk, (ksid, index)) is None:
+            session.add(StreamChunk(ksid=ksid, idx=index, created_at=clock.utc_now(), made=True))
+
+
+def close(stream: Stream, by: str) -> int:
+    """Close a stream (``by``: who, for the event): its chunks that an end has not read are erased, never given;
+    how many."""
     with write_transaction() as session:
         statements.lock_name(session, f"stream/{stream.ksid}")
         row = session.get(KeyStream, stream.ksid)
         row.closed = True
         indexes = session.scalars(select(StreamChunk.idx).where(StreamChunk.ksid == stream.ksid)).all()
         erased = erase_delivered(session, [chunk_key_id(stream.ksid, index) for index in indexes])
-        events.record(session, f"Key stream {stream.ksid} closed by SAE {by}: {erased} chunks not read by both "
+        events.record(session, f"Key stream {stream.ksid} closed by {by}: {erased} chunks not read by both "
                                "ends erased")
         return erased
 
