@@ -8,6 +8,7 @@ import uuid
 import pytest
 
 from tests.network import Network
+from tests.support import wait_until
 from tests.test_etsi004 import Client
 
 LINK_KEYS = 600
@@ -81,6 +82,16 @@ def test_close_at_one_kme_ends_the_stream_at_both_and_erases_what_was_not_read(n
     assert [network[kme].ledger.waiting() for kme in (1, 2)] == [0, 0]
     assert master.get_key(ksid, 1) == (3, b"") and slave.get_key(ksid, 0) == (3, b"")
     assert slave.get_key(ksid, 2) == (3, b"")
+
+
+def test_a_chunk_older_than_the_ttl_is_erased_at_the_slaves_kme_too(network):
+    master, slave = ends(network)
+    _, _, ksid = master.open_connect(1, 3, ttl=1)
+    assert slave.open_connect(1, 3, ttl=1, ksid=ksid)[0] == 0
+    assert master.get_key(ksid, 0)[0] == 0
+    log = network[2].folder / "ingest.log"
+    wait_until(lambda: f"Key stream {ksid}: 1 chunks expired" in log.read_text(), 20)
+    assert slave.get_key(ksid, 0) == (2, b"")
 
 
 def test_every_process_of_both_kmes_restarted_mid_stream_keeps_the_stream(network):
