@@ -7,14 +7,17 @@ For each engine a KME (alone, its zone's pool filled with 300 000 keys) on
 threads, the product's defaults), then a second SAE interface of the same
 configuration on another port, as a second host would run it. PostgreSQL is
 a throwaway cluster of this run (tests/postgres.py, fsync on, the server's
-defaults otherwise). The 8 client processes of bench/web_stack.py load one
-front end, or 4 each on two; the four set-ups are measured interleaved, each
-repetition in turn, and the table gives medians of requests/s, p50 and p99.
+defaults otherwise). The 8 client processes of bench/load.py (raw
+keep-alive TLS sockets) load one front end, or 4 each on two; the four
+set-ups are measured interleaved, each repetition in turn, and the table
+gives medians of requests/s, p50 and p99, and the CPU time the front ends'
+workers, PostgreSQL's server processes ("db") and the clients spent per
+request; then PostgreSQL's throughput as
+a share of SQLite's, one front end each.
 Both front ends share this machine's 2 cores with the clients and the
 database: the second one shows what the coordination between front ends
 costs, not the capacity another host would add.
 """
-import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -30,6 +33,7 @@ from tests.postgres import Cluster  # noqa: E402
 from tests.support import (  # noqa: E402
     PASSWORD,
     Pki,
+    children,
     free_port,
     sae_port,
     sae_session,
@@ -39,7 +43,7 @@ from tests.support import (  # noqa: E402
     write_config,
     write_keys,
 )
-from web_stack import CLIENTS, _client  # noqa: E402
+from load import CLIENTS, load, pool  # noqa: E402
 
 KEYS = 300_000
 CALLS = [("enc_keys, number=1", "/api/v1/keys/2/enc_keys", {}),
@@ -51,7 +55,7 @@ class Setup:
 
     def __init__(self, folder: Path, pki: Pki, engine: str, cluster: Cluster | None):
         extra = {"db_uri": cluster.new_database()} if engine == "postgresql" else {}
-        self.engine = engine
+        self.engine, self.cluster = engine, cluster if engine == "postgresql" else None
         self.config = write_config(folder, pki, **extra)
         write_keys(folder / "keys" / "pool.cor", KEYS)
         self.processes = [start_ingest_worker(self.config, folder / "ingest.log")]
@@ -60,24 +64,34 @@ class Setup:
         self.processes.append(start_sae_interface(self.config, folder / "sae-b.log", threads=8,
                                                   port=self.second_port))
         self.bases = [f"https://127.0.0.1:{sae_port(self.config)}", f"https://127.0.0.1:{self.second_port}"]
+        self.fronts = self.processes[1:]
         status = sae_session(pki, 1, 1)
         wait_until(lambda: status.get(f"{self.bases[0]}/api/v1/keys/2/status", timeout=10).json()[
             "stored_key_count"] == KEYS, timeout=300)
         status.close()
+
+    def workers(self, fronts: int) -> list[int]:
+        """The pids of the worker processes of the first ``fronts`` front ends (the servers' CPU time)."""
+        return [pid for front in self.fronts[:fronts] for pid in children(front.proc.pid)]
+
+    def database_processes(self) -> list[int]:
+        """PostgreSQL's server processes (its postmaster's children: a backend per pooled connection, the WAL
+        writer...); none for SQLite, which runs in the front ends' workers."""
+        if self.cluster is None:
+            return []
+        postmaster = int((self.cluster.folder / "data" / "postmaster.pid").read_text().split()[0])
+        return children(postmaster)
 
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()
 
 
-def load(pool, pki: Pki, bases: list[str], path: str, seconds: float, options: dict) -> dict:
-    """CLIENTS client processes spread over ``bases``: requests/s, p50 and p99 in ms, failures."""
-    jobs = [{"pki": str(pki.folder), "url": bases[index % len(bases)] + path, "base": bases[index % len(bases)],
-             "seconds": seconds, "sae": options.get("sae", 1), **options} for index in range(CLIENTS)]
-    results = pool.map(_client, jobs)
-    latencies = sorted(latency for _, chunk, _ in results for latency in chunk)
-    return {"rate": sum(rate for rate, _, _ in results), "p50": statistics.median(latencies) * 1e3,
-            "p99": latencies[int(len(latencies) * 0.99)] * 1e3, "failures": sum(f for _, _, f in results)}
+def _load(clients, setup: Setup, pki: Pki, fronts: int, path: str, seconds: float, options: dict) -> dict:
+    """CLIENTS clients spread over ``fronts`` front ends of ``setup`` (bench/load.py)."""
+    jobs = [{"pki": str(pki.folder), "base": setup.bases[index % fronts], "path": path, "seconds": seconds,
+             "sae": options.get("sae", 1), **options} for index in range(CLIENTS)]
+    return load(clients, jobs, setup.workers(fronts), setup.database_processes())
 
 
 def main() -> int:
@@ -92,19 +106,27 @@ def main() -> int:
         for engine in ("sqlite", "postgresql"):
             setups[engine] = Setup(folder / engine, pki, engine, cluster)
         figures = {(engine, fronts, name): [] for engine in setups for fronts in (1, 2) for name, *_ in CALLS}
-        with multiprocessing.get_context("fork").Pool(CLIENTS) as pool:
+        with pool() as clients:
             for _ in range(repetitions):
                 for name, path, options in CALLS:
                     for engine, setup in setups.items():
                         for fronts in (1, 2):
                             figures[(engine, fronts, name)].append(
-                                load(pool, pki, setup.bases[:fronts], path, seconds, options))
-        print(f"{'call':<20} {'engine':<11} {'front ends':>10} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7}  failures")
+                                _load(clients, setup, pki, fronts, path, seconds, options))
+        print(f"{'call':<20} {'engine':<11} {'front ends':>10} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+              f"{'cpu ms':>6} {'db':>6} {'client':>6}  failures")
+        rates = {}
         for (engine, fronts, name), runs in figures.items():
-            rate, p50, p99 = (statistics.median(run[key] for run in runs) for key in ("rate", "p50", "p99"))
+            rate, p50, p99, cpu, database_cpu, client_cpu = (
+                statistics.median(run[key] for run in runs)
+                for key in ("rate", "p50", "p99", "cpu", "database_cpu", "client_cpu"))
+            rates[(engine, fronts, name)] = rate
             failures = sum(run["failures"] for run in runs)
-            print(f"{name:<20} {engine:<11} {fronts:>10} {rate:>8.0f} {p50:>7.1f} {p99:>7.1f}  {failures}",
-                  flush=True)
+            print(f"{name:<20} {engine:<11} {fronts:>10} {rate:>8.0f} {p50:>7.1f} {p99:>7.1f} {cpu:>6.3f} "
+                  f"{database_cpu:>6.3f} {client_cpu:>6.3f}  {failures}", flush=True)
+        for name, *_ in CALLS:
+            print(f"PostgreSQL / SQLite, {name}, one front end: "
+                  f"{rates[('postgresql', 1, name)] / rates[('sqlite', 1, name)]:.2f}", flush=True)
     finally:
         for setup in setups.values():
             setup.stop()

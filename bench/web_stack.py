@@ -7,15 +7,19 @@ BENCH_CALLS="status;entropy" (names of the table, by prefix, separated by ";") m
 Starts on 127.0.0.1 a KME pair (KME 1's SAE interface with the product's
 defaults: 2 workers x 8 threads) and the ceilings: bench/ceiling_app.py
 served by deploy/sae.py, the same gunicorn configuration, worker class, TLS
-settings and client certificates. For each call, 8 client processes with
-keep-alive sessions (or a new TLS connection per request where said) load
-ours, then its ceiling, interleaved, for each repetition. The row "string IDs" is
+settings and client certificates. For each call, 8 client processes on raw
+keep-alive TLS sockets (bench/load.py; a new TLS connection per request
+where said) load ours, then its ceiling, interleaved, for each repetition. The row "string IDs" is
 the call of the row above between two SAEs of KME 1 with string IDs
 (alice-app and bob-app), and the line after the table compares the two. Prints one table:
 medians over the repetitions of requests/s, p50 and p99 (ms), the ceiling's
-figures and the ratio, and the CPU time the servers' worker processes spent
-per request (ours: KME 1's SAE interface, with KME 2's inter-KME interface
-for a remote slave; the ceiling's: its workers, with the relay's). The row
+figures and the ratio, the CPU time the servers' worker processes spent per
+request (ours: KME 1's SAE interface, with KME 2's inter-KME interface for a
+remote slave; the ceiling's: its workers, with the relay's) and beside it
+the clients' ("client"). "bound" says whether the ceiling's servers, not its
+clients, were the limit (they spent three times the clients' CPU per
+request, in most repetitions: bench/load.py); the ratio is given only
+against such a ceiling. The row
 "Flask alone" is bench/ceiling_app.py's flask_app, the constant answer from a
 Flask view, against the ceiling: what the framework itself costs. The rows
 "keys in clear" are KME 1's zone as a KME of its own with encryption at rest
@@ -27,7 +31,6 @@ slowloris clients with valid certificates held for 60 s while one SAE calls
 Get status ten times a second.
 """
 import json
-import multiprocessing
 import os
 import shutil
 import socket
@@ -44,14 +47,15 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from kme.operations.certs import generate_pki  # noqa: E402
 from tests.conftest import PKI_LAYOUT  # noqa: E402
 from tests.support import children  # noqa: E402
 from tests.network import Network  # noqa: E402
 from tests.support import PASSWORD, Pki, Process, free_port, load_json, wait_for_workers  # noqa: E402
+from load import CLIENTS, load, pool  # noqa: E402
 
-CLIENTS = 8
 # The SAEs of KME 1 with string IDs, and the numbers of their certificates (tests/conftest.PKI_LAYOUT).
 STRING_SAES = {"alice-app": 9, "bob-app": 10}
 # number=128 at its rate takes about 10^6 keys over the 5 repetitions.
@@ -103,12 +107,15 @@ class Stack:
         raw["saes"] += [{"id": name, "kme_id": 1, "https_client_certificate_serial": pki.serials[f"sae{number}"]}
                         for name, number in STRING_SAES.items()]
         kme1.config.write_text(json.dumps(raw, indent=2))
-        local = kme1.folder / "keys" / "local.cor"
-        with open(local, "wb") as handle:
+        # The ingestion worker starts on empty folders (it says it watches once it ingested what it found), then
+        # the files arrive whole, as a QKD device's would.
+        kme1.start("ingest")
+        staged = kme1.folder / ".local.cor.part"
+        with open(staged, "wb") as handle:
             for _ in range(LOCAL_KEYS // 10_000):
                 handle.write(os.urandom(32 * 10_000))
+        os.rename(staged, kme1.folder / "keys" / "local.cor")
         self.network.write_link_file(1, 2, "link.cor", LINK_KEYS)
-        kme1.start("ingest")
         kme1.processes["sae"] = _gunicorn(kme1.config, "wsgi:sae_app", kme1.folder / "sae.log")
         self.network[2].start("ingest", "kme")
         self.network.wait_for_link(1, 2, LINK_KEYS, timeout=300)
@@ -189,73 +196,15 @@ def _session(pki_folder: str, kme: int, sae: int) -> requests.Session:
     return session
 
 
-def _client(job: dict) -> tuple[float, list[float], int]:
-    """One client process: (requests/s over its own time, latencies in seconds, failures)."""
-    session = _session(job["pki"], 1, job["sae"])
-    urls = [job["url"]]
-    if job.get("dec_keys"):
-        # Key IDs for dec_keys, made before the clock starts: SAE 1 asks, SAE 2 fetches.
-        master = _session(job["pki"], 1, 1)
-        ids = []
-        while len(ids) < job["dec_keys"]:
-            answer = master.get(f"{job['base']}/api/v1/keys/2/enc_keys?number=128", timeout=30)
-            if answer.status_code != 200:
-                raise RuntimeError(f"no keys for dec_keys: {answer.status_code} {answer.text}")
-            ids += [key["key_ID"] for key in answer.json()["keys"]]
-        master.close()
-        urls = [f"{job['url']}?key_ID={key_id}" for key_id in ids]
-    latencies, failures = [], 0
-    start = time.perf_counter()
-    deadline = start + job["seconds"]
-    # Each key ID is fetched once; the other calls repeat their one URL.
-    limit = len(urls) if job.get("dec_keys") else float("inf")
-    index = 0
-    while time.perf_counter() < deadline and index < limit:
-        url = urls[index % len(urls)]
-        index += 1
-        began = time.perf_counter()
-        try:
-            answer = session.get(url, timeout=30)
-            if answer.status_code != 200:
-                failures += 1
-        except requests.RequestException:
-            failures += 1
-        latencies.append(time.perf_counter() - began)
-        if job.get("new_connection"):
-            session.close()
-    elapsed = time.perf_counter() - start
-    session.close()
-    return len(latencies) / elapsed, latencies, failures
-
-
-_TICKS = os.sysconf("SC_CLK_TCK")
-
-
 def _workers(masters: list[Process]) -> list[int]:
     """The pids of the worker processes of these gunicorn masters."""
     return [pid for master in masters for pid in children(master.proc.pid)]
 
 
-def _cpu_seconds(pids: list[int]) -> float:
-    """User and system CPU time of these processes, all their threads."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / _TICKS
-
-
-def load(pool, pki: Pki, url: str, base: str, seconds: float, servers: list[int], **options) -> dict:
-    """8 clients at once: requests/s, p50 and p99 in ms, failures, and the servers' CPU ms per request."""
-    jobs = [{"pki": str(pki.folder), "url": url, "base": base, "seconds": seconds, "sae": options.get("sae", 1),
-             **options} for _ in range(CLIENTS)]
-    cpu = _cpu_seconds(servers)
-    results = pool.map(_client, jobs)
-    cpu = _cpu_seconds(servers) - cpu
-    latencies = sorted(latency for _, chunk, _ in results for latency in chunk)
-    return {"rate": sum(rate for rate, _, _ in results), "p50": statistics.median(latencies) * 1e3,
-            "p99": latencies[int(len(latencies) * 0.99)] * 1e3, "failures": sum(f for _, _, f in results),
-            "cpu": cpu * 1e3 / len(latencies)}
+def _load(clients, pki: Pki, base: str, path: str, seconds: float, servers: list[int], **options) -> dict:
+    """CLIENTS clients at once on one server (bench/load.py)."""
+    return load(clients, [{"pki": str(pki.folder), "base": base, "path": path, "seconds": seconds,
+                           "sae": options.get("sae", 1), **options} for _ in range(CLIENTS)], servers)
 
 
 CALLS = [
@@ -289,29 +238,30 @@ def measure(stack: Stack, seconds: float, repetitions: int) -> None:
     calls = _chosen_calls()
     figures = {name: {"ours": [], "ceiling": []} for name, *_ in calls}
     workers = {kind: _workers(masters) for kind, masters in stack.servers.items()}
-    context = multiprocessing.get_context("fork")
-    with context.Pool(CLIENTS) as pool:
+    with pool() as clients:
         for _ in range(repetitions):
             for name, path, served, ceiling, options in calls:
-                base = stack.target(served)
-                figures[name]["ours"].append(load(pool, stack.pki, base + path, base, seconds, workers[served],
-                                                  **options))
-                figures[name]["ceiling"].append(load(pool, stack.pki, stack.target(ceiling) + path.split("?")[0],
-                                                     stack.ceiling, seconds, workers[ceiling],
-                                                     **{k: v for k, v in options.items() if k == "new_connection"}))
-    print(f"{'call':<36} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'cpu ms':>6} | {'ceiling':>8} {'p50 ms':>7} "
-          f"{'p99 ms':>7} {'cpu ms':>6} | {'ratio':>5}  failures")
-    keys = ("rate", "p50", "p99", "cpu")
+                figures[name]["ours"].append(_load(clients, stack.pki, stack.target(served), path, seconds,
+                                                   workers[served], **options))
+                figures[name]["ceiling"].append(_load(
+                    clients, stack.pki, stack.target(ceiling), path.split("?")[0], seconds, workers[ceiling],
+                    **{k: v for k, v in options.items() if k == "new_connection"}))
+    print(f"{'call':<36} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'cpu ms':>6} {'client':>6} | {'ceiling':>8} "
+          f"{'p99 ms':>7} {'cpu ms':>6} {'client':>6} {'bound':>5} | {'ratio':>5}  failures")
+    keys = ("rate", "p50", "p99", "cpu", "client_cpu")
     rates = {}
     for name, *_ in calls:
         ours = {key: statistics.median(run[key] for run in figures[name]["ours"]) for key in keys}
         rates[name] = ours["rate"]
         top = {key: statistics.median(run[key] for run in figures[name]["ceiling"]) for key in keys}
+        # The ratio counts only against a ceiling that its server, not the clients, limited in most runs.
+        bound = sum(run["server_bound"] for run in figures[name]["ceiling"]) * 2 > len(figures[name]["ceiling"])
         failures = sum(run["failures"] for run in figures[name]["ours"])
         extra = f"  ({ours['rate'] * 128:,.0f} keys/s)" if "128" in name else ""
-        print(f"{name:<36} {ours['rate']:>8.0f} {ours['p50']:>7.1f} {ours['p99']:>7.1f} {ours['cpu']:>6.3f} | "
-              f"{top['rate']:>8.0f} {top['p50']:>7.1f} {top['p99']:>7.1f} {top['cpu']:>6.3f} | "
-              f"{ours['rate'] / top['rate']:>5.2f}  {failures}{extra}", flush=True)
+        ratio = f"{ours['rate'] / top['rate']:>5.2f}" if bound else "  n/a"
+        print(f"{name:<36} {ours['rate']:>8.0f} {ours['p50']:>7.1f} {ours['p99']:>7.1f} {ours['cpu']:>6.3f} "
+              f"{ours['client_cpu']:>6.3f} | {top['rate']:>8.0f} {top['p99']:>7.1f} {top['cpu']:>6.3f} "
+              f"{top['client_cpu']:>6.3f} {'yes' if bound else 'NO':>5} | {ratio}  {failures}{extra}", flush=True)
     integer, named = "enc_keys, number=1", "enc_keys, number=1, string IDs"
     if integer in rates and named in rates:
         print(f"string IDs, {integer}: {rates[named]:.0f} req/s between alice-app and bob-app, {rates[integer]:.0f} "
