@@ -11,6 +11,9 @@ from tests.network import Network
 from tests.support import wait_until
 from tests.test_etsi004 import Client
 
+# The stream store's statements run on both engines in test_streams_store.py; the processes, once.
+pytestmark = pytest.mark.one_engine
+
 LINK_KEYS = 600
 
 
