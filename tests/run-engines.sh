@@ -18,6 +18,10 @@ else
     work=$(mktemp -d)
 fi
 export TMPDIR="$work"
+# The KMEs' metrics folders too (by default in /dev/shm itself): the tests kill their processes, which then
+# cannot remove them; here they go with the rest.
+export KME_RUNTIME_DIR="$work/runtime"
+mkdir "$KME_RUNTIME_DIR"
 KME_TEST_ENGINE=postgresql "$python" -m pytest -c tests/pytest.ini -p no:cacheprovider --basetemp="$work/tmp" \
     --durations=20 "$@" \
     >"$work/postgresql.log" 2>&1 &
