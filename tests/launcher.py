@@ -42,7 +42,12 @@ _LIBRARIES = (
 
 def _serve() -> dict:
     """Fork a child for each request read on stdin and report its pid, then how it ended; return only in a child,
-    with the request it is to carry out (an empty one when stdin closes)."""
+    with the request it is to carry out (an empty one when stdin closes).
+
+    Stdin closes when the test process closes the launcher, or dies (a crash,
+    a kill): what the launcher started and still runs then is killed by its
+    pid, so that no KME of a run outlives it (the tests stop theirs before).
+    """
     reports = os.fdopen(os.dup(1), "w", buffering=1)
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
@@ -52,14 +57,16 @@ def _serve() -> dict:
     selector.register(0, selectors.EVENT_READ, "request")
     selector.register(wake_read, selectors.EVENT_READ, "child")
     pending = b""
+    running: set[int] = set()
     while True:
         for key, _ in selector.select():
             if key.data == "child":
                 os.read(wake_read, 4096)
-                _report_ended(reports)
+                _report_ended(reports, running)
                 continue
             chunk = os.read(0, 65536)
             if not chunk:
+                _end(running)
                 return {}
             pending += chunk
             while b"\n" in pending:
@@ -74,10 +81,11 @@ def _serve() -> dict:
                     os.close(wake_write)
                     reports.close()
                     return request
+                running.add(pid)
                 reports.write(json.dumps({"started": pid}) + "\n")
 
 
-def _report_ended(reports) -> None:
+def _report_ended(reports, running: set[int]) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -85,7 +93,23 @@ def _report_ended(reports) -> None:
             return
         if pid == 0:
             return
+        running.discard(pid)
         reports.write(json.dumps({"ended": pid, "returncode": os.waitstatus_to_exitcode(status)}) + "\n")
+
+
+def _end(running: set[int]) -> None:
+    """SIGKILL the processes this launcher started that still run, by pid, and reap them (a gunicorn master's
+    workers end on their own once they see their master gone)."""
+    for pid in running:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+    for pid in running:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            continue
 
 
 def _become(request: dict) -> None:

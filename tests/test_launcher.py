@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.launcher import launcher
-from tests.support import ROOT, run_cli
+from tests.support import ROOT, run_cli, wait_until
 
 pytestmark = pytest.mark.engine_independent
 
@@ -44,3 +44,22 @@ def test_a_launched_process_is_stopped_by_its_pid_and_its_end_reported(tmp_path)
 def test_only_python_modules_are_launched(tmp_path):
     with pytest.raises(ValueError, match="only"):
         launcher().start(["bash", "-c", "true"], dict(os.environ), tmp_path, tmp_path / "out", None)
+
+
+# A test process that dies without closing its launcher (a crash): it started a server first, and says its pid.
+_CRASHING = """
+import os, sys
+from tests.launcher import launcher
+server = launcher().start([sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1"], dict(os.environ),
+                          sys.argv[1], sys.argv[1] + "/out", None)
+print(server.pid, flush=True)
+os._exit(3)
+"""
+
+
+def test_what_a_crashed_test_process_started_does_not_outlive_it(tmp_path):
+    crashed = subprocess.run([sys.executable, "-c", _CRASHING, str(tmp_path)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+    assert crashed.returncode == 3, crashed.stderr
+    server = int(crashed.stdout)
+    wait_until(lambda: not os.path.exists(f"/proc/{server}"), timeout=20)
