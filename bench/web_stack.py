@@ -55,6 +55,7 @@ from tests.support import children  # noqa: E402
 from tests.network import Network  # noqa: E402
 from tests.support import PASSWORD, Pki, Process, free_port, load_json, wait_for_workers  # noqa: E402
 from load import CLIENTS, load, pool  # noqa: E402
+from load import session as sae_session  # noqa: E402
 
 # The SAEs of KME 1 with string IDs, and the numbers of their certificates (tests/conftest.PKI_LAYOUT).
 STRING_SAES = {"alice-app": 9, "bob-app": 10}
@@ -187,15 +188,6 @@ def _clear_kme(source: Path, folder: Path) -> tuple[str, Process]:
     return f"https://127.0.0.1:{port}", _gunicorn(config, "bench.clear_app:app", folder / "sae.log")
 
 
-def _session(pki_folder: str, kme: int, sae: int) -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False
-    stem = Path(pki_folder) / f"kme{kme}" / f"sae{sae}"
-    session.cert = (str(stem.with_suffix(".crt")), str(stem.with_suffix(".key")))
-    session.verify = str(Path(pki_folder) / "ca_servers.crt")
-    return session
-
-
 def _workers(masters: list[Process]) -> list[int]:
     """The pids of the worker processes of these gunicorn masters."""
     return [pid for master in masters for pid in children(master.proc.pid)]
@@ -321,7 +313,7 @@ def abuse(stack: Stack, seconds: float) -> None:
                for kind, count in (("silent", 200), ("hello", 200), ("slowloris", 50)) for _ in range(count)]
     for thread in threads:
         thread.start()
-    session = _session(str(stack.pki.folder), 1, 1)
+    session = sae_session(str(stack.pki.folder), 1, 1)
     latencies, failures = [], 0
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

@@ -223,28 +223,35 @@ def test_processes_using_one_softhsm2_token_at_once_all_succeed(softhsm, tmp_pat
     assert failures == [None] * 8
 
 
-def test_a_token_that_fails_is_named_as_the_token_not_as_a_wrong_key(softhsm, tmp_path, pki):
-    """SoftHSM2 reports a tag that does not verify and a token gone alike (GeneralError): the KME tells them
-    apart, so that an operator is not told to look for another key when the token failed."""
-    folder, _ = softhsm
+def _kek_on_a_new_token(folder, tmp_path, pki, label: str):
+    """A KEK on a new SoftHSM2 token ``label`` holding its AES key: (the KEK opened, the token's folder, the
+    module)."""
     before = set((folder / "tokens").iterdir())
-    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "gone", "--pin", PIN, "--so-pin", "5678"],
+    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", PIN, "--so-pin", "5678"],
                    check=True, capture_output=True)
     import pkcs11
     from pkcs11 import Attribute, KeyType
 
     library = pkcs11.lib(SOFTHSM_MODULE)
     library.reinitialize()
-    with library.get_token(token_label="gone").open(user_pin=PIN, rw=True) as session:
+    with library.get_token(token_label=label).open(user_pin=PIN, rw=True) as session:
         session.generate_key(KeyType.AES, 256, label="kme-kek", store=True,
                              template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})
-    value = f"pkcs11:token=gone;object=kme-kek?module-path={SOFTHSM_MODULE}&pin-value={PIN}"
+    value = f"pkcs11:token={label};object=kme-kek?module-path={SOFTHSM_MODULE}&pin-value={PIN}"
     opened, _ = open_kek(load_config(write_config(tmp_path, pki, key_encryption_key=value)).this_kme.key_encryption_key)
+    (token_folder,) = set((folder / "tokens").iterdir()) - before
+    return opened, token_folder, library
+
+
+def test_a_token_that_fails_is_named_as_the_token_not_as_a_wrong_key(softhsm, tmp_path, pki):
+    """SoftHSM2 reports a tag that does not verify and a token gone alike (GeneralError): the KME tells them
+    apart, so that an operator is not told to look for another key when the token failed."""
+    folder, _ = softhsm
+    opened, token_folder, library = _kek_on_a_new_token(folder, tmp_path, pki, "gone")
     wrapped = opened.wrap(b"k" * 32, kek.context(b"db"))
     with pytest.raises(KekError, match="does not open"):
         opened.unwrap(wrapped, kek.context(b"other"))
-    for token_folder in set((folder / "tokens").iterdir()) - before:
-        shutil.rmtree(token_folder)
+    shutil.rmtree(token_folder)
     try:
         with pytest.raises(KekError, match=r"the PKCS#11 token 'gone' failed \(\w+\): is it present and working\?"):
             opened.unwrap(wrapped, kek.context(b"db"))
@@ -277,21 +284,8 @@ def test_a_call_that_fails_is_made_again_on_the_token_read_afresh(softhsm, tmp_p
     """A process that read a token file another one was rewriting keeps a wrong view of the token (SoftHSM2
     failed UserPinNotInitialized at every try under load) until the module reads its slots again."""
     folder, _ = softhsm
-    before = set((folder / "tokens").iterdir())
-    subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "moved", "--pin", PIN, "--so-pin", "5678"],
-                   check=True, capture_output=True)
-    import pkcs11
-    from pkcs11 import Attribute, KeyType
-
-    library = pkcs11.lib(SOFTHSM_MODULE)
-    library.reinitialize()
-    with library.get_token(token_label="moved").open(user_pin=PIN, rw=True) as session:
-        session.generate_key(KeyType.AES, 256, label="kme-kek", store=True,
-                             template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})
-    value = f"pkcs11:token=moved;object=kme-kek?module-path={SOFTHSM_MODULE}&pin-value={PIN}"
-    opened, _ = open_kek(load_config(write_config(tmp_path, pki, key_encryption_key=value)).this_kme.key_encryption_key)
+    opened, token_folder, library = _kek_on_a_new_token(folder, tmp_path, pki, "moved")
     wrapped = opened.wrap(b"k" * 32, kek.context(b"db"))
-    (token_folder,) = set((folder / "tokens").iterdir()) - before
     aside = tmp_path / "aside"
     token_folder.rename(aside)
     waits = []

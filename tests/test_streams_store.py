@@ -1,10 +1,10 @@
 """The key store's side of ETSI GS QKD 004 streams across a link, in process on a temporary database of the
 pass's engine (the two KMEs and their processes are in test_etsi004_link.py, run once with SQLite): an index
 claimed once, a claim dropped or marked made, a chunk recorded at the slave's KME, the slave's end opened with
-what the master's KME said, the link's measured rate."""
+what the master's KME said, the link's measured rate, expiry by TTL."""
 import pytest
 
-from kme import create_app
+from kme import clock, create_app
 from kme.config import load_config
 from kme.storage.keystore import streams
 from kme.storage.schema import ensure_schema
@@ -72,3 +72,25 @@ def test_the_links_rate_counts_the_key_files_of_the_last_hour(ledger):
     # 16 keys of 32 bytes ingested moments ago: 4 096 bits over at least a second.
     assert 0 < streams.link_rate_bps(1) <= 16 * 32 * 8
     assert streams.link_rate_bps(2) == 0
+
+
+def test_expiry_erases_each_chunk_once_its_ttl_passed_and_the_chunks_made_later_too(ledger, monkeypatch):
+    stream, _ = streams.open_end(KSID, 1, 1, 2, 32, 60, True)
+    streams.open_end(KSID, 1, 1, 2, 32, 60, False)
+    real = clock.utc_now
+
+    def later(seconds: float):
+        """The clock, for the store, ``seconds`` ahead."""
+        monkeypatch.setattr(clock, "utc_now", lambda ago=0: real(ago - seconds))
+
+    assert streams.read_chunk(stream, 0, 1, make=True) is not None
+    later(61)
+    assert streams.expire() == 1
+    # Expired up to that round: the next one looks at the chunks made since only, and finds none.
+    assert ledger._query("SELECT expired_before FROM key_streams") != [(None,)]
+    assert streams.expire() == 0
+    assert streams.read_chunk(stream, 1, 1, make=True) is not None
+    assert streams.expire() == 0
+    later(122)
+    assert streams.expire() == 1
+    assert ledger.waiting() == 0

@@ -50,7 +50,7 @@ def activate_at_peer(config: KmeConfig, peer: OtherKme, master: Sae, remote_slav
     except PeerRefused as exc:
         metrics.PEER_FAILURES.labels(str(peer.id), "refused").inc()
         log.warning("activation %s: %s: %s", reservation.activation_id, exc, exc.detail)
-        if exc.status == 409:
+        if keys_held_back(exc):
             # The peer does not hold (all) these keys: never retry them, cancel them at both ends.
             outgoing.mark_unknown(reservation.activation_id, f"refused by KME {peer.id} as not held there; "
                                                              "its keys are set aside")
@@ -64,6 +64,13 @@ def activate_at_peer(config: KmeConfig, peer: OtherKme, master: Sae, remote_slav
         raise
     outgoing.finalize(reservation)
     return reservation.keys
+
+
+def keys_held_back(failure: PeerFailure) -> bool:
+    """Whether the keys of an activate_at_peer that raised ``failure`` are held back until settle_pending cancels
+    them at both ends (an unknown outcome, or refused as not held by the peer), never used again; otherwise they
+    went back to the pool."""
+    return not isinstance(failure, PeerError) or (isinstance(failure, PeerRefused) and failure.status == 409)
 
 
 def accept_activation(config: KmeConfig, caller: OtherKme, request: ActivationRequest) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from kme import ids
 from kme.config import KmeConfig, OtherKme, Sae
 from kme.domain import activation, relay
-from kme.errors import Forbidden, NotEnoughKeys, PeerError, PeerFailure, PeerRefused
+from kme.errors import Forbidden, NotEnoughKeys, PeerError, PeerFailure
 from kme.peers.client import client_for
 from kme.storage.keystore import streams as store
 from kme.storage.keystore.incoming import ActivationRequest
@@ -150,15 +150,11 @@ def _make(config: KmeConfig, stream: store.Stream, index: int) -> int:
     except NotEnoughKeys:
         store.drop_claim(stream.ksid, index)
         return INSUFFICIENT_KEY
-    except PeerError as exc:
-        # Refused as not held there (409), the keys are set aside like those of an unknown outcome: the index is
-        # never made again. Otherwise the peer provably activated nothing and the keys went back to the pool.
-        if not (isinstance(exc, PeerRefused) and exc.status == 409):
+    except PeerFailure as exc:
+        # Keys held back are cancelled at both ends, never used: their index is never made again.
+        if not activation.keys_held_back(exc):
             store.drop_claim(stream.ksid, index)
         log.warning("key stream %s: chunk %s not activated at KME %s: %s", stream.ksid, index, peer.id, exc)
-        return NO_QKD_CONNECTION
-    except PeerFailure as exc:
-        log.warning("key stream %s: chunk %s: %s", stream.ksid, index, exc)
         return NO_QKD_CONNECTION
     store.mark_made(stream.ksid, index)
     return SUCCESS

@@ -336,7 +336,9 @@ class KeyStream(db.Model):
     stream's link, read by index at each end.
 
     Each end is "absent", "waiting" (the slave opened before the master) or
-    "open"; ``closed`` once either end closed it.
+    "open"; ``closed`` once either end closed it. The chunks made before
+    ``expired_before`` were expired already: each round of expiry looks only
+    at those made since.
     """
 
     __tablename__ = "key_streams"
@@ -350,6 +352,7 @@ class KeyStream(db.Model):
     slave_end: Mapped[str] = mapped_column(String(8))
     closed: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[str] = mapped_column(String(32))
+    expired_before: Mapped[str | None] = mapped_column(String(32))
 
 
 class StreamChunk(db.Model):

@@ -169,10 +169,11 @@ def chunk_state(ksid: str, index: int) -> str | None:
 
 
 def mark_made(ksid: str, index: int) -> None:
-    """The claimed chunk was activated at the slave's KME and is stored here for the master."""
+    """The claimed chunk was activated at the slave's KME and is stored here for the master; its TTL counts from
+    now."""
     with write_transaction() as session:
         row = session.get(StreamChunk, (ksid, index))
-        row.made = True
+        row.made, row.created_at = True, clock.utc_now()
 
 
 def drop_claim(ksid: str, index: int) -> None:
@@ -216,13 +217,26 @@ def close(stream: Stream, by: str) -> int:
 
 
 def expire() -> int:
-    """Erase the chunks older than their stream's TTL that an end has not read; how many."""
+    """Erase the chunks older than their stream's TTL that an end has not read; how many.
+
+    Each stream's chunks are looked at once, in the first round after their
+    TTL (from its ``expired_before`` on): a long stream's old chunks are not
+    read again at every round. A chunk counts from when it was made (a claim
+    being activated at the slave's KME is not made yet), in a transaction
+    that takes the database's write turn, as this does: none made before
+    ``expired_before`` can commit after it.
+    """
     with write_transaction() as session:
         erased = 0
         for row in session.scalars(select(KeyStream).where(KeyStream.closed.is_(False))):
             before = clock.utc_now(row.ttl_seconds)
-            indexes = session.scalars(select(StreamChunk.idx).where(StreamChunk.ksid == row.ksid,
-                                                                  StreamChunk.created_at < before)).all()
+            due = select(StreamChunk.idx).where(StreamChunk.ksid == row.ksid, StreamChunk.made.is_(True),
+                                                StreamChunk.created_at < before)
+            if row.expired_before is not None:
+                due = due.where(StreamChunk.created_at >= row.expired_before)
+            indexes = session.scalars(due).all()
+            if indexes:
+                row.expired_before = before
             gone = erase_delivered(session, [chunk_key_id(row.ksid, index) for index in indexes])
             if gone:
                 events.record(session, f"Key stream {row.ksid}: {gone} chunks expired (TTL {row.ttl_seconds} s)")
