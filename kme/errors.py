@@ -121,6 +121,7 @@ class RelayFailure(PeerFailure):
         "no_route": "KME {at} has no route to KME {next}",
         "loop": "KME {next} is on the relay's path already (a routing loop)",
         "cancelled": "the relay was cancelled meanwhile",
+        "foreign": "foreign KMS {next} did not take the keys",
     }
 
     def __init__(self, at: int, next_kme: int, reason: str, status: int | None = None):

@@ -1,7 +1,8 @@
 """ETSI GS QKD 020 keys from another vendor's KMS, end to end: a stand-in foreign KMS (tests/foreign_kms.py, its own
 CA) passes keys to SAEs of KME 1 and, through our link, of KME 2; the SAEs fetch them with ETSI GS QKD 014; the
 acknowledgements come back to the stand-in; voids, replays and bad containers change what the draft says and
-nothing else."""
+nothing else. The other way, masters of KME 1, of KME 2 (linked to it) and of KME 3 (behind KME 2, a trusted node)
+get keys with the SAE behind the stand-in."""
 import base64
 import json
 import os
@@ -10,8 +11,10 @@ import uuid
 import pytest
 import requests
 
+from kme.errors import PeerRefused
+from kme.peers.wire import RELAY_MAC_HEADER
 from tests.foreign_kms import StandInKms
-from tests.network import Network
+from tests.network import Network, line_routes
 from tests.support import free_port, load_json, run_cli, wait_until
 
 # The interface and its rules sit above the storage layer, whose statements other tests run on both engines.
@@ -20,15 +23,16 @@ pytestmark = pytest.mark.one_engine
 LINK_KEYS = 400
 ZONE_KEYS = 200
 FOREIGN_SAE = "foreign-sae"
+LINKS = [(1, 2), (2, 3)]
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, pki):
-    """KMEs 1 and 2, linked; KME 1 serves the interop interface to the stand-in, which may deliver to SAEs 1 and 2
-    (KME 1) and 3 (KME 2); ``foreign-sae`` lives behind it (at KME 2: an SAE reached through KME 1)."""
+    """KMEs 1, 2 and 3 in a line; KME 1 serves the interop interface to the stand-in, which may deliver to SAEs 1
+    and 2 (KME 1) and 3 (KME 2); ``foreign-sae`` lives behind it (at KMEs 2 and 3: an SAE of KME 1)."""
     folder = tmp_path_factory.mktemp("interop")
     kms = StandInKms(folder / "foreign", str(pki.folder / "kme2" / "ca_kmes.crt"), pki.server_ca)
-    network = Network(folder, pki, [(1, 2)], workers=1)
+    network = Network(folder, pki, LINKS, routes=line_routes([1, 2, 3]), workers=1)
     raw = load_json(network[1].config)
     raw["this_kme"]["interop_https_interface"] = {
         **raw["this_kme"]["saes_https_interface"], "listen_address": f"127.0.0.1:{free_port()}",
@@ -36,19 +40,21 @@ def gateway(tmp_path_factory, pki):
     raw["foreign_kms"] = [kms.entry(pki, 1, 2, target_sae_ids=[1, 2, 3], ack_attempts=3)]
     raw["saes"].append({"id": FOREIGN_SAE, "kme_id": kms.id})
     network[1].config.write_text(json.dumps(raw))
-    raw = load_json(network[2].config)
-    raw["saes"].append({"id": FOREIGN_SAE, "kme_id": 1})
-    network[2].config.write_text(json.dumps(raw))
+    for kme in (2, 3):
+        raw = load_json(network[kme].config)
+        raw["saes"].append({"id": FOREIGN_SAE, "kme_id": 1})
+        network[kme].config.write_text(json.dumps(raw))
     network.write_link_file(1, 1, "zone.cor", ZONE_KEYS)
-    network.start_with_links([(1, 2)], LINK_KEYS)
+    network.start_with_links(LINKS, LINK_KEYS)
     wait_until(lambda: network[1].ledger.link(1)["ingested"] == ZONE_KEYS, 20)
     network.kms = kms
     network.interop = f"https://{load_json(network[1].config)['this_kme']['interop_https_interface']['listen_address']}"
     yield network
     network.stop_all()
     kms.stop()
-    for kme, peer in ((1, 2), (2, 1)):
-        network[kme].ledger.assert_exact(peer)
+    for a, b in LINKS:
+        network[a].ledger.assert_exact(b)
+        network[b].ledger.assert_exact(a)
     network[1].ledger.assert_exact(kms.id)
 
 
@@ -260,7 +266,11 @@ def enc_keys(gateway, kme: int, sae: int, number: int = 1):
         return session.post(f"{gateway[kme].url()}/keys/{FOREIGN_SAE}/enc_keys", json={"number": number}, timeout=20)
 
 
-@pytest.mark.parametrize("kme, sae", [(1, 1), (2, 3)], ids=["a master of the gateway", "a master of the linked KME"])
+MASTERS = pytest.mark.parametrize("kme, sae", [(1, 1), (2, 3), (3, 5)], ids=[
+    "a master of the gateway", "a master of the linked KME", "a master behind a trusted node"])
+
+
+@MASTERS
 def test_a_master_gets_keys_with_an_sae_behind_the_foreign_kms_once_it_has_them(gateway, kme, sae):
     answer = enc_keys(gateway, kme, sae, 2)
     assert answer.status_code == 200, answer.text
@@ -274,7 +284,7 @@ def test_a_master_gets_keys_with_an_sae_behind_the_foreign_kms_once_it_has_them(
                                     answer.json()["keys"][0]["key_ID"]) == [(0,)]
 
 
-@pytest.mark.parametrize("kme, sae", [(1, 1), (2, 3)], ids=["a master of the gateway", "a master of the linked KME"])
+@MASTERS
 @pytest.mark.parametrize("failure", ["failed", "silent", "refused"])
 def test_a_foreign_kms_that_does_not_take_the_keys_fails_the_request(gateway, kme, sae, failure):
     gateway.kms.ack_status = {"failed": "failed", "silent": None, "refused": "relayed"}[failure]
@@ -289,10 +299,15 @@ def test_a_foreign_kms_that_does_not_take_the_keys_fails_the_request(gateway, km
     if kme == 1:
         assert {"failed": "no route to the target SAE", "silent": "acknowledged no key within 1 s",
                 "refused": "answered HTTP 503"}[failure] in answer.json()["message"]
-    # The keys were spent at both ends of the link (the activation settled), never handed out again.
-    wait_until(lambda: gateway[2].ledger.link(1)["reserved"] == 0 and gateway[1].ledger.link(2)["reserved"] == 0)
-    for a, b in ((1, 2), (2, 1)):
+    if kme == 3:
+        assert answer.json()["message"].endswith(
+            "relay failed at hop KME 1 -> KME foreign-kms: foreign KMS foreign-kms did not take the keys")
+    # The keys were spent at both ends of every link they crossed (the activations settled), never handed out again.
+    wait_until(lambda: all(gateway[a].ledger.link(b)["reserved"] == gateway[b].ledger.link(a)["reserved"] == 0
+                           for a, b in LINKS))
+    for a, b in LINKS:
         gateway[a].ledger.assert_exact(b)
+        gateway[b].ledger.assert_exact(a)
 
 
 def test_an_acknowledgement_of_keys_never_passed_is_refused(gateway):
@@ -302,3 +317,31 @@ def test_an_acknowledgement_of_keys_never_passed_is_refused(gateway):
     bad = post(gateway, "ext_keys/ack", [{"key_ids": [], "ack_status": "maybe", "initiator_sae_id": "1",
                                           "target_sae_id": FOREIGN_SAE}])
     assert bad.status_code == 400 and bad.headers["Content-Type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("call, others", [
+    ("activation", {1: [1]}), ("relay", {1: [1]}), ("relay", {3: [5]}), ("held relay", {})])
+def test_an_sae_behind_the_foreign_kms_is_the_only_slave_of_the_keys_a_kme_brings(gateway, call, others):
+    """A peer's activation or relay for the SAE behind the foreign KMS and any other slave (here or beyond), or a
+    held (multicast) relay, is refused before anything changes: the gateway answers for one foreign slave only."""
+    client = gateway.peer_client(2, 1)
+    targets = {1: [FOREIGN_SAE, *others.get(1, [])], **{kme: saes for kme, saes in others.items() if kme != 1}}
+    entry = {"key_ID": str(uuid.uuid4()), "parts": [{"file": "l12.cor", "position": 1}]}
+    before = gateway[1].ledger.assert_exact(2), gateway[1].ledger.waiting()
+    if call == "activation":
+        body = {"activation_ID": str(uuid.uuid4()), "master_SAE_ID": 3, "slave_SAE_IDs": targets[1], "size": 256,
+                "keys": [entry]}
+        with pytest.raises(PeerRefused) as caught:
+            client.activate(body)
+        status, message = caught.value.status, caught.value.detail
+    else:
+        body = {"activation_ID": str(uuid.uuid4()), "relay_ID": str(uuid.uuid4()), "path": [2], "master_SAE_ID": 3,
+                "size": 256, "hold": call == "held relay", "timeout_ms": 2000,
+                "targets": [{"kme_ID": kme, "slave_SAE_IDs": saes} for kme, saes in targets.items()],
+                "keys": [entry], "mac_part": {"file": "l12.cor", "position": 2}}
+        answer = client.session.post(f"{client.base}/relays", json=body, timeout=10, headers={
+            RELAY_MAC_HEADER: base64.b64encode(bytes(16)).decode()})
+        status, message = answer.status_code, answer.json()["message"]
+    assert status == 403
+    assert f"SAE {FOREIGN_SAE} is behind a foreign KMS: it is the only slave of its " in message
+    assert (gateway[1].ledger.assert_exact(2), gateway[1].ledger.waiting()) == before

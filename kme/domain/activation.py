@@ -6,7 +6,9 @@ peer KME to activate them, then finalize (confirmed), release (provably not
 activated) or hold them back (outcome unknown, or refused as not held by the
 peer) until settle_pending() cancels them at the peer. Slave side: check that
 the calling KME acts only on its own link, for its own master SAE and our
-slave SAEs, then activate.
+slave SAEs, then activate. For a slave behind a foreign KMS of this KME
+(the gateway), an activation or a relay ending here is answered only once
+that KMS took the keys (kme.domain.interop).
 """
 import logging
 import time
@@ -15,12 +17,23 @@ from functools import partial
 from kme import clock
 from kme.config import KmeConfig, OtherKme, Sae
 from kme.domain import interop, relay, sharing
-from kme.errors import BadRequest, Forbidden, PeerError, PeerFailure, PeerOutcomeUnknown, PeerRefused
+from kme.errors import (
+    ActivationConflict,
+    BadRequest,
+    Forbidden,
+    ForeignKmsFailure,
+    PeerError,
+    PeerFailure,
+    PeerOutcomeUnknown,
+    PeerRefused,
+    RelayFailure,
+)
 from kme.operations import metrics
 from kme.peers.client import client_for
 from kme.storage.keystore import incoming, outgoing
 from kme.storage.keystore.common import DeliveredKeyMaterial, pool_keys_per_key
 from kme.storage.keystore.incoming import ActivationRequest
+from kme.storage.keystore.relays import Message
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +96,11 @@ def accept_activation(config: KmeConfig, caller: OtherKme, request: ActivationRe
     relay.check_parts(request.size_bits, [parts for _, parts in request.keys])
     activated = incoming.activate(config.this_kme.id, caller.id, request)
     if foreign_slave:
-        interop.hand_over_activated(config, request.master_sae_id, request.slave_ids[0],
-                                    [key_id for key_id, _parts in request.keys])
+        try:
+            interop.hand_over_activated(config, request.master_sae_id, request.slave_ids[0],
+                                        [key_id for key_id, _parts in request.keys])
+        except ForeignKmsFailure as failure:
+            raise ActivationConflict(str(failure)) from None
     return activated
 
 
@@ -100,14 +116,31 @@ def _check_sides(config: KmeConfig, caller: OtherKme, request: ActivationRequest
     master = config.saes_by_id.get(request.master_sae_id)
     if master is None or master.kme_id != caller.id:
         raise Forbidden(f"SAE {request.master_sae_id} is not an SAE of KME {caller.id}")
-    slaves = [config.saes_by_id.get(slave_id) for slave_id in request.slave_ids]
-    foreign = [slave for slave in slaves if slave is not None and slave.kme_id in config.foreign_kms_by_id]
-    if foreign and len(slaves) > 1:
-        raise Forbidden(f"SAE {foreign[0].id} is behind a foreign KMS: it is the only slave of its activation")
-    for slave_id, slave in zip(request.slave_ids, slaves):
-        if slave is None or (slave.kme_id != config.this_kme.id and not foreign):
+    foreign = relay.foreign_slave(config, request.slave_ids, "activation")
+    for slave_id in request.slave_ids:
+        slave = config.saes_by_id.get(slave_id)
+        if foreign is None and (slave is None or slave.kme_id != config.this_kme.id):
             raise Forbidden(f"SAE {slave_id} is not an SAE of this KME")
-    return bool(foreign)
+    return foreign is not None
+
+
+def accept_relay(config: KmeConfig, caller: OtherKme, message: Message, body: bytes, mac: bytes) -> int:
+    """Take a relay from the neighbour ``caller`` (kme.domain.relay.accept); one whose only slave is an SAE behind a
+    foreign KMS of this KME is answered once that KMS acknowledged its keys (kme.domain.interop), with a
+    RelayFailure otherwise (the hop before then cancels it here: the keys are never used)."""
+    started = time.monotonic()
+    count = relay.accept(config, caller, message, body, mac)
+    slave = relay.foreign_slave(config, message.targets.get(config.this_kme.id, []), "relay")
+    if slave is not None:
+        # The hop before waits no longer than the message's timeout; the foreign KMS gets what is left of our share.
+        left = message.timeout_seconds * relay.ONWARD_SHARE - (time.monotonic() - started)
+        try:
+            interop.hand_over_activated(config, message.master_sae_id, slave.id,
+                                        [key_id for key_id, _parts, _sealed in message.keys], left)
+        except ForeignKmsFailure as failure:
+            log.warning("relay %s: %s", message.relay_id, failure)
+            raise RelayFailure(config.this_kme.id, slave.kme_id, "foreign") from None
+    return count
 
 
 def abandoned_before(config: KmeConfig) -> str:

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from kme.config import ForeignKms, KmeConfig, Sae
 from kme.domain import relay
-from kme.errors import ActivationConflict, BadRequest, ForeignKmsFailure, RelayFailure
+from kme.errors import BadRequest, ForeignKmsFailure, RelayFailure
 from kme.ids import Id
 from kme.operations import metrics
 from kme.peers.foreign import foreign_client
@@ -100,38 +100,42 @@ def send(config: KmeConfig, master: Sae, slave: Sae, number: int, size_bits: int
         config.this_kme.id, master.id, [], number, size_bits,
         hand_over=lambda connection, keys: store.expect(connection, foreign.id, master.id, slave.id,
                                                         [key.key_id for key in keys]))
-    _hand_over(foreign, master.id, slave.id, keys)
+    _hand_over(foreign, master.id, slave.id, keys, foreign.read_timeout_seconds)
     return keys
 
 
-def hand_over_activated(config: KmeConfig, master_id: Id, slave_id: Id, key_ids: list[str]) -> None:
-    """Keys a linked KME activated here for its master and ``slave_id``, an SAE behind a foreign KMS: passed to it,
-    erased here once it acknowledged them ``relayed``; ActivationConflict otherwise (the master's KME then
-    cancels the activation, and its keys are never used)."""
+def hand_over_activated(config: KmeConfig, master_id: Id, slave_id: Id, key_ids: list[str],
+                        within: float | None = None) -> None:
+    """Keys a KME of ours activated or relayed here for its master and ``slave_id``, an SAE behind a foreign KMS:
+    passed to it (waiting no longer than its read timeout, nor than ``within`` seconds), erased here once it
+    acknowledged them ``relayed``; ForeignKmsFailure otherwise (the master's KME then cancels them here, and
+    they are never used). A retry never passes a key again: one passed before must have been acknowledged."""
     foreign = config.foreign_kms_by_id[config.saes_by_id[slave_id].kme_id]
     keys = store.prepare_hand_over(foreign.id, master_id, slave_id, key_ids)
-    try:
-        if len(keys) < len(key_ids):
-            _check_passed(foreign, key_ids)
-        if keys:
-            _hand_over(foreign, master_id, slave_id, keys)
-    except ForeignKmsFailure as failure:
-        raise ActivationConflict(str(failure)) from None
+    passed_before = set(key_ids) - {key.key_id for key in keys}
+    if passed_before:
+        _check_passed(foreign, sorted(passed_before))
+    if keys:
+        _hand_over(foreign, master_id, slave_id, keys, foreign.read_timeout_seconds if within is None
+                   else min(within, foreign.read_timeout_seconds))
     store.handed_over(key_ids)
 
 
-def _hand_over(foreign: ForeignKms, master_id: Id, slave_id: Id, keys: list[DeliveredKeyMaterial]) -> None:
-    """Pass keys recorded as being sent to the foreign KMS and wait, no longer than its read timeout in all, for
+def _hand_over(foreign: ForeignKms, master_id: Id, slave_id: Id, keys: list[DeliveredKeyMaterial],
+               wait: float) -> None:
+    """Pass keys recorded as being sent to the foreign KMS and wait, no longer than ``wait`` seconds in all, for
     its acknowledgement; ForeignKmsFailure unless it says ``relayed``."""
-    deadline = time.monotonic() + foreign.read_timeout_seconds
+    deadline = time.monotonic() + wait
     key_ids = [key.key_id for key in keys]
     container = {"keys": [{"key_id": key.key_id, "value": base64.b64encode(key.material).decode("ascii")}
                           for key in keys],
                  "initiator_sae_id": str(master_id), "target_sae_ids": [str(slave_id)],
                  "ack_callback_url": foreign.ack_callback_url}
     try:
-        foreign_client(foreign).pass_keys(json.dumps(container), foreign.read_timeout_seconds)
-        _check_passed(foreign, key_ids, deadline)
+        if wait <= 0:
+            raise ForeignKmsFailure(f"foreign KMS {foreign.id}: no time was left to pass the keys")
+        foreign_client(foreign).pass_keys(json.dumps(container), wait)
+        _check_passed(foreign, key_ids, deadline, wait)
     except ForeignKmsFailure:
         store.give_up(key_ids, "not acknowledged")
         _count("sent", "failed", len(keys))
@@ -139,9 +143,9 @@ def _hand_over(foreign: ForeignKms, master_id: Id, slave_id: Id, keys: list[Deli
     _count("sent", "relayed", len(keys))
 
 
-def _check_passed(foreign: ForeignKms, key_ids: list[str], deadline: float | None = None) -> None:
-    """Wait until ``deadline`` (none: look once) for the foreign KMS's acknowledgement of every key;
-    ForeignKmsFailure unless it says ``relayed``."""
+def _check_passed(foreign: ForeignKms, key_ids: list[str], deadline: float | None = None, wait: float = 0) -> None:
+    """Wait until ``deadline`` (none: look once), ``wait`` seconds after the keys left, for the foreign KMS's
+    acknowledgement of every key; ForeignKmsFailure unless it says ``relayed``."""
     while True:
         outcome = store.sent_outcome(key_ids)
         pending = [key_id for key_id in key_ids if outcome.get(key_id, (store.SENDING, ""))[0] == store.SENDING]
@@ -151,8 +155,7 @@ def _check_passed(foreign: ForeignKms, key_ids: list[str], deadline: float | Non
         if not pending:
             return
         if deadline is None or time.monotonic() >= deadline:
-            raise ForeignKmsFailure(f"foreign KMS {foreign.id} acknowledged no key within "
-                                    f"{foreign.read_timeout_seconds:g} s")
+            raise ForeignKmsFailure(f"foreign KMS {foreign.id} acknowledged no key within {wait:.3g} s")
         time.sleep(ACK_POLL_SECONDS)
 
 

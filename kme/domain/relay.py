@@ -148,13 +148,26 @@ def _check(config: KmeConfig, caller: OtherKme, message: Message) -> None:
             sealed is not None and len(sealed) != message.size_bits // 8 for _, _, sealed in message.keys):
         raise BadRequest(f"sealed: every key or none, each of {message.size_bits // 8} bytes")
     local = message.targets.get(this, [])
+    foreign = foreign_slave(config, local, "relay")
+    if foreign is not None and (len(message.targets) > 1 or message.hold):
+        raise Forbidden(f"SAE {foreign.id} is behind a foreign KMS: it is the only slave of its relay")
     for slave_id in local:
         slave = config.saes_by_id.get(slave_id)
-        if slave is None or slave.kme_id != this:
+        if foreign is None and (slave is None or slave.kme_id != this):
             raise Forbidden(f"SAE {slave_id} is not an SAE of this KME")
     master = config.saes_by_id.get(message.master_sae_id)
     if local and (master is None or master.kme_id != origin):
         raise Forbidden(f"SAE {message.master_sae_id} is not an SAE of KME {origin}")
+
+
+def foreign_slave(config: KmeConfig, slave_ids: list, what: str) -> Sae | None:
+    """The slave SAE if ``slave_ids`` name one behind a foreign KMS of this KME (kme.domain.interop passes it its
+    keys), else None; Forbidden if such an SAE is one of several slaves of the ``what`` (activation, relay)."""
+    behind = [sae for sae in map(config.saes_by_id.get, slave_ids)
+              if sae is not None and sae.kme_id in config.foreign_kms_by_id]
+    if behind and len(slave_ids) > 1:
+        raise Forbidden(f"SAE {behind[0].id} is behind a foreign KMS: it is the only slave of its {what}")
+    return behind[0] if behind else None
 
 
 def check_parts(size_bits: int, parts_of_keys: list[list]) -> None:
@@ -280,7 +293,7 @@ def _passed_back(detail: dict | None) -> RelayFailure | None:
     if not detail:
         return None
     at, next_kme, reason, status = (detail.get(name) for name in ("at_KME_ID", "next_KME_ID", "reason", "status"))
-    if not (isinstance(at, int) and isinstance(next_kme, int) and reason in RelayFailure.REASONS
+    if not (ids.is_id(at) and ids.is_id(next_kme) and reason in RelayFailure.REASONS
             and (status is None or isinstance(status, int))):
         return None
     return RelayFailure(at, next_kme, reason, status)

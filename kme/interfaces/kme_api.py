@@ -178,7 +178,7 @@ def relay_keys():
     """Take a relay from the caller; answered once every hop after this KME committed it."""
     caller = calling_kme()
     message, body, mac = _relay_message()
-    count = relay.accept(current_app.extensions["kme"], caller, message, body, mac)
+    count = activation.accept_relay(current_app.extensions["kme"], caller, message, body, mac)
     return _ACTIVATED.dump({"activation_ID": message.activation_id, "activated": count})
 
 

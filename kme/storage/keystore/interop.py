@@ -275,13 +275,14 @@ def expect(transaction, foreign_kms_id: Id, initiator: Id, target: Id, key_ids: 
 
 
 def prepare_hand_over(foreign_kms_id: Id, initiator: Id, target: Id, key_ids: list[str]) -> list[DeliveredKeyMaterial]:
-    """Keys that wait here for ``target`` (an SAE behind a foreign KMS: a peer's activation stored them), opened to
-    be passed on, each recorded as being passed unless it was before (a retry); those still here."""
+    """Keys that wait here for ``target`` (an SAE behind a foreign KMS: a peer's activation or relay stored them)
+    and were never passed to it, opened and recorded as being passed: a retry never passes a key again."""
     with write_transaction() as session:
-        stored = statements.delivered_material(session, key_ids)
-        slaves = statements.slaves_of(session, key_ids)
         known = {row[0] for row in rows.sent_by_id(session, key_ids)}
-        expect(session, foreign_kms_id, initiator, target, [key_id for key_id in key_ids if key_id not in known])
+        fresh = [key_id for key_id in key_ids if key_id not in known]
+        stored = statements.delivered_material(session, fresh)
+        slaves = statements.slaves_of(session, fresh)
+        expect(session, foreign_kms_id, initiator, target, [key_id for key_id, *_ in stored])
         return [DeliveredKeyMaterial(key_id, at_rest.open_delivered(key_id, link_id, master, slaves.get(key_id, ()),
                                                                     material))
                 for key_id, link_id, master, material in stored]
