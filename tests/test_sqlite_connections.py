@@ -3,6 +3,7 @@ threads: group commit, and the connections kept out of SQLAlchemy's pool."""
 import sqlite3
 import threading
 import time
+from contextlib import closing
 
 import pytest
 from sqlalchemy import create_engine
@@ -261,3 +262,74 @@ def test_each_backend_keeps_the_state_of_its_own_file(tmp_path):
     assert done.is_set()
     for backend in (first, second):
         backend.dispose()
+
+
+def _asking(backend, value: int, taken: list, read: list, then=None, answered=lambda: 0):
+    """A unit that inserts ``value``, reads the batch's shared value (made once), and asks for ``taken`` to get the
+    highest value of the units once their transaction committed, with the rows then committed and how many
+    callers had their answer (``answered()``)."""
+    def work(connection):
+        connection.execute("INSERT INTO rows (id) VALUES (?)", (value,))
+        scope = backend.transaction_scope()
+        scope.once("read", lambda: read.append(value) or value)
+        scope.after_commit("mark", value, lambda highest: taken.append((highest, _committed(backend), answered())))
+        if then is not None:
+            then()
+        return value
+    return work
+
+
+def _committed(backend) -> list[int]:
+    """What a connection of its own sees committed."""
+    with closing(sqlite3.connect(backend.engine.url.database)) as other:
+        return [row[0] for row in other.execute("SELECT id FROM rows ORDER BY id")]
+
+
+def test_the_units_of_a_batch_read_once_and_act_once_after_its_commit_with_the_highest_value(backend):
+    release, started = threading.Event(), threading.Event()
+    taken, read, outcomes_seen = [], [], []
+
+    def answered() -> int:
+        return sum(len(outcomes) for outcomes in outcomes_seen)
+
+    first, first_outcome = _start(backend, [(0, _asking(backend, 10, taken, read, _running(started, release),
+                                                        answered))])
+    started.wait(10)
+
+    def refuse():
+        raise ValueError("refused")
+
+    others, outcomes = _start(backend, [(1, _asking(backend, 30, taken, read, answered=answered)),
+                                        (2, _asking(backend, 99, taken, read, refuse, answered)),
+                                        (3, _asking(backend, 20, taken, read, answered=answered))])
+    outcomes_seen += [first_outcome, outcomes]
+    _wait_until(lambda: _waiting(backend) == 3)
+    # No action before the batch committed, nor while its callers wait.
+    assert taken == []
+    release.set()
+    for thread in first + others:
+        thread.join(10)
+    # One read for the batch (by its first unit), one action after its commit, before any caller had its answer:
+    # the highest value of the units that succeeded (99 was undone with its unit).
+    assert read == [10]
+    assert taken == [(30, [10, 20, 30], 0)]
+    assert isinstance(outcomes[2], ValueError) and first_outcome[0] == 10
+    # Outside a transaction of the group commit there is no scope; the next batch has a fresh one.
+    assert backend.transaction_scope() is None
+    assert backend.grouped_write(_asking(backend, 5, taken, read)) == 5
+    assert read == [10, 5] and taken[-1] == (5, [5, 10, 20, 30], 0)
+
+
+def test_a_batch_whose_commit_fails_takes_no_action(backend):
+    taken, read = [], []
+
+    def orphan(connection):
+        # A deferred foreign key: the unit succeeds, the COMMIT fails.
+        connection.execute("INSERT INTO rows (id, parent) VALUES (99, 12345)")
+        backend.transaction_scope().after_commit("mark", 7, taken.append)
+
+    with pytest.raises(sqlite3.IntegrityError):
+        backend.grouped_write(orphan)
+    assert taken == [] and _stored(backend) == []
+    assert backend.grouped_write(_asking(backend, 8, taken, read)) == 8
+    assert taken == [(8, [8], 0)]

@@ -14,6 +14,7 @@ from sqlalchemy.orm import DeclarativeBase
 
 from kme.errors import StorageFailure
 from kme.storage import backends
+from kme.storage.backends.transaction_scope import TransactionScope
 
 
 class Base(DeclarativeBase):
@@ -91,6 +92,12 @@ def grouped_write(work):
     checked again here.
     """
     return storage().backend.grouped_write(work)
+
+
+def transaction_scope() -> TransactionScope | None:
+    """The scope of the grouped_write transaction whose units this thread runs (values read once for all its
+    units, actions once it committed), or None outside one."""
+    return storage().backend.transaction_scope()
 
 
 def read_connection():

@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.engine import make_url
 
+from kme.storage.backends.transaction_scope import ScopeOfThread, TransactionScope
 from kme.storage.compiled import POSTGRESQL, Statement, run
 from kme.storage.models import Heartbeat, KeyFingerprint
 from kme.storage.statements import READ_META
@@ -128,6 +129,7 @@ class Backend:
 
     def __init__(self, engine):
         self.engine = engine
+        self.scopes = ScopeOfThread()
         event.listen(engine, "do_connect", _connect_with_class)
         event.listen(engine, "begin", _on_begin)
 
@@ -154,16 +156,24 @@ class Backend:
 
     def _run_once(self, work):
         raw = self.engine.raw_connection()
+        scope = self.scopes.enter()
         try:
             try:
                 value = work(raw.driver_connection)
+                scope.unit_ended(True)
                 raw.driver_connection.commit()
-                return value
             except BaseException:
                 _undo(raw)
                 raise
+            scope.committed()
+            return value
         finally:
+            self.scopes.leave()
             raw.close()
+
+    def transaction_scope(self) -> TransactionScope | None:
+        """The scope of the grouped_write transaction this thread runs, or None outside one."""
+        return self.scopes.current()
 
     @contextmanager
     def read_connection(self):

@@ -16,6 +16,7 @@ from sqlalchemy.dialects.sqlite import insert
 
 from kme.database_uris import sqlite_path
 from kme.storage.backends.sqlite_connections import GroupCommit, KeptConnections, WriterQueue, database_path
+from kme.storage.backends.transaction_scope import TransactionScope
 from kme.storage.compiled import SQLITE, Statement, many, run, run_many
 from kme.storage.models import Heartbeat, KeyFingerprint
 from kme.storage.statements import READ_META
@@ -147,6 +148,10 @@ class Backend:
     def grouped_write(self, work):
         """``work(connection)`` in a group commit (kme.storage.backends.sqlite_connections.GroupCommit)."""
         return self.group_commit.run(work)
+
+    def transaction_scope(self) -> TransactionScope | None:
+        """The scope of the group commit whose units this thread runs, or None outside one."""
+        return self.group_commit.scopes.current()
 
     def read_connection(self):
         """This thread's connection for the hot path's reads; each statement is its own read transaction."""

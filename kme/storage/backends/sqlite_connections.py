@@ -11,6 +11,8 @@ import sqlite3
 import threading
 from contextlib import contextmanager
 
+from kme.storage.backends.transaction_scope import ScopeOfThread, TransactionScope
+
 
 def database_path(engine) -> str | None:
     """The database file of ``engine`` (None in memory)."""
@@ -81,7 +83,9 @@ class GroupCommit:
     raises is undone alone and gets its exception), commits once, and wakes
     the others with their outcome. Callers that arrive during the commit wait
     for the next leader, the first of them. A caller's answer therefore
-    always follows the commit of its own work.
+    always follows the commit of its own work. The units of a batch share a
+    TransactionScope, whose after-commit actions the leader takes once the
+    batch committed, before it wakes anyone.
     """
 
     def __init__(self, writers: WriterQueue, kept: "KeptConnections"):
@@ -89,6 +93,7 @@ class GroupCommit:
         self._lock = threading.Lock()
         self._waiting: list[_Work] = []
         self._leading = False
+        self.scopes = ScopeOfThread()
 
     def waiting(self) -> int:
         """Callers waiting for a leader to take their work."""
@@ -123,15 +128,18 @@ class GroupCommit:
 
     def _lead(self) -> None:
         batch: list[_Work] = []
+        scope = self.scopes.enter()
         try:
             with self._writers.turn(), self._kept.writing() as connection:
-                _run_batch(connection, self._take, batch)
+                _run_batch(connection, self._take, batch, scope)
+            scope.committed()
         except BaseException as exc:
             batch = batch or self._take()
             for item in batch:
                 if item.error is None:
                     item.value, item.error = None, exc
         finally:
+            self.scopes.leave()
             with self._lock:
                 for item in batch:
                     item.done = True
@@ -142,7 +150,7 @@ class GroupCommit:
                     self._leading = False
 
 
-def _run_batch(connection, take, ran: list[_Work]) -> None:
+def _run_batch(connection, take, ran: list[_Work], scope: TransactionScope) -> None:
     """Run the units ``take()`` gives, again until it gives none, in one transaction; commit once.
 
     Units are taken once the writers' turn is held, and again after each
@@ -160,10 +168,10 @@ def _run_batch(connection, take, ran: list[_Work]) -> None:
             ran.extend(pending)
             for item in pending:
                 if empty:
-                    empty = not _run_unit(connection, item, "ROLLBACK", "BEGIN IMMEDIATE")
+                    empty = not _run_unit(connection, item, scope, "ROLLBACK", "BEGIN IMMEDIATE")
                     continue
                 connection.execute("SAVEPOINT unit")
-                _run_unit(connection, item, "ROLLBACK TO unit")
+                _run_unit(connection, item, scope, "ROLLBACK TO unit")
                 connection.execute("RELEASE unit")
         connection.execute("COMMIT")
     except BaseException:
@@ -172,15 +180,17 @@ def _run_batch(connection, take, ran: list[_Work]) -> None:
         raise
 
 
-def _run_unit(connection, item: _Work, *undo: str) -> bool:
+def _run_unit(connection, item: _Work, scope: TransactionScope, *undo: str) -> bool:
     """Run one unit; if it raises, keep its exception for its caller and run ``undo``. Whether it succeeded."""
     try:
         item.value = item.work(connection)
     except Exception as exc:
+        scope.unit_ended(False)
         item.error = exc
         for statement in undo:
             connection.execute(statement)
         return False
+    scope.unit_ended(True)
     return True
 
 

@@ -2,8 +2,11 @@
 
 Every transaction that hands keys out (to an SAE, or activates them for a
 peer's master) first checks the database's sum of final fates against the
-mark, and its caller raises the mark once the transaction committed, before
-the answer leaves. A KME on an in-memory database keeps no mark.
+mark, and the mark is raised once the transaction committed, before the
+answer leaves. In a grouped write the units of one transaction share both
+(kme.storage.db.transaction_scope): the mark is read once, before the first
+unit reads the sum, and raised once after the commit, to the highest sum of
+the units that succeeded. A KME on an in-memory database keeps no mark.
 """
 import logging
 
@@ -11,11 +14,13 @@ from flask import current_app
 
 from kme.errors import StorageFailure
 from kme.storage import handout_mark, statements
-from kme.storage.db import meta, read_connection
+from kme.storage.db import meta, read_connection, transaction_scope
 from kme.storage.meta_names import DATABASE_ID
 
 log = logging.getLogger(__name__)
 _unwritable: set = set()
+# The key of the mark in a transaction's scope.
+_MARK = "hand-out mark"
 
 
 def _place() -> tuple | None:
@@ -30,12 +35,26 @@ def check(connection) -> int:
     """The database's sum of final fates, read in the caller's transaction; StorageFailure if it is behind the
     mark (the transaction must hand nothing out)."""
     place = _place()
-    # The mark first, then the sum (kme.storage.handout_mark says why).
-    mark = handout_mark.read(place[0]) if place else None
+    # The mark first, then the sum (kme.storage.handout_mark says why): in a shared transaction, the mark is
+    # read before its first unit reads the sum.
+    scope = transaction_scope()
+    if place is None:
+        mark = None
+    elif scope is None:
+        mark = handout_mark.read(place[0])
+    else:
+        mark = scope.once(_MARK, lambda: handout_mark.read(place[0]))
     spent = statements.spent_total(connection)
     if place and (problem_found := handout_mark.problem(place[0], mark, place[1], spent)):
         raise StorageFailure(problem_found)
     return spent
+
+
+def record_once_committed(spent: int) -> None:
+    """In a unit of a grouped write that hands keys out: raise the mark to ``spent`` (the sum the unit leaves)
+    once its transaction committed, before any of its callers gets an answer; with the transaction's other
+    units, once, to the highest."""
+    transaction_scope().after_commit(_MARK, spent, record)
 
 
 def record(spent: int) -> None:

@@ -52,7 +52,7 @@ def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:
     wanted = [part for _, parts in request.keys for part in parts]
     states = peer_states(this_kme_id, link_id)
 
-    def work(connection) -> tuple[int, int]:
+    def work(connection) -> int:
         # A retry of this activation, or its cancel, arriving at another front end waits for this one.
         statements.lock_name(connection, request.activation_id)
         spent = handed_out.check(connection)
@@ -61,7 +61,7 @@ def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:
             known_link, state, key_ids = known
             if known_link != ids.number(link_id) or state != ACTIVATED:
                 raise ActivationConflict(f"activation {request.activation_id} was cancelled or belongs to another link")
-            return len(json.loads(key_ids)), spent
+            return len(json.loads(key_ids))
         rows = pool_rows(connection, link_id, wanted, states)
         if len(rows) != len(wanted) or len(set(wanted)) != len(wanted):
             raise ActivationConflict(f"{len(set(wanted)) - len(rows)} of the {len(wanted)} keys named are not "
@@ -85,11 +85,10 @@ def activate(this_kme_id: int, link_id: int, request: ActivationRequest) -> int:
         slaves = " and ".join(map(str, request.slave_ids))
         events.record(connection, *(f"Key {key.key_id} activated between SAEs {request.master_sae_id} and "
                                     f"{slaves}" for key in keys))
-        return len(keys), spent + len(rows)
+        handed_out.record_once_committed(spent + len(rows))
+        return len(keys)
 
-    activated, spent = grouped_write(work)
-    handed_out.record(spent)
-    return activated
+    return grouped_write(work)
 
 
 def cancel(this_kme_id: int, link_id: int, request: ActivationRequest) -> None:

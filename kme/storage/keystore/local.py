@@ -43,7 +43,7 @@ def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number
     key_ids = new_key_ids(number)
     slaves = " and ".join(map(str, slave_ids))
 
-    def deliver(connection) -> tuple[list[DeliveredKeyMaterial], int]:
+    def deliver(connection) -> list[DeliveredKeyMaterial]:
         spent = handed_out.check(connection)
         taken = at_rest.open_pool(connection, link_id, statements.take_pool_keys(connection, link_id, needed))
         if len(taken) < needed:
@@ -57,11 +57,10 @@ def deliver_local(link_id: int, master_sae_id: int, slave_ids: list[int], number
                     available=-needed, delivered=needed)
         events.record(connection, f"SAE {master_sae_id} requested a key to communicate with {slaves}",
                       *(f"Key {key.key_id} activated between SAEs {master_sae_id} and {slaves}" for key in keys))
-        return keys, spent + needed
+        handed_out.record_once_committed(spent + needed)
+        return keys
 
-    keys, spent = grouped_write(deliver)
-    handed_out.record(spent)
-    return keys
+    return grouped_write(deliver)
 
 
 def fetch_delivered(master_sae_id: int, slave_sae_id: int, key_ids: list[str],

@@ -92,7 +92,7 @@ def finalize(reservation: Reservation) -> None:
     Committed with concurrent requests (group commit) before this returns.
     """
 
-    def work(connection) -> int:
+    def work(connection) -> None:
         spent = handed_out.check(connection)
         pending = statements.take_outgoing(connection, reservation.activation_id, (SENDING,))
         if pending is None:
@@ -111,9 +111,9 @@ def finalize(reservation: Reservation) -> None:
         slaves = " and ".join(map(str, wire["slave_SAE_IDs"] + local))
         events.record(connection, *(f"Key {key.key_id} activated between SAEs {wire['master_SAE_ID']} and "
                                     f"{slaves}" for key in reservation.keys))
-        return spent + len(materials)
+        handed_out.record_once_committed(spent + len(materials))
 
-    handed_out.record(grouped_write(work))
+    grouped_write(work)
 
 
 def release(activation_id: str) -> None:
