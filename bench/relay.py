@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from kme.config import DEFAULT_HOUSEKEEPING_SECONDS  # noqa: E402
 from kme.operations.certs import generate_pki  # noqa: E402
 from tests.conftest import PKI_LAYOUT  # noqa: E402
 from tests.network import Network, line_routes  # noqa: E402
@@ -42,7 +43,8 @@ SLAVES = {"direct": 3, "relayed": 6}
 
 
 def started(folder: Path, pki: Pki, keys: int) -> Network:
-    network = Network(folder, pki, LINKS, routes=line_routes([1, 2, 3, 4]), log_level="WARNING")
+    network = Network(folder, pki, LINKS, routes=line_routes([1, 2, 3, 4]), log_level="WARNING",
+                      housekeeping_interval_seconds=DEFAULT_HOUSEKEEPING_SECONDS)
     try:
         for a, b in LINKS:
             network.write_link_file(a, b, f"link-{a}-{b}.cor", keys)

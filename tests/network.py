@@ -97,12 +97,14 @@ class Network:
 
     def __init__(self, folder: Path, pki: Pki, links: list[tuple[int, int]],
                  routes: dict[int, dict[int, int]] | None = None, workers: int = 2, kme_names: dict | None = None,
-                 sae_names: dict | None = None, skip: bool = False, etsi004: bool = False, **this_kme_extra):
+                 sae_names: dict | None = None, skip: bool = False, etsi004: bool = False,
+                 housekeeping_interval_seconds: float = 0.2, **this_kme_extra):
         """``routes``: per KME, destination KME -> next hop, for KMEs it has no link with; ``workers``: gunicorn
         workers of each interface (networks of many KMEs start faster with one); ``kme_names``, ``sae_names``:
         the IDs that the configurations give KMEs and SAEs instead of their numbers (string IDs); ``skip``: each
         KME serves SKIP too, with its SAE interface's certificates; ``etsi004``: each KME serves ETSI GS QKD 004
-        likewise."""
+        likewise; ``housekeeping_interval_seconds``: short, so that tests need not wait for the background's
+        rounds (the benches give the product's default)."""
         self.pki = pki
         self.kme_names, self.sae_names = kme_names or {}, sae_names or {}
         self.workers = workers
@@ -137,7 +139,7 @@ class Network:
                     "server_cert_path": str(certs / "kme_server.crt"),
                     "server_key_path": str(certs / "kme_server.key"),
                 },
-                debugging_http_interface=f"127.0.0.1:{free_port()}", housekeeping_interval_seconds=0.2,
+                debugging_http_interface=f"127.0.0.1:{free_port()}", housekeeping_interval_seconds=housekeeping_interval_seconds,
                 **this_kme_extra)
             raw = load_json(config)
             if skip:
