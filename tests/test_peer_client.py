@@ -3,6 +3,8 @@
 Only a failure before the first byte of the request is "unreachable" (the keys may go back to the pool);
 a TLS error once the request started is an unknown outcome (the keys are held back and cancelled).
 """
+import socket
+import ssl
 import time
 
 import pytest
@@ -95,5 +97,19 @@ def test_a_call_whose_deadline_passed_is_not_made(network):
         with pytest.raises(PeerUnreachable, match="KME 2 was not called: the request's time ran out before"):
             network.peer_client(1, 2).activate(ACTIVATION, time.monotonic())
         assert not peer.request_received.is_set()
+    finally:
+        peer.close()
+
+
+def test_the_fake_peer_closed_while_a_refusal_drains_ends_quietly(network):
+    """The fake peer's close() may close a refused connection before its handler drains it (a test that ended
+    first): the handler ends without an error of its own (it failed a test at random in a handler thread)."""
+    peer = fake_kme_2(network, "refuse_certificate")
+    try:
+        closed = ssl.create_default_context().wrap_socket(socket.socket(), server_hostname="127.0.0.1",
+                                                         do_handshake_on_connect=False)
+        closed.close()
+        peer._drain_refused(closed)
+        assert peer.refused.is_set()
     finally:
         peer.close()
