@@ -1,8 +1,8 @@
 """ETSI GS QKD 004 key streams across a link: the master SAE 1 at KME 1, the slave SAE 3 at KME 2, each end on its
 own KME's real `flask serve-etsi004` process over TLS, the chunks made by KME 1 from its direction of the link and
 activated at KME 2 through the real inter-KME interface: equal chunks by index at both ends, either end reading
-first, the slave opening first, a KSID in use, CLOSE reaching the other KME, restarts of every process of both
-KMEs mid-stream, and what the inter-KME routes refuse. Accounting exact at both ends."""
+first, the slave opening first, a KSID in use, CLOSE reaching the other KME (also once it answers again),
+restarts of every process of both KMEs mid-stream, and what the inter-KME routes refuse. Accounting exact at both ends."""
 import uuid
 
 import pytest
@@ -85,6 +85,23 @@ def test_close_at_one_kme_ends_the_stream_at_both_and_erases_what_was_not_read(n
     assert [network[kme].ledger.waiting() for kme in (1, 2)] == [0, 0]
     assert master.get_key(ksid, 1) == (3, b"") and slave.get_key(ksid, 0) == (3, b"")
     assert slave.get_key(ksid, 2) == (3, b"")
+
+
+def test_a_close_the_other_kme_could_not_hear_reaches_it_once_it_answers(network):
+    master, slave, ksid = open_both(network)
+    assert master.get_key(ksid, 0)[0] == 0
+    network[2].stop("kme")
+    try:
+        assert master.close(ksid) == 0
+        # KME 2 still holds its copy of chunk 0 for the slave, and KME 1 remembers that KME 2 was not told.
+        assert network[2].ledger.waiting() == 1
+        assert network[1].ledger._query("SELECT COUNT(*) FROM key_streams WHERE close_untold") == [(1,)]
+    finally:
+        network[2].start("kme")
+    wait_until(lambda: network[2].ledger.waiting() == 0, 20)
+    assert slave.get_key(ksid, 0) == (3, b"")
+    wait_until(lambda: network[1].ledger._query("SELECT COUNT(*) FROM key_streams WHERE close_untold") == [(0,)],
+               20)
 
 
 def test_a_chunk_older_than_the_ttl_is_erased_at_the_slaves_kme_too(network):

@@ -1,7 +1,7 @@
 """The key store's side of ETSI GS QKD 004 streams across a link, in process on a temporary database of the
 pass's engine (the two KMEs and their processes are in test_etsi004_link.py, run once with SQLite): an index
-claimed once, a claim dropped or marked made, a chunk recorded at the slave's KME, the slave's end opened with
-what the master's KME said, the link's measured rate, expiry by TTL."""
+claimed once, a claim dropped or marked made, a close the other KME must hear of, a chunk recorded at the slave's
+KME, the slave's end opened with what the master's KME said, the link's measured rate, expiry by TTL."""
 import pytest
 
 from kme import clock, create_app
@@ -46,6 +46,16 @@ def test_an_index_is_claimed_once_then_made_or_freed(ledger):
     streams.drop_claim(KSID, 0)
     assert streams.chunk_state(KSID, 1) is None and streams.chunk_state(KSID, 0) == streams.MADE
     assert streams.claim_chunk(stream, 1) == streams.CLAIMED
+
+
+def test_a_close_the_other_kme_must_hear_of_is_remembered_until_it_did(ledger):
+    stream = master_stream()
+    other = streams.open_end("5e4d3c2b-1a09-4f8e-9d7c-6b5a4f3e2d1c", 2, 1, 3, 32, 60, True)[0]
+    streams.close(stream, "SAE 1", tell_peer=True)
+    streams.close(other, "KME 2 (an end closed it there)")
+    assert [found.ksid for found in streams.closes_untold()] == [KSID] and streams.find(KSID).closed
+    streams.close_told(KSID)
+    assert streams.closes_untold() == []
 
 
 def test_a_chunk_recorded_at_the_slaves_kme_opens_the_masters_end_there(ledger):

@@ -5,7 +5,8 @@ that holds the periodic lock), in two threads: the jobs on its own database,
 and the jobs with its peers, which a peer that hangs may slow (each call
 waits out its timeout) but never the database's jobs or the heartbeat.
 ``housekeeping_interval_seconds`` paces the work that moves keys (the
-progress exchange, settling, releases, relays whose worker died); the rest
+progress exchange, settling, releases, relays whose worker died, the
+acknowledgements and stream closes the peers are owed); the rest
 needs no more than one round every SLOW_SECONDS: probing the peers for the
 debugging page, expiry (in seconds of ``key_expiry_seconds``), the end of a
 key-encryption key's rotation.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 from kme import clock
 from kme.config import KmeConfig
-from kme.domain import interop, relay, sharing
+from kme.domain import interop, relay, sharing, streams
 from kme.domain.activation import abandoned_before, settle_pending
 from kme.operations import health
 from kme.peers.client import client_for
@@ -84,6 +85,7 @@ PEER_JOBS = (
     Job("settling", settle_pending, _housekeeping),
     Job("releases", lambda config: relay.send_releases(config, relays.releases_pending()), _housekeeping),
     Job("interop acknowledgements", interop.send_acks, _housekeeping),
+    Job("key stream closes", streams.tell_closes, _housekeeping),
 )
 
 

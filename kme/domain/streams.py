@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from kme import ids
 from kme.config import KmeConfig, OtherKme, Sae
 from kme.domain import activation, relay
-from kme.errors import Forbidden, NotEnoughKeys, PeerError, PeerFailure
+from kme.errors import Forbidden, NotEnoughKeys, PeerError, PeerFailure, PeerRefused
 from kme.peers.client import client_for
 from kme.storage.keystore import streams as store
 from kme.storage.keystore.incoming import ActivationRequest
@@ -195,20 +195,42 @@ def _peer(config: KmeConfig, stream: store.Stream) -> OtherKme | None:
 
 def close(config: KmeConfig, caller: Sae, ksid: uuid.UUID) -> int:
     """CLOSE: the stream ends for both ends; what neither read is erased (at the other end's KME too, which is
-    told; if it cannot be, its copies are erased there at the stream's TTL)."""
+    told now, or by the background worker once it can be: tell_closes)."""
     stream = store.find(str(ksid))
     if stream is None or ids.number(caller.id) not in (stream.master_sae_id, stream.slave_sae_id):
         return NO_QKD_CONNECTION
     if stream.closed:
         return SUCCESS
-    store.close(stream, f"SAE {caller.id}")
     peer = _peer(config, stream)
+    store.close(stream, f"SAE {caller.id}", tell_peer=peer is not None)
     if peer is not None:
-        try:
-            client_for(peer).stream_close({"KSID": stream.ksid}, time.monotonic() + relay.peer_wait([peer]))
-        except PeerError as exc:
-            log.warning("key stream %s: KME %s was not told of its close: %s", stream.ksid, peer.id, exc)
+        _tell_close(peer, stream)
     return SUCCESS
+
+
+def tell_closes(config: KmeConfig) -> None:
+    """Tell the other KME of each stream closed here that it has not heard of (the background worker, every
+    housekeeping interval): it erases its copies of the chunks then."""
+    for stream in store.closes_untold():
+        peer = _peer(config, stream)
+        if peer is None:
+            # The link left the configuration: nobody is left to tell.
+            store.close_told(stream.ksid)
+        else:
+            _tell_close(peer, stream)
+
+
+def _tell_close(peer: OtherKme, stream: store.Stream) -> None:
+    """Tell ``peer`` that ``stream`` closed; remembered as told once it answered (a refusal is an answer: it has
+    nothing of the stream to close)."""
+    try:
+        client_for(peer).stream_close({"KSID": stream.ksid}, time.monotonic() + relay.peer_wait([peer]))
+    except PeerRefused as exc:
+        log.warning("key stream %s: KME %s refused its close: %s", stream.ksid, peer.id, exc.detail)
+    except PeerError as exc:
+        log.info("key stream %s: KME %s not told of its close yet: %s", stream.ksid, peer.id, exc)
+        return
+    store.close_told(stream.ksid)
 
 
 def accept_slave_open(config: KmeConfig, caller: OtherKme, data: dict) -> tuple[int, int, int]:

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
     text,
     true,
 )
@@ -336,9 +337,10 @@ class KeyStream(db.Model):
     stream's link, read by index at each end.
 
     Each end is "absent", "waiting" (the slave opened before the master) or
-    "open"; ``closed`` once either end closed it. The chunks made before
-    ``expired_before`` were expired already: each round of expiry looks only
-    at those made since.
+    "open"; ``closed`` once either end closed it; ``close_untold`` while the
+    stream's other KME has not been told of a close made here. The chunks
+    made before ``expired_before`` were expired already: each round of
+    expiry looks only at those made since.
     """
 
     __tablename__ = "key_streams"
@@ -353,6 +355,7 @@ class KeyStream(db.Model):
     closed: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[str] = mapped_column(String(32))
     expired_before: Mapped[str | None] = mapped_column(String(32))
+    close_untold: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class StreamChunk(db.Model):

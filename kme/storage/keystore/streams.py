@@ -202,13 +202,15 @@ def record_chunk(ksid: str, index: int, link_id: Id, master: Id, slave: Id, chun
             session.add(StreamChunk(ksid=ksid, idx=index, created_at=clock.utc_now(), made=True))
 
 
-def close(stream: Stream, by: str) -> int:
+def close(stream: Stream, by: str, tell_peer: bool = False) -> int:
     """Close a stream (``by``: who, for the event): its chunks that an end has not read are erased, never given;
-    how many."""
+    how many. ``tell_peer``: the stream's other KME is still to be told (closes_untold), in this transaction, so
+    that no crash forgets it."""
     with write_transaction() as session:
         statements.lock_name(session, f"stream/{stream.ksid}")
         row = session.get(KeyStream, stream.ksid)
         row.closed = True
+        row.close_untold = tell_peer
         indexes = session.scalars(select(StreamChunk.idx).where(StreamChunk.ksid == stream.ksid)).all()
         erased = erase_delivered(session, [chunk_key_id(stream.ksid, index) for index in indexes])
         events.record(session, f"Key stream {stream.ksid} closed by {by}: {erased} chunks not read by both "
@@ -266,6 +268,22 @@ def totals() -> tuple[dict[bool, int], int]:
     made = db.session.scalar(select(func.count()).select_from(StreamChunk))
     db.session.commit()
     return {closed: by_state.get(closed, 0) for closed in (False, True)}, made
+
+
+def closes_untold(limit: int = 50) -> list[Stream]:
+    """Streams closed here whose other KME has not been told yet, oldest first."""
+    found = [_stream(row) for row in db.session.scalars(
+        select(KeyStream).where(KeyStream.close_untold).order_by(KeyStream.created_at).limit(limit))]
+    db.session.commit()
+    return found
+
+
+def close_told(ksid: str) -> None:
+    """The stream's other KME knows of its close."""
+    with write_transaction() as session:
+        row = session.get(KeyStream, ksid)
+        if row is not None:
+            row.close_untold = False
 
 
 def forget_closed_before(before: str) -> None:
