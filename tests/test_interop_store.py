@@ -11,7 +11,7 @@ from kme import create_app
 from kme.config import load_config
 from kme.domain import interop as interop_domain
 from kme.domain.activation import abandoned_before
-from kme.errors import BadRequest
+from kme.errors import BadRequest, ForeignKmsFailure
 from kme.storage import statements
 from kme.storage.db import write_transaction
 from kme.storage.keystore import interop
@@ -192,6 +192,22 @@ def test_keys_a_peer_activated_for_an_sae_behind_the_foreign_kms_are_opened_then
     assert interop.sent_outcome([found[0].key_id]) == {found[0].key_id: (interop.SENDING, "")}
     interop.handed_over([found[0].key_id])
     assert store.waiting() == 0 and interop.prepare_hand_over(FOREIGN, "far", 1, [found[0].key_id]) == []
+    store.assert_exact(FOREIGN)
+
+
+def test_a_hand_over_asked_again_never_passes_a_key_twice(store):
+    """A retried activation or relay for the SAE behind the foreign KMS: keys passed before are not passed again;
+    the retry succeeds only once the foreign KMS acknowledged them (no call to it is made here)."""
+    found = keys(1)
+    interop.claim(container_of(found), found, [1])
+    assert interop.prepare_hand_over(FOREIGN, "far", 1, [found[0].key_id]) == [found[0]]
+    config = current_app.extensions["kme"]
+    with pytest.raises(ForeignKmsFailure, match="has not acknowledged the keys passed before"):
+        interop_domain.hand_over_activated(config, 1, "far", [found[0].key_id])
+    assert store.waiting() == 1
+    assert interop.acknowledged(FOREIGN, [([found[0].key_id], interop.RELAYED, "relayed")]) == []
+    interop_domain.hand_over_activated(config, 1, "far", [found[0].key_id])
+    assert store.waiting() == 0
     store.assert_exact(FOREIGN)
 
 

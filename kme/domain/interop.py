@@ -154,7 +154,9 @@ def _check_passed(foreign: ForeignKms, key_ids: list[str], deadline: float | Non
             raise ForeignKmsFailure(f"foreign KMS {foreign.id} did not deliver the keys: {failed[0]}")
         if not pending:
             return
-        if deadline is None or time.monotonic() >= deadline:
+        if deadline is None:
+            raise ForeignKmsFailure(f"foreign KMS {foreign.id} has not acknowledged the keys passed before")
+        if time.monotonic() >= deadline:
             raise ForeignKmsFailure(f"foreign KMS {foreign.id} acknowledged no key within {wait:.3g} s")
         time.sleep(ACK_POLL_SECONDS)
 
