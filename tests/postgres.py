@@ -5,11 +5,13 @@ installs it when missing). PostgreSQL refuses to run as root: when the tests
 run as root, the cluster runs as the unprivileged user ``postgres`` (made by
 that package). It listens on a loopback port and a Unix socket inside its
 folder, asks for a password (scram-sha-256), and is stopped and removed at
-the end of the session.
+the end of the session; should the process that made it end without saying
+so (a crash, a kill), a guardian process stops and removes it then.
 """
 import glob
 import os
 import pwd
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -48,6 +50,7 @@ class Cluster:
         self._bin = _binaries()
         self._owner = None if os.geteuid() else pwd.getpwnam("postgres")
         self._count = 0
+        self._guardian: subprocess.Popen | None = None
         # libpq refuses a passfile that others may read; the KME processes of the tests read this one.
         self.passfile = self.folder / "pgpass"
         self.passfile.write_text(f"127.0.0.1:{port}:*:{USER}:{PASSWORD}\n")
@@ -57,6 +60,20 @@ class Cluster:
         subprocess.run(command, check=True, capture_output=True, timeout=120,
                        user=self._owner.pw_uid if self._owner else None,
                        group=self._owner.pw_gid if self._owner else None)
+
+    def _guard(self) -> None:
+        """Start the guardian: a process of its own session that, once this process is gone without stop()
+        (a crash, a kill), stops the server and removes the cluster's folder."""
+        if self._guardian is not None:
+            return
+        data, folder = shlex.quote(str(self.folder / "data")), shlex.quote(str(self.folder))
+        script = (f"while [ -d /proc/{os.getpid()} ]; do sleep 1; done; "
+                  f"if [ -f {data}/postmaster.pid ]; then {shlex.quote(str(self._bin / 'pg_ctl'))} -D {data} "
+                  f"-m immediate -w stop; fi; rm -rf {folder}")
+        self._guardian = subprocess.Popen(["sh", "-c", script], start_new_session=True, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          user=self._owner.pw_uid if self._owner else None,
+                                          group=self._owner.pw_gid if self._owner else None)
 
     def _own_folder(self, *paths: Path) -> None:
         if self._owner:
@@ -71,6 +88,7 @@ class Cluster:
         self._run(str(self._bin / "initdb"), "-D", str(data), "-U", USER, f"--pwfile={secret}",
                   "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8")
         secret.unlink()
+        self._guard()
         self.start_server()
 
     def start_as_standby_of(self, primary: "Cluster") -> None:
@@ -87,6 +105,7 @@ class Cluster:
                        check=True, capture_output=True, timeout=120,
                        user=self._owner.pw_uid if self._owner else None,
                        group=self._owner.pw_gid if self._owner else None)
+        self._guard()
         self.start_server()
 
     def start_server(self) -> None:
@@ -112,10 +131,14 @@ class Cluster:
             return connection.execute(statement).fetchone()
 
     def stop(self) -> None:
-        """Stop the server if it runs, and remove its folder."""
+        """Stop the server if it runs, and remove its folder (and the guardian, with nothing left to do)."""
         if (self.folder / "data" / "postmaster.pid").exists():
             self.stop_server()
         shutil.rmtree(self.folder, ignore_errors=True)
+        if self._guardian is not None:
+            self._guardian.kill()
+            self._guardian.wait(10)
+            self._guardian = None
 
     def admin(self, statement: str) -> None:
         """Run one statement in the maintenance database (CREATE DATABASE cannot run in a transaction)."""
