@@ -36,14 +36,15 @@ suite: $(VENV)/.test-deps
 	tests/run-engines.sh $(BIN)/python $(PYTEST_ARGS)
 
 # Speed against the web stack's own ceiling, the abuse scenario, ingestion against plain sqlite3, SQLite
-# against PostgreSQL with one and two front ends, and a relay through two trusted nodes against a direct
-# activation (docs/performance.md); not part of `make test`.
+# against PostgreSQL with one and two front ends, a relay through two trusted nodes against a direct
+# activation, and the app's own cost per call without a server (docs/performance.md); not part of `make test`.
 bench: $(VENV)/.test-deps
 	tests/install-tools.sh
 	$(BIN)/python bench/web_stack.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/engines.py
 	$(BIN)/python bench/relay.py
+	$(BIN)/python bench/in_process.py
 
 # docs/openapi.json from the marshmallow schemas (a test checks that it is current).
 openapi: $(VENV)/.run-deps
