@@ -1,12 +1,13 @@
 """kme.storage.keystore.local in process, on a temporary database of the pass's engine: zone keys taken all or
 nothing from consecutive pool keys, fetched once by each of their slaves and erased after the last, a refusal
-of the domain's check changing nothing, unfetched keys expiring, and the hand-out mark raised."""
+of the domain's check changing nothing, unfetched keys expiring, the hand-out mark raised, and the counters
+that Get status reads following every commit."""
 import pytest
 
 from kme import clock
 from kme.errors import NotAuthorized, NotEnoughKeys
 from kme.storage import handout_mark
-from kme.storage.keystore import local
+from kme.storage.keystore import common, local
 from tests.support import Ledger
 
 ZONE = 1
@@ -33,6 +34,22 @@ def test_a_key_is_built_from_consecutive_pool_keys_and_the_mark_raised(app, ledg
     counts = ledger.assert_exact(ZONE)
     assert (counts["available"], counts["delivered"]) == (60, 4)
     assert handout_mark.read(config_path.parent / "keys")[1] == 4
+
+
+def test_the_counters_and_histograms_read_for_status_and_entropy_follow_every_commit(app, ledger):
+    """Get status and entropy may answer from their last read while nothing was committed (on SQLite): a hand-out
+    by this process, or a change by another connection, shows at once."""
+    with app.app_context():
+        assert common.link_counts(ZONE).available == 64
+        before = common.link_histograms()
+        assert common.link_counts(ZONE).available == 64 and common.link_histograms() == before
+        keys = local.deliver_local(ZONE, 1, [2], 2, 256)
+        assert common.link_counts(ZONE).available == 62 and common.link_histograms() == before
+        # The material leaves the KME once the slave has it.
+        local.fetch_delivered(1, 2, [key.key_id for key in keys], allow)
+        assert common.link_histograms() != before
+        ledger.write(("UPDATE links SET available = available - 1 WHERE peer_kme_id = ?", ZONE))
+        assert common.link_counts(ZONE).available == 61
 
 
 def test_a_request_the_pool_cannot_serve_whole_takes_nothing(app, ledger):

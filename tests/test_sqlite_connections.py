@@ -241,7 +241,43 @@ def test_an_in_memory_database_is_read_through_the_pool(tmp_path):
     backend.grouped_write(lambda connection: connection.execute("INSERT INTO rows (id) VALUES (3)"))
     with backend.read_connection() as connection:
         assert connection.execute("SELECT id FROM rows").fetchall() == [(3,)]
+    # Its one connection's own commits leave the data version as it is: read each time.
+    read = _counting_read()
+    assert backend.read_unless_changed("rows", read) == [3]
+    backend.grouped_write(lambda connection: connection.execute("INSERT INTO rows (id) VALUES (4)"))
+    assert backend.read_unless_changed("rows", read) == [3, 4] and read.calls == 2
     backend.dispose()
+
+
+def _counting_read():
+    """A read of the rows' IDs that counts how often it ran."""
+    def read(connection):
+        read.calls += 1
+        return [row[0] for row in connection.execute("SELECT id FROM rows ORDER BY id")]
+    read.calls = 0
+    return read
+
+
+def test_a_read_is_answered_again_until_a_commit_anywhere_and_only_on_its_own_connection(backend):
+    read = _counting_read()
+    assert backend.read_unless_changed("rows", read) == []
+    assert backend.read_unless_changed("rows", read) == [] and read.calls == 1
+    # The group commit's connection commits: read again.
+    backend.grouped_write(_insert(1))
+    assert backend.read_unless_changed("rows", read) == [1] and read.calls == 2
+    # Another connection of the file, as another process's would.
+    with closing(sqlite3.connect(backend.engine.url.database)) as other:
+        other.execute("INSERT INTO rows (id) VALUES (2)")
+        other.commit()
+    assert backend.read_unless_changed("rows", read) == [1, 2] and read.calls == 3
+    assert backend.read_unless_changed("rows", read) == [1, 2] and read.calls == 3
+    # Another thread reads on its own connection; a connection opened again after dispose() reads afresh.
+    elsewhere = threading.Thread(target=lambda: backend.read_unless_changed("rows", read))
+    elsewhere.start()
+    elsewhere.join(10)
+    assert read.calls == 4
+    backend.dispose()
+    assert backend.read_unless_changed("rows", read) == [1, 2] and read.calls == 5
 
 
 def test_each_backend_keeps_the_state_of_its_own_file(tmp_path):

@@ -100,6 +100,12 @@ def transaction_scope() -> TransactionScope | None:
     return storage().backend.transaction_scope()
 
 
+def read_unless_changed(key, read):
+    """``read(connection)`` for the hot path, or, on SQLite, the value it gave last for ``key`` in this thread if
+    nothing was committed to the database since: exact, without reading a table (Get status, Get entropy)."""
+    return storage().backend.read_unless_changed(key, read)
+
+
 def read_connection():
     """A context manager giving this thread's driver connection for reads past SQLAlchemy (the hot path)."""
     return storage().backend.read_connection()

@@ -20,7 +20,10 @@ A backend module provides:
   write transaction, exclusive among the write sessions of the KME;
   ``schema_connection()``, a connection whose transaction is exclusive among
   the processes creating the schema; ``grouped_write(work)``, the hot path's
-  write transaction, and ``read_connection()``, its reads; ``dispose()``;
+  write transaction, and ``read_connection()``, its reads;
+  ``read_unless_changed(key, read)``, a read the engine may answer from the
+  last one while nothing was committed since (Get status, Get entropy);
+  ``dispose()``;
   ``periodic_lock()``: an object whose ``held()`` says whether this process
   runs the KME's periodic work (taking the lock when it is free) and whose
   ``release()`` gives it up; ``file_problem()``, ``write_probe()``: the
@@ -32,7 +35,8 @@ from kme.database_uris import scheme_of
 
 INTERFACE = ("DRIVER_ERRORS", "failure_cause", "engine_options", "read_meta", "Backend")
 BACKEND_INTERFACE = ("DRIVER_ERRORS", "failure_cause", "write_session", "schema_connection", "grouped_write",
-                     "read_connection", "dispose", "periodic_lock", "file_problem", "write_probe", "checkpoint")
+                     "read_connection", "read_unless_changed", "dispose", "periodic_lock", "file_problem",
+                     "write_probe", "checkpoint")
 SQL_INTERFACE = ("dialect", "lock_name", "add_fingerprints")
 _MODULES = {"sqlite": "kme.storage.backends.sqlite", "postgresql": "kme.storage.backends.postgresql"}
 

@@ -184,6 +184,12 @@ class Backend:
         finally:
             raw.close()
 
+    def read_unless_changed(self, _key, read):
+        """``read(connection)`` on a pooled connection, each time: a server's other clients leave no sign of
+        their commits that would be cheaper than the read."""
+        with self.read_connection() as connection:
+            return read(connection)
+
     def dispose(self) -> None:
         """Close the pool's connections; new ones are opened at next use."""
         self.engine.dispose()

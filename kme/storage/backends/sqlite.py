@@ -153,6 +153,11 @@ class Backend:
         """The scope of the group commit whose units this thread runs, or None outside one."""
         return self.group_commit.scopes.current()
 
+    def read_unless_changed(self, key, read):
+        """``read(connection)``, or its last value for ``key`` on this thread while nothing was committed since
+        (KeptConnections.read_unless_changed)."""
+        return self.kept.read_unless_changed(key, read)
+
     def read_connection(self):
         """This thread's connection for the hot path's reads; each statement is its own read transaction."""
         return self.kept.reading()

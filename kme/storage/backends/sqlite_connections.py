@@ -225,7 +225,27 @@ class KeptConnections:
         local = self._local
         if getattr(local, "generation", -1) != self._generation:
             local.connection, local.generation = self._connect(), self._generation
+            # What this connection read, with its data version then (read_unless_changed).
+            local.figures = {}
         return local.connection
+
+    def read_unless_changed(self, key, read):
+        """``read(connection)`` on this thread's connection, or the value it gave last for ``key`` on it if no
+        connection has committed a change to the database since: SQLite's ``PRAGMA data_version`` changes with
+        every commit of another connection, of any process, and a reader commits nothing. An in-memory database
+        is read each time (its one connection's own commits leave the version as it is)."""
+        if self._in_memory:
+            with self.reading() as connection:
+                return read(connection)
+        connection = self._reader()
+        # The version first: a commit between it and the read makes the next call read again.
+        version = connection.execute("PRAGMA data_version").fetchone()[0]
+        held = self._local.figures.get(key)
+        if held is not None and held[0] == version:
+            return held[1]
+        value = read(connection)
+        self._local.figures[key] = (version, value)
+        return value
 
     def _writer_connection(self) -> sqlite3.Connection:
         """The leader's connection (leaders take turns, so one is enough); a fresh one if the last batch left it

@@ -8,7 +8,7 @@ from sqlalchemy import delete, func, select
 from kme.config import KEY_BITS
 from kme.key_math import entropy
 from kme.storage import at_rest, statements
-from kme.storage.db import db, read_connection, write_transaction
+from kme.storage.db import db, read_unless_changed, write_transaction
 from kme.storage.models import Link, PoolLevel
 
 KEY_BYTES = KEY_BITS // 8
@@ -137,9 +137,10 @@ _COUNTERS = tuple(field.name for field in fields(LinkCounts))
 
 
 def link_counts(link_id: int) -> LinkCounts:
-    """The counters of one link (one statement, past SQLAlchemy: every Get status reads them)."""
-    with read_connection() as connection:
-        return LinkCounts(*statements.link_row(connection, link_id, _COUNTERS))
+    """The counters of one link (one statement, past SQLAlchemy: every Get status reads them, unless nothing was
+    committed since this thread last did, kme.storage.db.read_unless_changed)."""
+    return read_unless_changed(("link counts", link_id),
+                               lambda connection: LinkCounts(*statements.link_row(connection, link_id, _COUNTERS)))
 
 
 def sample_levels(link_ids: list[int], now: float) -> None:
@@ -163,7 +164,7 @@ def level_history(link_id: int) -> list[tuple[float, int, int]]:
 
 
 def link_histograms() -> tuple[bytes, ...]:
-    """The byte-value histograms of every link (kme.key_math.entropy merges them)."""
-    with read_connection() as connection:
-        stored = statements.all_histograms(connection)
-    return tuple(at_rest.open_histogram(link_id, histogram) for link_id, histogram in stored)
+    """The byte-value histograms of every link (kme.key_math.entropy merges them), read and opened again only
+    once something was committed since this thread last did (kme.storage.db.read_unless_changed)."""
+    return read_unless_changed("link histograms", lambda connection: tuple(
+        at_rest.open_histogram(link_id, histogram) for link_id, histogram in statements.all_histograms(connection)))
