@@ -1,7 +1,9 @@
 """Helpers for tests that run the real thing: configs, gunicorn and CLI processes, HTTPS clients."""
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -33,6 +35,27 @@ cluster = None
 _databases: dict[Path, str] = {}
 # The SQLAlchemy engines of the apps tests made in this process.
 _engines: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _own_runtime_folder() -> None:
+    """Unless the caller chose one (tests/run-engines.sh, `make test`), the KMEs that a test session or a bench
+    starts keep their runtime files (metrics) in a folder of this process, removed when it ends: the tests and
+    benches kill their KMEs, which then cannot remove theirs (the benches had left hundreds in /dev/shm).
+    Processes forked from this one inherit the exit hook: only this process removes the folder."""
+    if "KME_RUNTIME_DIR" in os.environ:
+        return
+    folder, owner = tempfile.mkdtemp(prefix="kme-runtime-"), os.getpid()
+    os.environ["KME_RUNTIME_DIR"] = folder
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+
+
+_own_runtime_folder()
+
+
+def bare_environment(config: Path) -> dict:
+    """The environment of a process started as an operator's shell would start it: its configuration and PATH,
+    and the session's runtime folder (where it may leave its metrics folder, which the session removes)."""
+    return {"KME_CONFIG": str(config), "PATH": "/usr/bin:/bin", "KME_RUNTIME_DIR": os.environ["KME_RUNTIME_DIR"]}
 
 
 @event.listens_for(Engine, "engine_connect")

@@ -10,7 +10,7 @@ from sqlalchemy.engine import make_url
 from kme import database_uris, ids
 from kme.config import KEY_BITS, load_config
 from kme.errors import ConfigError
-from tests.support import ROOT, run_cli, write_config
+from tests.support import ROOT, bare_environment, run_cli, write_config
 
 pytestmark = pytest.mark.engine_independent
 
@@ -239,7 +239,7 @@ def test_cli_prints_one_line_and_fails(config_file):
 def test_gunicorn_prints_one_line_and_fails(config_file):
     edit(config_file, lambda d: d.update(extra=1))
     result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"], cwd=ROOT,
-                            env={"KME_CONFIG": str(config_file), "PATH": "/usr/bin:/bin"}, capture_output=True,
+                            env=bare_environment(config_file), capture_output=True,
                             text=True, timeout=60)
     assert result.returncode != 0
     assert "kme: extra: unknown field" in result.stderr
@@ -253,7 +253,7 @@ def test_gunicorn_names_every_bad_id_on_a_line_of_its_own(config_file):
 
     edit(config_file, two_bad)
     result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"], cwd=ROOT,
-                            env={"KME_CONFIG": str(config_file), "PATH": "/usr/bin:/bin"}, capture_output=True,
+                            env=bare_environment(config_file), capture_output=True,
                             text=True, timeout=60)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "kme: saes[2].id: not an ID (an integer from 0 to 2^63-1" in result.stderr
@@ -262,7 +262,7 @@ def test_gunicorn_names_every_bad_id_on_a_line_of_its_own(config_file):
 
 def test_the_skip_interface_without_its_configuration_says_so(config_file):
     result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "deploy/skip.py", "wsgi:skip_app"], cwd=ROOT,
-                            env={"KME_CONFIG": str(config_file), "PATH": "/usr/bin:/bin"}, capture_output=True,
+                            env=bare_environment(config_file), capture_output=True,
                             text=True, timeout=60)
     assert result.returncode != 0 and result.stderr.strip().endswith("kme: this_kme.skip_https_interface: missing")
 
@@ -270,7 +270,7 @@ def test_the_skip_interface_without_its_configuration_says_so(config_file):
 def test_gunicorn_refuses_an_in_memory_database(config_file):
     edit(config_file, lambda d: d["this_kme"].update(sqlite_db_path=":memory:"))
     result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"], cwd=ROOT,
-                            env={"KME_CONFIG": str(config_file), "PATH": "/usr/bin:/bin"}, capture_output=True,
+                            env=bare_environment(config_file), capture_output=True,
                             text=True, timeout=60)
     assert result.returncode != 0 and ":memory:" in result.stderr and "Traceback" not in result.stderr
 
@@ -290,7 +290,7 @@ def test_a_client_ca_file_with_a_second_ca_is_refused_unless_asked_for(config_fi
         f"this_kme.saes_https_interface.ca_client_cert_path: {config_file.parent / 'two-cas.crt'} holds 2 "
         "certificates; clients are known by their certificate's serial number, which any CA of the file could issue")
     result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "deploy/sae.py", "wsgi:sae_app"], cwd=ROOT,
-                            env={"KME_CONFIG": str(config_file), "PATH": "/usr/bin:/bin"}, capture_output=True,
+                            env=bare_environment(config_file), capture_output=True,
                             text=True, timeout=60)
     assert result.returncode != 0 and "holds 2 certificates" in result.stderr and "Traceback" not in result.stderr
     edit(config_file, lambda d: d["this_kme"]["saes_https_interface"].update(several_client_cas=True))

@@ -10,7 +10,7 @@ from kme import create_app
 from kme.config import load_config
 from kme.operations.logs import JsonLines
 from tests.conftest import client_with, sae_environ
-from tests.support import ROOT, run_cli, write_config, write_keys
+from tests.support import ROOT, bare_environment, run_cli, write_config, write_keys
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_debug_app_has_no_sae_routes(debug):
 def test_gunicorn_refuses_a_non_loopback_debugging_address(tmp_path, pki):
     config = write_config(tmp_path, pki, debugging_http_interface="0.0.0.0:18999")
     result = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "deploy/debug.py", "wsgi:debug_app"], cwd=ROOT,
-                            env={"KME_CONFIG": str(config), "PATH": "/usr/bin:/bin"}, capture_output=True,
+                            env=bare_environment(config), capture_output=True,
                             text=True, timeout=60)
     assert result.returncode != 0
     assert "not a loopback address" in result.stderr and "Traceback" not in result.stderr
