@@ -30,22 +30,25 @@ class TransactionScope:
     def after_commit(self, key, value: int, action: Callable[[int], None]) -> None:
         """Once the transaction committed, and before any of its callers gets its answer: ``action(highest)``,
         the highest ``value`` that its units which succeeded gave with ``key``."""
-        held = self._unit.get(key)
-        self._unit[key] = (value if held is None else max(value, held[0]), action)
+        _keep_highest(self._unit, key, value, action)
 
     def unit_ended(self, succeeded: bool) -> None:
         """The running unit ended: what it asked for stands if it ``succeeded``, and is dropped if it was
         undone."""
         if succeeded:
             for key, (value, action) in self._unit.items():
-                held = self._after.get(key)
-                self._after[key] = (value if held is None else max(value, held[0]), action)
+                _keep_highest(self._after, key, value, action)
         self._unit = {}
 
     def committed(self) -> None:
         """Take the after-commit actions (the transaction committed)."""
         for value, action in self._after.values():
             action(value)
+
+
+def _keep_highest(actions: dict, key, value: int, action: Callable[[int], None]) -> None:
+    held = actions.get(key)
+    actions[key] = (value if held is None else max(value, held[0]), action)
 
 
 class ScopeOfThread:

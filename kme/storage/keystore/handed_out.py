@@ -38,12 +38,8 @@ def check(connection) -> int:
     # The mark first, then the sum (kme.storage.handout_mark says why): in a shared transaction, the mark is
     # read before its first unit reads the sum.
     scope = transaction_scope()
-    if place is None:
-        mark = None
-    elif scope is None:
-        mark = handout_mark.read(place[0])
-    else:
-        mark = scope.once(_MARK, lambda: handout_mark.read(place[0]))
+    mark = None if place is None else (scope.once(_MARK, lambda: handout_mark.read(place[0])) if scope
+                                       else handout_mark.read(place[0]))
     spent = statements.spent_total(connection)
     if place and (problem_found := handout_mark.problem(place[0], mark, place[1], spent)):
         raise StorageFailure(problem_found)
